@@ -1,0 +1,43 @@
+# Two commands for a newcomer: `make demo` and `make test`. Each sets up .venv by itself.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test test-slow test-all lint format demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml requirements.lock
+	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c requirements.lock -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -n 2 --dist loadfile
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m '' -n 2 --dist loadfile
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check rsa_jax tests bench
+	$(VENV)/bin/ruff format --check rsa_jax tests bench
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format rsa_jax tests bench
+	$(VENV)/bin/ruff check --fix rsa_jax tests bench
+
+# For now the demo runs the loss-head benchmark at a small size; the end-to-end demo comes later.
+demo: $(STAMP)
+	$(PY) bench/loss_head.py --demo
+
+bench: $(STAMP)
+	$(PY) bench/loss_head.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info
