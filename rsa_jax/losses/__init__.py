@@ -1,0 +1,54 @@
+"""Pure loss kernels: per-position statistics, risk functionals, the nested risk scan, pair losses.
+
+Arrays in, per-example arrays out; no model, config, mesh or reduction inside. Choose by name:
+`LOSSES[name]` (pair losses from sequence statistics) and `RISKS[name]` (one-step risk functionals).
+The entry points `logits_pair_loss` and `fused_pair_loss` run the whole chain.
+"""
+
+from rsa_jax.losses._head import fused_pair_loss, fused_token_stats, logits_pair_loss
+from rsa_jax.losses._preference import LOSSES, dpo, ra_dpo, tdpo
+from rsa_jax.losses._risk import (
+    MU_DOMAIN,
+    RISKS,
+    cvar,
+    cvar_reference,
+    erm,
+    kl,
+    quantile_tail,
+    torch_rank,
+)
+from rsa_jax.losses._select import kth_smallest_pair, upper_tail_atom
+from rsa_jax.losses._token_stats import (
+    SequenceStats,
+    TokenStats,
+    nested_risk_value,
+    nested_risk_value_dense,
+    sequence_stats,
+    token_stats,
+)
+
+__all__ = [
+    "LOSSES",
+    "MU_DOMAIN",
+    "RISKS",
+    "SequenceStats",
+    "TokenStats",
+    "cvar",
+    "cvar_reference",
+    "dpo",
+    "erm",
+    "fused_pair_loss",
+    "fused_token_stats",
+    "kl",
+    "kth_smallest_pair",
+    "logits_pair_loss",
+    "nested_risk_value",
+    "nested_risk_value_dense",
+    "quantile_tail",
+    "ra_dpo",
+    "sequence_stats",
+    "tdpo",
+    "token_stats",
+    "torch_rank",
+    "upper_tail_atom",
+]

@@ -1,0 +1,267 @@
+"""Public entry points: a pair loss from logits, or fused with the unembedding, chunk by chunk.
+
+Dimension legend: B pairs, N = 2B sequences (rows [0, B) chosen, [B, 2B) rejected), T tokens,
+V vocabulary, D model width, C token chunk, K = ceil(T / C) chunks.
+
+`logits_pair_loss` takes the [N, T, V] logits of both models: simple, but the logits (and their
+softmax, log-ratio, ...) are O(N T V) floats. `fused_pair_loss` takes the final hidden states
+[N, T, D] and the unembedding matrices [D, V] instead and forms the logits of C tokens at a time
+inside a `lax.scan`, rematerialised in the backward pass, so at most O(N C V) of them are alive.
+Both return the same `(losses [B], metrics)`; the per-pair loss functions are `LOSSES[name]`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rsa_jax.losses._preference import LOSSES, Metrics
+from rsa_jax.losses._risk import MU_DOMAIN, RISKS, THRESHOLD_NAME, quantile_tail
+from rsa_jax.losses._token_stats import TokenStats, sequence_stats, token_stats
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def _check_common(labels, loss_mask, *, loss, risk, mu, version, where: str) -> None:
+    """Eager checks shared by both entry points (cheap; value checks only on concrete inputs)."""
+    if loss not in LOSSES:
+        raise ValueError(f"{where}: unknown loss {loss!r}; choose one of {sorted(LOSSES)}")
+    if risk not in RISKS:
+        raise ValueError(f"{where}: unknown risk {risk!r}; choose one of {sorted(RISKS)}")
+    if version not in (1, 2):
+        raise ValueError(f"{where}: version must be 1 or 2, got {version!r}")
+    if loss_mask.dtype != jnp.bool_:
+        raise TypeError(f"{where}: loss_mask must be boolean, got dtype {loss_mask.dtype}")
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(f"{where}: labels must be integer token ids, got dtype {labels.dtype}")
+    if labels.shape != loss_mask.shape or labels.ndim != 2:
+        raise ValueError(
+            f"{where}: labels {labels.shape} and loss_mask {loss_mask.shape} must both be [2B, T]"
+        )
+    if labels.shape[0] % 2:
+        raise ValueError(
+            f"{where}: the batch axis holds chosen rows then rejected rows, so it must be even; "
+            f"got {labels.shape[0]}"
+        )
+    if _is_concrete(mu) and np.ndim(mu) == 0:
+        lower, upper = MU_DOMAIN[risk]
+        if not lower < float(mu) <= upper:
+            raise ValueError(f"{where}: risk {risk!r} needs {lower} < mu <= {upper}, got mu={mu}")
+
+
+def _check_finite(where: str, **arrays) -> None:
+    for name, x in arrays.items():
+        if _is_concrete(x) and not bool(jnp.all(jnp.isfinite(x))):
+            raise ValueError(f"{where}: {name} contains NaN or inf")
+
+
+def _pair_loss(stats: TokenStats, loss_mask, *, loss, gamma, beta, alpha, version):
+    """Sequence sums, then the chosen/rejected split and the pair loss."""
+    seq = sequence_stats(stats, loss_mask, gamma)  # each [N]
+    b = loss_mask.shape[0] // 2
+    chosen = jax.tree.map(lambda x: x[:b], seq)
+    rejected = jax.tree.map(lambda x: x[b:], seq)
+    return LOSSES[loss](chosen, rejected, beta=beta, alpha=alpha, version=version)
+
+
+def _resolve_tail(mu, tail):
+    return quantile_tail(mu) if tail is None else jnp.asarray(tail, jnp.float32)
+
+
+def logits_pair_loss(
+    policy_logits: jax.Array,
+    ref_logits: jax.Array,
+    labels: jax.Array,
+    loss_mask: jax.Array,
+    *,
+    loss: str = "ra_dpo",
+    risk: str = "cvar_reference",
+    beta=0.1,
+    alpha=0.5,
+    mu=0.95,
+    gamma=1.0,
+    version: int = 1,
+    split_vocab: bool = True,
+    tail=None,
+) -> tuple[jax.Array, Metrics]:
+    """Per-pair loss and metrics from the logits of the policy and the frozen reference.
+
+    Args:
+      policy_logits: [2B, T, V] (bf16 or f32; reductions run in f32).
+      ref_logits: [2B, T, V]; no gradient flows into them.
+      labels: [2B, T] int next-token ids; loss_mask: [2B, T] bool, True on response labels.
+      loss: key of `LOSSES` ("dpo", "tdpo", "ra_dpo"); risk: key of `RISKS`. Both static.
+      beta, alpha, mu, gamma: traced hyperparameters (no recompilation, vmappable).
+      version: static 1 or 2. split_vocab: static, `cvar_reference` only.
+      tail: optional traced float32 `1 - mu` (defaults to `quantile_tail(mu)`).
+
+    Returns:
+      (losses [B], metrics: TRL-named dict of [B] arrays).
+
+    Example:
+      >>> losses, metrics = logits_pair_loss(pl, rl, labels, mask, loss="ra_dpo", mu=0.95)
+      >>> loss = losses.mean()
+    """
+    where = "logits_pair_loss"
+    _check_common(labels, loss_mask, loss=loss, risk=risk, mu=mu, version=version, where=where)
+    if policy_logits.shape != ref_logits.shape or policy_logits.shape[:2] != labels.shape:
+        raise ValueError(
+            f"{where}: policy_logits {policy_logits.shape} and ref_logits {ref_logits.shape} "
+            f"must both be [2B, T, V] matching labels {labels.shape}"
+        )
+    _check_finite(where, policy_logits=policy_logits, ref_logits=ref_logits)
+    stats = token_stats(
+        policy_logits,
+        ref_logits,
+        labels,
+        risk=risk,
+        mu=mu,
+        tail=_resolve_tail(mu, tail),
+        split_vocab=split_vocab,
+    )  # each [2B, T]
+    return _pair_loss(
+        stats, loss_mask, loss=loss, gamma=gamma, beta=beta, alpha=alpha, version=version
+    )
+
+
+def _to_chunks(x: jax.Array, chunk: int) -> jax.Array:
+    """[N, T, ...] -> [K, N, C, ...], padding T with zeros up to a multiple of C."""
+    n, t = x.shape[:2]
+    k = -(-t // chunk)
+    x = jnp.pad(x, [(0, 0), (0, k * chunk - t)] + [(0, 0)] * (x.ndim - 2))
+    x = x.reshape((n, k, chunk) + x.shape[2:])  # [N, K, C, ...]
+    return jnp.moveaxis(x, 1, 0)  # [K, N, C, ...]
+
+
+def fused_token_stats(
+    policy_hidden,
+    policy_unembed,
+    ref_hidden,
+    ref_unembed,
+    labels,
+    *,
+    risk,
+    mu,
+    tail,
+    split_vocab,
+    chunk_size,
+) -> TokenStats:
+    """`token_stats` of `hidden @ unembed` for both models, C tokens at a time.
+
+    Args:
+      policy_hidden, ref_hidden: [N, T, D]; policy_unembed, ref_unembed: [D, V]; labels: [N, T].
+    Returns:
+      TokenStats of [N, T] float32 arrays.
+    """
+    n, t, _ = policy_hidden.shape
+    ref_hidden = jax.lax.stop_gradient(ref_hidden)
+    ref_unembed = jax.lax.stop_gradient(ref_unembed)
+
+    # Rematerialised: the backward pass recomputes one chunk's [N, C, V] logits instead of keeping
+    # all of them; only the small thresholds of the risk term are saved (no second selection).
+    @functools.partial(
+        jax.checkpoint, policy=jax.checkpoint_policies.save_only_these_names(THRESHOLD_NAME)
+    )
+    def chunk_stats(h_policy, h_ref, y):
+        # f32 accumulation of the head matmul whatever the activation dtype.
+        policy_logits = jnp.einsum(
+            "ncd,dv->ncv", h_policy, policy_unembed, preferred_element_type=jnp.float32
+        )  # [N, C, V]
+        ref_logits = jnp.einsum(
+            "ncd,dv->ncv", h_ref, ref_unembed, preferred_element_type=jnp.float32
+        )  # [N, C, V]
+        return token_stats(
+            policy_logits, ref_logits, y, risk=risk, mu=mu, tail=tail, split_vocab=split_vocab
+        )
+
+    def body(carry, xs):
+        return carry, chunk_stats(*xs)
+
+    chunks = (
+        _to_chunks(policy_hidden, chunk_size),  # [K, N, C, D]
+        _to_chunks(ref_hidden, chunk_size),  # [K, N, C, D]
+        _to_chunks(labels, chunk_size),  # [K, N, C]
+    )
+    _, stats = jax.lax.scan(body, None, chunks)  # TokenStats of [K, N, C]
+    return jax.tree.map(lambda s: jnp.moveaxis(s, 0, 1).reshape(n, -1)[:, :t], stats)
+
+
+def fused_pair_loss(
+    policy_hidden: jax.Array,
+    policy_unembed: jax.Array,
+    ref_hidden: jax.Array,
+    ref_unembed: jax.Array,
+    labels: jax.Array,
+    loss_mask: jax.Array,
+    *,
+    loss: str = "ra_dpo",
+    risk: str = "cvar_reference",
+    beta=0.1,
+    alpha=0.5,
+    mu=0.95,
+    gamma=1.0,
+    version: int = 1,
+    split_vocab: bool = True,
+    tail=None,
+    chunk_size: int = 64,
+) -> tuple[jax.Array, Metrics]:
+    """Per-pair loss from final hidden states and unembeddings, never forming [2B, T, V] at once.
+
+    Same maths and outputs as `logits_pair_loss` on `hidden @ unembed`; peak memory O(2B C V)
+    instead of O(2B T V). Gradients flow to `policy_hidden` and `policy_unembed` only.
+
+    Args:
+      policy_hidden: [2B, T, D] final (normed) hidden states of the policy, any float dtype.
+      policy_unembed: [D, V] policy unembedding (for tied embeddings: the embedding transposed).
+      ref_hidden: [2B, T, D] and ref_unembed: [D, V] of the frozen reference.
+      labels, loss_mask, loss, risk, beta, alpha, mu, gamma, version, split_vocab, tail: as in
+        `logits_pair_loss`.
+      chunk_size: C, static number of tokens whose logits are formed at once.
+
+    Returns:
+      (losses [B], metrics: TRL-named dict of [B] arrays).
+    """
+    where = "fused_pair_loss"
+    _check_common(labels, loss_mask, loss=loss, risk=risk, mu=mu, version=version, where=where)
+    if policy_hidden.shape != ref_hidden.shape or policy_hidden.shape[:2] != labels.shape:
+        raise ValueError(
+            f"{where}: policy_hidden {policy_hidden.shape} and ref_hidden {ref_hidden.shape} "
+            f"must both be [2B, T, D] matching labels {labels.shape}"
+        )
+    d = policy_hidden.shape[-1]
+    if policy_unembed.ndim != 2 or policy_unembed.shape[0] != d:
+        raise ValueError(f"{where}: policy_unembed {policy_unembed.shape} must be [D={d}, V]")
+    if ref_unembed.shape != policy_unembed.shape:
+        raise ValueError(
+            f"{where}: ref_unembed {ref_unembed.shape} must match policy_unembed "
+            f"{policy_unembed.shape}"
+        )
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"{where}: chunk_size must be a positive int, got {chunk_size!r}")
+    _check_finite(
+        where,
+        policy_hidden=policy_hidden,
+        policy_unembed=policy_unembed,
+        ref_hidden=ref_hidden,
+        ref_unembed=ref_unembed,
+    )
+    stats = fused_token_stats(
+        policy_hidden,
+        policy_unembed,
+        ref_hidden,
+        ref_unembed,
+        labels,
+        risk=risk,
+        mu=mu,
+        tail=_resolve_tail(mu, tail),
+        split_vocab=split_vocab,
+        chunk_size=min(chunk_size, labels.shape[1]),
+    )
+    return _pair_loss(
+        stats, loss_mask, loss=loss, gamma=gamma, beta=beta, alpha=alpha, version=version
+    )

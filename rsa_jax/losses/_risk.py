@@ -1,0 +1,176 @@
+"""One-step risk functionals Phi^mu of the vocabulary log-ratio under the reference distribution.
+
+Dimension legend: N positions (any leading shape), V vocabulary.
+
+Every functional has the same signature so that `RISKS[name]` can be swapped without branches:
+
+    fn(d [..., V], q [..., V], *, mu, tail, split_vocab) -> rho [...]
+
+with `d(v) = log q(v) - log p(v)` (float32) and `q` the reference probabilities (no gradient).
+`mu` is the risk parameter (traced). `tail` is `1 - mu` as the rank computation of
+`cvar_reference` needs it (see `quantile_tail`); `split_vocab` only matters to `cvar_reference`.
+Reference: method.md section 2, item 4; Ra-DPO (arXiv 2505.20359), `Ra_DPOTrainer`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.ad_checkpoint import checkpoint_name
+
+from rsa_jax.losses._select import kth_smallest_pair, upper_tail_atom
+
+RiskFn = Callable[..., jax.Array]
+
+# Name under which the fused head's remat policy saves the (tiny) risk thresholds, so the backward
+# pass does not repeat the selection.
+THRESHOLD_NAME = "rsa_jax_risk_threshold"
+
+# ERM switches from the expm1/log1p form (exact as mu -> 0) to the shifted logsumexp form (no
+# overflow for large mu * d) once some |mu * (d - KL)| exceeds this.
+_ERM_SMALL = 1.0
+
+
+def quantile_tail(mu) -> jax.Array:
+    """float32 `1 - mu`, rounded the way `torch.quantile(x, 1 - mu)` rounds it.
+
+    torch receives `1 - mu` computed in float64 by Python and rounds it to float32. When `mu` is a
+    concrete Python/NumPy number we do the same on the host. A traced `mu` is already float32, so
+    `1 - mu` is computed in float32 (exact for mu in [0.5, 1], but it can differ from torch's
+    rounding of the float64 difference); pass `tail` explicitly (the trainer does) for torch parity.
+    """
+    if isinstance(mu, jax.core.Tracer):
+        return 1.0 - mu.astype(jnp.float32)
+    return jnp.asarray(np.float32(1.0 - np.asarray(mu, np.float64)))
+
+
+def torch_rank(tail: jax.Array, n: int) -> jax.Array:
+    """float32 rank `r = tail * (n - 1)` of `torch.quantile` (linear interpolation)."""
+    return jnp.asarray(tail, jnp.float32) * jnp.float32(n - 1)
+
+
+def _torch_lerp(start: jax.Array, end: jax.Array, weight: jax.Array) -> jax.Array:
+    # torch.lerp's two-sided formula; it decides which sorted value an interpolated threshold
+    # rounds onto, so the strict mask below keeps exactly torch's entries.
+    return jnp.where(
+        weight < 0.5, start + weight * (end - start), end - (end - start) * (1.0 - weight)
+    )
+
+
+def _linear_quantile(x: jax.Array, valid: jax.Array, n: int, tail: jax.Array) -> jax.Array:
+    """torch.quantile(x[valid], tail) per row (unweighted, linear), by selection.
+
+    Args:
+      x: [..., W] float32; valid: [..., W] bool with exactly n True per row; tail: scalar.
+    Returns:
+      [...] float32 threshold.
+    """
+    rank = torch_rank(tail, n)
+    lo = jnp.floor(rank)
+    k = jnp.clip(lo.astype(jnp.int32), 0, n - 1)
+    x_lo, x_hi = kth_smallest_pair(x, jnp.broadcast_to(k, x.shape[:-1]), valid)
+    return _torch_lerp(x_lo, x_hi, rank - lo)
+
+
+def cvar_reference(d, q, *, mu, tail, split_vocab):
+    """Ra-DPO's CVaR term: q-weighted sum of d over the entries above an unweighted quantile.
+
+    `tau` = the `tail` (= 1 - mu) linear-interpolation quantile of the V values d(v), unweighted;
+    `rho = sum_v q(v) d(v) 1[d(v) > tau]` (strict, no 1/mu, no gradient through the mask). With
+    `split_vocab` the vocabulary halves [0, V//2) and [V//2, V) each get their own tau and mask,
+    as in the reference code's default `is_split_risk_ratio: true`.
+
+    Args:
+      d: [..., V] float32 log-ratio; q: [..., V] reference probabilities; mu: unused here
+        (the rank comes from `tail`); tail: scalar float32 `1 - mu`; split_vocab: static bool.
+    Returns:
+      [...] float32 risk term.
+    """
+    del mu
+    v = d.shape[-1]
+    d_fixed = jax.lax.stop_gradient(d)
+    if split_vocab:
+        first, second = v // 2, v - v // 2
+        # [..., 2, second]: the first half padded by one entry when V is odd.
+        pad = [(0, 0)] * (d.ndim - 1) + [(0, second - first)]
+        halves = jnp.stack([jnp.pad(d_fixed[..., :first], pad), d_fixed[..., first:]], axis=-2)
+        valid = jnp.arange(second) < jnp.array([[first], [second]])  # [2, second]
+        valid = jnp.broadcast_to(valid, halves.shape)
+        tau_first = _linear_quantile(halves[..., 0, :], valid[..., 0, :], first, tail)
+        tau_second = _linear_quantile(halves[..., 1, :], valid[..., 1, :], second, tail)
+        in_first = jnp.arange(v) < first
+        tau = jnp.where(in_first, tau_first[..., None], tau_second[..., None])  # [..., V]
+    else:
+        tau = _linear_quantile(d_fixed, jnp.ones(d.shape, bool), v, tail)[..., None]
+    mask = d_fixed > checkpoint_name(tau, THRESHOLD_NAME)
+    return jnp.sum(jnp.where(mask, q * d, 0.0), axis=-1)
+
+
+def cvar(d, q, *, mu, tail, split_vocab):
+    """Textbook CVaR_mu of d under q: the mean of d over its upper tail of probability mass mu.
+
+    `rho = (1/mu) sum_v w(v) d(v)` with `w = q` above the VaR atom `t*` and the atom's entries
+    sharing the remaining mass `mu - P(d > t*)` in proportion to q (so the atom is split exactly).
+    Equals `t* + (1/mu) E_q[(d - t*)_+]` (Rockafellar-Uryasev). At mu = 1 it is `KL_t`.
+    The weights carry no gradient; d(rho)/d(d) = w / mu is CVaR's exact (sub)gradient.
+
+    Args/Returns: as `cvar_reference`; requires 0 < mu <= 1.
+    """
+    del tail, split_vocab
+    mu = jnp.asarray(mu, jnp.float32)
+    d_fixed, q = jax.lax.stop_gradient(d), jax.lax.stop_gradient(q)
+    atom = checkpoint_name(upper_tail_atom(d_fixed, q, mu), THRESHOLD_NAME)[..., None]
+    above = d_fixed > atom
+    at = d_fixed == atom
+    mass_above = jnp.sum(jnp.where(above, q, 0.0), axis=-1, keepdims=True)
+    mass_at = jnp.sum(jnp.where(at, q, 0.0), axis=-1, keepdims=True)
+    atom_share = jnp.clip((mu - mass_above) / jnp.maximum(mass_at, 1e-30), 0.0, 1.0)
+    w = jnp.where(above, q, jnp.where(at, q * atom_share, 0.0))
+    return jnp.sum(w * d, axis=-1) / mu
+
+
+def erm(d, q, *, mu, tail, split_vocab):
+    """Entropic risk `(1/mu) log E_q[exp(mu d)]`, mu > 0; tends to `KL_t` as mu -> 0.
+
+    Centred on `KL = E_q[d]`: `ERM = KL + (1/mu) log E_q[exp(s)]` with `s = mu (d - KL)`. For small
+    |s| the log is `log1p(E_q[expm1(s)])`, which keeps full relative precision as mu -> 0 where the
+    plain logsumexp would cancel; otherwise the max-shifted logsumexp form, which cannot overflow.
+
+    Args/Returns: as `cvar_reference`.
+    """
+    del tail, split_vocab
+    mu = jnp.asarray(mu, jnp.float32)
+    kl_t = jnp.sum(q * d, axis=-1, keepdims=True)
+    s = mu * (d - kl_t)
+    s_max = jnp.max(s, axis=-1, keepdims=True)
+    small = jnp.max(jnp.abs(jax.lax.stop_gradient(s)), axis=-1) <= _ERM_SMALL
+    # Clamped copies keep the branch not taken finite, so its gradient cannot poison the other.
+    s_small = jnp.clip(s, -_ERM_SMALL, _ERM_SMALL)
+    log_mgf_small = jnp.log1p(jnp.sum(q * jnp.expm1(s_small), axis=-1))
+    log_mgf_large = s_max[..., 0] + jnp.log(jnp.sum(q * jnp.exp(s - s_max), axis=-1))
+    return kl_t[..., 0] + jnp.where(small, log_mgf_small, log_mgf_large) / mu
+
+
+def kl(d, q, *, mu, tail, split_vocab):
+    """The sequential KL term `KL_t = sum_v q(v) d(v)` (turns the risk-aware loss into TDPO)."""
+    del mu, tail, split_vocab
+    return jnp.sum(q * d, axis=-1)
+
+
+RISKS: dict[str, RiskFn] = {
+    "cvar_reference": cvar_reference,
+    "cvar": cvar,
+    "erm": erm,
+    "kl": kl,
+}
+
+# Domain of mu per functional, checked eagerly: lower < mu <= upper.
+MU_DOMAIN: dict[str, tuple[float, float]] = {
+    "cvar_reference": (0.0, 1.0),
+    "cvar": (0.0, 1.0),
+    "erm": (0.0, float("inf")),
+    "kl": (-float("inf"), float("inf")),
+}
