@@ -12,14 +12,12 @@ Both return the same `(losses [B], metrics)`; the per-pair loss functions are `L
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from rsa_jax.losses._preference import LOSSES, Metrics
-from rsa_jax.losses._risk import MU_DOMAIN, RISKS, THRESHOLD_NAME, quantile_tail
+from rsa_jax.losses._risk import MU_DOMAIN, RISKS, quantile_tail
 from rsa_jax.losses._token_stats import TokenStats, sequence_stats, token_stats
 
 
@@ -56,7 +54,8 @@ def _check_common(labels, loss_mask, *, loss, risk, mu, version, where: str) -> 
 
 def _check_finite(where: str, **arrays) -> None:
     for name, x in arrays.items():
-        if _is_concrete(x) and not bool(jnp.all(jnp.isfinite(x))):
+        # NumPy on purpose: jnp would stage the check into an enclosing trace.
+        if _is_concrete(x) and not np.isfinite(np.asarray(x, np.float32)).all():
             raise ValueError(f"{where}: {name} contains NaN or inf")
 
 
@@ -162,11 +161,10 @@ def fused_token_stats(
     ref_hidden = jax.lax.stop_gradient(ref_hidden)
     ref_unembed = jax.lax.stop_gradient(ref_unembed)
 
-    # Rematerialised: the backward pass recomputes one chunk's [N, C, V] logits instead of keeping
-    # all of them; only the small thresholds of the risk term are saved (no second selection).
-    @functools.partial(
-        jax.checkpoint, policy=jax.checkpoint_policies.save_only_these_names(THRESHOLD_NAME)
-    )
+    # Rematerialised: the backward pass recomputes one chunk's [N, C, V] logits (and the risk
+    # threshold) instead of keeping all of them. A names policy that saved only the thresholds made
+    # XLA keep O(N T V) selection buffers instead, so nothing is saved.
+    @jax.checkpoint
     def chunk_stats(h_policy, h_ref, y):
         # f32 accumulation of the head matmul whatever the activation dtype.
         policy_logits = jnp.einsum(

@@ -19,15 +19,10 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.ad_checkpoint import checkpoint_name
 
 from rsa_jax.losses._select import kth_smallest_pair, upper_tail_atom
 
 RiskFn = Callable[..., jax.Array]
-
-# Name under which the fused head's remat policy saves the (tiny) risk thresholds, so the backward
-# pass does not repeat the selection.
-THRESHOLD_NAME = "rsa_jax_risk_threshold"
 
 # ERM switches from the expm1/log1p form (exact as mu -> 0) to the shifted logsumexp form (no
 # overflow for large mu * d) once some |mu * (d - KL)| exceeds this.
@@ -105,7 +100,7 @@ def cvar_reference(d, q, *, mu, tail, split_vocab):
         tau = jnp.where(in_first, tau_first[..., None], tau_second[..., None])  # [..., V]
     else:
         tau = _linear_quantile(d_fixed, jnp.ones(d.shape, bool), v, tail)[..., None]
-    mask = d_fixed > checkpoint_name(tau, THRESHOLD_NAME)
+    mask = d_fixed > tau
     return jnp.sum(jnp.where(mask, q * d, 0.0), axis=-1)
 
 
@@ -122,7 +117,7 @@ def cvar(d, q, *, mu, tail, split_vocab):
     del tail, split_vocab
     mu = jnp.asarray(mu, jnp.float32)
     d_fixed, q = jax.lax.stop_gradient(d), jax.lax.stop_gradient(q)
-    atom = checkpoint_name(upper_tail_atom(d_fixed, q, mu), THRESHOLD_NAME)[..., None]
+    atom = upper_tail_atom(d_fixed, q, mu)[..., None]
     above = d_fixed > atom
     at = d_fixed == atom
     mass_above = jnp.sum(jnp.where(above, q, 0.0), axis=-1, keepdims=True)

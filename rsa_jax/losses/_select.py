@@ -50,9 +50,9 @@ def _bisect(keys: jax.Array, valid: jax.Array, predicate) -> jax.Array:
     """
     lo = jnp.min(jnp.where(valid, keys, _ALL), axis=-1)
     hi = jnp.max(jnp.where(valid, keys, jnp.uint32(0)), axis=-1)
-    # Invariant: predicate(lo - 1) false (or lo is the answer), predicate(hi) true. `lo - 1` wraps
-    # only for the NaN key 0, which the public entry points reject.
-    lo = lo - jnp.uint32(1)
+    # Search (lo - 1, hi] with predicate(hi) true. `lo - 1` wraps only for the NaN key 0, which
+    # the public entry points reject.
+    smallest = lo
 
     def halve(_, bounds):
         lo, hi = bounds
@@ -60,8 +60,9 @@ def _bisect(keys: jax.Array, valid: jax.Array, predicate) -> jax.Array:
         ok = predicate(keys, mid)
         return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
 
-    _, hi = jax.lax.fori_loop(0, _BISECTION_STEPS, halve, (lo, hi))
-    return hi
+    _, hi = jax.lax.fori_loop(0, _BISECTION_STEPS, halve, (lo - jnp.uint32(1), hi))
+    # When the predicate already holds below the smallest key, the answer is the smallest key.
+    return jnp.maximum(hi, smallest)
 
 
 def kth_smallest_pair(x: jax.Array, k: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
