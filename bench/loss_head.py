@@ -1,0 +1,165 @@
+"""Loss-head benchmark: the logits path against the fused head, and selection against sorting.
+
+For each risk functional, one value-and-grad of the Ra-DPO loss with respect to the policy's final
+hidden states and unembedding, on the CPU at SmolLM2-135M sizes by default (B=8 pairs, T=512,
+V=49152, D=576):
+  * logits path: `logits_pair_loss(h_p @ W_p, h_r @ W_r, ...)`: all [2B, T, V] logits alive;
+  * fused path: `fused_pair_loss(h_p, W_p, h_r, W_r, ..., chunk_size=C)`.
+Peak memory is XLA's buffer assignment for the compiled step (temporaries + arguments + outputs,
+`Compiled.memory_analysis()`), which is what the step needs whatever else the process holds.
+Then the `cvar_reference` threshold (torch-semantics quantile of each vocabulary half) by exact
+bisection selection against `jnp.quantile` (a full sort) on the same positions.
+Every number is a ratio against a baseline measured in the same run.
+
+    python bench/loss_head.py                 # the full SmolLM2-sized run (several minutes)
+    python bench/loss_head.py --demo          # a small, fast run
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rsa_jax import losses
+from rsa_jax.losses._risk import _linear_quantile
+
+MU = {"cvar_reference": 0.95, "cvar": 0.95, "erm": 5.0, "kl": 0.5}
+
+
+def _time(fn, *args, repeats: int) -> float:
+    """Seconds per call after one warm-up call (the compile is not timed)."""
+    jax.block_until_ready(fn(*args))
+    start = time.perf_counter()
+    for _ in range(repeats):
+        jax.block_until_ready(fn(*args))
+    return (time.perf_counter() - start) / repeats
+
+
+def _peak_bytes(compiled) -> int:
+    m = compiled.memory_analysis()
+    return m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+
+
+def _inputs(b, t, v, d, seed=0):
+    rng = np.random.default_rng(seed)
+    h_p = jnp.asarray(rng.normal(size=(2 * b, t, d)), jnp.float32)
+    w_p = jnp.asarray(rng.normal(size=(d, v)) / np.sqrt(d), jnp.float32)
+    h_r = h_p + 0.1 * jnp.asarray(rng.normal(size=h_p.shape), jnp.float32)
+    w_r = w_p + 0.01 * jnp.asarray(rng.normal(size=w_p.shape), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, v, size=(2 * b, t)), jnp.int32)
+    prompt = t // 4
+    mask = jnp.asarray(np.arange(t)[None, :].repeat(2 * b, 0) >= prompt)
+    return (h_p, w_p, h_r, w_r, labels, mask)
+
+
+def _steps(risk: str, chunk: int):
+    hp = {"mu": MU[risk], "beta": 0.1, "alpha": 0.5, "version": 1}
+
+    def fused(h_p, w_p, h_r, w_r, labels, mask):
+        per_pair, _ = losses.fused_pair_loss(
+            h_p, w_p, h_r, w_r, labels, mask, risk=risk, chunk_size=chunk, **hp
+        )
+        return per_pair.mean()
+
+    def logits(h_p, w_p, h_r, w_r, labels, mask):
+        per_pair, _ = losses.logits_pair_loss(
+            h_p @ w_p, h_r @ w_r, labels, mask, risk=risk, **hp
+        )
+        return per_pair.mean()
+
+    grad = functools.partial(jax.value_and_grad, argnums=(0, 1))
+    return {"logits": jax.jit(grad(logits)), "fused": jax.jit(grad(fused))}
+
+
+def bench_paths(args) -> None:
+    inputs = _inputs(args.batch, args.seq, args.vocab, args.dim)
+    positions = 2 * args.batch * args.seq
+    print(
+        f"\n## value-and-grad of the Ra-DPO loss: B={args.batch} pairs, T={args.seq}, "
+        f"V={args.vocab}, D={args.dim}, chunk C={args.chunk}, {args.repeats} timed calls each"
+    )
+    print(
+        "| risk | logits pos/s | fused pos/s | fused time / logits time "
+        "| logits peak MiB | fused peak MiB | fused mem / logits mem |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for risk in args.risks:
+        result = {}
+        for path, step in _steps(risk, args.chunk).items():
+            peak = _peak_bytes(step.lower(*inputs).compile())
+            seconds = _time(step, *inputs, repeats=args.repeats)
+            result[path] = (seconds, peak)
+        (t_l, m_l), (t_f, m_f) = result["logits"], result["fused"]
+        print(
+            f"| {risk} | {positions / t_l:,.0f} | {positions / t_f:,.0f} | {t_f / t_l:.2f} "
+            f"| {m_l / 2**20:,.0f} | {m_f / 2**20:,.0f} | {m_f / m_l:.3f} |",
+            flush=True,
+        )
+
+
+def _sort_quantile_halves(d, tail):
+    """Baseline: torch.quantile semantics by a full sort (jnp.quantile) of each half."""
+    half = d.shape[-1] // 2
+    return [jnp.quantile(x, tail, axis=-1, method="linear") for x in (d[:, :half], d[:, half:])]
+
+
+def _select_quantile_halves(d, tail):
+    half = d.shape[-1] // 2
+    return [
+        _linear_quantile(x, jnp.ones(x.shape, bool), x.shape[-1], tail)
+        for x in (d[:, :half], d[:, half:])
+    ]
+
+
+def bench_quantile(args) -> None:
+    rng = np.random.default_rng(1)
+    d = jnp.asarray(rng.normal(size=(args.quantile_positions, args.vocab)), jnp.float32)
+    tail = losses.quantile_tail(0.95)
+    sort_fn, select_fn = jax.jit(_sort_quantile_halves), jax.jit(_select_quantile_halves)
+    agree = all(
+        bool(jnp.all(a == b)) or float(jnp.max(jnp.abs(a - b))) < 1e-6
+        for a, b in zip(sort_fn(d, tail), select_fn(d, tail), strict=True)
+    )
+    t_sort = _time(sort_fn, d, tail, repeats=args.repeats)
+    t_select = _time(select_fn, d, tail, repeats=args.repeats)
+    n = args.quantile_positions
+    print(
+        f"\n## cvar_reference threshold per vocabulary half: {n} positions x V={args.vocab}, "
+        f"mu=0.95"
+    )
+    print("| method | positions/s | speed-up vs sort |")
+    print("|---|---|---|")
+    print(f"| jnp.quantile (full sort) | {n / t_sort:,.0f} | 1.00 |")
+    print(f"| bisection selection | {n / t_select:,.0f} | {t_sort / t_select:.2f} |")
+    print(f"thresholds agree with the sort (within 1e-6): {agree}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch", type=int, default=8, help="pairs (B)")
+    parser.add_argument("--seq", type=int, default=512, help="tokens (T)")
+    parser.add_argument("--vocab", type=int, default=49152, help="vocabulary (V)")
+    parser.add_argument("--dim", type=int, default=576, help="model width (D)")
+    parser.add_argument("--chunk", type=int, default=64, help="fused-head chunk (C)")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--risks", nargs="+", default=sorted(losses.RISKS))
+    parser.add_argument("--quantile-positions", type=int, default=2048)
+    parser.add_argument("--skip-paths", action="store_true")
+    parser.add_argument("--demo", action="store_true", help="small sizes, runs in about a minute")
+    args = parser.parse_args()
+    if args.demo:
+        args.batch, args.seq, args.vocab, args.dim, args.chunk = 2, 128, 8192, 64, 32
+        args.quantile_positions, args.repeats = 512, 2
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {jax.device_count()} device(s)")
+    if not args.skip_paths:
+        bench_paths(args)
+    bench_quantile(args)
+
+
+if __name__ == "__main__":
+    main()
