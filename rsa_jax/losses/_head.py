@@ -12,13 +12,20 @@ Both return the same `(losses [B], metrics)`; the per-pair loss functions are `L
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from rsa_jax.losses._preference import LOSSES, Metrics
 from rsa_jax.losses._risk import MU_DOMAIN, RISKS, quantile_tail
-from rsa_jax.losses._token_stats import TokenStats, sequence_stats, token_stats
+from rsa_jax.losses._token_stats import (
+    TokenStats,
+    sequence_stats,
+    token_stats,
+    token_stats_and_threshold,
+)
 
 
 def _is_concrete(x) -> bool:
@@ -137,6 +144,65 @@ def _to_chunks(x: jax.Array, chunk: int) -> jax.Array:
     return jnp.moveaxis(x, 1, 0)  # [K, N, C, ...]
 
 
+def _chunk_logits(h_policy, w_policy, h_ref, w_ref):
+    """[N, C, D] x [D, V] -> [N, C, V] float32 logits of both models."""
+    # f32 accumulation of the head matmul whatever the activation dtype.
+    policy = jnp.einsum("ncd,dv->ncv", h_policy, w_policy, preferred_element_type=jnp.float32)
+    ref = jnp.einsum("ncd,dv->ncv", h_ref, w_ref, preferred_element_type=jnp.float32)
+    return policy, ref
+
+
+# Rematerialised by hand: the forward pass keeps only the chunk's inputs and the risk thresholds
+# ([N, C, H] floats); the backward pass recomputes the chunk's [N, C, V] logits but not the
+# selection behind the thresholds. (jax.checkpoint with a names policy saving the thresholds
+# made XLA keep O(N T V) selection buffers; plain jax.checkpoint redoes the selection.)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _chunk_stats(h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_vocab):
+    return _chunk_stats_fwd(h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_vocab)[0]
+
+
+def _chunk_stats_fwd(h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_vocab):
+    policy_logits, ref_logits = _chunk_logits(h_policy, w_policy, h_ref, w_ref)
+    stats, threshold = token_stats_and_threshold(
+        policy_logits, ref_logits, y, risk=risk, mu=mu, tail=tail, split_vocab=split_vocab
+    )
+    return stats, (h_policy, w_policy, h_ref, w_ref, y, mu, tail, threshold)
+
+
+def _chunk_stats_bwd(risk, split_vocab, residuals, cotangents):
+    h_policy, w_policy, h_ref, w_ref, y, mu, tail, threshold = residuals
+
+    def policy_stats(h_policy, w_policy):
+        policy_logits, ref_logits = _chunk_logits(h_policy, w_policy, h_ref, w_ref)
+        stats, _ = token_stats_and_threshold(
+            policy_logits,
+            ref_logits,
+            y,
+            risk=risk,
+            mu=mu,
+            tail=tail,
+            split_vocab=split_vocab,
+            threshold=threshold,
+        )
+        return stats
+
+    _, vjp = jax.vjp(policy_stats, h_policy, w_policy)
+    d_hidden, d_unembed = vjp(cotangents)
+    # The reference and the hyperparameters get no gradient; integer labels get float0 zeros.
+    return (
+        d_hidden,
+        d_unembed,
+        jnp.zeros_like(h_ref),
+        jnp.zeros_like(w_ref),
+        np.zeros(y.shape, jax.dtypes.float0),
+        jnp.zeros_like(mu),
+        jnp.zeros_like(tail),
+    )
+
+
+_chunk_stats.defvjp(_chunk_stats_fwd, _chunk_stats_bwd)
+
+
 def fused_token_stats(
     policy_hidden,
     policy_unembed,
@@ -160,21 +226,11 @@ def fused_token_stats(
     n, t, _ = policy_hidden.shape
     ref_hidden = jax.lax.stop_gradient(ref_hidden)
     ref_unembed = jax.lax.stop_gradient(ref_unembed)
+    mu, tail = jnp.asarray(mu, jnp.float32), jnp.asarray(tail, jnp.float32)
 
-    # Rematerialised: the backward pass recomputes one chunk's [N, C, V] logits (and the risk
-    # threshold) instead of keeping all of them. A names policy that saved only the thresholds made
-    # XLA keep O(N T V) selection buffers instead, so nothing is saved.
-    @jax.checkpoint
     def chunk_stats(h_policy, h_ref, y):
-        # f32 accumulation of the head matmul whatever the activation dtype.
-        policy_logits = jnp.einsum(
-            "ncd,dv->ncv", h_policy, policy_unembed, preferred_element_type=jnp.float32
-        )  # [N, C, V]
-        ref_logits = jnp.einsum(
-            "ncd,dv->ncv", h_ref, ref_unembed, preferred_element_type=jnp.float32
-        )  # [N, C, V]
-        return token_stats(
-            policy_logits, ref_logits, y, risk=risk, mu=mu, tail=tail, split_vocab=split_vocab
+        return _chunk_stats(
+            h_policy, policy_unembed, h_ref, ref_unembed, y, mu, tail, risk, split_vocab
         )
 
     def body(carry, xs):

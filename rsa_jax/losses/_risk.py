@@ -4,11 +4,13 @@ Dimension legend: N positions (any leading shape), V vocabulary.
 
 Every functional has the same signature so that `RISKS[name]` can be swapped without branches:
 
-    fn(d [..., V], q [..., V], *, mu, tail, split_vocab) -> rho [...]
+    fn(d [..., V], q [..., V], *, mu, tail, split_vocab, threshold=None) -> rho [...]
 
 with `d(v) = log q(v) - log p(v)` (float32) and `q` the reference probabilities (no gradient).
 `mu` is the risk parameter (traced). `tail` is `1 - mu` as the rank computation of
 `cvar_reference` needs it (see `quantile_tail`); `split_vocab` only matters to `cvar_reference`.
+`threshold` lets a caller pass the (non-differentiable) selection result `THRESHOLDS[name]` that it
+already computed for the same d, so that a rematerialised backward pass does not repeat it.
 Reference: method.md section 2, item 4; Ra-DPO (arXiv 2505.20359), `Ra_DPOTrainer`.
 """
 
@@ -70,7 +72,27 @@ def _linear_quantile(x: jax.Array, valid: jax.Array, n: int, tail: jax.Array) ->
     return _torch_lerp(x_lo, x_hi, rank - lo)
 
 
-def cvar_reference(d, q, *, mu, tail, split_vocab):
+def cvar_reference_threshold(d, q, *, mu, tail, split_vocab):
+    """Per-half thresholds `tau` of `cvar_reference`: [..., 2] with `split_vocab`, else [..., 1]."""
+    del q, mu
+    v = d.shape[-1]
+    if not split_vocab:
+        return _linear_quantile(d, jnp.ones(d.shape, bool), v, tail)[..., None]
+    first, second = v // 2, v - v // 2
+    # [..., 2, second]: the first half padded by one entry when V is odd.
+    pad = [(0, 0)] * (d.ndim - 1) + [(0, second - first)]
+    halves = jnp.stack([jnp.pad(d[..., :first], pad), d[..., first:]], axis=-2)
+    valid = jnp.broadcast_to(jnp.arange(second) < jnp.array([[first], [second]]), halves.shape)
+    return jnp.stack(
+        [
+            _linear_quantile(halves[..., 0, :], valid[..., 0, :], first, tail),
+            _linear_quantile(halves[..., 1, :], valid[..., 1, :], second, tail),
+        ],
+        axis=-1,
+    )
+
+
+def cvar_reference(d, q, *, mu, tail, split_vocab, threshold=None):
     """Ra-DPO's CVaR term: q-weighted sum of d over the entries above an unweighted quantile.
 
     `tau` = the `tail` (= 1 - mu) linear-interpolation quantile of the V values d(v), unweighted;
@@ -80,31 +102,29 @@ def cvar_reference(d, q, *, mu, tail, split_vocab):
 
     Args:
       d: [..., V] float32 log-ratio; q: [..., V] reference probabilities; mu: unused here
-        (the rank comes from `tail`); tail: scalar float32 `1 - mu`; split_vocab: static bool.
+        (the rank comes from `tail`); tail: scalar float32 `1 - mu`; split_vocab: static bool;
+        threshold: optional precomputed `cvar_reference_threshold` (the fused head's backward).
     Returns:
       [...] float32 risk term.
     """
-    del mu
-    v = d.shape[-1]
     d_fixed = jax.lax.stop_gradient(d)
+    if threshold is None:
+        threshold = cvar_reference_threshold(d_fixed, q, mu=mu, tail=tail, split_vocab=split_vocab)
     if split_vocab:
-        first, second = v // 2, v - v // 2
-        # [..., 2, second]: the first half padded by one entry when V is odd.
-        pad = [(0, 0)] * (d.ndim - 1) + [(0, second - first)]
-        halves = jnp.stack([jnp.pad(d_fixed[..., :first], pad), d_fixed[..., first:]], axis=-2)
-        valid = jnp.arange(second) < jnp.array([[first], [second]])  # [2, second]
-        valid = jnp.broadcast_to(valid, halves.shape)
-        tau_first = _linear_quantile(halves[..., 0, :], valid[..., 0, :], first, tail)
-        tau_second = _linear_quantile(halves[..., 1, :], valid[..., 1, :], second, tail)
-        in_first = jnp.arange(v) < first
-        tau = jnp.where(in_first, tau_first[..., None], tau_second[..., None])  # [..., V]
+        in_first = jnp.arange(d.shape[-1]) < d.shape[-1] // 2
+        tau = jnp.where(in_first, threshold[..., :1], threshold[..., 1:])  # [..., V]
     else:
-        tau = _linear_quantile(d_fixed, jnp.ones(d.shape, bool), v, tail)[..., None]
-    mask = d_fixed > tau
-    return jnp.sum(jnp.where(mask, q * d, 0.0), axis=-1)
+        tau = threshold  # [..., 1]
+    return jnp.sum(jnp.where(d_fixed > tau, q * d, 0.0), axis=-1)
 
 
-def cvar(d, q, *, mu, tail, split_vocab):
+def cvar_threshold(d, q, *, mu, tail, split_vocab):
+    """The VaR atom `t*` of `cvar`: [...], one of the values of d."""
+    del tail, split_vocab
+    return upper_tail_atom(d, jax.lax.stop_gradient(q), jnp.asarray(mu, jnp.float32))
+
+
+def cvar(d, q, *, mu, tail, split_vocab, threshold=None):
     """Textbook CVaR_mu of d under q: the mean of d over its upper tail of probability mass mu.
 
     `rho = (1/mu) sum_v w(v) d(v)` with `w = q` above the VaR atom `t*` and the atom's entries
@@ -114,10 +134,11 @@ def cvar(d, q, *, mu, tail, split_vocab):
 
     Args/Returns: as `cvar_reference`; requires 0 < mu <= 1.
     """
-    del tail, split_vocab
     mu = jnp.asarray(mu, jnp.float32)
     d_fixed, q = jax.lax.stop_gradient(d), jax.lax.stop_gradient(q)
-    atom = upper_tail_atom(d_fixed, q, mu)[..., None]
+    if threshold is None:
+        threshold = cvar_threshold(d_fixed, q, mu=mu, tail=tail, split_vocab=split_vocab)
+    atom = threshold[..., None]
     above = d_fixed > atom
     at = d_fixed == atom
     mass_above = jnp.sum(jnp.where(above, q, 0.0), axis=-1, keepdims=True)
@@ -127,7 +148,7 @@ def cvar(d, q, *, mu, tail, split_vocab):
     return jnp.sum(w * d, axis=-1) / mu
 
 
-def erm(d, q, *, mu, tail, split_vocab):
+def erm(d, q, *, mu, tail, split_vocab, threshold=None):
     """Entropic risk `(1/mu) log E_q[exp(mu d)]`, mu > 0; tends to `KL_t` as mu -> 0.
 
     Centred on `KL = E_q[d]`: `ERM = KL + (1/mu) log E_q[exp(s)]` with `s = mu (d - KL)`. For small
@@ -136,7 +157,7 @@ def erm(d, q, *, mu, tail, split_vocab):
 
     Args/Returns: as `cvar_reference`.
     """
-    del tail, split_vocab
+    del tail, split_vocab, threshold
     mu = jnp.asarray(mu, jnp.float32)
     kl_t = jnp.sum(q * d, axis=-1, keepdims=True)
     s = mu * (d - kl_t)
@@ -149,9 +170,9 @@ def erm(d, q, *, mu, tail, split_vocab):
     return kl_t[..., 0] + jnp.where(small, log_mgf_small, log_mgf_large) / mu
 
 
-def kl(d, q, *, mu, tail, split_vocab):
+def kl(d, q, *, mu, tail, split_vocab, threshold=None):
     """The sequential KL term `KL_t = sum_v q(v) d(v)` (turns the risk-aware loss into TDPO)."""
-    del mu, tail, split_vocab
+    del mu, tail, split_vocab, threshold
     return jnp.sum(q * d, axis=-1)
 
 
@@ -161,6 +182,10 @@ RISKS: dict[str, RiskFn] = {
     "erm": erm,
     "kl": kl,
 }
+
+# The non-differentiable selection part of each functional, for those that have one; the fused
+# head computes it once in the forward pass and reuses it in the backward pass.
+THRESHOLDS: dict[str, RiskFn] = {"cvar_reference": cvar_reference_threshold, "cvar": cvar_threshold}
 
 # Domain of mu per functional, checked eagerly: lower < mu <= upper.
 MU_DOMAIN: dict[str, tuple[float, float]] = {

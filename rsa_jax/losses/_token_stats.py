@@ -19,7 +19,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rsa_jax.losses._risk import RISKS
+from rsa_jax.losses._risk import RISKS, THRESHOLDS
 
 
 class TokenStats(NamedTuple):
@@ -40,7 +40,7 @@ class SequenceStats(NamedTuple):
     S: jax.Array  # nested risk value V_1
 
 
-def token_stats(
+def token_stats_and_threshold(
     policy_logits: jax.Array,
     ref_logits: jax.Array,
     labels: jax.Array,
@@ -49,8 +49,9 @@ def token_stats(
     mu,
     tail,
     split_vocab: bool,
-) -> TokenStats:
-    """Statistics of every position from the two models' logits.
+    threshold=None,
+) -> tuple[TokenStats, jax.Array | None]:
+    """Statistics of every position from the two models' logits, and the risk's threshold.
 
     Args:
       policy_logits: [..., V] any float dtype (upcast to float32).
@@ -58,9 +59,10 @@ def token_stats(
       labels: [...] int token ids.
       risk: key of `RISKS` (static). mu, tail: traced scalars (see `quantile_tail`).
       split_vocab: static, `cvar_reference` only.
+      threshold: optional result of `THRESHOLDS[risk]` for these logits, reused instead of redone.
 
     Returns:
-      TokenStats of [...] float32 arrays.
+      (TokenStats of [...] float32 arrays, the threshold used or None for risks without one).
     """
     # log_softmax, never softmax().log(): the latter underflows to 0 * -inf = NaN in the KL.
     logp = jax.nn.log_softmax(policy_logits.astype(jnp.float32), axis=-1)
@@ -71,8 +73,19 @@ def token_stats(
     q = jnp.exp(logq)
     d = logq - logp
     kl_t = jnp.sum(q * d, axis=-1)
-    rho = RISKS[risk](d, q, mu=mu, tail=tail, split_vocab=split_vocab)
-    return TokenStats(logp=logp_y, g=logp_y - logq_y, kl=kl_t, rho=rho)
+    if threshold is None and risk in THRESHOLDS:
+        threshold = THRESHOLDS[risk](
+            jax.lax.stop_gradient(d), q, mu=mu, tail=tail, split_vocab=split_vocab
+        )
+    rho = RISKS[risk](d, q, mu=mu, tail=tail, split_vocab=split_vocab, threshold=threshold)
+    return TokenStats(logp=logp_y, g=logp_y - logq_y, kl=kl_t, rho=rho), threshold
+
+
+def token_stats(policy_logits, ref_logits, labels, *, risk, mu, tail, split_vocab) -> TokenStats:
+    """`token_stats_and_threshold` without the threshold: TokenStats of [...] float32 arrays."""
+    return token_stats_and_threshold(
+        policy_logits, ref_logits, labels, risk=risk, mu=mu, tail=tail, split_vocab=split_vocab
+    )[0]
 
 
 def nested_risk_value(rho: jax.Array, mask: jax.Array, gamma) -> jax.Array:
