@@ -197,3 +197,29 @@ def test_check_grads(loss, risk):
         return per_pair.sum()
 
     check_grads(f, (jnp.asarray(policy, jnp.float32),), order=1, modes=["rev"], eps=1e-3)
+
+
+def test_version_2_stops_the_gradient_of_the_chosen_risk():
+    ones = jnp.ones(3)
+    chosen = losses.SequenceStats(logp=ones, M=0.5 * ones, K=ones, S=ones)
+    rejected = losses.SequenceStats(logp=ones, M=0.2 * ones, K=ones, S=2.0 * ones)
+
+    def total(chosen_s, rejected_s, version):
+        per_pair, _ = losses.ra_dpo(
+            chosen._replace(S=chosen_s),
+            rejected._replace(S=rejected_s),
+            beta=0.1,
+            alpha=0.5,
+            version=version,
+        )
+        return per_pair.sum()
+
+    d_chosen_v1, d_rejected_v1 = jax.grad(total, argnums=(0, 1))(chosen.S, rejected.S, 1)
+    d_chosen_v2, d_rejected_v2 = jax.grad(total, argnums=(0, 1))(chosen.S, rejected.S, 2)
+    assert np.all(d_chosen_v1 != 0) and np.all(d_rejected_v1 != 0)
+    assert np.all(d_chosen_v2 == 0) and np.all(d_rejected_v2 != 0)
+    # alpha scales the rejected side's gradient in version 2 relative to version 1's unit weight.
+    z1 = 0.1 * (0.3 - (2.0 - 1.0))
+    z2 = 0.1 * (0.3 - 0.5 * (2.0 - 1.0))
+    np.testing.assert_allclose(d_rejected_v1, 0.1 * jax.nn.sigmoid(-z1), rtol=1e-6)
+    np.testing.assert_allclose(d_rejected_v2, 0.05 * jax.nn.sigmoid(-z2), rtol=1e-6)
