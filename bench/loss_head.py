@@ -67,9 +67,7 @@ def _steps(risk: str, chunk: int):
         return per_pair.mean()
 
     def logits(h_p, w_p, h_r, w_r, labels, mask):
-        per_pair, _ = losses.logits_pair_loss(
-            h_p @ w_p, h_r @ w_r, labels, mask, risk=risk, **hp
-        )
+        per_pair, _ = losses.logits_pair_loss(h_p @ w_p, h_r @ w_r, labels, mask, risk=risk, **hp)
         return per_pair.mean()
 
     grad = functools.partial(jax.value_and_grad, argnums=(0, 1))
