@@ -1,0 +1,28 @@
+"""Preference-pair data: sources and stage views, tokenisation, static batches, Grain pipelines."""
+
+from rsa_jax.data._config import DataConfig
+from rsa_jax.data._pipeline import make_pair_dataset, make_pair_iterator
+from rsa_jax.data._sources import DataError, DataReport, PairRecord, load_pairs, row_to_pair
+from rsa_jax.data._tokenize import (
+    PairTokenizer,
+    TokenizedPair,
+    batch_shape,
+    collate,
+    padding_efficiency,
+)
+
+__all__ = [
+    "DataConfig",
+    "DataError",
+    "DataReport",
+    "PairRecord",
+    "PairTokenizer",
+    "TokenizedPair",
+    "batch_shape",
+    "collate",
+    "load_pairs",
+    "make_pair_dataset",
+    "make_pair_iterator",
+    "padding_efficiency",
+    "row_to_pair",
+]

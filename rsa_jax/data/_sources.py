@@ -1,0 +1,207 @@
+"""Reading preference rows from JSON Lines, Parquet and `save_to_disk` directories, and the views.
+
+A row is validated against its schema and turned into a `PairRecord` by the stage's view:
+  helpfulness: chosen = response[better_response_id]   (PKU-SafeRLHF schema)
+  safety:      chosen = response[safer_response_id]    (PKU-SafeRLHF schema)
+  pairs:       chosen / rejected as given              (generic schema)
+Bad rows raise `DataError` naming file, line and field, or with `on_error="skip"` are skipped and
+counted. Rows that are not preferences (identical responses, a null label) are always dropped and
+counted: nothing is dropped silently.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rsa_jax.data._config import DataConfig
+
+Text = str | list  # a string, or a list of chat messages {"role": ..., "content": ...}
+
+
+class DataError(ValueError):
+    """A malformed input row: names the file, the line (1-based) and the field."""
+
+    def __init__(self, path: str, line: int, field: str | None, problem: str):
+        self.path, self.line, self.field, self.problem = path, line, field, problem
+        where = f"{path}:{line}" + (f": field {field!r}" if field else "")
+        super().__init__(f"{where}: {problem}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PairRecord:
+    """One preference pair before tokenisation; `origin` is 'file:line' for error messages."""
+
+    prompt: Text
+    chosen: Text
+    rejected: Text
+    origin: str
+
+
+@dataclasses.dataclass
+class DataReport:
+    """What was read, kept, dropped and skipped, per reason."""
+
+    rows_read: int = 0
+    pairs_kept: int = 0
+    dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+    def summary(self) -> str:
+        parts = [f"read {self.rows_read} rows, kept {self.pairs_kept} pairs"]
+        if self.dropped:
+            parts.append("dropped (not a preference): " + _fmt(self.dropped))
+        if self.skipped:
+            parts.append("skipped (bad input): " + _fmt(self.skipped))
+        return "; ".join(parts)
+
+
+def _fmt(counter) -> str:
+    return ", ".join(f"{reason}={n}" for reason, n in sorted(counter.items()))
+
+
+def _detect_format(path: str) -> str:
+    if os.path.isdir(path):
+        return "arrow_dir"
+    if path.endswith((".jsonl", ".json")):
+        return "jsonl"
+    if path.endswith(".parquet"):
+        return "parquet"
+    raise DataError(path, 0, None, "cannot tell the format from the name; set data.format")
+
+
+def _read_jsonl(path: str) -> Iterator[tuple[int, Any]]:
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield line_no, DataError(path, line_no, None, f"not valid UTF-8 ({e.reason})")
+                continue
+            if not text.strip():
+                continue
+            try:
+                yield line_no, json.loads(text)
+            except json.JSONDecodeError as e:
+                yield line_no, DataError(path, line_no, None, f"malformed JSON: {e.msg}")
+
+
+def _read_table(table: pa.Table, path: str, first_line: int) -> Iterator[tuple[int, Any]]:
+    for offset, row in enumerate(table.to_pylist()):
+        yield first_line + offset, row
+
+
+def _read_arrow_dir(path: str) -> Iterator[tuple[int, Any]]:
+    """A `datasets.Dataset.save_to_disk` directory: state.json lists Arrow stream files in order."""
+    state_path = os.path.join(path, "state.json")
+    if not os.path.exists(state_path):
+        raise DataError(path, 0, None, "no state.json: not a save_to_disk directory")
+    with open(state_path) as f:
+        files = [entry["filename"] for entry in json.load(f).get("_data_files", [])]
+    if not files:
+        raise DataError(state_path, 0, "_data_files", "lists no data files")
+    line = 1
+    for name in files:
+        with pa.memory_map(os.path.join(path, name)) as source:
+            table = pa.ipc.open_stream(source).read_all()
+        yield from _read_table(table, os.path.join(path, name), line)
+        line += table.num_rows
+
+
+def read_rows(path: str, fmt: str = "auto") -> Iterator[tuple[str, int, Any]]:
+    """Yields (file, line, row dict or DataError) from any supported source."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data.path {path!r} does not exist")
+    fmt = _detect_format(path) if fmt == "auto" else fmt
+    if fmt == "jsonl":
+        rows = _read_jsonl(path)
+    elif fmt == "parquet":
+        rows = _read_table(pq.read_table(path), path, 1)
+    else:
+        rows = _read_arrow_dir(path)
+    for line, row in rows:
+        yield path, line, row
+
+
+def _text(row: dict, field: str, path: str, line: int) -> Text:
+    """A non-empty string, or a non-empty list of {role, content} messages."""
+    if field not in row:
+        raise DataError(path, line, field, "missing field")
+    value = row[field]
+    if isinstance(value, str):
+        if not value.strip():
+            raise DataError(path, line, field, "empty text")
+        return value
+    if isinstance(value, list) and value:
+        for i, message in enumerate(value):
+            ok = isinstance(message, dict) and isinstance(message.get("content"), str)
+            if not ok or not isinstance(message.get("role"), str):
+                raise DataError(
+                    path, line, f"{field}[{i}]", "messages need string role and content"
+                )
+        return value
+    raise DataError(
+        path, line, field, f"expected a string or a list of messages, got {type(value).__name__}"
+    )
+
+
+def _label(row: dict, field: str, path: str, line: int) -> int | None:
+    """0 or 1; None when the label is null (then the row is not a preference)."""
+    if field not in row:
+        raise DataError(path, line, field, "missing field")
+    value = row[field]
+    if value is None:
+        return None
+    if isinstance(value, bool) or value not in (0, 1):
+        raise DataError(path, line, field, f"must be 0 or 1, got {value!r}")
+    return int(value)
+
+
+def row_to_pair(row: Any, view: str, path: str, line: int) -> PairRecord | str:
+    """The view's PairRecord, or the reason (a string) why the row is not a preference."""
+    if not isinstance(row, dict):
+        raise DataError(path, line, None, f"expected a JSON object, got {type(row).__name__}")
+    origin = f"{path}:{line}"
+    prompt = _text(row, "prompt", path, line)
+    if view == "pairs":
+        chosen, rejected = _text(row, "chosen", path, line), _text(row, "rejected", path, line)
+    else:
+        responses = (_text(row, "response_0", path, line), _text(row, "response_1", path, line))
+        label = "better_response_id" if view == "helpfulness" else "safer_response_id"
+        choice = _label(row, label, path, line)
+        if choice is None:
+            return f"null {label}"
+        chosen, rejected = responses[choice], responses[1 - choice]
+    if chosen == rejected:
+        return "identical responses"
+    return PairRecord(prompt=prompt, chosen=chosen, rejected=rejected, origin=origin)
+
+
+def load_pairs(config: DataConfig) -> tuple[list[PairRecord], DataReport]:
+    """All pairs of `config.path` under `config.view`, with the report of what was left out."""
+    report = DataReport()
+    pairs: list[PairRecord] = []
+    for path, line, row in read_rows(config.path, config.format):
+        report.rows_read += 1
+        try:
+            if isinstance(row, DataError):
+                raise row
+            result = row_to_pair(row, config.view, path, line)
+        except DataError as e:
+            if config.on_error == "raise":
+                raise
+            report.skipped[f"{e.field or 'row'}: {e.problem}"] += 1
+            continue
+        if isinstance(result, str):
+            report.dropped[result] += 1
+        else:
+            pairs.append(result)
+    report.pairs_kept = len(pairs)
+    return pairs, report
