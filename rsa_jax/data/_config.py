@@ -45,6 +45,8 @@ class DataConfig:
     # Batches per length-grouping window: pairs of a window are sorted by length before being cut
     # into batches (better padding efficiency with buckets); 1 disables grouping.
     sort_window: int = 1
+    # Background threads that prepare batches ahead of the train step (Grain prefetch).
+    read_threads: int = 2
     # "raise": bad rows stop with an error naming file, line and field. "skip": they are skipped,
     # counted per reason and reported.
     on_error: str = "raise"
@@ -64,6 +66,7 @@ class DataConfig:
             ),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
+            (self.read_threads >= 0, f"read_threads must be >= 0, got {self.read_threads}"),
             (self.sort_window >= 1, f"sort_window must be >= 1, got {self.sort_window}"),
             (
                 self.template is None or "{prompt}" in self.template,

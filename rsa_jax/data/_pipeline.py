@@ -16,7 +16,9 @@ from `seed` and e), so only the very last batch of the whole stream can be parti
 
 from __future__ import annotations
 
+import collections
 import logging
+import threading
 from collections.abc import Sequence
 
 import grain
@@ -27,6 +29,8 @@ from rsa_jax.data._sources import DataReport, PairRecord, load_pairs
 from rsa_jax.data._tokenize import PairTokenizer, TokenizedPair, batch_shape, collate
 
 log = logging.getLogger(__name__)
+
+_CACHED_WINDOWS = 4
 
 
 class _LengthGroupedBatches(Sequence):
@@ -41,22 +45,29 @@ class _LengthGroupedBatches(Sequence):
         self._examples, self._batch, self._window, self._seed = examples, batch, window, seed
         n = len(examples)
         self._n_batches = n // batch if drop else -(-n // batch)
-        self._cache: tuple[int, list[list[TokenizedPair]]] | None = None
+        # Grain's prefetch threads ask for nearby batches concurrently: keep a few windows,
+        # behind a lock, so that no window is tokenised twice.
+        self._cache: collections.OrderedDict[int, list[list[TokenizedPair]]] = (
+            collections.OrderedDict()
+        )
+        self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return self._n_batches
 
     def _window_batches(self, w: int) -> list[list[TokenizedPair]]:
-        if self._cache is None or self._cache[0] != w:
-            start = w * self._window * self._batch
-            stop = min(start + self._window * self._batch, self._n_batches * self._batch)
-            stop = min(stop, len(self._examples))
-            items = [self._examples[i] for i in range(start, stop)]
-            items.sort(key=lambda p: sum(p.longest()))  # stable: ties keep stream order
-            batches = [items[i : i + self._batch] for i in range(0, len(items), self._batch)]
-            order = np.random.default_rng([self._seed, w]).permutation(len(batches))
-            self._cache = (w, [batches[j] for j in order])
-        return self._cache[1]
+        with self._lock:
+            if w not in self._cache:
+                start = w * self._window * self._batch
+                stop = min(start + self._window * self._batch, len(self._examples))
+                items = [self._examples[i] for i in range(start, stop)]
+                items.sort(key=lambda p: sum(p.longest()))  # stable: ties keep stream order
+                batches = [items[i : i + self._batch] for i in range(0, len(items), self._batch)]
+                order = np.random.default_rng([self._seed, w]).permutation(len(batches))
+                self._cache[w] = [batches[j] for j in order]
+                while len(self._cache) > _CACHED_WINDOWS:
+                    self._cache.popitem(last=False)
+            return self._cache[w]
 
     def __getitem__(self, j: int) -> list[TokenizedPair]:
         if not 0 <= j < self._n_batches:
@@ -144,4 +155,5 @@ def make_pair_iterator(
         report=report,
     )
     log.info("data %s: %s", config.path, report.summary())
-    return iter(dataset.to_iter_dataset()), report
+    read_options = grain.ReadOptions(num_threads=config.read_threads)
+    return iter(dataset.to_iter_dataset(read_options)), report
