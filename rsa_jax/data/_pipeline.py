@@ -154,6 +154,7 @@ def make_pair_iterator(
         process_count=process_count,
         report=report,
     )
-    log.info("data %s: %s", config.path, report.summary())
+    left_out = report.dropped or report.skipped
+    (log.warning if left_out else log.info)("data %s: %s", config.path, report.summary())
     read_options = grain.ReadOptions(num_threads=config.read_threads)
     return iter(dataset.to_iter_dataset(read_options)), report
