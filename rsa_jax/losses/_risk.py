@@ -162,12 +162,19 @@ def erm(d, q, *, mu, tail, split_vocab, threshold=None):
     kl_t = jnp.sum(q * d, axis=-1, keepdims=True)
     s = mu * (d - kl_t)
     s_max = jnp.max(s, axis=-1, keepdims=True)
-    small = jnp.max(jnp.abs(jax.lax.stop_gradient(s)), axis=-1) <= _ERM_SMALL
-    # Clamped copies keep the branch not taken finite, so its gradient cannot poison the other.
-    s_small = jnp.clip(s, -_ERM_SMALL, _ERM_SMALL)
-    log_mgf_small = jnp.log1p(jnp.sum(q * jnp.expm1(s_small), axis=-1))
-    log_mgf_large = s_max[..., 0] + jnp.log(jnp.sum(q * jnp.exp(s - s_max), axis=-1))
-    return kl_t[..., 0] + jnp.where(small, log_mgf_small, log_mgf_large) / mu
+    small = jnp.max(jnp.abs(jax.lax.stop_gradient(s)), axis=-1, keepdims=True) <= _ERM_SMALL
+    # One [..., V] array of terms for both forms (selected per position): the clipped expm1 keeps
+    # the form not taken finite, so its gradient cannot poison the other.
+    terms = jnp.where(small, jnp.expm1(jnp.clip(s, -_ERM_SMALL, _ERM_SMALL)), jnp.exp(s - s_max))
+    total = jnp.sum(q * terms, axis=-1, keepdims=True)
+    # Each log only ever sees its own form's total (the other gets a harmless 0 or 1): the small
+    # form's total is exactly 0 when policy == reference, and log(0) would make NaN gradients.
+    log_mgf = jnp.where(
+        small,
+        jnp.log1p(jnp.where(small, total, 0.0)),
+        s_max + jnp.log(jnp.where(small, 1.0, total)),
+    )
+    return (kl_t + log_mgf / mu)[..., 0]
 
 
 def kl(d, q, *, mu, tail, split_vocab, threshold=None):
