@@ -45,6 +45,9 @@ class _LengthGroupedBatches(Sequence):
         self._examples, self._batch, self._window, self._seed = examples, batch, window, seed
         n = len(examples)
         self._n_batches = n // batch if drop else -(-n // batch)
+        # With drop_remainder the stream's last `n % batch` examples are left out BEFORE grouping,
+        # so the final window never holds a partial batch that its shuffle could move forward.
+        self._n_examples = self._n_batches * batch if drop else n
         # Grain's prefetch threads ask for nearby batches concurrently: keep a few windows,
         # behind a lock, so that no window is tokenised twice.
         self._cache: collections.OrderedDict[int, list[list[TokenizedPair]]] = (
@@ -59,7 +62,7 @@ class _LengthGroupedBatches(Sequence):
         with self._lock:
             if w not in self._cache:
                 start = w * self._window * self._batch
-                stop = min(start + self._window * self._batch, len(self._examples))
+                stop = min(start + self._window * self._batch, self._n_examples)
                 items = [self._examples[i] for i in range(start, stop)]
                 items.sort(key=lambda p: sum(p.longest()))  # stable: ties keep stream order
                 batches = [items[i : i + self._batch] for i in range(0, len(items), self._batch)]

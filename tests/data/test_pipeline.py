@@ -187,6 +187,33 @@ def test_buckets_and_length_grouping(tokenizer):
     assert eff_bucketed > eff_plain
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_drop_remainder_with_length_grouping_keeps_every_batch_full(tokenizer, seed):
+    # 10 pairs, batches of 4, windows of 3 batches: the last window holds 2 full batches and the
+    # 2 leftover pairs, which must be dropped whatever order the window's batches are put in.
+    config = DataConfig(
+        template=SACPO,
+        batch_size=4,
+        sort_window=3,
+        seed=seed,
+        max_prompt_len=32,
+        max_response_len=48,
+    )
+    report = DataReport()
+    data = records(10, seed=seed)
+    batches = _stream(make_pair_dataset(data, tokenizer, config, report=report))
+    assert [len(b["input_ids"]) for b in batches] == [8, 8]
+    assert report.dropped == {"final partial batch (drop_remainder)": 2}
+    ungrouped = _stream(
+        make_pair_dataset(data, tokenizer, DataConfig(**{**config.__dict__, "sort_window": 1}))
+    )
+    # Grouping reorders the kept pairs but keeps the same ones (the stream's first 8).
+    assert sorted(_prompts(batches)) == sorted(_prompts(ungrouped))
+    kept = DataConfig(**{**config.__dict__, "drop_remainder": False})
+    sizes = [len(b["input_ids"]) // 2 for b in make_pair_dataset(data, tokenizer, kept)]
+    assert sorted(sizes) == [2, 4, 4]
+
+
 @pytest.mark.parametrize("sort_window", [1, 3])
 def test_resume_after_n_batches_gives_the_same_stream(tokenizer, tmp_path, sort_window):
     path = tmp_path / "d.jsonl"
