@@ -13,7 +13,8 @@ ON_ERROR = ("raise", "skip")
 class DataConfig:
     """Where the pairs come from, which side is chosen, and the static shapes of a batch."""
 
-    # A .jsonl/.json file, a .parquet file, or a Hugging Face `save_to_disk` directory.
+    # A JSON Lines file (.jsonl, or .json; a .json file holding one array of rows also works),
+    # a .parquet file, or one split's directory written by `datasets` `save_to_disk`.
     path: str = ""
     # "auto" picks by suffix (.jsonl/.json, .parquet) or directory (arrow_dir).
     format: str = "auto"

@@ -77,7 +77,32 @@ def _detect_format(path: str) -> str:
     raise DataError(path, 0, None, "cannot tell the format from the name; set data.format")
 
 
+def _read_json_array(path: str) -> Iterator[tuple[int, Any]]:
+    """A .json file holding one array of rows; the 'line' of a row is its 1-based item number."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        items = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(path, line, None, f"not valid UTF-8 ({e.reason})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(path, e.lineno, None, f"malformed JSON: {e.msg}") from None
+    if not isinstance(items, list):
+        raise DataError(path, 1, None, f"expected an array of rows, got {type(items).__name__}")
+    yield from enumerate(items, start=1)
+
+
+def _starts_with_array(path: str) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    return head.startswith(b"[")
+
+
 def _read_jsonl(path: str) -> Iterator[tuple[int, Any]]:
+    if path.endswith(".json") and _starts_with_array(path):
+        yield from _read_json_array(path)
+        return
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             try:
@@ -101,6 +126,17 @@ def _read_table(table: pa.Table, path: str, first_line: int) -> Iterator[tuple[i
 def _read_arrow_dir(path: str) -> Iterator[tuple[int, Any]]:
     """A `datasets.Dataset.save_to_disk` directory: state.json lists Arrow stream files in order."""
     state_path = os.path.join(path, "state.json")
+    splits_path = os.path.join(path, "dataset_dict.json")
+    if not os.path.exists(state_path) and os.path.exists(splits_path):
+        with open(splits_path) as f:
+            splits = json.load(f).get("splits", [])
+        raise DataError(
+            path,
+            0,
+            None,
+            f"a DatasetDict with splits {splits}: point data.path at one split's directory, "
+            f"e.g. {os.path.join(path, splits[0] if splits else 'train')}",
+        )
     if not os.path.exists(state_path):
         raise DataError(path, 0, None, "no state.json: not a save_to_disk directory")
     with open(state_path) as f:

@@ -56,14 +56,67 @@ def write_arrow_dir(path, rows, shards=2):
     return str(path)
 
 
-@pytest.mark.parametrize("writer", [write_jsonl, write_parquet, write_arrow_dir])
+def write_json_array(path, rows):
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(rows, f, indent=1)
+    return str(path)
+
+
+SUFFIX = {
+    write_jsonl: "d.jsonl",
+    write_json_array: "d.json",
+    write_parquet: "d.parquet",
+    write_arrow_dir: "d",
+}
+
+
+@pytest.mark.parametrize("writer", list(SUFFIX))
 def test_every_format_reads_the_same_pairs(tmp_path, writer):
-    suffix = {write_jsonl: "d.jsonl", write_parquet: "d.parquet", write_arrow_dir: "d"}[writer]
+    suffix = SUFFIX[writer]
     path = writer(tmp_path / suffix, PKU_ROWS)
     pairs, report = load_pairs(DataConfig(path=path, view="helpfulness"))
     assert report.rows_read == 6 and report.pairs_kept == 6
     assert [p.prompt for p in pairs] == [f"question {i}" for i in range(6)]
     assert pairs[3].origin.endswith(":4")
+
+
+@pytest.mark.parametrize("writer", [write_parquet, write_arrow_dir])
+def test_chat_messages_survive_columnar_formats(tmp_path, writer):
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": f"hi {i}"}],
+            "chosen": [{"role": "assistant", "content": "hello"}],
+            "rejected": [{"role": "assistant", "content": f"no {i}"}],
+        }
+        for i in range(3)
+    ]
+    pairs, _ = load_pairs(DataConfig(path=writer(tmp_path / SUFFIX[writer], rows), view="pairs"))
+    assert [p.prompt for p in pairs] == [r["prompt"] for r in rows]
+    assert [p.rejected for p in pairs] == [r["rejected"] for r in rows]
+
+
+def test_dataset_dict_directory_names_its_splits(tmp_path):
+    root = tmp_path / "pku"
+    os.makedirs(root)
+    write_arrow_dir(root / "train", PKU_ROWS)
+    with open(root / "dataset_dict.json", "w") as f:
+        json.dump({"splits": ["train", "test"]}, f)
+    with pytest.raises(DataError, match="splits \\['train', 'test'\\].*pku/train"):
+        load_pairs(DataConfig(path=str(root)))
+    pairs, _ = load_pairs(DataConfig(path=str(root / "train")))
+    assert len(pairs) == len(PKU_ROWS)
+
+
+def test_json_array_errors_name_the_line(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text('[\n {"prompt": "a"},\n {"prompt": }\n]\n')
+    with pytest.raises(DataError, match="malformed JSON") as info:
+        load_pairs(DataConfig(path=str(path)))
+    assert info.value.line == 3
+    path.write_text(json.dumps([PKU_ROWS[0], {**PKU_ROWS[1], "safer_response_id": 7}]))
+    with pytest.raises(DataError, match="must be 0 or 1") as info:
+        load_pairs(DataConfig(path=str(path), view="safety"))
+    assert info.value.line == 2 and info.value.field == "safer_response_id"
 
 
 def test_views_pick_the_chosen_side(tmp_path):
