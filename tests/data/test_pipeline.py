@@ -240,20 +240,49 @@ def test_resume_after_n_batches_gives_the_same_stream(tokenizer, tmp_path, sort_
     rest = list(iterator)
     assert len(rest) == 15 - 5
 
-    # Through an Orbax CheckpointManager, as the trainer saves it.
-    manager = ocp.CheckpointManager(tmp_path / "ckpt")
+    # Through an Orbax CheckpointManager, next to the train state, as the trainer saves it.
+    train_state = {"step": np.array(5, np.int32), "w": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    manager = ocp.CheckpointManager(
+        tmp_path / "ckpt", options=ocp.CheckpointManagerOptions(max_to_keep=2)
+    )
     fresh, _ = make_pair_iterator(config, tokenizer)
     for _ in range(5):
         next(fresh)
-    manager.save(5, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointSave(fresh)))
-    manager.wait_until_finished()
-    resumed, _ = make_pair_iterator(config, tokenizer)
-    manager.restore(
-        5, args=ocp.args.Composite(data_iter=grain.checkpoint.CheckpointRestore(resumed))
+    manager.save(
+        5,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(train_state),
+            data_iter=grain.checkpoint.CheckpointSave(fresh),
+        ),
     )
-    assert resumed.get_state() == state
+    manager.wait_until_finished()
+    next(fresh)  # the saved checkpoint must not follow the live iterator
+    resumed, _ = make_pair_iterator(config, tokenizer)
+    restored = manager.restore(
+        manager.latest_step(),
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(train_state),
+            data_iter=grain.checkpoint.CheckpointRestore(resumed),
+        ),
+    )
+    manager.close()
+    np.testing.assert_array_equal(restored["state"]["w"], train_state["w"])
+    assert restored["data_iter"] is resumed and resumed.get_state() == state
     again = list(resumed)
     assert len(again) == len(rest)
     for a, b in zip(again, rest, strict=True):
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_left_out_rows_are_logged(tokenizer, tmp_path, caplog):
+    path = tmp_path / "d.jsonl"
+    good = {"prompt": "p", "chosen": "a", "rejected": "b"}
+    lines = [json.dumps(good), "{not json", json.dumps({**good, "rejected": "a"}), json.dumps(good)]
+    path.write_text("\n".join(lines) + "\n")
+    config = DataConfig(path=str(path), view="pairs", template=SACPO, batch_size=1, on_error="skip")
+    with caplog.at_level("WARNING", logger="rsa_jax.data._pipeline"):
+        iterator, report = make_pair_iterator(config, tokenizer)
+    assert len(list(iterator)) == report.pairs_kept == 2 and report.rows_read == 4
+    assert "skipped (bad input): row: malformed JSON" in caplog.text
+    assert "identical responses=1" in caplog.text
