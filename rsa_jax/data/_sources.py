@@ -40,8 +40,8 @@ class PairRecord:
     """One preference pair before tokenisation; `origin` is 'file:line' for error messages."""
 
     prompt: Text
-    chosen: Text
-    rejected: Text
+    chosen: str
+    rejected: str
     origin: str
 
 
@@ -188,6 +188,22 @@ def _text(row: dict, field: str, path: str, line: int) -> Text:
     )
 
 
+def _response(row: dict, field: str, path: str, line: int) -> str:
+    """The response text: a string, or the content of the LAST message of a message list, which
+    must come from the assistant (earlier turns, e.g. a repeated user turn, are the prompt's)."""
+    value = _text(row, field, path, line)
+    if isinstance(value, str):
+        return value
+    last = value[-1]
+    if last["role"] != "assistant":
+        raise DataError(
+            path, line, f"{field}[{len(value) - 1}]", "the last message must be the assistant's"
+        )
+    if not last["content"].strip():
+        raise DataError(path, line, f"{field}[{len(value) - 1}]", "empty text")
+    return last["content"]
+
+
 def _label(row: dict, field: str, path: str, line: int) -> int | None:
     """0 or 1; None when the label is null (then the row is not a preference)."""
     if field not in row:
@@ -207,9 +223,13 @@ def row_to_pair(row: Any, view: str, path: str, line: int) -> PairRecord | str:
     origin = f"{path}:{line}"
     prompt = _text(row, "prompt", path, line)
     if view == "pairs":
-        chosen, rejected = _text(row, "chosen", path, line), _text(row, "rejected", path, line)
+        chosen = _response(row, "chosen", path, line)
+        rejected = _response(row, "rejected", path, line)
     else:
-        responses = (_text(row, "response_0", path, line), _text(row, "response_1", path, line))
+        responses = (
+            _response(row, "response_0", path, line),
+            _response(row, "response_1", path, line),
+        )
         label = "better_response_id" if view == "helpfulness" else "safer_response_id"
         choice = _label(row, label, path, line)
         if choice is None:

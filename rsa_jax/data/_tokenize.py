@@ -39,9 +39,10 @@ class PairTokenizer:
 
     Prompts: a string prompt goes through `config.template` when one is set, otherwise through the
     tokenizer's chat template as a single user turn (with the generation prompt); a message-list
-    prompt always goes through the chat template. Responses: the text (for a message list, the
-    assistant turns' contents) without special tokens, then EOS. Truncation keeps the END of the
-    prompt (left truncation) and the START of the response (right truncation, EOS kept last).
+    prompt always goes through the chat template. Responses (strings; `load_pairs` takes the last
+    assistant message of a message list): the text without special tokens, then EOS. Truncation
+    keeps the END of the prompt (left truncation) and the START of the response (right
+    truncation, EOS kept last).
     """
 
     def __init__(self, tokenizer, config: DataConfig):
@@ -73,9 +74,7 @@ class PairTokenizer:
             raise ValueError(f"{origin}: the prompt tokenises to no tokens")
         return np.asarray(ids[-self.config.max_prompt_len :], np.int32)
 
-    def response_ids(self, response: Text) -> np.ndarray:
-        if not isinstance(response, str):
-            response = "".join(m["content"] for m in response if m["role"] == "assistant")
+    def response_ids(self, response: str) -> np.ndarray:
         ids = self._ids(response, special=False)[: self.config.max_response_len - 1]
         return np.asarray(ids + [self.eos_id], np.int32)
 

@@ -92,7 +92,7 @@ def test_chat_messages_survive_columnar_formats(tmp_path, writer):
     ]
     pairs, _ = load_pairs(DataConfig(path=writer(tmp_path / SUFFIX[writer], rows), view="pairs"))
     assert [p.prompt for p in pairs] == [r["prompt"] for r in rows]
-    assert [p.rejected for p in pairs] == [r["rejected"] for r in rows]
+    assert [p.rejected for p in pairs] == [f"no {i}" for i in range(3)]
 
 
 def test_dataset_dict_directory_names_its_splits(tmp_path):
@@ -144,7 +144,28 @@ def test_generic_schema_with_text_and_messages(tmp_path):
         DataConfig(path=write_jsonl(tmp_path / "p.jsonl", rows), view="pairs")
     )
     assert report.pairs_kept == 2
-    assert pairs[1].prompt == rows[1]["prompt"] and pairs[1].chosen == rows[1]["chosen"]
+    assert pairs[1].prompt == rows[1]["prompt"]
+    assert (pairs[1].chosen, pairs[1].rejected) == ("hello", "no")
+
+
+def test_message_responses_take_the_last_assistant_turn(tmp_path):
+    user = {"role": "user", "content": "hi"}
+    rows = [
+        {  # UltraFeedback style: the response lists repeat the user turn
+            "prompt": "hi",
+            "chosen": [user, {"role": "assistant", "content": "hello"}],
+            "rejected": [user, {"role": "assistant", "content": "go away"}],
+        },
+        {"prompt": "hi", "chosen": [{"role": "assistant", "content": "same"}], "rejected": "same"},
+        {"prompt": "hi", "chosen": [user], "rejected": "x"},
+    ]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    with pytest.raises(DataError, match="must be the assistant's") as info:
+        load_pairs(DataConfig(path=path, view="pairs"))
+    assert info.value.line == 3 and info.value.field == "chosen[0]"
+    pairs, report = load_pairs(DataConfig(path=path, view="pairs", on_error="skip"))
+    assert [(p.chosen, p.rejected) for p in pairs] == [("hello", "go away")]
+    assert report.dropped == {"identical responses": 1} and sum(report.skipped.values()) == 1
 
 
 def test_non_preferences_are_dropped_and_counted(tmp_path):
