@@ -1,0 +1,190 @@
+"""A Llama-family decoder in Flax NNX: RMSNorm, RoPE (llama3 scaling), GQA attention, SwiGLU.
+
+Dimension legend: B batch, L tokens, D model width, H query heads, K key/value heads, E head dim,
+F MLP width, V vocabulary.
+
+Every parameter carries `logical_axes` metadata (`vocab`, `embed`, `heads`, `kv_heads`,
+`head_dim`, `mlp`) so that one rules table maps it onto a mesh. The forward takes left-padded
+prompts and right-padded responses: `positions` give each token's RoPE position and
+`attention_mask` marks real tokens; attention is causal over real tokens only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rsa_jax.models._config import LlamaConfig
+
+_MASKED = -1e30  # finite, so fully masked (padding) rows stay NaN-free
+
+
+def _param(rngs: nnx.Rngs, shape, axes, dtype, scale=0.02) -> nnx.Param:
+    value = scale * jax.random.normal(rngs.params(), shape, dtype)
+    return nnx.Param(value, logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype), logical_axes=("embed",))
+        self.eps = eps
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        # Normalise in float32 whatever the compute dtype (bf16 variance underflows).
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (normed * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_frequencies(config: LlamaConfig) -> jax.Array:
+    """[E/2] inverse frequencies, with the llama3 long-context scaling when configured."""
+    e = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
+    if config.rope_llama3 is None:
+        return inv
+    factor, low, high, original = config.rope_llama3
+    wavelength = 2 * math.pi / inv
+    low_wavelength, high_wavelength = original / low, original / high
+    smooth = (original / wavelength - low) / (high - low)
+    scaled = jnp.where(wavelength > low_wavelength, inv / factor, inv)
+    mid = (wavelength <= low_wavelength) & (wavelength >= high_wavelength)
+    return jnp.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
+
+
+def apply_rope(x, positions, inv_freq):
+    """x [B, L, N, E] rotated by `positions` [B, L] (rotate-half convention, as in HF Llama)."""
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, L, E/2]
+    cos = jnp.concatenate([jnp.cos(angles)] * 2, axis=-1)[:, :, None, :]  # [B, L, 1, E]
+    sin = jnp.concatenate([jnp.sin(angles)] * 2, axis=-1)[:, :, None, :]
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs, dtype):
+        d, h, k, e = (
+            config.hidden_size,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
+        self.q = _param(rngs, (d, h, e), ("embed", "heads", "head_dim"), dtype)
+        self.k = _param(rngs, (d, k, e), ("embed", "kv_heads", "head_dim"), dtype)
+        self.v = _param(rngs, (d, k, e), ("embed", "kv_heads", "head_dim"), dtype)
+        self.o = _param(rngs, (h, e, d), ("heads", "head_dim", "embed"), dtype)
+        if config.attention_bias:
+            self.q_bias = nnx.Param(jnp.zeros((h, e), dtype), logical_axes=("heads", "head_dim"))
+            self.k_bias = nnx.Param(jnp.zeros((k, e), dtype), logical_axes=("kv_heads", "head_dim"))
+            self.v_bias = nnx.Param(jnp.zeros((k, e), dtype), logical_axes=("kv_heads", "head_dim"))
+        self.config = config
+
+    def project(self, x, positions, inv_freq, compute_dtype):
+        """Queries [B, L, H, E], keys and values [B, L, K, E] with RoPE applied."""
+        x = x.astype(compute_dtype)
+        q = jnp.einsum("bld,dhe->blhe", x, self.q[...].astype(compute_dtype))
+        k = jnp.einsum("bld,dke->blke", x, self.k[...].astype(compute_dtype))
+        v = jnp.einsum("bld,dke->blke", x, self.v[...].astype(compute_dtype))
+        if self.config.attention_bias:
+            q = q + self.q_bias[...].astype(compute_dtype)
+            k = k + self.k_bias[...].astype(compute_dtype)
+            v = v + self.v_bias[...].astype(compute_dtype)
+        return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
+
+    def attend(self, q, k, v, allowed, compute_dtype):
+        """q [B, L, H, E], k/v [B, S, K, E], allowed [B, L, S] bool -> [B, L, D]."""
+        b, length, h, e = q.shape
+        groups = h // k.shape[2]
+        q = q.reshape(b, length, k.shape[2], groups, e)  # [B, L, K, G, E]
+        scores = jnp.einsum("blkge,bske->bkgls", q, k).astype(jnp.float32) / math.sqrt(e)
+        scores = jnp.where(allowed[:, None, None], scores, _MASKED)
+        weights = jax.nn.softmax(scores, axis=-1).astype(compute_dtype)
+        out = jnp.einsum("bkgls,bske->blkge", weights, v).reshape(b, length, h, e)
+        return jnp.einsum("blhe,hed->bld", out, self.o[...].astype(compute_dtype))
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs, dtype):
+        d, f = config.hidden_size, config.intermediate_size
+        self.gate = _param(rngs, (d, f), ("embed", "mlp"), dtype)
+        self.up = _param(rngs, (d, f), ("embed", "mlp"), dtype)
+        self.down = _param(rngs, (f, d), ("mlp", "embed"), dtype)
+
+    def __call__(self, x, compute_dtype):
+        x = x.astype(compute_dtype)
+        gate = x @ self.gate[...].astype(compute_dtype)
+        up = x @ self.up[...].astype(compute_dtype)
+        return (jax.nn.silu(gate) * up) @ self.down[...].astype(compute_dtype)
+
+
+class Block(nnx.Module):
+    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs, dtype):
+        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.attention = Attention(config, rngs, dtype)
+        self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.mlp = MLP(config, rngs, dtype)
+
+    def __call__(self, x, positions, allowed, inv_freq, compute_dtype):
+        q, k, v = self.attention.project(self.input_norm(x), positions, inv_freq, compute_dtype)
+        x = x + self.attention.attend(q, k, v, allowed, compute_dtype).astype(x.dtype)
+        return x + self.mlp(self.post_attention_norm(x), compute_dtype).astype(x.dtype)
+
+
+def attention_allowed(attention_mask: jax.Array) -> jax.Array:
+    """[B, L] real-token mask -> [B, L, L]: causal, real keys only (queries on padding see none)."""
+    length = attention_mask.shape[-1]
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    return causal[None] & attention_mask[:, None, :] & attention_mask[:, :, None]
+
+
+class Llama(nnx.Module):
+    """The decoder. `model(input_ids, positions, attention_mask) -> hidden [B, L, D]`."""
+
+    def __init__(
+        self,
+        config: LlamaConfig,
+        *,
+        rngs: nnx.Rngs,
+        param_dtype=jnp.float32,
+        compute_dtype=jnp.float32,
+        remat: bool = False,
+    ):
+        self.config = config
+        self.compute_dtype = compute_dtype
+        self.remat = remat
+        v, d = config.vocab_size, config.hidden_size
+        self.embed = _param(rngs, (v, d), ("vocab", "embed"), param_dtype)
+        self.layers = nnx.List(
+            [Block(config, rngs, param_dtype) for _ in range(config.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(d, config.rms_norm_eps, param_dtype)
+        if not config.tie_word_embeddings:
+            self.lm_head = _param(rngs, (d, v), ("embed", "vocab"), param_dtype)
+
+    def __call__(self, input_ids, positions, attention_mask):
+        """input_ids, positions [B, L] int; attention_mask [B, L] bool -> final hidden [B, L, D]."""
+        inv_freq = rope_frequencies(self.config)
+        allowed = attention_allowed(attention_mask)
+        x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.compute_dtype)
+        for block in self.layers:
+            if self.remat:
+                x = nnx.remat(
+                    lambda blk, x: blk(x, positions, allowed, inv_freq, self.compute_dtype)
+                )(block, x)
+            else:
+                x = block(x, positions, allowed, inv_freq, self.compute_dtype)
+        return self.norm(x)
+
+    def unembedding(self) -> jax.Array:
+        """[D, V]: the transposed embedding for tied models, the LM head otherwise."""
+        if self.config.tie_word_embeddings:
+            return self.embed[...].T
+        return self.lm_head[...]
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """[B, L, D] -> [B, L, V] float32."""
+        w = self.unembedding().astype(hidden.dtype)
+        return jnp.einsum("bld,dv->blv", hidden, w, preferred_element_type=jnp.float32)

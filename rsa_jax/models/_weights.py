@@ -1,0 +1,177 @@
+"""Hugging Face safetensors <-> the NNX Llama, tensor by tensor.
+
+Loading builds the model abstractly (`nnx.eval_shape`, no random init), then reads each tensor
+from `model.safetensors` (or the shards listed in `model.safetensors.index.json`), converts it to
+our layout and, when a mesh is given, places it directly on its target sharding, so a large model
+is never held twice on the host. Export writes `config.json` + `model.safetensors` (+ tokenizer
+files) that `transformers` loads; load(export(model)) is exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from rsa_jax.models._config import LlamaConfig
+from rsa_jax.models._llama import Llama
+
+# (our path suffix) -> (HF name template, to_ours(W, config), to_hf(w, config)).
+Convert = tuple[str, Callable, Callable]
+
+
+def _layer_table(c: LlamaConfig) -> dict[tuple, Convert]:
+    h, k, e, d = c.num_attention_heads, c.num_key_value_heads, c.head_dim, c.hidden_size
+    table = {
+        ("attention", "q"): (
+            "self_attn.q_proj.weight",
+            lambda w: w.T.reshape(d, h, e),
+            lambda w: w.reshape(d, h * e).T,
+        ),
+        ("attention", "k"): (
+            "self_attn.k_proj.weight",
+            lambda w: w.T.reshape(d, k, e),
+            lambda w: w.reshape(d, k * e).T,
+        ),
+        ("attention", "v"): (
+            "self_attn.v_proj.weight",
+            lambda w: w.T.reshape(d, k, e),
+            lambda w: w.reshape(d, k * e).T,
+        ),
+        ("attention", "o"): (
+            "self_attn.o_proj.weight",
+            lambda w: w.T.reshape(h, e, d),
+            lambda w: w.reshape(h * e, d).T,
+        ),
+        ("attention", "q_bias"): (
+            "self_attn.q_proj.bias",
+            lambda w: w.reshape(h, e),
+            lambda w: w.reshape(h * e),
+        ),
+        ("attention", "k_bias"): (
+            "self_attn.k_proj.bias",
+            lambda w: w.reshape(k, e),
+            lambda w: w.reshape(k * e),
+        ),
+        ("attention", "v_bias"): (
+            "self_attn.v_proj.bias",
+            lambda w: w.reshape(k, e),
+            lambda w: w.reshape(k * e),
+        ),
+        ("mlp", "gate"): ("mlp.gate_proj.weight", lambda w: w.T, lambda w: w.T),
+        ("mlp", "up"): ("mlp.up_proj.weight", lambda w: w.T, lambda w: w.T),
+        ("mlp", "down"): ("mlp.down_proj.weight", lambda w: w.T, lambda w: w.T),
+        ("input_norm", "weight"): ("input_layernorm.weight", lambda w: w, lambda w: w),
+        ("post_attention_norm", "weight"): (
+            "post_attention_layernorm.weight",
+            lambda w: w,
+            lambda w: w,
+        ),
+    }
+    return table
+
+
+def hf_name(path: tuple, config: LlamaConfig) -> tuple[str, Callable, Callable]:
+    """HF tensor name and converters for one of our parameter paths."""
+    if path == ("embed",):
+        return "model.embed_tokens.weight", lambda w: w, lambda w: w
+    if path == ("norm", "weight"):
+        return "model.norm.weight", lambda w: w, lambda w: w
+    if path == ("lm_head",):
+        return "lm_head.weight", lambda w: w.T, lambda w: w.T
+    if path[0] == "layers":
+        name, to_ours, to_hf = _layer_table(config)[tuple(path[2:])]
+        return f"model.layers.{path[1]}.{name}", to_ours, to_hf
+    raise KeyError(f"no Hugging Face name for parameter {path}")
+
+
+class _TensorIndex:
+    """Opens `model.safetensors` or the shards of `model.safetensors.index.json` lazily."""
+
+    def __init__(self, path: str):
+        single = os.path.join(path, "model.safetensors")
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                self.files = {
+                    n: os.path.join(path, s) for n, s in json.load(f)["weight_map"].items()
+                }
+        elif os.path.exists(single):
+            with safe_open(single, framework="numpy") as f:
+                self.files = {n: single for n in f.keys()}
+        else:
+            raise FileNotFoundError(f"{path}: neither model.safetensors nor its index")
+        self.path = path
+
+    def get(self, name: str) -> np.ndarray:
+        if name not in self.files:
+            raise KeyError(f"{self.path}: missing tensor {name!r}")
+        with safe_open(self.files[name], framework="numpy") as f:
+            return f.get_tensor(name)
+
+
+def load_hf(
+    path: str,
+    *,
+    param_dtype=jnp.float32,
+    compute_dtype=jnp.float32,
+    shardings: Callable[[tuple, tuple[str, ...] | None], jax.sharding.Sharding] | None = None,
+    remat: bool = False,
+) -> Llama:
+    """Loads a local HF Llama-family directory into the NNX model.
+
+    Args:
+      path: directory with config.json and model.safetensors (or a sharded index).
+      param_dtype, compute_dtype: parameter storage and activation dtypes.
+      shardings: optional (param path, logical axes) -> Sharding; each tensor is put straight on it.
+    Returns:
+      The Llama module holding the loaded weights.
+    """
+    config = LlamaConfig.from_dir(path)
+    tensors = _TensorIndex(path)
+    abstract = nnx.eval_shape(
+        lambda: Llama(
+            config,
+            rngs=nnx.Rngs(0),
+            param_dtype=param_dtype,
+            compute_dtype=compute_dtype,
+            remat=remat,
+        )
+    )
+    graphdef, state = nnx.split(abstract)
+    flat = nnx.to_flat_state(state)
+    for param_path, variable in flat:
+        name, to_ours, _ = hf_name(param_path, config)
+        value = to_ours(tensors.get(name))
+        if value.shape != variable.shape:
+            raise ValueError(
+                f"{path}: tensor {name!r} has shape {tensors.get(name).shape}, which does not "
+                f"fit parameter {'/'.join(map(str, param_path))} of shape {variable.shape}"
+            )
+        value = value.astype(variable.dtype)
+        axes = variable.get_metadata().get("logical_axes")
+        target = shardings(param_path, axes) if shardings is not None else None
+        variable.set_value(jax.device_put(value, target))
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def save_hf(model: Llama, path: str, tokenizer=None) -> None:
+    """Writes config.json, model.safetensors (float32) and, if given, the tokenizer files."""
+    os.makedirs(path, exist_ok=True)
+    config = model.config
+    tensors = {}
+    for param_path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name, _, to_hf = hf_name(param_path, config)
+        tensors[name] = np.ascontiguousarray(to_hf(np.asarray(variable[...], np.float32)))
+    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config.to_hf(), f, indent=2)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
