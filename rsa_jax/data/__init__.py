@@ -1,13 +1,14 @@
 """Preference-pair data: sources and stage views, tokenisation, static batches, Grain pipelines."""
 
 from rsa_jax.data._config import DataConfig
-from rsa_jax.data._pipeline import make_pair_dataset, make_pair_iterator
+from rsa_jax.data._pipeline import host_rows, make_pair_dataset, make_pair_iterator
 from rsa_jax.data._sources import DataError, DataReport, PairRecord, load_pairs, row_to_pair
 from rsa_jax.data._tokenize import (
     PairTokenizer,
     TokenizedPair,
     batch_shape,
     collate,
+    collate_rows,
     padding_efficiency,
 )
 
@@ -20,6 +21,8 @@ __all__ = [
     "TokenizedPair",
     "batch_shape",
     "collate",
+    "collate_rows",
+    "host_rows",
     "load_pairs",
     "make_pair_dataset",
     "make_pair_iterator",

@@ -1,17 +1,23 @@
-"""The Grain pipeline: host shard -> per-epoch shuffle -> tokenise -> (length-group) -> batch.
+"""The Grain pipeline: per-epoch shuffle -> tokenise -> (length-group) -> batch -> host rows.
 
 Determinism and resume: every stage is a `grain.MapDataset` (random access by index), so the
-iterator's state is one integer (`{"next_index": i}`) and `set_state` resumes exactly where
-`get_state` was taken; it saves through Orbax with `grain.checkpoint.CheckpointSave/Restore`.
+iterator's state is one integer (`{"next_index": i}`, the global batch index) and `set_state`
+resumes exactly where `get_state` was taken; it saves through Orbax with
+`grain.checkpoint.CheckpointSave/Restore`.
 
-Multi-host: host p of P reads rows p, p + P, p + 2P, ... of the `floor(n / P) * P` first rows, so
-the hosts' parts are disjoint, together cover the data, and are of equal size (every host yields
-the same number of batches, as collectives need); the at most P - 1 rows left over are counted in
-the report. Each host yields `batch_size / P` pairs per step.
+Multi-host: every host walks the same global stream of batches of B = batch_size pairs (same
+shuffle, same length grouping, same bucket shape), and host h of H yields rows
+[h * 2B/H, (h+1) * 2B/H) of the global [2B, L] batch. So the hosts' blocks are disjoint, they
+cover every row, all hosts agree on L, and the global array that
+`jax.make_array_from_process_local_data` assembles from them (process-contiguous batch sharding)
+is exactly the single-host batch: rows [0, B) chosen, [B, 2B) rejected. Without buckets a host
+tokenises only its own rows; with buckets or length grouping it tokenises the whole global batch
+to agree on its shape (redundant work across hosts, cheap next to a train step).
 
 drop_remainder: the stream runs across epoch boundaries (epoch e is shuffled with a seed derived
 from `seed` and e), so only the very last batch of the whole stream can be partial; with
-`drop_remainder=True` it is dropped and its pairs are counted.
+`drop_remainder=True` it is dropped and its pairs are counted. Several hosts need
+`drop_remainder=True` (a partial batch's rows need not split evenly across hosts).
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import numpy as np
 
 from rsa_jax.data._config import DataConfig
 from rsa_jax.data._sources import DataReport, PairRecord, load_pairs
-from rsa_jax.data._tokenize import PairTokenizer, TokenizedPair, batch_shape, collate
+from rsa_jax.data._tokenize import PairTokenizer, TokenizedPair, batch_shape, collate_rows
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +84,17 @@ class _LengthGroupedBatches(Sequence):
         return self._window_batches(j // self._window)[j % self._window]
 
 
+def host_rows(batch: int, process_index: int, process_count: int) -> list[tuple[int, bool]]:
+    """(pair index, is chosen) of each row of this host's block of a global batch of `batch` pairs.
+
+    Global row r < B is pair r's chosen sequence, row B + i pair i's rejected one; host h of H
+    owns rows [h * 2B/H, (h+1) * 2B/H).
+    """
+    per_host = 2 * batch // process_count
+    first = process_index * per_host
+    return [(r % batch, r < batch) for r in range(first, first + per_host)]
+
+
 def make_pair_dataset(
     pairs: Sequence[PairRecord],
     tokenizer,
@@ -87,53 +104,74 @@ def make_pair_dataset(
     process_count: int = 1,
     report: DataReport | None = None,
 ) -> grain.MapDataset:
-    """A MapDataset of batches (dicts in the layout of `collate`) for this host.
+    """A MapDataset of this host's blocks of the global batches (the layout of `collate`).
 
     Args:
       pairs: every pair of the dataset (all hosts pass the same list, in the same order).
       tokenizer: a `transformers` tokenizer (local files only).
       config: the DataConfig.
       process_index, process_count: this host and the number of hosts (jax.process_index/count).
-      report: where the rows left out by host balancing and `drop_remainder` are counted.
+      report: where the pairs left out by `drop_remainder` are counted.
     Returns:
-      grain.MapDataset whose items are batch dicts of numpy arrays with 2 * batch_size /
-      process_count rows.
+      grain.MapDataset whose items are dicts of numpy arrays with 2 * batch_size / process_count
+      rows: this host's rows of the global [2 * batch_size, L] batch.
     """
-    if config.batch_size % process_count:
+    b = config.batch_size
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+    if (2 * b) % process_count:
         raise ValueError(
-            f"data.batch_size={config.batch_size} pairs must be divisible by the "
+            f"the 2 * data.batch_size = {2 * b} rows of a batch must be divisible by the "
             f"{process_count} processes"
         )
-    local_batch = config.batch_size // process_count
-    per_host = len(pairs) // process_count
-    if per_host == 0:
-        raise ValueError(f"{len(pairs)} pairs cannot feed {process_count} processes")
+    if process_count > 1 and not config.drop_remainder:
+        raise ValueError("several processes need data.drop_remainder=True (equal host blocks)")
     report = report if report is not None else DataReport()
-    if len(pairs) - per_host * process_count:
-        report.dropped["host balance (rows beyond a multiple of the process count)"] += (
-            len(pairs) - per_host * process_count
-        )
-
     encode = PairTokenizer(tokenizer, config)
-    examples = grain.MapDataset.source(pairs).slice(
-        slice(process_index, per_host * process_count, process_count)
-    )
+    mine = host_rows(b, process_index, process_count)
+    fixed_shape = not (config.prompt_buckets or config.response_buckets or config.sort_window > 1)
+
+    examples = grain.MapDataset.source(pairs)
     if config.shuffle:
         examples = examples.shuffle(seed=config.seed)  # a different order every epoch
-    examples = examples.repeat(config.epochs).map(encode)
-    leftover = len(examples) % local_batch
+    examples = examples.repeat(config.epochs)
+    leftover = len(examples) % b
     if leftover and config.drop_remainder:
         report.dropped["final partial batch (drop_remainder)"] += leftover
+    if len(examples) < b and config.drop_remainder:
+        raise ValueError(f"{len(examples)} pairs make no full batch of {b}")
 
-    def to_batch(items: list[TokenizedPair]) -> dict[str, np.ndarray]:
-        return collate(items, *batch_shape(items, config), encode.pad_id)
+    def rows_of(n_pairs: int) -> list[tuple[int, bool]]:
+        return mine if n_pairs == b else host_rows(n_pairs, 0, 1)  # a partial batch: 1 host
 
+    def from_records(records: list[PairRecord]) -> dict[str, np.ndarray]:
+        """No buckets: tokenise only the prompts and responses of this host's rows."""
+        prompts: dict[int, np.ndarray] = {}
+        rows = []
+        for i, chosen in rows_of(len(records)):
+            rec = records[i]
+            if i not in prompts:
+                prompts[i] = encode.prompt_ids(rec.prompt, rec.origin)
+            rows.append((prompts[i], encode.response_ids(rec.chosen if chosen else rec.rejected)))
+        return collate_rows(rows, config.max_prompt_len, config.max_response_len, encode.pad_id)
+
+    def from_tokenized(items: list[TokenizedPair]) -> dict[str, np.ndarray]:
+        """Buckets: the shape comes from the whole global batch, the same on every host."""
+        rows = [
+            (items[i].prompt, items[i].chosen if chosen else items[i].rejected)
+            for i, chosen in rows_of(len(items))
+        ]
+        return collate_rows(rows, *batch_shape(items, config), encode.pad_id)
+
+    if fixed_shape:
+        return examples.batch(b, drop_remainder=config.drop_remainder, batch_fn=from_records)
+    tokenized = examples.map(encode)
     if config.sort_window > 1:
         grouped = _LengthGroupedBatches(
-            examples, local_batch, config.sort_window, config.seed, config.drop_remainder
+            tokenized, b, config.sort_window, config.seed, config.drop_remainder
         )
-        return grain.MapDataset.source(grouped).map(to_batch)
-    return examples.batch(local_batch, drop_remainder=config.drop_remainder, batch_fn=to_batch)
+        return grain.MapDataset.source(grouped).map(from_tokenized)
+    return tokenized.batch(b, drop_remainder=config.drop_remainder, batch_fn=from_tokenized)
 
 
 def make_pair_iterator(

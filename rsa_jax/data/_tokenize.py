@@ -101,31 +101,42 @@ def batch_shape(pairs: list[TokenizedPair], config: DataConfig) -> tuple[int, in
     )
 
 
+def collate_rows(
+    rows: list[tuple[np.ndarray, np.ndarray]], prompt_len: int, response_len: int, pad_id: int
+) -> dict[str, np.ndarray]:
+    """The batch layout above for any N (prompt, response) rows, P = prompt_len, R = response_len.
+
+    Every array is a per-row function of its own row, so a host's block of rows of the global
+    batch is built without the other rows.
+    """
+    n, length = len(rows), prompt_len + response_len
+    input_ids = np.full((n, length), pad_id, np.int32)
+    attention = np.zeros((n, length), bool)
+    is_response = np.zeros((n, length), bool)
+    for row, (prompt, response) in enumerate(rows):
+        start = prompt_len - len(prompt)
+        input_ids[row, start:prompt_len] = prompt
+        input_ids[row, prompt_len : prompt_len + len(response)] = response
+        attention[row, start : prompt_len + len(response)] = True
+        is_response[row, prompt_len : prompt_len + len(response)] = True
+    positions = np.maximum(np.cumsum(attention, axis=1) - 1, 0).astype(np.int32)
+    labels = np.concatenate([input_ids[:, 1:], np.full((n, 1), pad_id, np.int32)], axis=1)
+    loss_mask = np.concatenate([is_response[:, 1:], np.zeros((n, 1), bool)], axis=1)
+    return {
+        "input_ids": input_ids,  # [N, L]
+        "attention_mask": attention,  # [N, L]
+        "positions": positions,  # [N, L]
+        "labels": labels,  # [N, L]
+        "loss_mask": loss_mask,  # [N, L]
+    }
+
+
 def collate(
     pairs: list[TokenizedPair], prompt_len: int, response_len: int, pad_id: int
 ) -> dict[str, np.ndarray]:
-    """The batch layout above for B pairs, padded to P = prompt_len and R = response_len."""
-    b, length = len(pairs), prompt_len + response_len
-    input_ids = np.full((2 * b, length), pad_id, np.int32)
-    attention = np.zeros((2 * b, length), bool)
-    is_response = np.zeros((2 * b, length), bool)
-    for i, pair in enumerate(pairs):
-        for row, response in ((i, pair.chosen), (b + i, pair.rejected)):
-            start = prompt_len - len(pair.prompt)
-            input_ids[row, start:prompt_len] = pair.prompt
-            input_ids[row, prompt_len : prompt_len + len(response)] = response
-            attention[row, start : prompt_len + len(response)] = True
-            is_response[row, prompt_len : prompt_len + len(response)] = True
-    positions = np.maximum(np.cumsum(attention, axis=1) - 1, 0).astype(np.int32)
-    labels = np.concatenate([input_ids[:, 1:], np.full((2 * b, 1), pad_id, np.int32)], axis=1)
-    loss_mask = np.concatenate([is_response[:, 1:], np.zeros((2 * b, 1), bool)], axis=1)
-    return {
-        "input_ids": input_ids,  # [2B, L]
-        "attention_mask": attention,  # [2B, L]
-        "positions": positions,  # [2B, L]
-        "labels": labels,  # [2B, L]
-        "loss_mask": loss_mask,  # [2B, L]
-    }
+    """The batch layout above for B pairs: rows [0, B) chosen, [B, 2B) rejected; [2B, L]."""
+    rows = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
+    return collate_rows(rows, prompt_len, response_len, pad_id)
 
 
 def padding_efficiency(batch: dict[str, np.ndarray]) -> float:

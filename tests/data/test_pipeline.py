@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import json
 
 import grain
@@ -122,38 +123,89 @@ def _prompts(batches):
     return out
 
 
+def _pair_prompts(batches):
+    """The prompt of each pair, checking that rows i and B + i hold the same prompt."""
+    out = []
+    for b in batches:
+        is_response = np.zeros_like(b["loss_mask"])
+        is_response[:, 1:] = b["loss_mask"][:, :-1]
+        prompt_mask = b["attention_mask"] & ~is_response
+        prompts = [
+            tuple(row[m].tolist()) for row, m in zip(b["input_ids"], prompt_mask, strict=True)
+        ]
+        half = len(prompts) // 2
+        assert prompts[:half] == prompts[half:]
+        out += prompts[:half]
+    return out
+
+
+@pytest.mark.parametrize("bucketed", [False, True], ids=["fixed", "buckets"])
 @pytest.mark.parametrize("hosts", [1, 2, 4])
-def test_hosts_partition_the_data(tokenizer, hosts):
-    data = records(24)
+def test_hosts_partition_the_global_batch(tokenizer, hosts, bucketed):
+    """Host blocks are disjoint, cover everything, and stacked in host order are exactly the
+    single-host batch (chosen rows [0, B), rejected [B, 2B)), bucket shape included."""
+    data = records(26)
+    extra = dict(prompt_buckets=(16, 32), response_buckets=(16, 48), sort_window=2)
     config = DataConfig(
-        template=SACPO, batch_size=4, shuffle=True, seed=3, max_prompt_len=32, max_response_len=48
+        template=SACPO,
+        batch_size=6,
+        seed=3,
+        epochs=2,
+        max_prompt_len=32,
+        max_response_len=48,
+        **(extra if bucketed else {}),
     )
-    everything = _prompts(_stream(make_pair_dataset(data, tokenizer, config)))
+    single = _stream(make_pair_dataset(data, tokenizer, config))
     parts = [
-        _prompts(
-            _stream(
-                make_pair_dataset(data, tokenizer, config, process_index=p, process_count=hosts)
-            )
-        )
+        _stream(make_pair_dataset(data, tokenizer, config, process_index=p, process_count=hosts))
         for p in range(hosts)
     ]
-    assert all(len(part) == 24 // hosts for part in parts)
-    union = [x for part in parts for x in part]
-    assert len(set(union)) == len(union) == 24  # disjoint and complete
-    assert sorted(union) == sorted(everything)
+    assert len(single) == 52 // 6 and all(len(part) == len(single) for part in parts)
+    for step, whole in enumerate(single):
+        blocks = [part[step] for part in parts]
+        assert all(len(block["input_ids"]) == 12 // hosts for block in blocks)
+        for key in whole:
+            np.testing.assert_array_equal(np.concatenate([blk[key] for blk in blocks]), whole[key])
+    counts = collections.Counter(_pair_prompts(single))
+    assert sum(counts.values()) == 48 and max(counts.values()) <= 2 and len(counts) == 26
+    widths = {b["input_ids"].shape[1] for b in single}
+    assert widths <= {16 + 16, 16 + 48, 32 + 16, 32 + 48} if bucketed else widths == {80}
 
 
-def test_uneven_hosts_and_remainder_are_counted(tokenizer):
+def test_host_rows_and_bad_host_counts(tokenizer):
+    from rsa_jax.data import host_rows
+
+    assert host_rows(3, 0, 3) == [(0, True), (1, True)]
+    assert host_rows(3, 1, 3) == [(2, True), (0, False)]  # a block may straddle chosen/rejected
+    assert host_rows(3, 2, 3) == [(1, False), (2, False)]
+    config = DataConfig(template=SACPO, batch_size=3, max_prompt_len=32, max_response_len=48)
+    blocks = [
+        _stream(make_pair_dataset(records(6), tokenizer, config, process_index=p, process_count=3))
+        for p in range(3)
+    ]
+    whole = _stream(make_pair_dataset(records(6), tokenizer, config))
+    for step in range(2):
+        np.testing.assert_array_equal(
+            np.concatenate([blk[step]["labels"] for blk in blocks]), whole[step]["labels"]
+        )
+    with pytest.raises(ValueError, match="divisible"):
+        make_pair_dataset(records(8), tokenizer, config, process_count=4)
+    with pytest.raises(ValueError, match="drop_remainder"):
+        make_pair_dataset(
+            records(8),
+            tokenizer,
+            DataConfig(template=SACPO, drop_remainder=False),
+            process_count=2,
+        )
+
+
+def test_remainder_is_counted(tokenizer):
     config = DataConfig(template=SACPO, batch_size=4, max_prompt_len=32, max_response_len=48)
     report = DataReport()
     ds = make_pair_dataset(
         records(11), tokenizer, config, process_index=1, process_count=2, report=report
     )
-    # 11 rows on 2 hosts: 1 row left over; 5 per host with 2 per local batch: 1 in a partial batch.
-    assert len(ds) == 2
-    assert sum(report.dropped.values()) == 2 and len(report.dropped) == 2
-    with pytest.raises(ValueError, match="divisible"):
-        make_pair_dataset(records(8), tokenizer, config, process_count=3)
+    assert len(ds) == 2 and report.dropped == {"final partial batch (drop_remainder)": 3}
 
 
 def test_epochs_reshuffle_and_cover(tokenizer):
