@@ -28,7 +28,8 @@ class DataConfig:
     max_prompt_len: int = 128
     # Response tokens kept, EOS included (truncated from the RIGHT, EOS kept last): R.
     max_response_len: int = 384
-    # Pairs per step across all hosts; each host yields batch_size / process_count of them.
+    # Pairs per step across all hosts (B): a global batch has 2B rows (chosen, then rejected),
+    # and each of H hosts yields a contiguous block of 2B / H of them.
     batch_size: int = 8
     # Shuffling seed; every epoch is shuffled differently (derived from this seed).
     seed: int = 0
