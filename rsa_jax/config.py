@@ -1,0 +1,296 @@
+"""The typed config tree: frozen dataclasses, YAML files in `configs/`, dotted CLI overrides.
+
+Parsed by OmegaConf structured configs (unknown keys and wrong types are rejected with the full
+dotted key), then checked by `validate` for the constraints types cannot express. The trainer turns
+the tree into keyword arguments; kernels never import it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from rsa_jax.data import DataConfig
+
+LOSS_NAMES = ("dpo", "tdpo", "ra_dpo")
+RISK_NAMES = ("cvar_reference", "cvar", "erm", "kl")
+REFERENCES = ("init", "previous_stage")
+DTYPES = ("float32", "bfloat16")
+MESH_AXES = ("data", "fsdp", "tensor")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the dotted key and the problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    # A local Hugging Face directory (config.json, safetensors, tokenizer files), or "tiny": a
+    # random 2-layer Llama and a small trained-in-memory BPE tokenizer (tests and smoke runs).
+    path: str = "tiny"
+    # Master weights are kept in float32; activations (matmuls) run in this dtype.
+    compute_dtype: str = "bfloat16"
+    # Rematerialise every decoder block in the backward pass (memory for compute).
+    remat: bool = True
+    # Seed of the random initialisation of a "tiny" model.
+    init_seed: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class StageConfig:
+    name: str = "stage"
+    # Which side of a PKU-SafeRLHF row is chosen: "helpfulness", "safety" or "pairs" (generic).
+    view: str = "helpfulness"
+    # Data file of this stage; empty means `data.path`.
+    data_path: str = ""
+    # Pair loss and one-step risk functional, chosen by name (rsa_jax.losses).
+    loss: str = "ra_dpo"
+    risk: str = "cvar_reference"
+    beta: float = 0.1
+    alpha: float = 0.5
+    mu: float = 0.95
+    gamma: float = 1.0
+    version: int = 1
+    # Quantile per vocabulary half, as the public Ra-DPO code does (cvar_reference only).
+    split_vocab: bool = True
+    # "init": the initial (SFT) model; "previous_stage": the frozen result of the stage before.
+    reference: str = "init"
+    # Optimizer steps of this stage; -1: one pass over the stage's batches (data.epochs times).
+    steps: int = -1
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = 2e-5
+    warmup_ratio: float = 0.03
+    # Cosine decay from learning_rate to learning_rate * final_lr_ratio.
+    final_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    # Global gradient norm clipping; 0 disables.
+    max_grad_norm: float = 1.0
+    # Microbatches per step (gradient accumulation); data.batch_size must be divisible by it.
+    microbatches: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    # Devices along each mesh axis; one axis may be -1 (all remaining devices).
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    # Logical axis -> mesh axes (a list; empty = replicated). Code names logical axes only.
+    rules: dict[str, list[str]] = dataclasses.field(
+        default_factory=lambda: {
+            "batch": ["data", "fsdp"],
+            "length": [],
+            "vocab": ["tensor"],
+            "embed": ["fsdp"],
+            "heads": ["tensor"],
+            "kv_heads": ["tensor"],
+            "head_dim": [],
+            "mlp": ["tensor"],
+        }
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    # Save every this many optimizer steps (and at the end of each stage); 0: only at stage ends.
+    every: int = 100
+    # Checkpoints kept (older ones deleted after a newer one is complete).
+    keep: int = 3
+    # Write in the background while training continues.
+    async_save: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    # Run directory: checkpoints/, metrics.jsonl, TensorBoard events, config.json.
+    run_dir: str = "runs/default"
+    seed: int = 0
+    log_every: int = 1
+    # Chunk of response tokens whose logits the fused loss head forms at once.
+    chunk_size: int = 64
+    # "fused": hidden states + unembedding into the loss head; "logits": full [2B, L, V] logits.
+    head: str = "fused"
+    progress_bar: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    stages: list[StageConfig] = dataclasses.field(default_factory=lambda: [StageConfig()])
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+    key, raw = item.split("=", 1)
+    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+
+
+def load_config(path: str | None = None, overrides: list[str] = (), *, check: bool = True) -> Config:
+    """YAML file (optional) + dotted overrides (`optim.learning_rate=1e-5`, `stages.1.beta=0.05`).
+
+    Raises ConfigError naming the dotted key for unknown keys, wrong types and invalid values.
+    """
+    schema = OmegaConf.structured(Config)
+    try:
+        merged = schema
+        if path is not None:
+            with open(path) as f:
+                loaded = yaml.safe_load(f) or {}
+            if not isinstance(loaded, dict):
+                raise ConfigError(f"{path}: the top level must be a mapping")
+            merged = OmegaConf.merge(schema, loaded)
+        OmegaConf.set_readonly(merged, False)
+        for item in overrides:
+            key, value = _parse_override(item)
+            if OmegaConf.select(merged, key, default="__missing__") == "__missing__":
+                raise ConfigError(f"override {item!r}: unknown key {key!r}")
+            OmegaConf.update(merged, key, value, merge=False)
+        config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        where = f"{path}: " if path else ""
+        first = str(e).splitlines()[0]
+        key = getattr(e, "full_key", None)
+        raise ConfigError(f"{where}{first}" + (f" (key: {key})" if key else "")) from None
+    except ValueError as e:  # DataConfig.__post_init__ and friends
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{path or 'config'}: {e}") from None
+    if check:
+        validate(config)
+    return config
+
+
+def _fail(key: str, message: str):
+    raise ConfigError(f"{key}: {message}")
+
+
+def validate(config: Config, device_count: int | None = None) -> None:
+    """Constraints beyond types. With `device_count`, also that the mesh fits the devices/batch."""
+    m = config.model
+    if m.compute_dtype not in DTYPES:
+        _fail("model.compute_dtype", f"must be one of {DTYPES}, got {m.compute_dtype!r}")
+    if not config.stages:
+        _fail("stages", "at least one stage is required")
+    for i, s in enumerate(config.stages):
+        k = f"stages.{i}"
+        if s.loss not in LOSS_NAMES:
+            _fail(f"{k}.loss", f"must be one of {LOSS_NAMES}, got {s.loss!r}")
+        if s.risk not in RISK_NAMES:
+            _fail(f"{k}.risk", f"must be one of {RISK_NAMES}, got {s.risk!r}")
+        if s.reference not in REFERENCES:
+            _fail(f"{k}.reference", f"must be one of {REFERENCES}, got {s.reference!r}")
+        if i == 0 and s.reference == "previous_stage":
+            _fail(f"{k}.reference", "the first stage has no previous stage; use 'init'")
+        if s.view not in ("helpfulness", "safety", "pairs"):
+            _fail(f"{k}.view", f"must be helpfulness, safety or pairs, got {s.view!r}")
+        if s.version not in (1, 2):
+            _fail(f"{k}.version", f"must be 1 or 2, got {s.version}")
+        if s.beta <= 0:
+            _fail(f"{k}.beta", f"must be > 0, got {s.beta}")
+        if s.risk == "cvar_reference" or s.risk == "cvar":
+            if not 0 < s.mu <= 1:
+                _fail(f"{k}.mu", f"CVaR level must lie in (0, 1], got {s.mu}")
+        if s.risk == "erm" and s.mu <= 0:
+            _fail(f"{k}.mu", f"ERM coefficient must be > 0, got {s.mu}")
+        if s.steps == 0 or s.steps < -1:
+            _fail(f"{k}.steps", f"must be -1 (one pass) or >= 1, got {s.steps}")
+    o = config.optim
+    if o.learning_rate <= 0:
+        _fail("optim.learning_rate", f"must be > 0, got {o.learning_rate}")
+    if not 0 <= o.warmup_ratio < 1:
+        _fail("optim.warmup_ratio", f"must lie in [0, 1), got {o.warmup_ratio}")
+    if o.microbatches < 1:
+        _fail("optim.microbatches", f"must be >= 1, got {o.microbatches}")
+    if config.data.batch_size % o.microbatches:
+        _fail(
+            "optim.microbatches",
+            f"data.batch_size={config.data.batch_size} is not divisible by {o.microbatches}",
+        )
+    sizes = [config.mesh.data, config.mesh.fsdp, config.mesh.tensor]
+    if sizes.count(-1) > 1:
+        _fail("mesh", f"at most one axis may be -1, got data/fsdp/tensor = {sizes}")
+    if any(s == 0 or s < -1 for s in sizes):
+        _fail("mesh", f"axis sizes must be >= 1 or -1, got data/fsdp/tensor = {sizes}")
+    for logical, axes in config.mesh.rules.items():
+        for a in axes:
+            if a not in MESH_AXES:
+                _fail(f"mesh.rules.{logical}", f"unknown mesh axis {a!r} (axes: {MESH_AXES})")
+    if config.train.head not in ("fused", "logits"):
+        _fail("train.head", f"must be 'fused' or 'logits', got {config.train.head!r}")
+    if config.checkpoint.keep < 1:
+        _fail("checkpoint.keep", f"must be >= 1, got {config.checkpoint.keep}")
+    if device_count is not None:
+        shape = mesh_shape(config.mesh, device_count)
+        batch_axes = config.mesh.rules.get("batch", [])
+        shards = 1
+        for a in batch_axes:
+            shards *= dict(zip(MESH_AXES, shape, strict=True))[a]
+        per_micro = config.data.batch_size // o.microbatches
+        if per_micro % shards:
+            _fail(
+                "data.batch_size",
+                f"{per_micro} pairs per microbatch do not divide over the {shards} batch shards "
+                f"of mesh {dict(zip(MESH_AXES, shape, strict=True))}",
+            )
+
+
+def mesh_shape(mesh: MeshConfig, device_count: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) with the -1 axis filled; ConfigError if it does not fit the devices."""
+    sizes = [mesh.data, mesh.fsdp, mesh.tensor]
+    known = 1
+    for s in sizes:
+        if s != -1:
+            known *= s
+    if -1 in sizes:
+        if device_count % known:
+            _fail("mesh", f"{sizes} cannot fill {device_count} devices ({known} does not divide)")
+        sizes[sizes.index(-1)] = device_count // known
+    if sizes[0] * sizes[1] * sizes[2] != device_count:
+        _fail("mesh", f"data*fsdp*tensor = {sizes} does not use the {device_count} devices")
+    return tuple(sizes)
+
+
+def to_json(config: Config) -> str:
+    return json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True)
+
+
+def from_json(text: str) -> Config:
+    return load_config_dict(json.loads(text))
+
+
+def load_config_dict(values: dict) -> Config:
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), values))
+    except OmegaConfBaseException as e:
+        raise ConfigError(str(e).splitlines()[0]) from None
+
+
+def stage_data(config: Config, stage: StageConfig) -> DataConfig:
+    """The data options of one stage: its view and, if set, its own file."""
+    return dataclasses.replace(
+        config.data, view=stage.view, path=stage.data_path or config.data.path
+    )
+
+
+def config_files(directory: str = "configs") -> list[str]:
+    return sorted(
+        os.path.join(directory, f) for f in os.listdir(directory) if f.endswith(".yaml")
+    )

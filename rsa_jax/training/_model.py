@@ -1,0 +1,111 @@
+"""The policy and reference as pure parameter pytrees: a flat {"layers/0/mlp/up": array} dict.
+
+Flat string keys keep optimizer states and Orbax checkpoints free of integer dict keys; `module`
+rebuilds the NNX Llama inside jit. Parameters are created directly sharded: eval_shape for the
+abstract tree, then a jitted init (or the safetensors loader) with the target shardings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from rsa_jax.config import ModelConfig
+from rsa_jax.models import Llama, LlamaConfig, load_hf, tiny_config
+from rsa_jax.training._mesh import logical_spec
+
+
+def _key(path) -> str:
+    return "/".join(str(p) for p in path)
+
+
+@dataclasses.dataclass
+class ModelSpec:
+    """Everything needed to rebuild the model from a flat parameter dict."""
+
+    llama: LlamaConfig
+    graphdef: object
+    abstract: nnx.State  # nested state of ShapeDtypeStructs, rebuilt per call
+    axes: dict[str, tuple]  # flat key -> logical axes
+    shardings: dict[str, NamedSharding]
+
+    def module(self, params: dict[str, jax.Array]) -> Llama:
+        nested: dict = {}
+        for key, value in params.items():
+            node = nested
+            parts = [int(p) if p.isdigit() else p for p in key.split("/")]
+            for p in parts[:-1]:
+                node = node.setdefault(p, {})
+            node[parts[-1]] = value
+        return nnx.merge(self.graphdef, nested)
+
+    def abstract_params(self) -> dict[str, jax.ShapeDtypeStruct]:
+        return {
+            _key(p): jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=self.shardings[_key(p)])
+            for p, v in nnx.to_flat_state(self.abstract)
+        }
+
+
+def _dtype(name: str):
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def build_spec(config: ModelConfig, llama: LlamaConfig, mesh: Mesh, rules: dict) -> ModelSpec:
+    def make():
+        return Llama(
+            llama,
+            rngs=nnx.Rngs(config.init_seed),
+            param_dtype=jnp.float32,  # fp32 master weights
+            compute_dtype=_dtype(config.compute_dtype),
+            remat=config.remat,
+        )
+
+    abstract_model = nnx.eval_shape(make)
+    graphdef, state = nnx.split(abstract_model)
+    axes, shardings = {}, {}
+    for path, var in nnx.to_flat_state(state):
+        logical = var.get_metadata().get("logical_axes")
+        axes[_key(path)] = logical
+        shardings[_key(path)] = NamedSharding(mesh, logical_spec(logical, var.shape, mesh, rules))
+    spec = ModelSpec(llama, graphdef, state, axes, shardings)
+    spec.make = make  # type: ignore[attr-defined]
+    return spec
+
+
+def init_params(spec: ModelSpec, config: ModelConfig) -> dict[str, jax.Array]:
+    """Random init (path "tiny") or the safetensors weights, placed straight on their shardings."""
+    if config.path == "tiny":
+
+        def init():
+            state = nnx.state(spec.make())  # type: ignore[attr-defined]
+            return {_key(p): v[...] for p, v in nnx.to_flat_state(state)}
+
+        return jax.jit(init, out_shardings=spec.shardings)()
+    model = load_hf(
+        config.path,
+        param_dtype=jnp.float32,
+        compute_dtype=_dtype(config.compute_dtype),
+        remat=config.remat,
+        shardings=lambda path, axes: spec.shardings[_key(path)],
+    )
+    return {_key(p): v[...] for p, v in nnx.to_flat_state(nnx.state(model))}
+
+
+def llama_config(config: ModelConfig, vocab_size: int | None = None) -> LlamaConfig:
+    if config.path == "tiny":
+        return tiny_config(vocab_size=vocab_size or 256)
+    return LlamaConfig.from_dir(config.path)
+
+
+def load_tokenizer(config: ModelConfig):
+    if config.path == "tiny":
+        from rsa_jax.testing.tokenizer import train_bpe_tokenizer
+
+        return train_bpe_tokenizer()
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(config.path, local_files_only=True)

@@ -1,0 +1,187 @@
+"""The jitted train step: policy fwd+bwd and frozen reference fwd, the pair-loss head, AdamW.
+
+Dimension legend: B pairs per step, K microbatches, b = B / K pairs per microbatch, L tokens,
+D model width, V vocabulary.
+
+Microbatches run in a `lax.scan`; each returns the SUM of its per-pair losses and gradients, and
+the step divides by the total pair count once, so K microbatches of b pairs give the same update
+as one batch of B pairs.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from rsa_jax.config import OptimConfig, StageConfig
+from rsa_jax.losses import fused_pair_loss, logits_pair_loss
+from rsa_jax.training._model import ModelSpec
+
+BATCH_KEYS = ("input_ids", "positions", "attention_mask", "labels", "loss_mask")
+
+
+class TrainState(NamedTuple):
+    params: dict  # flat policy parameters, float32 master weights
+    opt_state: optax.OptState
+    step: jax.Array  # int32 scalar, optimizer steps taken in this stage
+
+
+def weight_decay_mask(params: dict) -> dict:
+    """Decay matrices only: no weight decay on norms and biases (rank < 2)."""
+    return {k: v.ndim >= 2 for k, v in params.items()}
+
+
+def make_schedule(optim: OptimConfig, total_steps: int) -> optax.Schedule:
+    warmup = int(optim.warmup_ratio * total_steps)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=optim.learning_rate,
+        warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1),
+        end_value=optim.learning_rate * optim.final_lr_ratio,
+    )
+
+
+def make_optimizer(optim: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    schedule = make_schedule(optim, total_steps)
+    adamw = optax.adamw(
+        schedule,
+        b1=optim.b1,
+        b2=optim.b2,
+        eps=optim.eps,
+        weight_decay=optim.weight_decay,
+        mask=weight_decay_mask,
+    )
+    if optim.max_grad_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(optim.max_grad_norm), adamw)
+    return adamw
+
+
+def loss_kwargs(stage: StageConfig) -> tuple[dict, dict]:
+    """(static kwargs that select the kernel, traced hyperparameters)."""
+    static = dict(
+        loss=stage.loss, risk=stage.risk, version=stage.version, split_vocab=stage.split_vocab
+    )
+    hyper = {k: jnp.float32(getattr(stage, k)) for k in ("beta", "alpha", "mu", "gamma")}
+    return static, hyper
+
+
+def split_microbatches(batch: dict, k: int) -> dict:
+    """[2B, L] (B chosen rows, then B rejected) -> [K, 2b, L], each keeping its pairs together."""
+
+    def one(x):
+        two_b = x.shape[0]
+        x = x.reshape(2, k, two_b // (2 * k), *x.shape[1:])  # [2, K, b, L]
+        x = jnp.swapaxes(x, 0, 1)  # [K, 2, b, L]
+        return x.reshape(k, two_b // k, *x.shape[3:])  # [K, 2b, L]
+
+    return {key: one(batch[key]) for key in BATCH_KEYS}
+
+
+def pair_losses(spec: ModelSpec, params, ref_params, mb, static, hyper, head, chunk_size):
+    """Per-pair losses [b] and metrics for one microbatch."""
+    policy = spec.module(params)
+    reference = spec.module(jax.lax.stop_gradient(ref_params))
+    args = (mb["input_ids"], mb["positions"], mb["attention_mask"])
+    hidden = policy(*args)  # [2b, L, D]
+    ref_hidden = jax.lax.stop_gradient(reference(*args))
+    if head == "fused":
+        return fused_pair_loss(
+            hidden,
+            policy.unembedding(),
+            ref_hidden,
+            jax.lax.stop_gradient(reference.unembedding()),
+            mb["labels"],
+            mb["loss_mask"],
+            chunk_size=chunk_size,
+            **static,
+            **hyper,
+        )
+    return logits_pair_loss(
+        policy.logits(hidden),
+        jax.lax.stop_gradient(reference.logits(ref_hidden)),
+        mb["labels"],
+        mb["loss_mask"],
+        **static,
+        **hyper,
+    )
+
+
+def make_train_step(
+    spec: ModelSpec,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    stage: StageConfig,
+    *,
+    microbatches: int,
+    head: str = "fused",
+    chunk_size: int = 64,
+):
+    """`step(state, ref_params, batch, hyper) -> (state, metrics)`, not yet jitted."""
+    static, _ = loss_kwargs(stage)
+    lossf = functools.partial(
+        pair_losses, spec, static=static, head=head, chunk_size=chunk_size
+    )
+
+    def summed(params, ref_params, mb, hyper):
+        losses, metrics = lossf(params, ref_params, mb, hyper=hyper)
+        sums = {k: jnp.sum(v.astype(jnp.float32)) for k, v in metrics.items()}
+        return jnp.sum(losses), (sums, jnp.float32(losses.shape[0]))
+
+    grad_fn = jax.value_and_grad(summed, has_aux=True)
+
+    def step(state: TrainState, ref_params, batch, hyper):
+        micro = split_microbatches(batch, microbatches)
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+
+        def body(carry, mb):
+            g_acc, l_acc, m_acc, n_acc = carry
+            (loss_sum, (m_sums, n)), g = grad_fn(state.params, ref_params, mb, hyper)
+            g_acc = jax.tree.map(jnp.add, g_acc, g)
+            m_acc = jax.tree.map(jnp.add, m_acc, m_sums)
+            return (g_acc, l_acc + loss_sum, m_acc, n_acc + n), None
+
+        shapes = jax.eval_shape(
+            lambda: grad_fn(state.params, ref_params, jax.tree.map(lambda x: x[0], micro), hyper)
+        )
+        m_zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[0][1][0])
+        init = (zeros, jnp.float32(0), m_zero, jnp.float32(0))
+        (g_sum, l_sum, m_sum, count), _ = jax.lax.scan(body, init, micro)
+        grads = jax.tree.map(lambda g: g / count, g_sum)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = {k: v / count for k, v in m_sum.items()}
+        metrics["loss"] = l_sum / count
+        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["learning_rate"] = schedule(state.step)
+        return TrainState(params, opt_state, state.step + 1), metrics
+
+    return step
+
+
+def init_state(params: dict, tx: optax.GradientTransformation) -> TrainState:
+    """Optimizer state built under jit so every leaf (the `count` scalars too) is committed."""
+    opt_state = jax.jit(tx.init)(params)
+    return TrainState(params, opt_state, jnp.zeros((), jnp.int32))
+
+
+def state_shardings(state: TrainState, replicated) -> TrainState:
+    return jax.tree.map(
+        lambda x: x.sharding if isinstance(x, jax.Array) and x.ndim > 0 else replicated, state
+    )
+
+
+def jit_step(step, state_sh, ref_sh, batch_sh, replicated):
+    """Donated state, explicit in/out shardings."""
+    batch_shardings = {k: batch_sh for k in BATCH_KEYS}
+    hyper_sh = {k: replicated for k in ("beta", "alpha", "mu", "gamma")}
+    return jax.jit(
+        step,
+        in_shardings=(state_sh, ref_sh, batch_shardings, hyper_sh),
+        out_shardings=(state_sh, replicated),
+        donate_argnums=(0,),
+    )
