@@ -31,13 +31,15 @@ class DataConfig:
     # Pairs per step across all hosts (B): a global batch has 2B rows (chosen, then rejected),
     # and each of H hosts yields a contiguous block of 2B / H of them.
     batch_size: int = 8
-    # Shuffling seed; every epoch is shuffled differently (derived from this seed).
+    # Shuffling seed; every epoch is shuffled differently (derived from this seed). Also seeds the
+    # order of the batches inside a length-grouping window.
     seed: int = 0
+    # False: every epoch reads the pairs in file order.
     shuffle: bool = True
     # Passes over the data; the stream runs on across epoch boundaries without a partial batch.
     epochs: int = 1
     # True: the stream's last partial batch is dropped (and counted). False: it is yielded with
-    # fewer pairs (one extra compiled shape).
+    # fewer pairs (one extra compiled shape); single host only.
     drop_remainder: bool = True
     # Length buckets: a batch is padded to the smallest listed prompt length >= its longest prompt
     # and the smallest listed response length >= its longest response; () means always P and R.

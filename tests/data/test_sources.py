@@ -245,3 +245,13 @@ def test_config_validation():
         DataConfig(max_response_len=64, response_buckets=(32, 128))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_pairs(DataConfig(path="/nonexistent/x.jsonl"))
+
+
+def test_config_embeds_in_an_omegaconf_tree():
+    from omegaconf import OmegaConf
+
+    overrides = OmegaConf.from_dotlist(["view=safety", "response_buckets=[64,128]", "seed=7"])
+    config = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), overrides))
+    assert config == DataConfig(view="safety", response_buckets=(64, 128), seed=7)
+    with pytest.raises(ValueError, match="view must be one of"):
+        OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), {"view": "harmless"}))
