@@ -72,8 +72,10 @@ class _LengthGroupedBatches(Sequence):
                 items = [self._examples[i] for i in range(start, stop)]
                 items.sort(key=lambda p: sum(p.longest()))  # stable: ties keep stream order
                 batches = [items[i : i + self._batch] for i in range(0, len(items), self._batch)]
-                order = np.random.default_rng([self._seed, w]).permutation(len(batches))
-                self._cache[w] = [batches[j] for j in order]
+                # A partial batch (drop_remainder=False) stays last: the stream's last batch.
+                n_full = len(items) // self._batch
+                order = np.random.default_rng([self._seed, w]).permutation(n_full)
+                self._cache[w] = [batches[j] for j in order] + batches[n_full:]
                 while len(self._cache) > _CACHED_WINDOWS:
                     self._cache.popitem(last=False)
             return self._cache[w]
