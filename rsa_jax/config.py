@@ -143,6 +143,24 @@ def _parse_override(item: str) -> tuple[str, Any]:
     return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
 
 
+def _apply_override(values: dict, item: str) -> None:
+    key, value = _parse_override(item)
+    node = values
+    parts = key.split(".")
+    for depth, part in enumerate(parts):
+        here = ".".join(parts[: depth + 1])
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"override {item!r}: {here} is not an index of a {len(node)}-list")
+            part = int(part)
+        elif not isinstance(node, dict) or part not in node:
+            raise ConfigError(f"override {item!r}: unknown key {here!r}")
+        if depth == len(parts) - 1:
+            node[part] = value
+        else:
+            node = node[part]
+
+
 def load_config(path: str | None = None, overrides: list[str] = (), *, check: bool = True) -> Config:
     """YAML file (optional) + dotted overrides (`optim.learning_rate=1e-5`, `stages.1.beta=0.05`).
 
@@ -157,12 +175,11 @@ def load_config(path: str | None = None, overrides: list[str] = (), *, check: bo
             if not isinstance(loaded, dict):
                 raise ConfigError(f"{path}: the top level must be a mapping")
             merged = OmegaConf.merge(schema, loaded)
-        OmegaConf.set_readonly(merged, False)
-        for item in overrides:
-            key, value = _parse_override(item)
-            if OmegaConf.select(merged, key, default="__missing__") == "__missing__":
-                raise ConfigError(f"override {item!r}: unknown key {key!r}")
-            OmegaConf.update(merged, key, value, merge=False)
+        if overrides:
+            values = OmegaConf.to_container(merged)
+            for item in overrides:
+                _apply_override(values, item)
+            merged = OmegaConf.merge(schema, values)
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         where = f"{path}: " if path else ""

@@ -1,0 +1,160 @@
+"""`rsa-jax` (and `python -m rsa_jax`): train, merge, export, toy-data, check-config.
+
+    rsa-jax train configs/rsa_cvar.yaml model.path=/models/sft train.run_dir=runs/rsa stages.1.beta=0.05
+    rsa-jax merge runs/sacpo/stage1_export runs/sacpo --q 0.5 --out merged/
+    rsa-jax export runs/rsa out/rsa_hf
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+import numpy as np
+
+log = logging.getLogger("rsa_jax")
+
+_TOY_WORDS = ["bread", "safe", "help", "no", "story", "Paris", "kind", "sorry", "yes", "bake"]
+
+
+def write_toy_data(path: str, rows: int = 64, seed: int = 0) -> None:
+    """Synthetic rows in the PKU-SafeRLHF schema (the real set is not redistributable here)."""
+    rng = np.random.default_rng(seed)
+
+    def text(k):
+        return " ".join(rng.choice(_TOY_WORDS, size=k))
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        for i in range(rows):
+            row = {
+                "prompt": f"q{i} " + text(int(rng.integers(2, 8))),
+                "response_0": "safe help " + text(int(rng.integers(2, 10))),
+                "response_1": "no " + text(int(rng.integers(2, 10))) + " sorry",
+                "better_response_id": int(rng.integers(0, 2)),
+                "safer_response_id": 0,
+                "is_response_0_safe": True,
+                "is_response_1_safe": False,
+            }
+            f.write(json.dumps(row) + "\n")
+
+
+def _cmd_train(args) -> int:
+    from rsa_jax.config import load_config
+    from rsa_jax.training._trainer import train
+
+    config = load_config(args.config, args.overrides)
+    result = train(config)
+    print(f"{result.status} at global step {result.global_step}; run dir {config.train.run_dir}")
+    return 0
+
+
+def _export(spec, params, tokenizer, out: str) -> None:
+    from rsa_jax.models import save_hf
+
+    save_hf(spec.module(params), out, tokenizer=tokenizer)
+    print(f"wrote {out}")
+
+
+def _cmd_export(args) -> int:
+    from rsa_jax.training._trainer import latest_policy
+
+    spec, params, tokenizer = latest_policy(args.run_dir)
+    _export(spec, params, tokenizer, args.out)
+    return 0
+
+
+def merge_params(a: dict, b: dict, q: float) -> dict:
+    """theta = (1 - q) a + q b, leaf by leaf (RSA(P) / P-SACPO model merging)."""
+    if set(a) != set(b):
+        raise ValueError(f"the checkpoints hold different parameters: {sorted(set(a) ^ set(b))}")
+    out = {}
+    for k in a:
+        if a[k].shape != b[k].shape:
+            raise ValueError(f"parameter {k}: shapes {a[k].shape} and {b[k].shape} differ")
+        out[k] = (1 - q) * a[k] + q * b[k]
+    return out
+
+
+def _cmd_merge(args) -> int:
+    from rsa_jax.training._trainer import latest_policy
+
+    if not 0 <= args.q <= 1:
+        raise SystemExit(f"--q must lie in [0, 1], got {args.q}")
+    spec, a, tokenizer = latest_policy(args.first)
+    spec_b, b, _ = latest_policy(args.second)
+    if spec.llama != spec_b.llama:
+        raise SystemExit("merge: the two runs use different model configurations")
+    _export(spec, merge_params(a, b, args.q), tokenizer, args.out)
+    return 0
+
+
+def _cmd_toy_data(args) -> int:
+    write_toy_data(args.path, rows=args.rows, seed=args.seed)
+    print(f"wrote {args.rows} rows to {args.path}")
+    return 0
+
+
+def _cmd_check(args) -> int:
+    from rsa_jax.config import load_config, to_json
+
+    print(to_json(load_config(args.config, args.overrides)))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rsa-jax", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train (resumes from the run directory automatically)")
+    p.add_argument("config", help="YAML file in configs/")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.learning_rate=1e-5")
+    p.set_defaults(fn=_cmd_train)
+
+    p = sub.add_parser("check-config", help="load, validate and print the resolved config")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(fn=_cmd_check)
+
+    p = sub.add_parser("merge", help="weight-average the latest policies of two runs")
+    p.add_argument("first", help="run directory of theta_a (e.g. a stage-1 run)")
+    p.add_argument("second", help="run directory of theta_b")
+    p.add_argument("--q", type=float, default=0.5, help="theta = (1-q) a + q b")
+    p.add_argument("--out", required=True, help="output Hugging Face directory")
+    p.set_defaults(fn=_cmd_merge)
+
+    p = sub.add_parser("export", help="write the latest policy as an HF safetensors directory")
+    p.add_argument("run_dir")
+    p.add_argument("out")
+    p.set_defaults(fn=_cmd_export)
+
+    p = sub.add_parser("toy-data", help="write synthetic PKU-SafeRLHF-schema rows (smoke tests)")
+    p.add_argument("path")
+    p.add_argument("--rows", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=_cmd_toy_data)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every file it writes
+    from rsa_jax.config import ConfigError
+
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"rsa-jax: config error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Metrics to JSON Lines and TensorBoard event files in the run directory, a tqdm progress bar,
+and a summary line at the end of each stage."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import jax
+
+log = logging.getLogger(__name__)
+
+
+class MetricsLog:
+    def __init__(self, run_dir: str, *, progress: bool = True):
+        self.main = jax.process_index() == 0
+        self.progress = progress and self.main
+        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a") if self.main else None
+        self._tb = None
+        if self.main:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        self._bar = None
+        self._sums: dict[str, float] = {}
+        self._count = 0
+
+    def start_stage(self, index: int, name: str, total: int, done: int) -> None:
+        self._stage = (index, name)
+        self._sums, self._count = {}, 0
+        if self.progress:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=done, desc=f"stage {index} ({name})")
+
+    def log(self, stage, step, global_step, metrics, tokens, pairs, seconds) -> None:
+        record = {"stage": stage, "step": step, "global_step": global_step, **metrics}
+        record["tokens_per_s"] = tokens / seconds if seconds > 0 else 0.0
+        record["pairs_per_s"] = pairs / seconds if seconds > 0 else 0.0
+        record["step_time_s"] = seconds
+        for k in ("loss", "rewards/accuracies", "rewards/margins", "kl/chosen", "risk/chosen"):
+            if k in metrics:
+                self._sums[k] = self._sums.get(k, 0.0) + metrics[k]
+        self._count += 1
+        if not self.main:
+            return
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for k, v in record.items():
+            if isinstance(v, float):
+                self._tb.add_scalar(k, v, global_step)
+        if self._bar is not None:
+            self._bar.n = step
+            self._bar.set_postfix(
+                loss=f"{metrics['loss']:.4f}",
+                acc=f"{metrics.get('rewards/accuracies', 0.0):.2f}",
+                tok_s=f"{record['tokens_per_s']:.0f}",
+            )
+            self._bar.refresh()
+
+    def end_stage(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        if self._count:
+            means = {k: v / self._count for k, v in self._sums.items()}
+            text = ", ".join(f"{k} {v:.4f}" for k, v in means.items())
+            log.info("stage %d (%s) finished: means over logged steps: %s", *self._stage, text)
+            if self.main:
+                print(f"stage {self._stage[0]} ({self._stage[1]}) summary: {text}", flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._jsonl is not None:
+            self._jsonl.close()
+            self._jsonl = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
