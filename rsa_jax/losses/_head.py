@@ -172,7 +172,7 @@ def _chunk_stats_fwd(h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_
 def _chunk_stats_bwd(risk, split_vocab, residuals, cotangents):
     h_policy, w_policy, h_ref, w_ref, y, mu, tail, threshold = residuals
 
-    def policy_stats(h_policy, w_policy):
+    def policy_stats(h_policy, w_policy, mu, tail):
         policy_logits, ref_logits = _chunk_logits(h_policy, w_policy, h_ref, w_ref)
         stats, _ = token_stats_and_threshold(
             policy_logits,
@@ -186,17 +186,18 @@ def _chunk_stats_bwd(risk, split_vocab, residuals, cotangents):
         )
         return stats
 
-    _, vjp = jax.vjp(policy_stats, h_policy, w_policy)
-    d_hidden, d_unembed = vjp(cotangents)
-    # The reference and the hyperparameters get no gradient; integer labels get float0 zeros.
+    _, vjp = jax.vjp(policy_stats, h_policy, w_policy, mu, tail)
+    d_hidden, d_unembed, d_mu, d_tail = vjp(cotangents)
+    # The reference gets no gradient; integer labels get float0 zeros. mu gets the same gradient
+    # as on the logits path (the thresholds carry none there either).
     return (
         d_hidden,
         d_unembed,
         jnp.zeros_like(h_ref),
         jnp.zeros_like(w_ref),
         np.zeros(y.shape, jax.dtypes.float0),
-        jnp.zeros_like(mu),
-        jnp.zeros_like(tail),
+        d_mu,
+        d_tail,
     )
 
 

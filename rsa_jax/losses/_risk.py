@@ -4,13 +4,14 @@ Dimension legend: N positions (any leading shape), V vocabulary.
 
 Every functional has the same signature so that `RISKS[name]` can be swapped without branches:
 
-    fn(d [..., V], q [..., V], *, mu, tail, split_vocab, threshold=None) -> rho [...]
+    fn(d [..., V], q [..., V], *, mu, tail, split_vocab, threshold=None, logq=None) -> rho [...]
 
 with `d(v) = log q(v) - log p(v)` (float32) and `q` the reference probabilities (no gradient).
 `mu` is the risk parameter (traced). `tail` is `1 - mu` as the rank computation of
 `cvar_reference` needs it (see `quantile_tail`); `split_vocab` only matters to `cvar_reference`.
 `threshold` lets a caller pass the (non-differentiable) selection result `THRESHOLDS[name]` that it
-already computed for the same d, so that a rematerialised backward pass does not repeat it.
+already computed for the same d, so that a rematerialised backward pass does not repeat it;
+`logq` is log q itself, which `erm` needs where q underflows.
 Reference: method.md section 2, item 4; Ra-DPO (arXiv 2505.20359), `Ra_DPOTrainer`.
 """
 
@@ -92,7 +93,7 @@ def cvar_reference_threshold(d, q, *, mu, tail, split_vocab):
     )
 
 
-def cvar_reference(d, q, *, mu, tail, split_vocab, threshold=None):
+def cvar_reference(d, q, *, mu, tail, split_vocab, threshold=None, logq=None):
     """Ra-DPO's CVaR term: q-weighted sum of d over the entries above an unweighted quantile.
 
     `tau` = the `tail` (= 1 - mu) linear-interpolation quantile of the V values d(v), unweighted;
@@ -107,6 +108,7 @@ def cvar_reference(d, q, *, mu, tail, split_vocab, threshold=None):
     Returns:
       [...] float32 risk term.
     """
+    del logq
     d_fixed = jax.lax.stop_gradient(d)
     if threshold is None:
         threshold = cvar_reference_threshold(d_fixed, q, mu=mu, tail=tail, split_vocab=split_vocab)
@@ -124,7 +126,7 @@ def cvar_threshold(d, q, *, mu, tail, split_vocab):
     return upper_tail_atom(d, jax.lax.stop_gradient(q), jnp.asarray(mu, jnp.float32))
 
 
-def cvar(d, q, *, mu, tail, split_vocab, threshold=None):
+def cvar(d, q, *, mu, tail, split_vocab, threshold=None, logq=None):
     """Textbook CVaR_mu of d under q: the mean of d over its upper tail of probability mass mu.
 
     `rho = (1/mu) sum_v w(v) d(v)` with `w = q` above the VaR atom `t*` and the atom's entries
@@ -134,6 +136,7 @@ def cvar(d, q, *, mu, tail, split_vocab, threshold=None):
 
     Args/Returns: as `cvar_reference`; requires 0 < mu <= 1.
     """
+    del logq
     mu = jnp.asarray(mu, jnp.float32)
     d_fixed, q = jax.lax.stop_gradient(d), jax.lax.stop_gradient(q)
     if threshold is None:
@@ -148,38 +151,45 @@ def cvar(d, q, *, mu, tail, split_vocab, threshold=None):
     return jnp.sum(w * d, axis=-1) / mu
 
 
-def erm(d, q, *, mu, tail, split_vocab, threshold=None):
+def erm(d, q, *, mu, tail, split_vocab, threshold=None, logq=None):
     """Entropic risk `(1/mu) log E_q[exp(mu d)]`, mu > 0; tends to `KL_t` as mu -> 0.
 
     Centred on `KL = E_q[d]`: `ERM = KL + (1/mu) log E_q[exp(s)]` with `s = mu (d - KL)`. For small
     |s| the log is `log1p(E_q[expm1(s)])`, which keeps full relative precision as mu -> 0 where the
-    plain logsumexp would cancel; otherwise the max-shifted logsumexp form, which cannot overflow.
+    plain logsumexp would cancel; otherwise `logsumexp(log q + s)`, shifted by its own maximum, so
+    neither large `mu d` nor reference probabilities that underflow float32 (log q < -87, where
+    the largest terms of the sum live) can turn it into inf or NaN.
 
-    Args/Returns: as `cvar_reference`.
+    Args/Returns: as `cvar_reference`, plus `logq` [..., V] (the log of q; recomputed from q
+      when not given, which loses the entries whose q underflowed).
     """
     del tail, split_vocab, threshold
     mu = jnp.asarray(mu, jnp.float32)
+    logq = jnp.log(q) if logq is None else jax.lax.stop_gradient(logq)
     kl_t = jnp.sum(q * d, axis=-1, keepdims=True)
     s = mu * (d - kl_t)
-    s_max = jnp.max(s, axis=-1, keepdims=True)
+    exponent = logq + s  # log of each term q(v) exp(s(v))
+    shift = jax.lax.stop_gradient(jnp.max(exponent, axis=-1, keepdims=True))
     small = jnp.max(jnp.abs(jax.lax.stop_gradient(s)), axis=-1, keepdims=True) <= _ERM_SMALL
     # One [..., V] array of terms for both forms (selected per position): the clipped expm1 keeps
     # the form not taken finite, so its gradient cannot poison the other.
-    terms = jnp.where(small, jnp.expm1(jnp.clip(s, -_ERM_SMALL, _ERM_SMALL)), jnp.exp(s - s_max))
-    total = jnp.sum(q * terms, axis=-1, keepdims=True)
+    terms = jnp.where(
+        small, q * jnp.expm1(jnp.clip(s, -_ERM_SMALL, _ERM_SMALL)), jnp.exp(exponent - shift)
+    )
+    total = jnp.sum(terms, axis=-1, keepdims=True)
     # Each log only ever sees its own form's total (the other gets a harmless 0 or 1): the small
     # form's total is exactly 0 when policy == reference, and log(0) would make NaN gradients.
     log_mgf = jnp.where(
         small,
         jnp.log1p(jnp.where(small, total, 0.0)),
-        s_max + jnp.log(jnp.where(small, 1.0, total)),
+        shift + jnp.log(jnp.where(small, 1.0, total)),
     )
     return (kl_t + log_mgf / mu)[..., 0]
 
 
-def kl(d, q, *, mu, tail, split_vocab, threshold=None):
+def kl(d, q, *, mu, tail, split_vocab, threshold=None, logq=None):
     """The sequential KL term `KL_t = sum_v q(v) d(v)` (turns the risk-aware loss into TDPO)."""
-    del mu, tail, split_vocab, threshold
+    del mu, tail, split_vocab, threshold, logq
     return jnp.sum(q * d, axis=-1)
 
 

@@ -77,7 +77,9 @@ def token_stats_and_threshold(
         threshold = THRESHOLDS[risk](
             jax.lax.stop_gradient(d), q, mu=mu, tail=tail, split_vocab=split_vocab
         )
-    rho = RISKS[risk](d, q, mu=mu, tail=tail, split_vocab=split_vocab, threshold=threshold)
+    rho = RISKS[risk](
+        d, q, mu=mu, tail=tail, split_vocab=split_vocab, threshold=threshold, logq=logq
+    )
     return TokenStats(logp=logp_y, g=logp_y - logq_y, kl=kl_t, rho=rho), threshold
 
 

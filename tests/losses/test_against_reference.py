@@ -179,3 +179,15 @@ def test_pair_losses_and_metrics(loss, risk, version, mu, gamma):
         np.testing.assert_allclose(
             got_metrics[name], want_metrics[name], rtol=1e-4, atol=1e-4, err_msg=name
         )
+
+
+def test_erm_where_reference_probabilities_underflow():
+    """The largest ERM terms can sit where q(v) underflows float32 (log q < -87)."""
+    policy = np.array([[[0.0, 0.0, -200.0]] * 2] * 2, np.float32)
+    for ref_tail in (-90.0, -120.0):
+        reference = np.array([[[0.0, 0.0, ref_tail]] * 2] * 2, np.float32)
+        labels = np.zeros((2, 2), np.int32)
+        got = _stats(policy, reference, labels, risk="erm", mu=5.0)
+        want = ref.token_stats(policy, reference, labels, risk="erm", mu=5.0)
+        assert np.isfinite(got.rho).all()
+        np.testing.assert_allclose(got.rho, want["rho"], rtol=1e-5)

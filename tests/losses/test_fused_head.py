@@ -121,3 +121,38 @@ def test_fused_memory_scales_with_chunk_not_length(risk):
     assert logits_1024 > all_logits
     assert fused_1024 < all_logits / 4
     assert fused_1024 < 1.25 * fused_256
+
+
+@pytest.mark.parametrize(
+    ("risk", "version", "gamma", "split"),
+    [("cvar_reference", 2, 0.9, False), ("cvar", 2, 0.7, True), ("erm", 1, 0.9, True)],
+)
+def test_fused_equals_logits_more_settings_and_mu_gradient(risk, version, gamma, split):
+    h_p, w_p, h_r, w_r, labels, mask = _inputs(3)
+
+    def run(path, h, w, mu):
+        kwargs = dict(
+            risk=risk,
+            version=version,
+            gamma=gamma,
+            split_vocab=split,
+            mu=mu,
+            beta=0.5,
+            alpha=0.7,
+            tail=1.0 - mu,
+        )
+        if path == "fused":
+            out = losses.fused_pair_loss(h, w, h_r, w_r, labels, mask, chunk_size=4, **kwargs)
+        else:
+            out = losses.logits_pair_loss(h @ w, h_r @ w_r, labels, mask, **kwargs)
+        return out[0].mean()
+
+    mu = jnp.float32(0.6 if risk != "erm" else 2.0)
+    grad = jax.jit(jax.value_and_grad(run, argnums=(1, 2, 3)), static_argnums=0)
+    value_f, grads_f = grad("fused", h_p, w_p, mu)
+    value_l, grads_l = grad("logits", h_p, w_p, mu)
+    np.testing.assert_allclose(value_f, value_l, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads_f, grads_l, strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    if risk != "cvar_reference":  # its mu enters only through the (gradient-free) mask
+        assert grads_l[2] != 0
