@@ -1,0 +1,112 @@
+"""Every file in configs/ loads and validates; bad configs fail with errors naming the key."""
+
+import dataclasses
+import os
+
+import pytest
+
+from rsa_jax.config import (
+    Config,
+    ConfigError,
+    MeshConfig,
+    config_files,
+    from_json,
+    load_config,
+    mesh_shape,
+    to_json,
+    validate,
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIGS = config_files(os.path.join(ROOT, "configs"))
+
+
+def test_expected_config_files_exist():
+    names = {os.path.basename(p)[:-5] for p in CONFIGS}
+    assert {"dpo", "tdpo", "ra_dpo", "sacpo", "rsa_cvar", "rsa_erm", "tiny"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_every_config_loads_validates_and_documents_its_launch(path):
+    config = load_config(path)
+    validate(config, device_count=1)
+    with open(path) as f:
+        head = f.readline()
+        assert head.startswith("#")
+        text = f.read()
+    assert "rsa-jax train" in text or "rsa_jax train" in text
+    assert "Expected runtime" in text
+    assert from_json(to_json(config)) == config  # the resolved JSON round-trips
+
+
+def test_method_defaults_in_two_stage_configs():
+    for name in ("sacpo", "rsa_cvar", "rsa_erm"):
+        c = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"))
+        assert [s.reference for s in c.stages] == ["init", "previous_stage"]
+        assert [s.view for s in c.stages] == ["helpfulness", "safety"]
+        assert c.optim.learning_rate == 2e-5 and c.optim.warmup_ratio == 0.03
+        assert c.data.batch_size == 64 and c.data.epochs == 3
+        assert c.data.max_prompt_len + c.data.max_response_len == 512
+    assert load_config(os.path.join(ROOT, "configs", "rsa_erm.yaml")).stages[1].risk == "erm"
+    assert load_config(os.path.join(ROOT, "configs", "sacpo.yaml")).stages[1].loss == "dpo"
+    ra = load_config(os.path.join(ROOT, "configs", "ra_dpo.yaml")).stages[0]
+    assert (ra.mu, ra.beta, ra.alpha, ra.version, ra.split_vocab) == (0.95, 0.1, 0.5, 1, True)
+
+
+def test_dotted_overrides_reach_nested_and_list_fields():
+    c = load_config(
+        os.path.join(ROOT, "configs", "rsa_cvar.yaml"),
+        ["stages.1.beta=0.025", "optim.learning_rate=1e-5", "data.prompt_buckets=[32,64]"],
+    )
+    assert c.stages[1].beta == 0.025 and c.stages[0].beta == 0.1
+    assert c.optim.learning_rate == 1e-5
+    assert c.data.prompt_buckets == (32, 64)
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["optim.learnin_rate=1e-5"], "optim.learnin_rate"),
+        (["stages.5.beta=0.1"], "stages.5"),
+        (["optim.microbatches=many"], "optim.microbatches"),
+        (["stages.0.loss=ppo"], "stages.0.loss"),
+        (["stages.0.risk=var"], "stages.0.risk"),
+        (["stages.0.reference=previous_stage"], "stages.0.reference"),
+        (["stages.0.mu=1.5"], "stages.0.mu"),
+        (["optim.microbatches=3"], "not divisible by 3"),
+        (["mesh.data=-1", "mesh.fsdp=-1"], "at most one axis"),
+        (["mesh.rules.batch=[data,pipe]"], "unknown mesh axis 'pipe'"),
+        (["data.view=harmless"], "view"),
+        (["model.compute_dtype=float16"], "model.compute_dtype"),
+        (["noequals"], "dotted.key=value"),
+    ],
+)
+def test_bad_configs_name_the_problem(overrides, fragment):
+    with pytest.raises(ConfigError, match=None) as info:
+        load_config(os.path.join(ROOT, "configs", "tiny.yaml"), overrides)
+    assert fragment in str(info.value)
+
+
+def test_unknown_key_in_yaml_names_file_and_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  learning_rate: 1e-4\n  lr_decay: cosine\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(bad))
+    assert "bad.yaml" in str(info.value) and "lr_decay" in str(info.value)
+    bad.write_text("stages:\n  - name: a\n    beta: high\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(bad))
+    assert "beta" in str(info.value)
+
+
+def test_mesh_fill_and_device_fit():
+    assert mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=2), 8) == (2, 2, 2)
+    assert mesh_shape(MeshConfig(data=1, fsdp=-1, tensor=2), 8) == (1, 4, 2)
+    with pytest.raises(ConfigError, match="cannot fill 8 devices"):
+        mesh_shape(MeshConfig(data=-1, fsdp=3, tensor=1), 8)
+    with pytest.raises(ConfigError, match="does not use the 8 devices"):
+        mesh_shape(MeshConfig(data=2, fsdp=2, tensor=1), 8)
+    config = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), ["data.batch_size=6"])
+    with pytest.raises(ConfigError, match="do not divide over the 4 batch shards"):
+        validate(dataclasses.replace(config, mesh=MeshConfig(data=4)), device_count=4)
+    assert isinstance(config, Config)
