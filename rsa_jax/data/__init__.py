@@ -9,6 +9,7 @@ from rsa_jax.data._tokenize import (
     batch_shape,
     collate,
     collate_rows,
+    length_key,
     padding_efficiency,
 )
 
@@ -23,6 +24,7 @@ __all__ = [
     "collate",
     "collate_rows",
     "host_rows",
+    "length_key",
     "load_pairs",
     "make_pair_dataset",
     "make_pair_iterator",

@@ -23,16 +23,24 @@ from `seed` and e), so only the very last batch of the whole stream can be parti
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import grain
 import numpy as np
 
 from rsa_jax.data._config import DataConfig
 from rsa_jax.data._sources import DataReport, PairRecord, load_pairs
-from rsa_jax.data._tokenize import PairTokenizer, TokenizedPair, batch_shape, collate_rows
+from rsa_jax.data._tokenize import (
+    PairTokenizer,
+    TokenizedPair,
+    batch_shape,
+    collate_rows,
+    length_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +50,23 @@ _CACHED_WINDOWS = 4
 class _LengthGroupedBatches(Sequence):
     """Batches of `window` x `batch` consecutive examples sorted by length, cut, and reordered.
 
-    Sorting inside a window puts pairs of similar length in the same batch, so buckets pad less;
-    the batch order inside each window is then shuffled (seeded by the window index) so that the
-    longest batches do not always come last. Random access, like every MapDataset.
+    Sorting inside a window (by `key`, e.g. `length_key`) puts pairs of similar length in the same
+    batch, so buckets pad less; the batch order inside each window is then shuffled (seeded by the
+    window index) so that the longest batches do not always come last. Random access, like every
+    MapDataset.
     """
 
-    def __init__(self, examples: grain.MapDataset, batch: int, window: int, seed: int, drop: bool):
+    def __init__(
+        self,
+        examples: grain.MapDataset,
+        batch: int,
+        window: int,
+        seed: int,
+        drop: bool,
+        key: Callable[[TokenizedPair], Any],
+    ):
         self._examples, self._batch, self._window, self._seed = examples, batch, window, seed
+        self._key = key
         n = len(examples)
         self._n_batches = n // batch if drop else -(-n // batch)
         # With drop_remainder the stream's last `n % batch` examples are left out BEFORE grouping,
@@ -70,7 +88,7 @@ class _LengthGroupedBatches(Sequence):
                 start = w * self._window * self._batch
                 stop = min(start + self._window * self._batch, self._n_examples)
                 items = [self._examples[i] for i in range(start, stop)]
-                items.sort(key=lambda p: sum(p.longest()))  # stable: ties keep stream order
+                items.sort(key=self._key)  # stable: ties keep stream order
                 batches = [items[i : i + self._batch] for i in range(0, len(items), self._batch)]
                 # A partial batch (drop_remainder=False) stays last: the stream's last batch.
                 n_full = len(items) // self._batch
@@ -170,7 +188,12 @@ def make_pair_dataset(
     tokenized = examples.map(encode)
     if config.sort_window > 1:
         grouped = _LengthGroupedBatches(
-            tokenized, b, config.sort_window, config.seed, config.drop_remainder
+            tokenized,
+            b,
+            config.sort_window,
+            config.seed,
+            config.drop_remainder,
+            key=functools.partial(length_key, config=config),
         )
         return grain.MapDataset.source(grouped).map(from_tokenized)
     return tokenized.batch(b, drop_remainder=config.drop_remainder, batch_fn=from_tokenized)

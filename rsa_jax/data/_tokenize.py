@@ -101,6 +101,17 @@ def batch_shape(pairs: list[TokenizedPair], config: DataConfig) -> tuple[int, in
     )
 
 
+def length_key(pair: TokenizedPair, config: DataConfig) -> tuple[int, int, int]:
+    """Sort key of length grouping: the pair's (response bucket, prompt bucket, total length),
+    so that a batch cut from sorted pairs mostly shares one bucket shape."""
+    prompt, response = pair.longest()
+    return (
+        _bucket(response, config.response_buckets, config.max_response_len),
+        _bucket(prompt, config.prompt_buckets, config.max_prompt_len),
+        prompt + response,
+    )
+
+
 def collate_rows(
     rows: list[tuple[np.ndarray, np.ndarray]], prompt_len: int, response_len: int, pad_id: int
 ) -> dict[str, np.ndarray]:

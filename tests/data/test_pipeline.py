@@ -226,7 +226,7 @@ def test_buckets_and_length_grouping(tokenizer):
             data,
             tokenizer,
             DataConfig(
-                **common, prompt_buckets=(16, 32), response_buckets=(16, 32, 64), sort_window=8
+                **common, prompt_buckets=(16, 32), response_buckets=(16, 32, 64), sort_window=16
             ),
         )
     )
@@ -237,6 +237,17 @@ def test_buckets_and_length_grouping(tokenizer):
     eff_plain = np.mean([padding_efficiency(b) for b in plain])
     eff_bucketed = np.mean([padding_efficiency(b) for b in bucketed])
     assert eff_bucketed > eff_plain
+    # One window of 16 batches sorted by (response bucket, ...): only a batch that straddles two
+    # response buckets mixes them, so at most (buckets used - 1) batches do.
+    mixed, used = 0, set()
+    for b in bucketed:
+        lengths = b["loss_mask"].sum(1)  # response tokens per row
+        half = len(lengths) // 2
+        longest = np.maximum(lengths[:half], lengths[half:])
+        kinds = {min(r for r in (16, 32, 64) if r >= n) for n in longest}
+        mixed += len(kinds) > 1
+        used |= kinds
+    assert len(used) > 1 and mixed <= len(used) - 1
 
 
 @pytest.mark.parametrize("seed", range(4))
