@@ -111,6 +111,8 @@ def main() -> None:
             tokenizer,
         )
     print(f"{args.pairs} synthetic pairs, tokenizer: {which}, batch {args.batch}, one core")
+    # Shared machines: a busy core slows the pipeline, so say how busy the machine was.
+    print(f"load average over the run's last minute: {os.getloadavg()[0]:.1f}")
     print("| pipeline | pairs/s | vs plain | padding efficiency | vs plain | x train step |")
     print("|---|---|---|---|---|---|")
     for name, (rate, eff, _) in (("plain (P=128, R=384)", plain), ("buckets + grouping", bucketed)):
