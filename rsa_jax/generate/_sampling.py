@@ -34,7 +34,7 @@ def _cached_forward(model: Llama, cache: Cache, ids, positions, start):
     `cache.valid` must already mark the new slots. Query slot start + i attends to the valid
     slots up to and including itself.
     """
-    if model.config.num_hidden_layers and not hasattr(model, "layers"):
+    if model.scan_layers:
         raise ValueError(
             "generation needs unrolled layers (build the model with scan_layers=False)"
         )

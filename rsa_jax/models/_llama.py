@@ -140,8 +140,34 @@ def attention_allowed(attention_mask: jax.Array) -> jax.Array:
     return causal[None] & attention_mask[:, None, :] & attention_mask[:, :, None]
 
 
+REMAT_POLICIES = {
+    "full": None,  # save nothing inside a block: recompute it all in the backward pass
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _remat_policy(remat: bool | str | None):
+    """False/None/"none": no remat; True/"full": full; else a name from REMAT_POLICIES."""
+    if remat in (False, None, "none"):
+        return False, None
+    if remat is True:
+        return True, None
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat {remat!r} is not one of none, full, {', '.join(REMAT_POLICIES)}")
+    return True, REMAT_POLICIES[remat]
+
+
 class Llama(nnx.Module):
-    """The decoder. `model(input_ids, positions, attention_mask) -> hidden [B, L, D]`."""
+    """The decoder. `model(input_ids, positions, attention_mask) -> hidden [B, L, D]`.
+
+    Options: `param_dtype` (storage) and `compute_dtype` (activations, matmuls); `remat` per
+    block (False, True/"full", "dots", "dots_no_batch"); `scan_layers` stacks the blocks under
+    `blocks` with a leading `layers` axis and runs them with one compiled `lax.scan` body
+    (otherwise `layers` is a list of blocks, unrolled); `constrain(x, logical_axes) -> x` is
+    applied to the activations at every block boundary with axes ("batch", "length", "embed")
+    (e.g. a `with_sharding_constraint` through the mesh rules).
+    """
 
     def __init__(
         self,
@@ -150,32 +176,62 @@ class Llama(nnx.Module):
         rngs: nnx.Rngs,
         param_dtype=jnp.float32,
         compute_dtype=jnp.float32,
-        remat: bool = False,
+        remat: bool | str = False,
+        scan_layers: bool = False,
+        constrain=None,
     ):
         self.config = config
         self.compute_dtype = compute_dtype
         self.remat = remat
+        self.scan_layers = scan_layers
+        self.constrain = constrain
+        _remat_policy(remat)  # validate early
         v, d = config.vocab_size, config.hidden_size
         self.embed = _param(rngs, (v, d), ("vocab", "embed"), param_dtype)
-        self.layers = nnx.List(
-            [Block(config, rngs, param_dtype) for _ in range(config.num_hidden_layers)]
-        )
+        if scan_layers:
+
+            @nnx.split_rngs(splits=config.num_hidden_layers)
+            @nnx.vmap(in_axes=(0,), out_axes=0)
+            def stacked(rngs):
+                return Block(config, rngs, param_dtype)
+
+            self.blocks = stacked(rngs)
+            for _, var in nnx.to_flat_state(nnx.state(self.blocks, nnx.Param)):
+                var.set_metadata("logical_axes", ("layers", *var.get_metadata()["logical_axes"]))
+        else:
+            self.layers = nnx.List(
+                [Block(config, rngs, param_dtype) for _ in range(config.num_hidden_layers)]
+            )
         self.norm = RMSNorm(d, config.rms_norm_eps, param_dtype)
         if not config.tie_word_embeddings:
             self.lm_head = _param(rngs, (d, v), ("embed", "vocab"), param_dtype)
+
+    def _boundary(self, x):
+        return x if self.constrain is None else self.constrain(x, ("batch", "length", "embed"))
 
     def __call__(self, input_ids, positions, attention_mask):
         """input_ids, positions [B, L] int; attention_mask [B, L] bool -> final hidden [B, L, D]."""
         inv_freq = rope_frequencies(self.config)
         allowed = attention_allowed(attention_mask)
         x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.compute_dtype)
-        for block in self.layers:
-            if self.remat:
-                x = nnx.remat(
-                    lambda blk, x: blk(x, positions, allowed, inv_freq, self.compute_dtype)
-                )(block, x)
-            else:
-                x = block(x, positions, allowed, inv_freq, self.compute_dtype)
+        x = self._boundary(x)
+        use_remat, policy = _remat_policy(self.remat)
+
+        def run(block, x):
+            return self._boundary(block(x, positions, allowed, inv_freq, self.compute_dtype))
+
+        if self.scan_layers:
+            graphdef, stacked = nnx.split(self.blocks)
+
+            def body(x, layer_state):
+                return run(nnx.merge(graphdef, layer_state), x), None
+
+            if use_remat:
+                body = jax.checkpoint(body, policy=policy, prevent_cse=False)
+            x, _ = jax.lax.scan(body, x, stacked)
+        else:
+            for block in self.layers:
+                x = nnx.remat(run, policy=policy)(block, x) if use_remat else run(block, x)
         return self.norm(x)
 
     def unembedding(self) -> jax.Array:

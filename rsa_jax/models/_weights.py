@@ -89,6 +89,9 @@ def hf_name(path: tuple, config: LlamaConfig) -> tuple[str, Callable, Callable]:
     if path[0] == "layers":
         name, to_ours, to_hf = _layer_table(config)[tuple(path[2:])]
         return f"model.layers.{path[1]}.{name}", to_ours, to_hf
+    if path[0] == "blocks":  # scanned: one stacked tensor; "{i}" is filled in per layer
+        name, to_ours, to_hf = _layer_table(config)[tuple(path[1:])]
+        return "model.layers.{i}." + name, to_ours, to_hf
     raise KeyError(f"no Hugging Face name for parameter {path}")
 
 
@@ -123,7 +126,9 @@ def load_hf(
     param_dtype=jnp.float32,
     compute_dtype=jnp.float32,
     shardings: Callable[[tuple, tuple[str, ...] | None], jax.sharding.Sharding] | None = None,
-    remat: bool = False,
+    remat: bool | str = False,
+    scan_layers: bool = False,
+    constrain=None,
 ) -> Llama:
     """Loads a local HF Llama-family directory into the NNX model.
 
@@ -131,6 +136,7 @@ def load_hf(
       path: directory with config.json and model.safetensors (or a sharded index).
       param_dtype, compute_dtype: parameter storage and activation dtypes.
       shardings: optional (param path, logical axes) -> Sharding; each tensor is put straight on it.
+      remat, scan_layers, constrain: passed to `Llama` (scanned layers are stacked on load).
     Returns:
       The Llama module holding the loaded weights.
     """
@@ -143,19 +149,30 @@ def load_hf(
             param_dtype=param_dtype,
             compute_dtype=compute_dtype,
             remat=remat,
+            scan_layers=scan_layers,
+            constrain=constrain,
         )
     )
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
     for param_path, variable in flat:
         name, to_ours, _ = hf_name(param_path, config)
-        value = to_ours(tensors.get(name))
-        if value.shape != variable.shape:
-            raise ValueError(
-                f"{path}: tensor {name!r} has shape {tensors.get(name).shape}, which does not "
-                f"fit parameter {'/'.join(map(str, param_path))} of shape {variable.shape}"
-            )
-        value = value.astype(variable.dtype)
+        if param_path[0] == "blocks":
+            names = [name.format(i=i) for i in range(config.num_hidden_layers)]
+        else:
+            names = [name]
+        parts = []
+        for n in names:
+            raw = tensors.get(n)
+            part = to_ours(raw)
+            want = variable.shape[1:] if param_path[0] == "blocks" else variable.shape
+            if part.shape != want:
+                raise ValueError(
+                    f"{path}: tensor {n!r} has shape {raw.shape}, which does not fit parameter "
+                    f"{'/'.join(map(str, param_path))} of shape {want}"
+                )
+            parts.append(part.astype(variable.dtype))
+        value = np.stack(parts) if param_path[0] == "blocks" else parts[0]
         axes = variable.get_metadata().get("logical_axes")
         target = shardings(param_path, axes) if shardings is not None else None
         variable.set_value(jax.device_put(value, target))
@@ -169,7 +186,12 @@ def save_hf(model: Llama, path: str, tokenizer=None) -> None:
     tensors = {}
     for param_path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name, _, to_hf = hf_name(param_path, config)
-        tensors[name] = np.ascontiguousarray(to_hf(np.asarray(variable[...], np.float32)))
+        value = np.asarray(variable[...], np.float32)
+        if param_path[0] == "blocks":
+            for i in range(config.num_hidden_layers):
+                tensors[name.format(i=i)] = np.ascontiguousarray(to_hf(value[i]))
+        else:
+            tensors[name] = np.ascontiguousarray(to_hf(value))
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config.to_hf(), f, indent=2)

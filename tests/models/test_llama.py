@@ -133,3 +133,49 @@ def test_unembedding_and_logits():
     hidden = tied(jnp.zeros((1, 3), jnp.int32), jnp.arange(3)[None], jnp.ones((1, 3), bool))
     logits = tied.logits(hidden)
     assert logits.shape == (1, 3, 256) and logits.dtype == jnp.float32
+
+
+def test_scanned_and_rematerialised_forward_and_grads_equal_unrolled(tmp_path):
+    config = CONFIGS["qwen2-like (biases, untied)"]
+    save_hf(_random_model(config, seed=5), str(tmp_path))
+    ids = jnp.asarray(np.random.default_rng(2).integers(0, 256, size=MASK.shape))
+
+    def loss(model):
+        hidden = model(ids, jnp.asarray(POSITIONS), jnp.asarray(MASK))
+        return jnp.sum(jnp.where(MASK[..., None], model.logits(hidden), 0.0) ** 2) * 1e-3
+
+    results = {}
+    for scan, remat in ((False, False), (True, False), (True, "dots"), (False, True)):
+        model = load_hf(str(tmp_path), scan_layers=scan, remat=remat)
+        value, grads = nnx.jit(nnx.value_and_grad(loss))(model)
+        # Compare per HF tensor name so the stacked and unrolled layouts line up.
+        exported = tmp_path / f"export-{scan}-{remat}"
+        grad_model = load_hf(str(tmp_path), scan_layers=scan)
+        nnx.update(grad_model, grads)
+        save_hf(grad_model, str(exported))
+        results[scan, remat] = (float(value), load_file(str(exported / "model.safetensors")))
+    want_value, want_grads = results[False, False]
+    for key, (value, grads) in results.items():
+        np.testing.assert_allclose(value, want_value, rtol=1e-5, err_msg=str(key))
+        assert grads.keys() == want_grads.keys()
+        for name in grads:
+            np.testing.assert_allclose(
+                grads[name], want_grads[name], rtol=1e-4, atol=1e-6, err_msg=f"{key} {name}"
+            )
+    scanned = load_hf(str(tmp_path), scan_layers=True)
+    axes = nnx.to_flat_state(nnx.state(scanned, nnx.Param))
+    assert all(v.get_metadata()["logical_axes"][0] == "layers" for p, v in axes if p[0] == "blocks")
+    with pytest.raises(ValueError, match="remat 'sometimes'"):
+        Llama(tiny_config(), rngs=nnx.Rngs(0), remat="sometimes")
+
+
+def test_constrain_hook_sees_block_boundaries():
+    seen = []
+
+    def constrain(x, axes):
+        seen.append((x.shape, axes))
+        return x
+
+    model = Llama(tiny_config(), rngs=nnx.Rngs(0), constrain=constrain)
+    model(jnp.zeros(MASK.shape, jnp.int32), jnp.asarray(POSITIONS), jnp.asarray(MASK))
+    assert seen == [((3, 8, 64), ("batch", "length", "embed"))] * 3  # embedding + 2 blocks
