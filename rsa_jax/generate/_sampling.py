@@ -34,26 +34,37 @@ def _cached_forward(model: Llama, cache: Cache, ids, positions, start):
     `cache.valid` must already mark the new slots. Query slot start + i attends to the valid
     slots up to and including itself.
     """
-    if model.scan_layers:
-        raise ValueError(
-            "generation needs unrolled layers (build the model with scan_layers=False)"
-        )
     dtype = model.compute_dtype
     inv_freq = rope_frequencies(model.config)
     t, s = ids.shape[1], cache.valid.shape[1]
     query_slot = start + jnp.arange(t)  # [T]
     allowed = (jnp.arange(s)[None, :] <= query_slot[:, None])[None] & cache.valid[:, None, :]
     x = jnp.take(model.embed[...], ids, axis=0).astype(dtype)  # [B, T, D]
-    keys, values = [], []
-    for i, block in enumerate(model.layers):
+
+    def layer(x, block, layer_keys, layer_values):
         q, k, v = block.attention.project(block.input_norm(x), positions, inv_freq, dtype)
-        k_all = jax.lax.dynamic_update_slice_in_dim(cache.keys[i], k.astype(dtype), start, 1)
-        v_all = jax.lax.dynamic_update_slice_in_dim(cache.values[i], v.astype(dtype), start, 1)
+        k_all = jax.lax.dynamic_update_slice_in_dim(layer_keys, k.astype(dtype), start, 1)
+        v_all = jax.lax.dynamic_update_slice_in_dim(layer_values, v.astype(dtype), start, 1)
         x = x + block.attention.attend(q, k_all, v_all, allowed, dtype).astype(x.dtype)
         x = x + block.mlp(block.post_attention_norm(x), dtype).astype(x.dtype)
-        keys.append(k_all)
-        values.append(v_all)
-    return model.norm(x), Cache(jnp.stack(keys), jnp.stack(values), cache.valid)
+        return x, (k_all, v_all)
+
+    if model.scan_layers:
+        graphdef, stacked = nnx.split(model.blocks)
+
+        def body(x, xs):
+            layer_state, layer_keys, layer_values = xs
+            return layer(x, nnx.merge(graphdef, layer_state), layer_keys, layer_values)
+
+        x, (keys, values) = jax.lax.scan(body, x, (stacked, cache.keys, cache.values))
+    else:
+        keys, values = [], []
+        for i, block in enumerate(model.layers):
+            x, (k_all, v_all) = layer(x, block, cache.keys[i], cache.values[i])
+            keys.append(k_all)
+            values.append(v_all)
+        keys, values = jnp.stack(keys), jnp.stack(values)
+    return model.norm(x), Cache(keys, values, cache.valid)
 
 
 def _sample(logits, key, temperature, top_k, top_p):
@@ -168,7 +179,7 @@ def generate(
     """Samples up to `max_new_tokens` per row, stopping each row at its first EOS.
 
     Args:
-      model: an unrolled-layer `Llama`.
+      model: a `Llama` (unrolled or scanned layers).
       prompt_ids: [B, P] int, LEFT-padded prompts; prompt_mask: [B, P] bool, True on real tokens.
       key: PRNG key; the same key gives the same samples.
       max_new_tokens: N, static (one compile per (B, P, N)).

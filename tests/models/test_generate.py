@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 
 from rsa_jax.generate import generate
-from rsa_jax.models import Llama, tiny_config
+from rsa_jax.models import Llama, load_hf, save_hf, tiny_config
 
 PROMPT_MASK = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]], bool)
 N = 6
@@ -45,6 +45,15 @@ def test_greedy_kv_cache_equals_full_recomputation(model, prompt):
     np.testing.assert_array_equal(tokens, want_argmax)  # greedy: each token is the full argmax
     np.testing.assert_allclose(np.asarray(out.logprobs), want_logp, rtol=1e-5, atol=1e-5)
     assert (np.asarray(out.lengths) == N).all()
+
+
+def test_scanned_model_generates_the_same(model, prompt, tmp_path):
+    save_hf(model, str(tmp_path))
+    scanned = load_hf(str(tmp_path), scan_layers=True)
+    a = generate(model, prompt, PROMPT_MASK, jax.random.key(0), max_new_tokens=N)
+    b = generate(scanned, prompt, PROMPT_MASK, jax.random.key(0), max_new_tokens=N)
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    np.testing.assert_allclose(np.asarray(a.logprobs), np.asarray(b.logprobs), rtol=1e-5, atol=1e-5)
 
 
 def test_sampled_kv_cache_logprobs_equal_full_recomputation(model, prompt):
