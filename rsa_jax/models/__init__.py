@@ -1,19 +1,35 @@
-"""Flax NNX Llama-family models and Hugging Face safetensors weight IO.
+"""Flax NNX Llama-family models, Hugging Face safetensors and GGUF weight IO.
 
-`Llama(config, rngs=...)` -> `model(input_ids, positions, attention_mask)` gives final hidden
-states [B, L, D]; `model.unembedding()` is the [D, V] matrix the fused loss head takes;
-`model.logits(hidden)` the [B, L, V] float32 logits. `load_hf` / `save_hf` read and write local
-Hugging Face directories.
+Stable API (the training code and the CLI rely on these names):
+- `Llama(config, rngs=..., param_dtype, compute_dtype, remat, scan_layers, constrain)`;
+  `model(input_ids, positions, attention_mask)` -> final normed hidden states [B, L, D];
+  `model.unembedding()` -> [D, V] (tied models: the embedding transposed);
+  `model.logits(hidden)` -> [B, L, V] float32.
+- Every parameter has `logical_axes` metadata from `vocab`, `embed`, `heads`, `kv_heads`,
+  `head_dim`, `mlp` (+ a leading `layers` when `scan_layers=True`); activations at block
+  boundaries go through `constrain(x, ("batch", "length", "embed"))` when given.
+- `LlamaConfig.from_hf(dict)` / `.from_dir(path)` / `.to_hf()`; `tiny_config(**overrides)`, a
+  2-layer D=64 V=256 random-init config for tests.
+- `load_hf(path, *, shardings=...)` reads a local HF directory tensor by tensor (optionally
+  straight onto shardings); `save_hf(model, path, tokenizer=None)` writes one transformers loads.
+- `convert_gguf(gguf_path, out_dir)` -> HF directory (dequantised, q/k un-permuted, tokenizer and
+  chat template from the metadata); `bundled_smollm2_gguf()`; CLI `python -m rsa_jax.models.convert`
+  (`make model` -> artifacts/smollm2-135m).
+- Sampling with a KV cache lives in `rsa_jax.generate.generate`.
 """
 
 from rsa_jax.models._config import LlamaConfig, tiny_config
-from rsa_jax.models._llama import Llama, attention_allowed, rope_frequencies
+from rsa_jax.models._gguf import bundled_smollm2_gguf, convert_gguf
+from rsa_jax.models._llama import REMAT_POLICIES, Llama, attention_allowed, rope_frequencies
 from rsa_jax.models._weights import hf_name, load_hf, save_hf
 
 __all__ = [
+    "REMAT_POLICIES",
     "Llama",
     "LlamaConfig",
     "attention_allowed",
+    "bundled_smollm2_gguf",
+    "convert_gguf",
     "hf_name",
     "load_hf",
     "rope_frequencies",
