@@ -55,10 +55,10 @@ def _dtype(name: str):
 
 
 def build_spec(config: ModelConfig, llama: LlamaConfig, mesh: Mesh, rules: dict) -> ModelSpec:
-    def make():
+    def make(seed: int = config.init_seed):
         return Llama(
             llama,
-            rngs=nnx.Rngs(config.init_seed),
+            rngs=nnx.Rngs(seed),
             param_dtype=jnp.float32,  # fp32 master weights
             compute_dtype=_dtype(config.compute_dtype),
             remat=config.remat,
@@ -81,7 +81,7 @@ def init_params(spec: ModelSpec, config: ModelConfig) -> dict[str, jax.Array]:
     if config.path == "tiny":
 
         def init():
-            state = nnx.state(spec.make())  # type: ignore[attr-defined]
+            state = nnx.state(spec.make(config.init_seed))  # type: ignore[attr-defined]
             return {_key(p): v[...] for p, v in nnx.to_flat_state(state)}
 
         return jax.jit(init, out_shardings=spec.shardings)()

@@ -163,16 +163,29 @@ def make_train_step(
     return step
 
 
-def init_state(params: dict, tx: optax.GradientTransformation) -> TrainState:
-    """Optimizer state built under jit so every leaf (the `count` scalars too) is committed."""
-    opt_state = jax.jit(tx.init)(params)
-    return TrainState(params, opt_state, jnp.zeros((), jnp.int32))
+def opt_state_shardings(tx: optax.GradientTransformation, params: dict, replicated) -> object:
+    """Moments take their parameter's sharding; scalars (`count`) are replicated."""
+    abstract = jax.eval_shape(tx.init, params)
+
+    def pick(path, leaf):
+        last = path[-1] if path else None
+        name = getattr(last, "key", None)
+        if isinstance(name, str) and name in params and params[name].shape == leaf.shape:
+            return params[name].sharding
+        return replicated
+
+    return jax.tree_util.tree_map_with_path(pick, abstract)
 
 
-def state_shardings(state: TrainState, replicated) -> TrainState:
-    return jax.tree.map(
-        lambda x: x.sharding if isinstance(x, jax.Array) and x.ndim > 0 else replicated, state
-    )
+def init_state(params: dict, tx: optax.GradientTransformation, replicated) -> TrainState:
+    """Optimizer state created directly sharded, with every leaf (the `count` scalars too)
+    committed, so the first and later steps see the same shardings (one compile)."""
+    opt_state = jax.jit(tx.init, out_shardings=opt_state_shardings(tx, params, replicated))(params)
+    return TrainState(params, opt_state, jax.device_put(jnp.zeros((), jnp.int32), replicated))
+
+
+def state_shardings(state: TrainState) -> TrainState:
+    return jax.tree.map(lambda x: x.sharding, state)
 
 
 def jit_step(step, state_sh, ref_sh, batch_sh, replicated):

@@ -134,8 +134,8 @@ def train(config: Config) -> RunResult:
             start_stage, resume, global_step = meta["stage"], step_id, step_id
             break
         # Between stages: the finished stage's policy starts the next one.
-        probe = init_state(policy, make_optimizer(config.optim, 1))
-        probe = jax.device_put(probe, state_shardings(probe, rep))
+        probe = init_state(policy, make_optimizer(config.optim, 1), rep)
+        probe = jax.device_put(probe, state_shardings(probe))
         try:
             restored, _ = ckpt.restore(step_id, abstract_like(probe), data_iter=None)
         except CorruptCheckpoint:
@@ -153,8 +153,8 @@ def train(config: Config) -> RunResult:
                 tx = make_optimizer(config.optim, total)
                 schedule = make_schedule(config.optim, total)
                 reference = reference_init if stage.reference == "init" else _device_copy(policy)
-                state = init_state(policy, tx)
-                state_sh = state_shardings(state, rep)
+                state = init_state(policy, tx, rep)
+                state_sh = state_shardings(state)
                 state = jax.device_put(state, state_sh)
                 if resume is not None:
                     try:

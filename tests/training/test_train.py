@@ -69,6 +69,7 @@ def test_loss_goes_down_and_stage_two_starts_at_log_two(baseline):
     assert os.listdir(os.path.join(run_dir, "tensorboard"))
 
 
+@pytest.mark.slow  # two more tiny runs in subprocesses (about 80 s on 2 cores)
 def test_kill_and_resume_equals_uninterrupted(baseline, data_path, tmp_path):
     base_dir, base = baseline
     run_dir = str(tmp_path / "killed")
@@ -96,3 +97,24 @@ def test_kill_and_resume_equals_uninterrupted(baseline, data_path, tmp_path):
     _, params, _ = latest_policy(run_dir)
     for k, v in base.params.items():
         np.testing.assert_array_equal(np.asarray(params[k]), np.asarray(jax.device_get(v)), k)
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_the_step_saves_and_exits_cleanly(data_path, tmp_path):
+    run_dir = str(tmp_path / "term")
+    cmd = [sys.executable, "-m", "rsa_jax", "train", TINY, *OVERRIDES]
+    cmd += [f"data.path={data_path}", f"train.run_dir={run_dir}", "checkpoint.every=100"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    assert "preempted" in out
+    logged = sum(1 for _ in open(metrics))
+    steps = sorted(int(d) for d in os.listdir(os.path.join(run_dir, "checkpoints")) if d.isdigit())
+    assert steps == [logged], (steps, logged)  # saved at the step it stopped after
