@@ -118,3 +118,52 @@ def test_sigterm_finishes_the_step_saves_and_exits_cleanly(data_path, tmp_path):
     logged = sum(1 for _ in open(metrics))
     steps = sorted(int(d) for d in os.listdir(os.path.join(run_dir, "checkpoints")) if d.isdigit())
     assert steps == [logged], (steps, logged)  # saved at the step it stopped after
+
+
+def test_export_and_merge_write_loadable_hf_directories(baseline, tmp_path):
+    from rsa_jax.cli import main, merge_params
+    from rsa_jax.models import load_hf
+
+    run_dir, result = baseline
+    out = str(tmp_path / "hf")
+    assert main(["export", run_dir, out]) == 0
+    assert os.path.exists(os.path.join(out, "model.safetensors"))
+    assert os.path.exists(os.path.join(out, "tokenizer.json"))
+    from flax import nnx
+
+    loaded = load_hf(out)
+    flat = {"/".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(nnx.state(loaded))}
+    for k, v in result.params.items():
+        np.testing.assert_array_equal(np.asarray(flat[k]), np.asarray(v), k)
+    merged = str(tmp_path / "merged")
+    assert main(["merge", run_dir, run_dir, "--q", "0.25", "--out", merged]) == 0
+    assert os.path.exists(os.path.join(merged, "model.safetensors"))
+    a = {"w": np.array([1.0, 2.0]), "b": np.array([0.0])}
+    b = {"w": np.array([3.0, 6.0]), "b": np.array([4.0])}
+    m = merge_params(a, b, 0.25)
+    np.testing.assert_allclose(m["w"], [1.5, 3.0])
+    np.testing.assert_allclose(m["b"], [1.0])
+    with pytest.raises(ValueError, match="different parameters"):
+        merge_params(a, {"w": b["w"]}, 0.5)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(baseline, tmp_path, caplog):
+    import shutil
+
+    run_dir, _ = baseline
+    copy = str(tmp_path / "run")
+    shutil.copytree(run_dir, copy)
+    ckpts = os.path.join(copy, "checkpoints")
+    steps = sorted(int(d) for d in os.listdir(ckpts) if d.isdigit())
+    assert len(steps) >= 2
+    latest = os.path.join(ckpts, str(steps[-1]), "state")
+    for root, _, files in os.walk(latest):
+        for f in files:
+            with open(os.path.join(root, f), "wb") as fh:
+                fh.write(b"garbage")
+    with caplog.at_level("WARNING"):
+        _, params, _ = latest_policy(copy)
+    assert any("cannot be restored" in r.message for r in caplog.records)
+    assert os.path.isdir(os.path.join(copy, "corrupt", str(steps[-1])))  # set aside, not deleted
+    assert sorted(int(d) for d in os.listdir(ckpts) if d.isdigit()) == steps[:-1]
+    assert params  # the previous checkpoint restored
