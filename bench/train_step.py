@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from rsa_jax.config import MeshConfig, ModelConfig, OptimConfig, StageConfig
+from rsa_jax.models import LlamaConfig
 from rsa_jax.training import (
     batch_sharding,
     build_spec,
@@ -34,9 +35,10 @@ from rsa_jax.training import (
     replicated,
     state_shardings,
 )
-from rsa_jax.models import LlamaConfig
 
-ARTIFACT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "artifacts", "smollm2-135m")
+ARTIFACT = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "artifacts", "smollm2-135m"
+)
 
 
 def make_batch(pairs, prompt, response, vocab, seed=0):
@@ -68,7 +70,9 @@ def bench(head, args):
     stage = StageConfig(loss="ra_dpo", risk="cvar_reference", mu=0.95, split_vocab=True)
     bsh = batch_sharding(mesh, rules)
     step = jit_step(
-        make_train_step(spec, tx, schedule, stage, microbatches=1, head=head, chunk_size=args.chunk),
+        make_train_step(
+            spec, tx, schedule, stage, microbatches=1, head=head, chunk_size=args.chunk
+        ),
         sh,
         spec.shardings,
         bsh,
@@ -118,8 +122,10 @@ def main():
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--heads", default="fused,logits")
     args = p.parse_args()
-    print(f"device: {jax.devices()[0].device_kind}, pairs {args.pairs}, tokens/row "
-          f"{args.prompt}+{args.response}, dtype {args.dtype}")
+    print(
+        f"device: {jax.devices()[0].device_kind}, pairs {args.pairs}, tokens/row "
+        f"{args.prompt}+{args.response}, dtype {args.dtype}"
+    )
     for head in args.heads.split(","):
         print(json.dumps(bench(head, args)), flush=True)
 

@@ -1,8 +1,8 @@
 """`rsa-jax` (and `python -m rsa_jax`): train, merge, export, toy-data, check-config.
 
-    rsa-jax train configs/rsa_cvar.yaml model.path=/models/sft train.run_dir=runs/rsa stages.1.beta=0.05
-    rsa-jax merge runs/sacpo/stage1_export runs/sacpo --q 0.5 --out merged/
-    rsa-jax export runs/rsa out/rsa_hf
+rsa-jax train configs/rsa_cvar.yaml model.path=/models/sft train.run_dir=runs/rsa stages.1.beta=0.05
+rsa-jax merge runs/sacpo/stage1_export runs/sacpo --q 0.5 --out merged/
+rsa-jax export runs/rsa out/rsa_hf
 """
 
 from __future__ import annotations

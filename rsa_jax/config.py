@@ -151,7 +151,9 @@ def _apply_override(values: dict, item: str) -> None:
         here = ".".join(parts[: depth + 1])
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise ConfigError(f"override {item!r}: {here} is not an index of a {len(node)}-list")
+                raise ConfigError(
+                    f"override {item!r}: {here} is not an index of a {len(node)}-list"
+                )
             part = int(part)
         elif not isinstance(node, dict) or part not in node:
             raise ConfigError(f"override {item!r}: unknown key {here!r}")
@@ -161,7 +163,9 @@ def _apply_override(values: dict, item: str) -> None:
             node = node[part]
 
 
-def load_config(path: str | None = None, overrides: list[str] = (), *, check: bool = True) -> Config:
+def load_config(
+    path: str | None = None, overrides: list[str] = (), *, check: bool = True
+) -> Config:
     """YAML file (optional) + dotted overrides (`optim.learning_rate=1e-5`, `stages.1.beta=0.05`).
 
     Raises ConfigError naming the dotted key for unknown keys, wrong types and invalid values.
@@ -308,6 +312,4 @@ def stage_data(config: Config, stage: StageConfig) -> DataConfig:
 
 
 def config_files(directory: str = "configs") -> list[str]:
-    return sorted(
-        os.path.join(directory, f) for f in os.listdir(directory) if f.endswith(".yaml")
-    )
+    return sorted(os.path.join(directory, f) for f in os.listdir(directory) if f.endswith(".yaml"))

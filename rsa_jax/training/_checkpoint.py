@@ -61,7 +61,9 @@ class Checkpoints:
             if step is None:
                 return None
             try:
-                meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+                meta = self.manager.restore(
+                    step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+                )
                 return step, meta["meta"]
             except Exception as e:  # noqa: BLE001 - any failure means unusable
                 self._set_aside(step, e)
@@ -114,6 +116,4 @@ class CorruptCheckpoint(RuntimeError):
 
 def abstract_like(tree):
     """ShapeDtypeStructs carrying each array's sharding (restore targets)."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree
-    )
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)

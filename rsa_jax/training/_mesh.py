@@ -25,13 +25,16 @@ def maybe_initialize_distributed() -> None:
         k in os.environ
         for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_ID")
     )
-    if described and int(os.environ.get("JAX_NUM_PROCESSES", os.environ.get("SLURM_NTASKS", 2))) > 1:
+    if (
+        described
+        and int(os.environ.get("JAX_NUM_PROCESSES", os.environ.get("SLURM_NTASKS", 2))) > 1
+    ):
         jax.distributed.initialize()
         log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
 def make_mesh(config: MeshConfig, devices=None) -> Mesh:
-    """The (data, fsdp, tensor) mesh with the -1 axis filled, Auto axis types (GSPMD propagation)."""
+    """The (data, fsdp, tensor) mesh, the -1 axis filled, Auto axis types (GSPMD propagation)."""
     devices = jax.devices() if devices is None else devices
     shape = mesh_shape(config, len(devices))
     grid = np.asarray(devices).reshape(shape)

@@ -123,9 +123,7 @@ def make_train_step(
 ):
     """`step(state, ref_params, batch, hyper) -> (state, metrics)`, not yet jitted."""
     static, _ = loss_kwargs(stage)
-    lossf = functools.partial(
-        pair_losses, spec, static=static, head=head, chunk_size=chunk_size
-    )
+    lossf = functools.partial(pair_losses, spec, static=static, head=head, chunk_size=chunk_size)
 
     def summed(params, ref_params, mb, hyper):
         losses, metrics = lossf(params, ref_params, mb, hyper=hyper)

@@ -97,7 +97,9 @@ def _stage_dataset(config: Config, stage, tokenizer):
         report=report,
     )
     if len(dataset) == 0:
-        raise ValueError(f"stage {stage.name!r}: {data.path} gives no full batch ({report.summary()})")
+        raise ValueError(
+            f"stage {stage.name!r}: {data.path} gives no full batch ({report.summary()})"
+        )
     total = stage.steps if stage.steps > 0 else len(dataset)
     iterator = iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads)))
     return iterator, total
@@ -122,7 +124,9 @@ def train(config: Config) -> RunResult:
     policy = initial
     rng = jax.random.key_data(jax.random.key(config.train.seed))
 
-    ckpt = Checkpoints(run_dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+    ckpt = Checkpoints(
+        run_dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
+    )
     metrics_log = MetricsLog(run_dir, progress=config.train.progress_bar)
     start_stage, resume, global_step = 0, None, 0
     while True:
@@ -195,17 +199,18 @@ def train(config: Config) -> RunResult:
                 hyper = jax.device_put(hyper, rep)
                 metrics_log.start_stage(i, stage.name, total, int(state.step))
 
-                def save(done: bool):
+                def save(done: bool, i=i, stage=stage, iterator=iterator, reference=reference):
+                    # `state` and `global_step` are read at call time on purpose.
                     meta = dict(
                         stage=i,
-                        stage_step=int(state.step),
+                        stage_step=int(state.step),  # noqa: B023
                         done=done,
                         rng=np.asarray(rng).tolist(),
                         config=json.loads(resolved),
                     )
                     ckpt.save(
-                        global_step,
-                        state,
+                        global_step,  # noqa: B023
+                        state,  # noqa: B023
                         meta=meta,
                         data_iter=iterator,
                         reference=reference if stage.reference == "previous_stage" else None,
@@ -217,7 +222,10 @@ def train(config: Config) -> RunResult:
                     tokens = int(np.sum(batch["attention_mask"]))
                     t0 = time.perf_counter()
                     state, metrics = step_fn(
-                        state, reference, place_batch({k: batch[k] for k in BATCH_KEYS}, batch_sh), hyper
+                        state,
+                        reference,
+                        place_batch({k: batch[k] for k in BATCH_KEYS}, batch_sh),
+                        hyper,
                     )
                     global_step += 1
                     stage_step = int(state.step)
@@ -262,7 +270,9 @@ def latest_policy(run_dir: str, config: Config | None = None):
             config = from_json(f.read())
     mesh = make_mesh(dataclasses.replace(config.mesh, data=-1, fsdp=1, tensor=1))
     tokenizer = load_tokenizer(config.model)
-    spec = build_spec(config.model, llama_config(config.model, len(tokenizer)), mesh, config.mesh.rules)
+    spec = build_spec(
+        config.model, llama_config(config.model, len(tokenizer)), mesh, config.mesh.rules
+    )
     ckpt = Checkpoints(run_dir, keep=config.checkpoint.keep, async_save=False)
     try:
         while True:
@@ -273,7 +283,9 @@ def latest_policy(run_dir: str, config: Config | None = None):
             tx = make_optimizer(config.optim, 1)
             opt = jax.eval_shape(tx.init, abstract_params)
             rep = replicated(mesh)
-            opt = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), opt)
+            opt = jax.tree.map(
+                lambda s, rep=rep: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), opt
+            )
             from rsa_jax.training._step import TrainState
 
             abstract = TrainState(

@@ -4,7 +4,9 @@ equal one batch, and the step compiles once. Prints one JSON line of max differe
 
 import os
 
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+)
 
 import dataclasses  # noqa: E402
 import json  # noqa: E402
@@ -13,6 +15,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from rsa_jax.config import MeshConfig, ModelConfig, OptimConfig, StageConfig  # noqa: E402
+from rsa_jax.models import tiny_config  # noqa: E402
 from rsa_jax.training import (  # noqa: E402
     batch_sharding,
     build_spec,
@@ -28,7 +31,6 @@ from rsa_jax.training import (  # noqa: E402
     replicated,
     state_shardings,
 )
-from rsa_jax.models import tiny_config  # noqa: E402
 from rsa_jax.training._step import BATCH_KEYS  # noqa: E402
 
 B, P, R, V = 8, 8, 8, 256

@@ -104,7 +104,9 @@ def test_sigterm_finishes_the_step_saves_and_exits_cleanly(data_path, tmp_path):
     run_dir = str(tmp_path / "term")
     cmd = [sys.executable, "-m", "rsa_jax", "train", TINY, *OVERRIDES]
     cmd += [f"data.path={data_path}", f"train.run_dir={run_dir}", "checkpoint.every=100"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     metrics = os.path.join(run_dir, "metrics.jsonl")
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
