@@ -123,6 +123,8 @@ class TrainConfig:
     # "fused": hidden states + unembedding into the loss head; "logits": full [2B, L, V] logits.
     head: str = "fused"
     progress_bar: bool = True
+    # Peak dense TFLOP/s of one device, for the MFU estimate in the metrics; 0: MFU not logged.
+    peak_tflops: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,9 @@ log = logging.getLogger(__name__)
 
 
 class MetricsLog:
-    def __init__(self, run_dir: str, *, progress: bool = True):
+    def __init__(self, run_dir: str, *, progress: bool = True, flops_per_token: float = 0.0):
+        # Model FLOPs per token of a step: policy forward + backward (6N) and reference forward (2N).
+        self.flops_per_token = flops_per_token
         self.main = jax.process_index() == 0
         self.progress = progress and self.main
         self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a") if self.main else None
@@ -39,6 +41,8 @@ class MetricsLog:
         record["tokens_per_s"] = tokens / seconds if seconds > 0 else 0.0
         record["pairs_per_s"] = pairs / seconds if seconds > 0 else 0.0
         record["step_time_s"] = seconds
+        if self.flops_per_token and seconds > 0:
+            record["mfu"] = self.flops_per_token * tokens / seconds
         for k in ("loss", "rewards/accuracies", "rewards/margins", "kl/chosen", "risk/chosen"):
             if k in metrics:
                 self._sums[k] = self._sums.get(k, 0.0) + metrics[k]

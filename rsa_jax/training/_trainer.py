@@ -127,7 +127,13 @@ def train(config: Config) -> RunResult:
     ckpt = Checkpoints(
         run_dir, keep=config.checkpoint.keep, async_save=config.checkpoint.async_save
     )
-    metrics_log = MetricsLog(run_dir, progress=config.train.progress_bar)
+    n_params = sum(int(np.prod(v.shape)) for v in initial.values())
+    peak = config.train.peak_tflops * 1e12 * mesh.size
+    metrics_log = MetricsLog(
+        run_dir,
+        progress=config.train.progress_bar,
+        flops_per_token=8.0 * n_params / peak if peak else 0.0,
+    )
     start_stage, resume, global_step = 0, None, 0
     while True:
         found = ckpt.latest_meta()
