@@ -49,6 +49,8 @@ def _step_fn(graphdef, rest):
 
 def run(path: str, shapes, repeats: int) -> None:
     print(f"devices: {jax.devices()}  (cpu count {os.cpu_count()})")
+    # The machines are shared: a load average above the core count means slower, noisier steps.
+    print("load average (1, 5, 15 min): {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     columns = ("shape", "variant", "compile s", "step s", "tokens/s", "peak MiB")
     header = " ".join(f"{c:>{w}}" for c, w in zip(columns, (7, 15, 9, 7, 9, 9), strict=True))
     print(header)
@@ -77,7 +79,7 @@ def run(path: str, shapes, repeats: int) -> None:
             best = min(times)
             print(
                 f"{b:>3}x{length:<3} {name:>15} {compile_s:9.1f} {best:7.2f} "
-                f"{b * length / best:9.0f} {peak:9.0f}",
+                f"{b * length / best:9.0f} {peak:9.0f}   load {os.getloadavg()[0]:.1f}",
                 flush=True,
             )
             del model, params, compiled
