@@ -38,6 +38,8 @@ class ModelConfig:
     compute_dtype: str = "bfloat16"
     # Rematerialise every decoder block in the backward pass (memory for compute).
     remat: bool = True
+    # Stack the decoder blocks under one lax.scan (compile time independent of the depth).
+    scan_layers: bool = False
     # Seed of the random initialisation of a "tiny" model.
     init_seed: int = 0
 

@@ -62,6 +62,7 @@ def build_spec(config: ModelConfig, llama: LlamaConfig, mesh: Mesh, rules: dict)
             param_dtype=jnp.float32,  # fp32 master weights
             compute_dtype=_dtype(config.compute_dtype),
             remat=config.remat,
+            scan_layers=config.scan_layers,
         )
 
     abstract_model = nnx.eval_shape(make)
@@ -90,6 +91,7 @@ def init_params(spec: ModelSpec, config: ModelConfig) -> dict[str, jax.Array]:
         param_dtype=jnp.float32,
         compute_dtype=_dtype(config.compute_dtype),
         remat=config.remat,
+        scan_layers=config.scan_layers,
         shardings=lambda path, axes: spec.shardings[_key(path)],
     )
     return {_key(p): v[...] for p, v in nnx.to_flat_state(nnx.state(model))}
