@@ -169,3 +169,17 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(baseline, tmp_path
     assert os.path.isdir(os.path.join(copy, "corrupt", str(steps[-1])))  # set aside, not deleted
     assert sorted(int(d) for d in os.listdir(ckpts) if d.isdigit()) == steps[:-1]
     assert params  # the previous checkpoint restored
+
+
+@pytest.mark.slow
+def test_resume_between_stages_uses_the_finished_stage_as_reference(data_path, tmp_path):
+    run_dir = str(tmp_path / "between")
+    common = [f"data.path={data_path}", f"train.run_dir={run_dir}", "checkpoint.every=0"]
+    first = load_config(TINY, OVERRIDES + common)
+    only_stage_one = type(first)(**{**first.__dict__, "stages": first.stages[:1]})
+    assert train(only_stage_one).global_step == 6
+    result = train(first)  # finds stage 0 done, starts stage 1 from its checkpoint
+    assert result.status == "done" and result.global_step == 9
+    rec = _records(run_dir)
+    assert rec[(1, 1)]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert abs(rec[(1, 1)]["kl/chosen"]) < 1e-5 and abs(rec[(1, 1)]["risk/rejected"]) < 1e-5
