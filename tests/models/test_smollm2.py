@@ -67,3 +67,17 @@ def test_greedy_continuation_says_paris(smollm2_dir, tokenizer):
     )
     continuation = tokenizer.decode(np.asarray(out.tokens[0]))
     assert "Paris" in continuation, continuation
+
+
+def test_export_writes_tokenizer_files_transformers_reads(tmp_path, tokenizer):
+    from flax import nnx
+    from transformers import AutoConfig, AutoTokenizer
+
+    from rsa_jax.models import Llama, save_hf, tiny_config
+
+    save_hf(Llama(tiny_config(), rngs=nnx.Rngs(0)), str(tmp_path), tokenizer=tokenizer)
+    again = AutoTokenizer.from_pretrained(str(tmp_path))
+    text = "Héllo 🙂 <|im_start|>user\nhi<|im_end|>"
+    assert again(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert again.chat_template == tokenizer.chat_template
+    assert AutoConfig.from_pretrained(str(tmp_path)).model_type == "llama"
