@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 
 class MetricsLog:
     def __init__(self, run_dir: str, *, progress: bool = True, flops_per_token: float = 0.0):
-        # Model FLOPs per token of a step: policy forward + backward (6N) and reference forward (2N).
+        # Model FLOPs per token over peak FLOP/s: policy fwd + bwd (6N), reference fwd (2N).
         self.flops_per_token = flops_per_token
         self.main = jax.process_index() == 0
         self.progress = progress and self.main
