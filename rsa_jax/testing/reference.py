@@ -176,10 +176,12 @@ def _cvar(d: list[float], q: list[float], mu: float) -> float:
 
 
 def _erm(d: np.ndarray, logq: np.ndarray, mu: float) -> float:
-    """(1/mu) log sum_v q(v) exp(mu d(v)), as a log-sum-exp over log q(v) + mu d(v)."""
+    """(1/mu) log sum_v q(v) exp(mu d(v)), as a log-sum-exp over log q(v) + mu d(v); mu > 0."""
+    if not mu > 0.0:
+        raise ValueError(f"erm needs mu > 0, got {mu}")
     exponents = [logq[i] + mu * d[i] for i in range(len(d))]
     m = max(exponents)
-    return (m + math.log(sum(math.exp(x - m) for x in exponents))) / mu
+    return (m + math.log(math.fsum(math.exp(x - m) for x in exponents))) / mu
 
 
 def risk_term(
