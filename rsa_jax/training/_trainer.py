@@ -100,6 +100,14 @@ def _stage_dataset(config: Config, stage, tokenizer):
         raise ValueError(
             f"stage {stage.name!r}: {data.path} gives no full batch ({report.summary()})"
         )
+    if stage.steps > len(dataset):
+        raise ValueError(
+            f"stage {stage.name!r}: steps={stage.steps} but {data.path} gives only "
+            f"{len(dataset)} batches of {data.batch_size} pairs over {data.epochs} epoch(s); "
+            "lower the stage's steps or raise data.epochs"
+        )
+    left_out = report.dropped or report.skipped
+    (log.warning if left_out else log.info)("stage %r data: %s", stage.name, report.summary())
     total = stage.steps if stage.steps > 0 else len(dataset)
     iterator = iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads)))
     return iterator, total

@@ -183,3 +183,13 @@ def test_resume_between_stages_uses_the_finished_stage_as_reference(data_path, t
     rec = _records(run_dir)
     assert rec[(1, 1)]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert abs(rec[(1, 1)]["kl/chosen"]) < 1e-5 and abs(rec[(1, 1)]["risk/rejected"]) < 1e-5
+
+
+def test_more_steps_than_batches_is_a_clear_error(data_path, tmp_path):
+    config = load_config(
+        TINY,
+        OVERRIDES
+        + ["stages.0.steps=100000", f"data.path={data_path}", f"train.run_dir={tmp_path}"],
+    )
+    with pytest.raises(ValueError, match="steps=100000 but .* gives only .* batches"):
+        train(config)
