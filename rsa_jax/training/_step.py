@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from rsa_jax.config import OptimConfig, StageConfig
-from rsa_jax.losses import fused_pair_loss, logits_pair_loss
+from rsa_jax.losses import fused_pair_loss, logits_pair_loss, quantile_tail
 from rsa_jax.training._model import ModelSpec
 
 BATCH_KEYS = ("input_ids", "positions", "attention_mask", "labels", "loss_mask")
@@ -61,12 +61,18 @@ def make_optimizer(optim: OptimConfig, total_steps: int) -> optax.GradientTransf
     return adamw
 
 
+# Traced hyperparameters of a stage: changing them never recompiles the step.
+HYPER_KEYS = ("beta", "alpha", "mu", "gamma", "tail")
+
+
 def loss_kwargs(stage: StageConfig) -> tuple[dict, dict]:
     """(static kwargs that select the kernel, traced hyperparameters)."""
     static = dict(
         loss=stage.loss, risk=stage.risk, version=stage.version, split_vocab=stage.split_vocab
     )
-    hyper = {k: jnp.float32(getattr(stage, k)) for k in ("beta", "alpha", "mu", "gamma")}
+    hyper = {k: jnp.float32(getattr(stage, k)) for k in HYPER_KEYS if k != "tail"}
+    # 1 - mu rounded from float64 on the host, as torch.quantile ranks it (cvar_reference).
+    hyper["tail"] = quantile_tail(float(stage.mu))
     return static, hyper
 
 
@@ -189,7 +195,7 @@ def state_shardings(state: TrainState) -> TrainState:
 def jit_step(step, state_sh, ref_sh, batch_sh, replicated):
     """Donated state, explicit in/out shardings."""
     batch_shardings = {k: batch_sh for k in BATCH_KEYS}
-    hyper_sh = {k: replicated for k in ("beta", "alpha", "mu", "gamma")}
+    hyper_sh = {k: replicated for k in HYPER_KEYS}
     return jax.jit(
         step,
         in_shardings=(state_sh, ref_sh, batch_shardings, hyper_sh),

@@ -110,3 +110,17 @@ def test_mesh_fill_and_device_fit():
     with pytest.raises(ConfigError, match="do not divide over the 4 batch shards"):
         validate(dataclasses.replace(config, mesh=MeshConfig(data=4)), device_count=4)
     assert isinstance(config, Config)
+
+
+def test_stage_hyperparameters_carry_the_torch_rounded_quantile_tail():
+    """The step gets tail = float32(1 - mu) rounded from float64, as torch.quantile ranks it."""
+    import numpy as np
+
+    from rsa_jax.config import StageConfig
+    from rsa_jax.losses import torch_rank
+    from rsa_jax.training._step import HYPER_KEYS, loss_kwargs
+
+    _, hyper = loss_kwargs(StageConfig(loss="ra_dpo", risk="cvar_reference", mu=0.8))
+    assert set(hyper) == set(HYPER_KEYS)
+    assert hyper["tail"] == np.float32(0.2)
+    assert float(torch_rank(hyper["tail"], 16)) == 3.0  # float32 1 - mu would give 2.9999998
