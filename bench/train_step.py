@@ -23,14 +23,12 @@ from rsa_jax.models import LlamaConfig
 from rsa_jax.training import (
     batch_sharding,
     build_spec,
+    build_stage_step,
     init_params,
     init_state,
-    jit_step,
-    loss_kwargs,
     make_mesh,
     make_optimizer,
     make_schedule,
-    make_train_step,
     place_batch,
     replicated,
     state_shardings,
@@ -69,17 +67,9 @@ def bench(head, args):
     sh = state_shardings(state)
     stage = StageConfig(loss="ra_dpo", risk="cvar_reference", mu=0.95, split_vocab=True)
     bsh = batch_sharding(mesh, rules)
-    step = jit_step(
-        make_train_step(
-            spec, tx, schedule, stage, microbatches=1, head=head, chunk_size=args.chunk
-        ),
-        sh,
-        spec.shardings,
-        bsh,
-        rep,
+    step, hyper = build_stage_step(
+        spec, tx, schedule, stage, sh, bsh, rep, head=head, chunk_size=args.chunk
     )
-    _, hyper = loss_kwargs(stage)
-    hyper = jax.device_put(hyper, rep)
     batch = place_batch(
         make_batch(args.pairs, args.prompt, args.response, spec.llama.vocab_size), bsh
     )

@@ -12,6 +12,7 @@ from rsa_jax.training._mesh import (
 from rsa_jax.training._model import ModelSpec, build_spec, init_params, llama_config, load_tokenizer
 from rsa_jax.training._step import (
     TrainState,
+    build_stage_step,
     init_state,
     jit_step,
     loss_kwargs,
@@ -43,6 +44,7 @@ __all__ = [
     "place_batch",
     "replicated",
     "split_microbatches",
+    "build_stage_step",
     "state_shardings",
     "weight_decay_mask",
 ]

@@ -202,3 +202,30 @@ def jit_step(step, state_sh, ref_sh, batch_sh, replicated):
         out_shardings=(state_sh, replicated),
         donate_argnums=(0,),
     )
+
+
+def build_stage_step(
+    spec: ModelSpec,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    stage: StageConfig,
+    state_sh,
+    batch_sh,
+    replicated,
+    *,
+    microbatches: int = 1,
+    head: str = "fused",
+    chunk_size: int = 64,
+):
+    """A stage's jitted step and its traced hyperparameters, placed replicated: `(step, hyper)`."""
+    step = jit_step(
+        make_train_step(
+            spec, tx, schedule, stage, microbatches=microbatches, head=head, chunk_size=chunk_size
+        ),
+        state_sh,
+        spec.shardings,
+        batch_sh,
+        replicated,
+    )
+    _, hyper = loss_kwargs(stage)
+    return step, jax.device_put(hyper, replicated)

@@ -35,12 +35,10 @@ from rsa_jax.training._mesh import (
 from rsa_jax.training._model import build_spec, init_params, llama_config, load_tokenizer
 from rsa_jax.training._step import (
     BATCH_KEYS,
+    build_stage_step,
     init_state,
-    jit_step,
-    loss_kwargs,
     make_optimizer,
     make_schedule,
-    make_train_step,
     state_shardings,
 )
 
@@ -194,23 +192,18 @@ def train(config: Config) -> RunResult:
                         reference = restored_ref
                     log.info("resumed stage %d at step %d", i, int(state.step))
                     resume = None
-                step_fn = jit_step(
-                    make_train_step(
-                        spec,
-                        tx,
-                        schedule,
-                        stage,
-                        microbatches=config.optim.microbatches,
-                        head=config.train.head,
-                        chunk_size=config.train.chunk_size,
-                    ),
+                step_fn, hyper = build_stage_step(
+                    spec,
+                    tx,
+                    schedule,
+                    stage,
                     state_sh,
-                    spec.shardings,
                     batch_sh,
                     rep,
+                    microbatches=config.optim.microbatches,
+                    head=config.train.head,
+                    chunk_size=config.train.chunk_size,
                 )
-                _, hyper = loss_kwargs(stage)
-                hyper = jax.device_put(hyper, rep)
                 metrics_log.start_stage(i, stage.name, total, int(state.step))
 
                 def save(done: bool, i=i, stage=stage, iterator=iterator, reference=reference):

@@ -19,14 +19,12 @@ from rsa_jax.models import tiny_config  # noqa: E402
 from rsa_jax.training import (  # noqa: E402
     batch_sharding,
     build_spec,
+    build_stage_step,
     init_params,
     init_state,
-    jit_step,
-    loss_kwargs,
     make_mesh,
     make_optimizer,
     make_schedule,
-    make_train_step,
     place_batch,
     replicated,
     state_shardings,
@@ -73,15 +71,9 @@ def run(mesh_config, devices, microbatches):
     sh = state_shardings(state)
     state = jax.device_put(state, sh)
     bsh = batch_sharding(mesh, rules)
-    step = jit_step(
-        make_train_step(spec, tx, schedule, STAGE, microbatches=microbatches, chunk_size=8),
-        sh,
-        spec.shardings,
-        bsh,
-        rep,
+    step, hyper = build_stage_step(
+        spec, tx, schedule, STAGE, sh, bsh, rep, microbatches=microbatches, chunk_size=8
     )
-    _, hyper = loss_kwargs(STAGE)
-    hyper = jax.device_put(hyper, rep)
     losses = []
     for i in range(STEPS):
         batch = place_batch({k: v for k, v in make_batch(i).items() if k in BATCH_KEYS}, bsh)
