@@ -28,7 +28,6 @@ from rsa_jax.training import (
     init_state,
     make_mesh,
     make_optimizer,
-    make_schedule,
     place_batch,
     replicated,
     state_shardings,
@@ -61,14 +60,14 @@ def bench(head, args):
     params = init_params(spec, model_cfg)
     reference = jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False), params)
     optim = OptimConfig(learning_rate=2e-5, warmup_ratio=0.0)
-    tx, schedule = make_optimizer(optim, 100), make_schedule(optim, 100)
+    tx = make_optimizer(optim)
     rep = replicated(mesh)
     state = init_state(params, tx, rep)
     sh = state_shardings(state)
     stage = StageConfig(loss="ra_dpo", risk="cvar_reference", mu=0.95, split_vocab=True)
     bsh = batch_sharding(mesh, rules)
     step, hyper = build_stage_step(
-        spec, tx, schedule, stage, sh, bsh, rep, head=head, chunk_size=args.chunk
+        spec, optim, stage, 100, sh, bsh, rep, head=head, chunk_size=args.chunk
     )
     batch = place_batch(
         make_batch(args.pairs, args.prompt, args.response, spec.llama.vocab_size), bsh

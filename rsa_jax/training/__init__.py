@@ -11,20 +11,30 @@ from rsa_jax.training._mesh import (
 )
 from rsa_jax.training._model import ModelSpec, build_spec, init_params, llama_config, load_tokenizer
 from rsa_jax.training._step import (
+    HYPER_KEYS,
     TrainState,
+    apply_update,
     build_stage_step,
+    clear_step_cache,
     init_state,
     jit_step,
+    learning_rate_at,
     loss_kwargs,
     make_optimizer,
     make_schedule,
     make_train_step,
     split_microbatches,
+    stage_hyper,
     state_shardings,
     weight_decay_mask,
 )
 
 __all__ = [
+    "HYPER_KEYS",
+    "apply_update",
+    "clear_step_cache",
+    "learning_rate_at",
+    "stage_hyper",
     "ModelSpec",
     "TrainState",
     "batch_sharding",

@@ -32,6 +32,8 @@ class ModelSpec:
     abstract: nnx.State  # nested state of ShapeDtypeStructs, rebuilt per call
     axes: dict[str, tuple]  # flat key -> logical axes
     shardings: dict[str, NamedSharding]
+    # What determines the traced program: equal keys give interchangeable specs (step cache).
+    key: tuple = ()
 
     def module(self, params: dict[str, jax.Array]) -> Llama:
         nested: dict = {}
@@ -72,7 +74,15 @@ def build_spec(config: ModelConfig, llama: LlamaConfig, mesh: Mesh, rules: dict)
         logical = var.get_metadata().get("logical_axes")
         axes[_key(path)] = logical
         shardings[_key(path)] = NamedSharding(mesh, logical_spec(logical, var.shape, mesh, rules))
-    spec = ModelSpec(llama, graphdef, state, axes, shardings)
+    key = (
+        llama,
+        config.compute_dtype,
+        config.remat,
+        config.scan_layers,
+        mesh,
+        tuple((name, tuple(v)) for name, v in sorted(rules.items())),
+    )
+    spec = ModelSpec(llama, graphdef, state, axes, shardings, key)
     spec.make = make  # type: ignore[attr-defined]
     return spec
 

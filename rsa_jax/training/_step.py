@@ -35,45 +35,92 @@ def weight_decay_mask(params: dict) -> dict:
     return {k: v.ndim >= 2 for k, v in params.items()}
 
 
+# Traced hyperparameters: changing any of them never recompiles the step, so every stage and
+# every sweep variant with the same shapes and kernel reuses one compiled program.
+LOSS_KEYS = ("beta", "alpha", "mu", "gamma", "tail")
+OPTIM_KEYS = (
+    "learning_rate",
+    "warmup_steps",
+    "decay_steps",
+    "final_lr_ratio",
+    "weight_decay",
+    "max_grad_norm",
+)
+HYPER_KEYS = LOSS_KEYS + OPTIM_KEYS
+
+
+def learning_rate_at(step, hyper: dict):
+    """Linear warmup from 0 to `learning_rate`, then cosine decay to `learning_rate *
+    final_lr_ratio` at `decay_steps`; every argument may be traced.
+
+    The same curve as `optax.warmup_cosine_decay_schedule(0, lr, warmup, decay, lr * ratio)`.
+    """
+    step = jnp.asarray(step, jnp.float32)
+    peak, warmup = hyper["learning_rate"], hyper["warmup_steps"]
+    decay = jnp.maximum(hyper["decay_steps"] - warmup, 1.0)
+    warm = peak * step / jnp.maximum(warmup, 1.0)
+    t = jnp.clip(step - warmup, 0.0, decay) / decay
+    cosine = 0.5 * (1.0 + jnp.cos(jnp.pi * t))
+    ratio = hyper["final_lr_ratio"]
+    cooled = peak * ((1.0 - ratio) * cosine + ratio)
+    return jnp.where(step < warmup, warm, cooled)
+
+
 def make_schedule(optim: OptimConfig, total_steps: int) -> optax.Schedule:
+    """The stage's learning-rate schedule as a function of the step (for plots and logs)."""
+    hyper = optim_hyper(optim, total_steps)
+    return lambda step: learning_rate_at(step, hyper)
+
+
+def make_optimizer(optim: OptimConfig) -> optax.GradientTransformation:
+    """Adam's update direction. Clipping, decoupled weight decay and the learning rate are
+    applied by the step with traced values (`apply_update`), which together make AdamW."""
+    return optax.scale_by_adam(b1=optim.b1, b2=optim.b2, eps=optim.eps)
+
+
+def optim_hyper(optim: OptimConfig, total_steps: int) -> dict:
     warmup = int(optim.warmup_ratio * total_steps)
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0,
-        peak_value=optim.learning_rate,
-        warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1),
-        end_value=optim.learning_rate * optim.final_lr_ratio,
+    return dict(
+        learning_rate=jnp.float32(optim.learning_rate),
+        warmup_steps=jnp.float32(warmup),
+        decay_steps=jnp.float32(max(total_steps, warmup + 1)),
+        final_lr_ratio=jnp.float32(optim.final_lr_ratio),
+        weight_decay=jnp.float32(optim.weight_decay),
+        max_grad_norm=jnp.float32(optim.max_grad_norm),
     )
 
 
-def make_optimizer(optim: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    schedule = make_schedule(optim, total_steps)
-    adamw = optax.adamw(
-        schedule,
-        b1=optim.b1,
-        b2=optim.b2,
-        eps=optim.eps,
-        weight_decay=optim.weight_decay,
-        mask=weight_decay_mask,
-    )
-    if optim.max_grad_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(optim.max_grad_norm), adamw)
-    return adamw
-
-
-# Traced hyperparameters of a stage: changing them never recompiles the step.
-HYPER_KEYS = ("beta", "alpha", "mu", "gamma", "tail")
+def apply_update(tx, grads, opt_state, params, step, hyper):
+    """Global-norm clipping (off where max_grad_norm <= 0), Adam, decoupled weight decay on
+    matrices, learning-rate schedule: `(params, opt_state, grad_norm, lr)`."""
+    norm = optax.global_norm(grads)
+    limit = hyper["max_grad_norm"]
+    clip = jnp.where((limit > 0) & (norm > limit), limit / norm, 1.0)
+    grads = jax.tree.map(lambda g: g * clip.astype(g.dtype), grads)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    lr = learning_rate_at(step, hyper)
+    decay = weight_decay_mask(params)
+    params = {
+        k: p - lr * (updates[k] + (hyper["weight_decay"] * p if decay[k] else 0.0))
+        for k, p in params.items()
+    }
+    return params, opt_state, norm, lr
 
 
 def loss_kwargs(stage: StageConfig) -> tuple[dict, dict]:
-    """(static kwargs that select the kernel, traced hyperparameters)."""
+    """(static kwargs that select the kernel, traced loss hyperparameters)."""
     static = dict(
         loss=stage.loss, risk=stage.risk, version=stage.version, split_vocab=stage.split_vocab
     )
-    hyper = {k: jnp.float32(getattr(stage, k)) for k in HYPER_KEYS if k != "tail"}
+    hyper = {k: jnp.float32(getattr(stage, k)) for k in LOSS_KEYS if k != "tail"}
     # 1 - mu rounded from float64 on the host, as torch.quantile ranks it (cvar_reference).
     hyper["tail"] = quantile_tail(float(stage.mu))
     return static, hyper
+
+
+def stage_hyper(stage: StageConfig, optim: OptimConfig, total_steps: int) -> dict:
+    """Every traced hyperparameter of a stage (HYPER_KEYS)."""
+    return {**loss_kwargs(stage)[1], **optim_hyper(optim, total_steps)}
 
 
 def split_microbatches(batch: dict, k: int) -> dict:
@@ -120,19 +167,23 @@ def pair_losses(spec: ModelSpec, params, ref_params, mb, static, hyper, head, ch
 def make_train_step(
     spec: ModelSpec,
     tx: optax.GradientTransformation,
-    schedule: optax.Schedule,
-    stage: StageConfig,
+    static: dict,
     *,
     microbatches: int,
     head: str = "fused",
     chunk_size: int = 64,
 ):
-    """`step(state, ref_params, batch, hyper) -> (state, metrics)`, not yet jitted."""
-    static, _ = loss_kwargs(stage)
+    """`step(state, ref_params, batch, hyper) -> (state, metrics)`, not yet jitted.
+
+    `static` selects the kernel (loss_kwargs' first result); `hyper` holds HYPER_KEYS, traced.
+    """
+    loss_hyper_keys = LOSS_KEYS
     lossf = functools.partial(pair_losses, spec, static=static, head=head, chunk_size=chunk_size)
 
     def summed(params, ref_params, mb, hyper):
-        losses, metrics = lossf(params, ref_params, mb, hyper=hyper)
+        losses, metrics = lossf(
+            params, ref_params, mb, hyper={k: hyper[k] for k in loss_hyper_keys}
+        )
         sums = {k: jnp.sum(v.astype(jnp.float32)) for k, v in metrics.items()}
         return jnp.sum(losses), (sums, jnp.float32(losses.shape[0]))
 
@@ -156,12 +207,13 @@ def make_train_step(
         init = (zeros, jnp.float32(0), m_zero, jnp.float32(0))
         (g_sum, l_sum, m_sum, count), _ = jax.lax.scan(body, init, micro)
         grads = jax.tree.map(lambda g: g / count, g_sum)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        params, opt_state, grad_norm, lr = apply_update(
+            tx, grads, state.opt_state, state.params, state.step, hyper
+        )
         metrics = {k: v / count for k, v in m_sum.items()}
         metrics["loss"] = l_sum / count
-        metrics["grad_norm"] = optax.global_norm(grads)
-        metrics["learning_rate"] = schedule(state.step)
+        metrics["grad_norm"] = grad_norm
+        metrics["learning_rate"] = lr
         return TrainState(params, opt_state, state.step + 1), metrics
 
     return step
@@ -204,11 +256,21 @@ def jit_step(step, state_sh, ref_sh, batch_sh, replicated):
     )
 
 
+# Jitted steps by everything that shapes the program (model, mesh, kernel, shardings); the
+# hyperparameters are arguments, so stages and sweep variants that agree here share one compile.
+_STEP_CACHE: dict = {}
+
+
+def _sharding_key(tree) -> tuple:
+    leaves, treedef = jax.tree.flatten(tree)
+    return (treedef, tuple(leaves))
+
+
 def build_stage_step(
     spec: ModelSpec,
-    tx: optax.GradientTransformation,
-    schedule: optax.Schedule,
+    optim: OptimConfig,
     stage: StageConfig,
+    total_steps: int,
     state_sh,
     batch_sh,
     replicated,
@@ -217,15 +279,40 @@ def build_stage_step(
     head: str = "fused",
     chunk_size: int = 64,
 ):
-    """A stage's jitted step and its traced hyperparameters, placed replicated: `(step, hyper)`."""
-    step = jit_step(
-        make_train_step(
-            spec, tx, schedule, stage, microbatches=microbatches, head=head, chunk_size=chunk_size
-        ),
-        state_sh,
-        spec.shardings,
+    """A stage's jitted step and its traced hyperparameters placed replicated: `(step, hyper)`.
+
+    The step comes from a cache: a stage or run whose model, mesh, kernel (loss, risk, version,
+    split), Adam constants, microbatching and head agree with an earlier one gets the same jitted
+    function, and so the same compiled program for the same batch shapes.
+    """
+    static, _ = loss_kwargs(stage)
+    key = (
+        spec.key,
+        tuple(sorted(static.items())),
+        (optim.b1, optim.b2, optim.eps),
+        microbatches,
+        head,
+        chunk_size,
+        _sharding_key(state_sh),
         batch_sh,
         replicated,
     )
-    _, hyper = loss_kwargs(stage)
+    step = _STEP_CACHE.get(key)
+    if step is None:
+        tx = make_optimizer(optim)
+        step = jit_step(
+            make_train_step(
+                spec, tx, static, microbatches=microbatches, head=head, chunk_size=chunk_size
+            ),
+            state_sh,
+            spec.shardings,
+            batch_sh,
+            replicated,
+        )
+        _STEP_CACHE[key] = step
+    hyper = stage_hyper(stage, optim, total_steps)
     return step, jax.device_put(hyper, replicated)
+
+
+def clear_step_cache() -> None:
+    _STEP_CACHE.clear()

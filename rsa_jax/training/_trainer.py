@@ -38,7 +38,6 @@ from rsa_jax.training._step import (
     build_stage_step,
     init_state,
     make_optimizer,
-    make_schedule,
     state_shardings,
 )
 
@@ -150,7 +149,7 @@ def train(config: Config) -> RunResult:
             start_stage, resume, global_step = meta["stage"], step_id, step_id
             break
         # Between stages: the finished stage's policy starts the next one.
-        probe = init_state(policy, make_optimizer(config.optim, 1), rep)
+        probe = init_state(policy, make_optimizer(config.optim), rep)
         probe = jax.device_put(probe, state_shardings(probe))
         try:
             restored, _ = ckpt.restore(step_id, abstract_like(probe), data_iter=None)
@@ -166,8 +165,7 @@ def train(config: Config) -> RunResult:
             for i in range(start_stage, len(config.stages)):
                 stage = config.stages[i]
                 iterator, total = _stage_dataset(config, stage, tokenizer)
-                tx = make_optimizer(config.optim, total)
-                schedule = make_schedule(config.optim, total)
+                tx = make_optimizer(config.optim)
                 reference = reference_init if stage.reference == "init" else _device_copy(policy)
                 state = init_state(policy, tx, rep)
                 state_sh = state_shardings(state)
@@ -194,9 +192,9 @@ def train(config: Config) -> RunResult:
                     resume = None
                 step_fn, hyper = build_stage_step(
                     spec,
-                    tx,
-                    schedule,
+                    config.optim,
                     stage,
+                    total,
                     state_sh,
                     batch_sh,
                     rep,
@@ -287,7 +285,7 @@ def latest_policy(run_dir: str, config: Config | None = None):
             if found is None:
                 raise FileNotFoundError(f"{run_dir}: no usable checkpoint")
             abstract_params = spec.abstract_params()
-            tx = make_optimizer(config.optim, 1)
+            tx = make_optimizer(config.optim)
             opt = jax.eval_shape(tx.init, abstract_params)
             rep = replicated(mesh)
             opt = jax.tree.map(

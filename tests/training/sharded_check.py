@@ -24,7 +24,6 @@ from rsa_jax.training import (  # noqa: E402
     init_state,
     make_mesh,
     make_optimizer,
-    make_schedule,
     place_batch,
     replicated,
     state_shardings,
@@ -65,14 +64,14 @@ def run(mesh_config, devices, microbatches):
     # A reference away from the policy: at policy == reference every d_t(v) is 0 up to rounding
     # and the CVaR mask 1[d > tau] picks among ties, which no two programs need to agree on.
     reference = init_params(spec, dataclasses.replace(MODEL, init_seed=1))
-    tx, schedule = make_optimizer(OPTIM, 10), make_schedule(OPTIM, 10)
+    tx = make_optimizer(OPTIM)
     rep = replicated(mesh)
     state = init_state(params, tx, rep)
     sh = state_shardings(state)
     state = jax.device_put(state, sh)
     bsh = batch_sharding(mesh, rules)
     step, hyper = build_stage_step(
-        spec, tx, schedule, STAGE, sh, bsh, rep, microbatches=microbatches, chunk_size=8
+        spec, OPTIM, STAGE, 10, sh, bsh, rep, microbatches=microbatches, chunk_size=8
     )
     losses = []
     for i in range(STEPS):

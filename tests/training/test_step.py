@@ -1,0 +1,134 @@
+"""The optimizer with traced hyperparameters equals optax's AdamW chain, and the step cache gives
+stages that differ only in hyperparameters one compiled program."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from rsa_jax.config import MeshConfig, ModelConfig, OptimConfig, StageConfig
+from rsa_jax.models import tiny_config
+from rsa_jax.training import (
+    apply_update,
+    batch_sharding,
+    build_spec,
+    build_stage_step,
+    clear_step_cache,
+    init_params,
+    init_state,
+    learning_rate_at,
+    make_mesh,
+    make_optimizer,
+    place_batch,
+    replicated,
+    state_shardings,
+)
+from rsa_jax.training._step import BATCH_KEYS, optim_hyper, weight_decay_mask
+
+
+@pytest.mark.parametrize("warmup_ratio,final", [(0.0, 0.0), (0.1, 0.0), (0.25, 0.1)])
+def test_learning_rate_equals_optax_warmup_cosine(warmup_ratio, final):
+    optim = OptimConfig(learning_rate=3e-4, warmup_ratio=warmup_ratio, final_lr_ratio=final)
+    total = 40
+    warmup = int(warmup_ratio * total)
+    reference = optax.warmup_cosine_decay_schedule(
+        0.0, 3e-4, warmup, max(total, warmup + 1), 3e-4 * final
+    )
+    hyper = optim_hyper(optim, total)
+    ours = jax.jit(lambda s: learning_rate_at(s, hyper))
+    for step in range(total + 3):
+        # float32 cosines: agree to 1e-6 of the peak rate (near the end the values are tiny).
+        np.testing.assert_allclose(float(ours(step)), float(reference(step)), rtol=0, atol=3e-10)
+
+
+def test_apply_update_equals_optax_adamw_with_clipping_and_masked_decay():
+    rng = np.random.default_rng(0)
+    params = {
+        "w": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
+        "b": jnp.asarray(rng.normal(size=(3,)), jnp.float32),
+    }
+    optim = OptimConfig(learning_rate=1e-2, warmup_ratio=0.2, weight_decay=0.1, max_grad_norm=0.5)
+    total = 10
+    hyper = optim_hyper(optim, total)
+    reference = optax.chain(
+        optax.clip_by_global_norm(0.5),
+        optax.adamw(
+            optax.warmup_cosine_decay_schedule(0.0, 1e-2, 2, total, 0.0),
+            weight_decay=0.1,
+            mask=weight_decay_mask,
+        ),
+    )
+    tx = make_optimizer(optim)
+    ref_params, ref_state = params, reference.init(params)
+    our_params, our_state = params, tx.init(params)
+    update = jax.jit(apply_update, static_argnums=0)
+    for step in range(6):
+        grads = {
+            k: jnp.asarray(rng.normal(size=v.shape) * 3, jnp.float32) for k, v in params.items()
+        }
+        u, ref_state = reference.update(grads, ref_state, ref_params)
+        ref_params = optax.apply_updates(ref_params, u)
+        our_params, our_state, norm, lr = update(tx, grads, our_state, our_params, step, hyper)
+        np.testing.assert_allclose(float(norm), float(optax.global_norm(grads)), rtol=1e-6)
+        for k in params:
+            np.testing.assert_allclose(our_params[k], ref_params[k], rtol=1e-6, atol=1e-7)
+    # Weight decay reached the matrix and not the bias: with zero gradients only decay moves w.
+    zero = {k: jnp.zeros_like(v) for k, v in params.items()}
+    moved, _, _, _ = update(tx, zero, tx.init(our_params), our_params, 3, hyper)
+    assert np.all(np.asarray(moved["b"]) == np.asarray(our_params["b"]))
+    assert np.any(np.asarray(moved["w"]) != np.asarray(our_params["w"]))
+
+
+def _batch(seed, pairs=2, length=12, vocab=256):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(4, vocab, (2 * pairs, length)).astype(np.int32)
+    mask = np.ones_like(ids, bool)
+    positions = np.broadcast_to(np.arange(length, dtype=np.int32), ids.shape).copy()
+    labels = np.concatenate([ids[:, 1:], np.zeros((2 * pairs, 1), np.int32)], 1)
+    loss_mask = np.zeros_like(mask)
+    loss_mask[:, 5:-1] = True
+    return dict(
+        input_ids=ids, positions=positions, attention_mask=mask, labels=labels, loss_mask=loss_mask
+    )
+
+
+def test_stages_differing_in_hyperparameters_share_one_compiled_step():
+    clear_step_cache()
+    model = ModelConfig(compute_dtype="float32", remat=False)
+    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    rules = MeshConfig().rules
+    spec = build_spec(model, tiny_config(), mesh, rules)
+    params = init_params(spec, model)
+    reference = init_params(spec, dataclasses.replace(model, init_seed=1))
+    rep, bsh = replicated(mesh), batch_sharding(mesh, rules)
+    tx = make_optimizer(OptimConfig())
+    state = init_state(params, tx, rep)
+    sh = state_shardings(state)
+    batch = place_batch({k: v for k, v in _batch(0).items() if k in BATCH_KEYS}, bsh)
+    variants = [
+        (StageConfig(beta=0.1, mu=0.95), OptimConfig(learning_rate=1e-3), 10),
+        (StageConfig(beta=0.05, alpha=0.2, mu=0.8, gamma=0.9), OptimConfig(learning_rate=5e-4), 7),
+        (StageConfig(beta=0.2, mu=0.5), OptimConfig(learning_rate=1e-4, weight_decay=0.1), 3),
+    ]
+    steps, losses = [], []
+    for stage, optim, total in variants:
+        step, hyper = build_stage_step(spec, optim, stage, total, sh, bsh, rep, chunk_size=4)
+        copy = jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False), params)
+        fresh = jax.device_put(init_state(copy, tx, rep), sh)  # the step donates its state
+        fresh, metrics = step(fresh, reference, batch, hyper)
+        steps.append(step)
+        losses.append(float(metrics["loss"]))
+    assert all(s is steps[0] for s in steps)
+    assert steps[0]._cache_size() == 1
+    # The variants really differ (the hyperparameters reached the program).
+    assert len({round(v, 7) for v in losses}) == 3
+    # A different kernel (another risk functional) is another program.
+    other, _ = build_stage_step(
+        spec, OptimConfig(), StageConfig(risk="erm", mu=0.5), 5, sh, bsh, rep, chunk_size=4
+    )
+    assert other is not steps[0]
