@@ -119,8 +119,9 @@ def train(config: Config) -> RunResult:
     run_dir = config.train.run_dir
     os.makedirs(run_dir, exist_ok=True)
     resolved = to_json(config)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        f.write(resolved)
+    if jax.process_index() == 0:  # one writer when several processes share the run directory
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            f.write(resolved)
 
     tokenizer = load_tokenizer(config.model)
     spec = build_spec(config.model, llama_config(config.model, len(tokenizer)), mesh, rules)
