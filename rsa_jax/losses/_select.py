@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-_SIGN = jnp.uint32(0x80000000)
-_ALL = jnp.uint32(0xFFFFFFFF)
+# NumPy scalars, not jnp: a jax array at import time would start the XLA backend, and then
+# jax.distributed.initialize (multi-process training) can no longer run.
+_SIGN = np.uint32(0x80000000)
+_ALL = np.uint32(0xFFFFFFFF)
 # 32 halvings exhaust any uint32 range.
 _BISECTION_STEPS = 32
 
