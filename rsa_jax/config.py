@@ -144,7 +144,13 @@ def _parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
     key, raw = item.split("=", 1)
-    return key.strip(), yaml.safe_load(raw) if raw.strip() else ""
+    if not raw.strip():
+        return key.strip(), ""
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError:
+        # Not a YAML scalar or list (e.g. a template like "{prompt} answer:"): the text itself.
+        return key.strip(), raw
 
 
 def _apply_override(values: dict, item: str) -> None:

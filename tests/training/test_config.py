@@ -61,6 +61,11 @@ def test_dotted_overrides_reach_nested_and_list_fields():
     assert c.stages[1].beta == 0.025 and c.stages[0].beta == 0.1
     assert c.optim.learning_rate == 1e-5
     assert c.data.prompt_buckets == (32, 64)
+    # A value that is not YAML (a template with braces and a colon) is taken as the text itself.
+    c = load_config(
+        os.path.join(ROOT, "configs", "rsa_cvar.yaml"), ["data.template={prompt} answer:"]
+    )
+    assert c.data.template == "{prompt} answer:"
 
 
 @pytest.mark.parametrize(
