@@ -164,6 +164,41 @@ def test_single_host_local_processes_succeed(tmp_path):
     assert "id=1 of 2" in (tmp_path / "run" / "logs" / "process_1.log").read_text()
 
 
+def start_script(name: str, env: dict[str, str], path_prefix: Path | None = None):
+    base = {k: v for k, v in os.environ.items() if k not in _SCRUB and not k.startswith("SLURM_")}
+    if path_prefix is not None:
+        base["PATH"] = f"{path_prefix}{os.pathsep}{base['PATH']}"
+    return subprocess.Popen(
+        ["bash", str(LAUNCH / name)],
+        env={**base, **env},
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_for_calls(directory: Path, count: int) -> None:
+    for _ in range(200):
+        if (directory / "calls.log").exists() and len(recorded_calls(directory)) >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"fewer than {count} calls in {directory}")
+
+
+def test_single_host_forwards_sigterm_to_every_process(tmp_path):
+    body = SLEEP_UNTIL_TERM.replace("exit 0", f'echo "$JAX_PROCESS_ID" >> {tmp_path}/saved; exit 0')
+    fake = fake_executable(tmp_path / "bin", "python", body)
+    env = {"CONFIG": "c.yaml", "RUN_DIR": str(tmp_path / "run"), "PYTHON": str(fake)}
+    proc = start_script("single_host.sh", {**env, "NUM_PROCESSES": "3"})
+    wait_for_calls(tmp_path / "bin", 3)
+    time.sleep(0.3)  # let each fake install its trap
+    proc.terminate()
+    _, err = proc.communicate(timeout=15)
+    assert proc.returncode == 0, err
+    assert sorted((tmp_path / "saved").read_text().split()) == ["0", "1", "2"]
+
+
 # --------------------------------------------------------------------------- slurm_gpu.sh
 
 SLURM = {
@@ -227,21 +262,9 @@ def test_slurm_sigterm_forwards_and_requeues(tmp_path):
     )
     fake_executable(bin_dir, "scontrol")
     env = {**SLURM, "CONFIG": "configs/dpo.yaml", "SLURM_SUBMIT_DIR": str(ROOT)}
-    base = {k: v for k, v in os.environ.items() if k not in _SCRUB}
-    base["PATH"] = f"{bin_dir}{os.pathsep}{base['PATH']}"
-    proc = subprocess.Popen(
-        ["bash", str(LAUNCH / "slurm_gpu.sh")],
-        env={**base, **env},
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    calls = bin_dir / "calls.log"
-    for _ in range(100):  # until srun has started
-        if calls.exists():
-            break
-        subprocess.run(["sleep", "0.05"])
+    proc = start_script("slurm_gpu.sh", env, path_prefix=bin_dir)
+    wait_for_calls(bin_dir, 1)
+    time.sleep(0.3)  # let the fake step install its trap
     proc.terminate()
     _, err = proc.communicate(timeout=15)
     assert proc.returncode == 0, err
