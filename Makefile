@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup model test test-slow test-all lint format demo bench bench-model clean
+.PHONY: setup model test test-slow test-all lint format demo demo-loss-head bench bench-model clean
 
 setup: $(STAMP)
 
@@ -41,8 +41,14 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format rsa_jax tests bench
 	$(VENV)/bin/ruff check --fix rsa_jax tests bench
 
-# For now the demo runs the loss-head benchmark at a small size; the end-to-end demo comes later.
+# The main job end to end on the synthetic safety task: SFT, then DPO, SACPO, RSA-CVaR and
+# RSA-ERM from the same SFT model on the same pairs, evaluated with tail-risk metrics, 3 seeds.
+# Table and plots in runs/demo/. SEEDS="0" for one seed; DEMO_ARGS=--quick for a smoke run.
+SEEDS ?= 0 1 2
 demo: $(STAMP)
+	$(PY) -m rsa_jax demo --out runs/demo --seeds $(SEEDS) $(DEMO_ARGS)
+
+demo-loss-head: $(STAMP)
 	$(PY) bench/loss_head.py --demo
 
 bench: $(STAMP)

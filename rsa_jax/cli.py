@@ -1,8 +1,11 @@
-"""`rsa-jax` (and `python -m rsa_jax`): train, merge, export, toy-data, check-config.
+"""`rsa-jax` (and `python -m rsa_jax`): train, eval, demo, merge, export, toy-data, check-config.
 
 rsa-jax train configs/rsa_cvar.yaml model.path=/models/sft train.run_dir=runs/rsa stages.1.beta=0.05
 rsa-jax merge runs/sacpo/stage1_export runs/sacpo --q 0.5 --out merged/
 rsa-jax export runs/rsa out/rsa_hf
+rsa-jax eval runs/demo/seed0/SACPO runs/demo/seed0/RSA-CVaR --task safety \
+    --reference runs/demo/seed0/sft --samples 32 --max-new-tokens 20 --out runs/eval
+rsa-jax demo --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -105,6 +108,89 @@ def _cmd_check(args) -> int:
     return 0
 
 
+def _read_prompts(path: str) -> list[str]:
+    """Prompts from a JSON Lines file (field `prompt`) or a text file (one prompt per line)."""
+    prompts = []
+    with open(path) as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if path.endswith((".jsonl", ".json")):
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise SystemExit(f"{path}:{line_no}: not JSON ({e.msg})") from None
+                if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+                    raise SystemExit(f"{path}:{line_no}: field 'prompt' missing or not a string")
+                prompts.append(row["prompt"])
+            else:
+                prompts.append(line.rstrip("\n"))
+    if not prompts:
+        raise SystemExit(f"{path}: no prompts")
+    return prompts
+
+
+def _cmd_eval(args) -> int:
+    from rsa_jax.eval import load_scorer, results_table, tail_metrics, write_results
+    from rsa_jax.eval.sampling import evaluate_model, load_model
+
+    if args.task == "safety":
+        from rsa_jax.tasks import TEMPLATE, OracleScorer, SafetyTask
+
+        task = SafetyTask()
+        scorer = OracleScorer(task)
+        prompts = _read_prompts(args.prompts) if args.prompts else task.split_prompts(seed=0)[1]
+        template = args.template or TEMPLATE
+    else:
+        if not (args.scorer and args.prompts):
+            raise SystemExit("eval: without --task, give --scorer module:attr and --prompts FILE")
+        scorer = load_scorer(args.scorer)
+        prompts = _read_prompts(args.prompts)
+        template = args.template
+    reference = load_model(args.reference)[0] if args.reference else None
+    rows, per_sample = {}, {}
+    for path in args.models:
+        name = os.path.basename(os.path.normpath(path))
+        model, tokenizer = load_model(path)
+        scores, samples = evaluate_model(
+            model,
+            tokenizer,
+            prompts,
+            scorer,
+            reference=reference,
+            n=args.samples,
+            max_new_tokens=args.max_new_tokens,
+            seed=args.seed,
+            template=template,
+        )
+        rows[name] = tail_metrics(scores, n_boot=args.n_boot, seed=args.seed)
+        per_sample[name] = scores
+        unfinished = float(np.mean(~samples.finished))
+        print(f"{name}: {len(scores)} samples, {100 * unfinished:.1f}% hit the token budget")
+    written = write_results(args.out, rows, per_sample)  # tables and both plots
+    print(results_table(rows))
+    print(f"wrote {', '.join(sorted(os.path.basename(p) for p in written.values()))} to {args.out}")
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from rsa_jax.tasks.pipeline import DemoConfig, run_demo
+
+    demo = DemoConfig(out_dir=args.out, seeds=tuple(args.seeds))
+    if args.quick:
+        demo = DemoConfig(
+            out_dir=args.out,
+            seeds=tuple(args.seeds),
+            sft_steps=150,
+            pair_prompts=512,
+            epochs=1,
+            eval_samples=8,
+            n_boot=200,
+        )
+    run_demo(demo)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rsa-jax", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -131,6 +217,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     p.add_argument("out")
     p.set_defaults(fn=_cmd_export)
+
+    p = sub.add_parser(
+        "eval", help="sample N responses per prompt, score them, report tail-risk metrics"
+    )
+    p.add_argument("models", nargs="+", help="HF model directories or run directories")
+    p.add_argument("--task", choices=["safety"], help="the synthetic safety task's oracles")
+    p.add_argument("--scorer", help="a user scorer, module:attr (see rsa_jax.eval.Scorer)")
+    p.add_argument("--prompts", help="JSON Lines (field 'prompt') or text, one per line")
+    p.add_argument("--reference", help="model for the KL estimate (e.g. the SFT model)")
+    p.add_argument("--template", help="prompt template with {prompt}; default: chat template")
+    p.add_argument("--samples", type=int, default=16, help="samples per prompt (N)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of prompts")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="directory for results.{md,json} and plots")
+    p.set_defaults(fn=_cmd_eval)
+
+    p = sub.add_parser("demo", help="the synthetic safety task end to end (what make demo runs)")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    p.set_defaults(fn=_cmd_demo)
 
     p = sub.add_parser("toy-data", help="write synthetic PKU-SafeRLHF-schema rows (smoke tests)")
     p.add_argument("path")

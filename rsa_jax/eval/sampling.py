@@ -40,6 +40,28 @@ class Samples:
     texts: list[str]  # decoded responses without EOS
 
 
+def load_model(path: str):
+    """(model, tokenizer) of a Hugging Face directory, or of a run directory's newest usable
+    checkpoint (a directory with `checkpoints/`)."""
+    import os
+
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        from rsa_jax.training._trainer import latest_policy
+
+        spec, params, tokenizer = latest_policy(path)
+        return spec.module(params), tokenizer
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise FileNotFoundError(
+            f"{path}: neither a run directory (checkpoints/) nor a Hugging Face model directory "
+            "(config.json)"
+        )
+    from transformers import AutoTokenizer
+
+    from rsa_jax.models import load_hf
+
+    return load_hf(path), AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
 def encode_prompts(tokenizer, prompts: list[str], template: str | None, max_prompt_len: int = 128):
     """Left-padded prompt ids [B, P] and mask, formatted exactly as the data pipeline does."""
     pt = PairTokenizer(tokenizer, DataConfig(template=template, max_prompt_len=max_prompt_len))

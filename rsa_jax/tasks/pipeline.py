@@ -46,7 +46,7 @@ class DemoConfig:
     # Preference training: pairs per step, passes over each stage's pairs, peak learning rate.
     batch_size: int = 32
     epochs: int = 2
-    learning_rate: float = 5e-4
+    learning_rate: float = 1e-4
     # Evaluation: samples per held-out prompt, and the token budget of a sample: twice the
     # longest response in the data, so a policy that has learnt never to stop shows it.
     eval_samples: int = 32
@@ -129,20 +129,10 @@ def method_config(demo: DemoConfig, method: str, sft_dir: str, paths: dict, seed
 
 
 def evaluate_dir(model_dir_or_run, prompts, reference, *, samples, max_tokens, seed, task):
-    """SampleScores of one model (an HF directory or a run directory) on `prompts`."""
-    from transformers import AutoTokenizer
+    """(SampleScores, sampling info) of one model (an HF directory or a run directory)."""
+    from rsa_jax.eval.sampling import evaluate_model, load_model
 
-    from rsa_jax.eval.sampling import evaluate_model
-    from rsa_jax.models import load_hf
-
-    if os.path.isdir(os.path.join(model_dir_or_run, "checkpoints")):
-        from rsa_jax.training._trainer import latest_policy
-
-        spec, params, tokenizer = latest_policy(model_dir_or_run)
-        model = spec.module(params)
-    else:
-        model = load_hf(model_dir_or_run)
-        tokenizer = AutoTokenizer.from_pretrained(model_dir_or_run, local_files_only=True)
+    model, tokenizer = load_model(model_dir_or_run)
     scores, sampled = evaluate_model(
         model,
         tokenizer,
@@ -260,9 +250,8 @@ def run_demo(demo: DemoConfig) -> dict:
     """All seeds, then the table and plots in `out_dir`. Returns the aggregated rows."""
     from rsa_jax.eval import (
         aggregate_seeds,
-        plot_cost_tail,
-        plot_reward_cost,
         results_table,
+        seeds_interval,
         tail_metrics,
         write_results,
     )
@@ -277,14 +266,21 @@ def run_demo(demo: DemoConfig) -> dict:
         per_seed_rows.append(rows)
         for m, s in scores.items():
             pooled.setdefault(m, []).append(s)
-    rows = aggregate_seeds(per_seed_rows) if len(per_seed_rows) > 1 else per_seed_rows[0]
     pooled = {m: _concat(v) for m, v in pooled.items()}
-    write_results(demo.out_dir, rows, None)
-    plot_reward_cost(rows, os.path.join(demo.out_dir, "reward_cost.png"))
-    plot_cost_tail(pooled, os.path.join(demo.out_dir, "cost_tail.png"))
+    if len(per_seed_rows) > 1:
+        rows = aggregate_seeds(per_seed_rows)
+        write_results(demo.out_dir, rows, pooled, interval=seeds_interval(len(per_seed_rows)))
+    else:
+        rows = per_seed_rows[0]
+        write_results(demo.out_dir, rows, pooled)
     with open(os.path.join(demo.out_dir, "demo_config.json"), "w") as f:
         json.dump(dataclasses.asdict(demo), f, indent=2)
     _say("")
+    _say(
+        f"Mean over seeds; intervals: {seeds_interval(len(per_seed_rows))}."
+        if len(per_seed_rows) > 1
+        else "Intervals: 95% prompt bootstrap."
+    )
     _say(results_table(rows))
     _say(
         f"\n{len(demo.seeds)} seed(s) in {time.perf_counter() - t0:.0f} s; table, plots and "
