@@ -61,15 +61,11 @@ def _say(message: str) -> None:
 
 def make_pairs(task, sft_dir, prompts, draws, seed, data_dir):
     """Samples two SFT responses per drawn prompt, labels them, writes the two pair files."""
-    from transformers import AutoTokenizer
-
-    from rsa_jax.eval.sampling import sample
-    from rsa_jax.models import load_hf
+    from rsa_jax.eval.sampling import load_model, sample
 
     rng = np.random.default_rng(seed + 1000)
     drawn = [prompts[i] for i in rng.integers(0, len(prompts), draws)]
-    model = load_hf(sft_dir)
-    tokenizer = AutoTokenizer.from_pretrained(sft_dir, local_files_only=True)
+    model, tokenizer = load_model(sft_dir)
     samples = sample(
         model,
         tokenizer,
@@ -118,7 +114,7 @@ def method_config(demo: DemoConfig, method: str, sft_dir: str, paths: dict, seed
         f"train.seed={seed}",
         "train.chunk_size=16",
         "train.progress_bar=false",
-        "mesh.data=1",
+        "mesh.data=-1",
     ]
     base = load_config(os.path.join(demo.configs_dir, METHODS[method]), check=False)
     for i, stage in enumerate(base.stages):
