@@ -1,4 +1,5 @@
-"""`rsa-jax` (and `python -m rsa_jax`): train, eval, demo, merge, export, toy-data, check-config.
+"""`rsa-jax` (and `python -m rsa_jax`): train, sweep, eval, demo, merge, export, toy-data,
+check-config.
 
 rsa-jax train configs/rsa_cvar.yaml model.path=/models/sft train.run_dir=runs/rsa stages.1.beta=0.05
 rsa-jax merge runs/sacpo/stage1_export runs/sacpo --q 0.5 --out merged/
@@ -6,6 +7,7 @@ rsa-jax export runs/rsa out/rsa_hf
 rsa-jax eval runs/demo/seed0/SACPO runs/demo/seed0/RSA-CVaR --task safety \
     --reference runs/demo/seed0/sft --samples 32 --max-new-tokens 20 --out runs/eval
 rsa-jax demo --seeds 0 1 2
+rsa-jax sweep configs/sweeps/tiny_risks.yaml --dry-run
 """
 
 from __future__ import annotations
@@ -173,6 +175,17 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_sweep(args) -> int:
+    from rsa_jax.sweep import describe, load_sweep, run_sweep
+
+    sweep = load_sweep(args.sweep, mode=args.mode, run_dir=args.run_dir)
+    if args.dry_run:
+        print(describe(sweep))
+        return 0
+    results = run_sweep(sweep)
+    return 0 if "variants" in results else 1
+
+
 def _cmd_demo(args) -> int:
     from rsa_jax.tasks.pipeline import DemoConfig, run_demo
 
@@ -233,6 +246,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="directory for results.{md,json} and plots")
     p.set_defaults(fn=_cmd_eval)
+
+    p = sub.add_parser("sweep", help="train the variants of a sweep file, then one results table")
+    p.add_argument("sweep", help="sweep YAML (configs/sweeps/)")
+    p.add_argument("--mode", choices=["sequential", "vmap"], help="overrides the file's mode")
+    p.add_argument("--run-dir", help="overrides the file's run_dir")
+    p.add_argument("--dry-run", action="store_true", help="print the variants, train nothing")
+    p.set_defaults(fn=_cmd_sweep)
 
     p = sub.add_parser("demo", help="the synthetic safety task end to end (what make demo runs)")
     p.add_argument("--out", default="runs/demo")

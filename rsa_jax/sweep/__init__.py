@@ -1,0 +1,42 @@
+"""Sweeps over risk functionals and hyperparameters: a sweep file (base config, grid and/or
+explicit variants), run sequentially through the trainer (variants that share a kernel share one
+compiled step) or all at once under `jax.vmap` (small models, one device), then one results table
+and plot. `rsa-jax sweep FILE [--mode vmap|sequential] [--dry-run]`.
+"""
+
+from rsa_jax.sweep._results import collect, last_records, results_table, write_results
+from rsa_jax.sweep._run import describe, is_done, run_sequential, run_sweep
+from rsa_jax.sweep._spec import (
+    MODES,
+    Sweep,
+    SweepError,
+    Variant,
+    format_value,
+    grouped,
+    kernel_key,
+    load_sweep,
+)
+from rsa_jax.sweep._vmap import check_vmappable, clear_vmap_cache, run_vmap, vmapped_step
+
+__all__ = [
+    "MODES",
+    "Sweep",
+    "SweepError",
+    "Variant",
+    "check_vmappable",
+    "clear_vmap_cache",
+    "collect",
+    "describe",
+    "format_value",
+    "grouped",
+    "is_done",
+    "kernel_key",
+    "last_records",
+    "load_sweep",
+    "results_table",
+    "run_sequential",
+    "run_sweep",
+    "run_vmap",
+    "vmapped_step",
+    "write_results",
+]

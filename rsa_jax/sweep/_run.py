@@ -1,0 +1,127 @@
+"""Running a sweep: every variant through the normal trainer in this process (sequential), or all
+at once under `jax.vmap` (`rsa_jax.sweep._vmap`); then the results table and plot.
+
+Sequential variants share the trainer's step cache (`rsa_jax.training.build_stage_step`): the
+hyperparameters are traced arguments, so variants with the same kernel (loss, risk, version,
+split_vocab per stage) and shapes reuse one compiled program. A different risk functional or loss
+is a different program, so variants run grouped by kernel and each group starts with its compile.
+
+A variant whose run directory holds a finished final checkpoint made with the same config is
+skipped on a rerun; an interrupted one resumes (the trainer resumes from its run directory).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from rsa_jax.config import to_json
+from rsa_jax.sweep._spec import Sweep, SweepError, Variant, grouped, kernel_label
+
+
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def has_checkpoints(run_dir: str) -> bool:
+    directory = os.path.join(run_dir, "checkpoints")
+    return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
+
+
+def is_done(variant: Variant) -> bool:
+    """True when the variant's run directory has a readable final checkpoint of its last stage
+    marked done. Raises SweepError when that run was made with another config."""
+    if not has_checkpoints(variant.run_dir):
+        return False
+    from rsa_jax.training._checkpoint import Checkpoints
+
+    ckpt = Checkpoints(variant.run_dir, keep=variant.config.checkpoint.keep, async_save=False)
+    try:
+        found = ckpt.latest_meta()
+    finally:
+        ckpt.close()
+    if found is None:
+        return False
+    _, meta = found
+    done = bool(meta["done"]) and meta["stage"] == len(variant.config.stages) - 1
+    if done and meta.get("config") != json.loads(to_json(variant.config)):
+        raise SweepError(
+            f"variant {variant.name!r}: {variant.run_dir} holds a finished run made with another "
+            "config; remove it or give the sweep another run_dir"
+        )
+    return done
+
+
+def describe(sweep: Sweep) -> str:
+    """The variants, grouped by kernel, with their overrides and run directories (--dry-run)."""
+    lines = [
+        f"sweep {sweep.path}: {len(sweep.variants)} variant(s), mode {sweep.mode}, "
+        f"base {sweep.base}, run_dir {sweep.run_dir}"
+    ]
+    if sweep.overrides:
+        lines.append(f"  shared overrides: {' '.join(sweep.overrides)}")
+    groups = grouped(sweep.variants)
+    for g, group in enumerate(groups, 1):
+        lines.append(
+            f"  kernel group {g}/{len(groups)} [{kernel_label(group[0].config)}]: "
+            f"{len(group)} variant(s), one compile per distinct stage kernel"
+        )
+        for v in group:
+            lines.append(f"    {v.name}: {' '.join(v.overrides) or '(base)'} -> {v.run_dir}")
+    if sweep.eval is not None:
+        lines.append(f"  eval: {sweep.eval}")
+    return "\n".join(lines)
+
+
+def run_sequential(sweep: Sweep) -> dict[str, str]:
+    """Trains every unfinished variant with the trainer, grouped by kernel; {name: status}."""
+    from rsa_jax.training._trainer import train
+
+    status = {}
+    groups = grouped(sweep.variants)
+    for g, group in enumerate(groups, 1):
+        _say(f"kernel group {g}/{len(groups)} [{kernel_label(group[0].config)}]")
+        for v in group:
+            if is_done(v):
+                _say(f"  {v.name}: finished earlier, skipped")
+                status[v.name] = "skipped"
+                continue
+            t0 = time.perf_counter()
+            result = train(v.config)
+            status[v.name] = result.status
+            _say(f"  {v.name}: {result.status} in {time.perf_counter() - t0:.1f} s")
+            if result.status != "done":  # preempted: stop here, a rerun resumes it
+                return status
+    return status
+
+
+def run_sweep(sweep: Sweep, *, evaluate=None) -> dict:
+    """Trains (skipping finished variants), evaluates when `eval:` is set, writes
+    `results.md`, `results.json` and `results.png` to the sweep's run_dir; returns the results.
+
+    `evaluate(eval_spec, variant) -> {metric: float}` replaces the `eval:` hook's default
+    (`rsa_jax.sweep._eval.evaluate_variant`).
+    """
+    from rsa_jax.sweep._results import collect, write_results
+
+    os.makedirs(sweep.run_dir, exist_ok=True)
+    if sweep.mode == "vmap":
+        from rsa_jax.sweep._vmap import run_vmap
+
+        status = run_vmap(sweep)
+    else:
+        status = run_sequential(sweep)
+    if any(s == "preempted" for s in status.values()):
+        _say("sweep interrupted; rerun the same command to resume")
+        return {"status": status}
+    evaluations = {}
+    if sweep.eval is not None:
+        from rsa_jax.sweep._eval import cached_evaluation
+
+        for v in sweep.variants:
+            evaluations[v.name] = cached_evaluation(sweep.eval, v, evaluate)
+    results = collect(sweep, status, evaluations)
+    written = write_results(sweep.run_dir, results)
+    _say(f"wrote {', '.join(sorted(os.path.basename(p) for p in written))} to {sweep.run_dir}")
+    return results
