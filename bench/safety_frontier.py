@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import os
 import time
 
@@ -31,6 +32,9 @@ def main():
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", default=["SACPO", "RSA-CVaR", "RSA-ERM"])
     p.add_argument("--betas", type=float, nargs="+", default=[0.1, 0.05, 0.025, 0.01])
+    p.add_argument(
+        "--lrs", type=float, nargs="+", default=[1e-4], help="peak learning rates (both stages)"
+    )
     args = p.parse_args()
 
     from rsa_jax.training._trainer import train
@@ -51,31 +55,32 @@ def main():
         _, test_prompts = task.split_prompts(seed=seed)
         reference = load_hf(sft)
         rows = {}
-        for method in args.methods:
-            for beta in args.betas:
-                name = f"{method} b2={beta:g}"
-                run_dir = os.path.join(args.out, f"seed{seed}", f"{method}_b2_{beta:g}")
-                config = method_config(demo, method, sft, paths, seed, run_dir)
-                stages = list(config.stages)
-                stages[-1] = dataclasses.replace(stages[-1], beta=beta)
-                train(dataclasses.replace(config, stages=stages))
-                scores, info = evaluate_dir(
-                    run_dir,
-                    test_prompts,
-                    reference,
-                    samples=demo.eval_samples,
-                    max_tokens=demo.eval_max_tokens,
-                    seed=seed,
-                    task=task,
-                )
-                rows[name] = tail_metrics(scores, n_boot=200, seed=seed)
-                print(
-                    f"[seed {seed}] {name}: reward {rows[name]['reward_mean'].value:.3f}, "
-                    f"catastrophic {rows[name]['catastrophic_rate'].value:.4f}, "
-                    f"{100 * info['unfinished']:.1f}% unfinished "
-                    f"({time.perf_counter() - t0:.0f} s)",
-                    flush=True,
-                )
+        for method, lr, beta in itertools.product(args.methods, args.lrs, args.betas):
+            name = f"{method} lr={lr:g} b2={beta:g}"
+            run_dir = os.path.join(args.out, f"seed{seed}", f"{method}_lr_{lr:g}_b2_{beta:g}")
+            config = method_config(
+                dataclasses.replace(demo, learning_rate=lr), method, sft, paths, seed, run_dir
+            )
+            stages = list(config.stages)
+            stages[-1] = dataclasses.replace(stages[-1], beta=beta)
+            train(dataclasses.replace(config, stages=stages))
+            scores, info = evaluate_dir(
+                run_dir,
+                test_prompts,
+                reference,
+                samples=demo.eval_samples,
+                max_tokens=demo.eval_max_tokens,
+                seed=seed,
+                task=task,
+            )
+            rows[name] = tail_metrics(scores, n_boot=200, seed=seed)
+            print(
+                f"[seed {seed}] {name}: reward {rows[name]['reward_mean'].value:.3f}, "
+                f"catastrophic {rows[name]['catastrophic_rate'].value:.4f}, "
+                f"{100 * info['unfinished']:.1f}% unfinished "
+                f"({time.perf_counter() - t0:.0f} s)",
+                flush=True,
+            )
         write_results(os.path.join(args.out, f"seed{seed}"), rows)
         per_seed.append(rows)
     rows = aggregate_seeds(per_seed) if len(per_seed) > 1 else per_seed[0]
