@@ -87,15 +87,25 @@ def build_spec(config: ModelConfig, llama: LlamaConfig, mesh: Mesh, rules: dict)
     return spec
 
 
+# Jitted random inits by (spec.key, seed): runs in one process (sweep variants, tests) compile
+# the init once instead of once per run.
+_INIT_CACHE: dict = {}
+
+
 def init_params(spec: ModelSpec, config: ModelConfig) -> dict[str, jax.Array]:
     """Random init (path "tiny") or the safetensors weights, placed straight on their shardings."""
     if config.path == "tiny":
+        cache_key = (spec.key, config.init_seed)
+        init = _INIT_CACHE.get(cache_key)
+        if init is None:
+            make, seed = spec.make, config.init_seed  # type: ignore[attr-defined]
 
-        def init():
-            state = nnx.state(spec.make(config.init_seed))  # type: ignore[attr-defined]
-            return {_key(p): v[...] for p, v in nnx.to_flat_state(state)}
+            def fresh():
+                state = nnx.state(make(seed))
+                return {_key(p): v[...] for p, v in nnx.to_flat_state(state)}
 
-        return jax.jit(init, out_shardings=spec.shardings)()
+            init = _INIT_CACHE[cache_key] = jax.jit(fresh, out_shardings=spec.shardings)
+        return init()
     model = load_hf(
         config.path,
         param_dtype=jnp.float32,
