@@ -4,19 +4,88 @@ the data iterator's position, PRNG key, stage index and the resolved config.
 Orbax writes each step into a temporary directory and renames it when complete, so a partial
 checkpoint is never listed. A listed checkpoint that fails to restore (corrupt files) is moved
 aside to `corrupt/` (never overwritten or deleted) and the previous one is used, with a warning.
+
+Several processes: Orbax coordinates the array saves (each process writes its shards, process 0
+the metadata and the final rename). The data iterator's state is per process, so each process
+writes `data_iter/process_<i>-of-<n>.json` (`DataIterHandler`). The pipeline's state is the
+global batch index, the same on every process and for any process count, so a checkpoint
+written by n processes resumes with m: a process without its own file takes the state all the
+files agree on (and refuses if they disagree).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import shutil
+from typing import Any
 
-import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
+from jax.experimental import multihost_utils
 
 log = logging.getLogger(__name__)
+
+
+class DataIterHandler(ocp.CheckpointHandler):
+    """Orbax handler for Grain dataset iterators: one JSON state file per process.
+
+    Same file names as `grain.checkpoint.CheckpointHandler` (which this replaces because it
+    requires the saving and restoring process counts to match).
+    """
+
+    def save(self, directory: epath.Path, args: DataIterSave) -> None:
+        i, n = jax.process_index(), jax.process_count()
+        (directory / f"process_{i}-of-{n}.json").write_text(json.dumps(args.item.get_state()))
+
+    def restore(self, directory: epath.Path, args: DataIterRestore):
+        i, n = jax.process_index(), jax.process_count()
+        own = directory / f"process_{i}-of-{n}.json"
+        if own.exists():
+            state = json.loads(own.read_text())
+        else:
+            files = sorted(directory.glob("process_*-of-*.json"))
+            if not files:
+                raise FileNotFoundError(f"{directory}: no data iterator state")
+            states = {f.name: json.loads(f.read_text()) for f in files}
+            state = next(iter(states.values()))
+            if any(s != state for s in states.values()):
+                raise ValueError(
+                    f"{directory}: saved by {len(files)} processes whose iterator states differ "
+                    f"({states}); cannot resume with {n} process(es)"
+                )
+            log.info("data iterator state from %s restored in process %d of %d", files[0], i, n)
+        args.item.set_state(state)
+        if hasattr(args.item, "start_prefetch"):
+            args.item.start_prefetch()
+        return args.item
+
+    def metadata(self, directory: epath.Path) -> None:
+        return None
+
+    def structure(self, directory: epath.Path) -> None:
+        return None
+
+    def finalize(self, directory: epath.Path) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+@ocp.args.register_with_handler(DataIterHandler, for_save=True)
+@dataclasses.dataclass
+class DataIterSave(ocp.args.CheckpointArgs):
+    item: Any
+
+
+@ocp.args.register_with_handler(DataIterHandler, for_restore=True)
+@dataclasses.dataclass
+class DataIterRestore(ocp.args.CheckpointArgs):
+    item: Any
 
 
 class Checkpoints:
@@ -41,7 +110,7 @@ class Checkpoints:
         items = dict(
             state=ocp.args.StandardSave(state),
             meta=ocp.args.JsonSave(meta),
-            data_iter=grain.checkpoint.CheckpointSave(data_iter),
+            data_iter=DataIterSave(data_iter),
         )
         if reference is not None:
             items["reference"] = ocp.args.StandardSave(reference)
@@ -75,7 +144,7 @@ class Checkpoints:
         """
         items = dict(state=ocp.args.StandardRestore(abstract_state))
         if data_iter is not None:
-            items["data_iter"] = grain.checkpoint.CheckpointRestore(data_iter)
+            items["data_iter"] = DataIterRestore(data_iter)
         if abstract_reference is not None:
             items["reference"] = ocp.args.StandardRestore(abstract_reference)
         try:
@@ -104,7 +173,12 @@ class Checkpoints:
             target,
         )
         self.manager.close()
-        shutil.move(source, target)
+        # One process moves it; every process reaches this point for the same step (they restore
+        # the same files), and waits until the move is done before listing again.
+        if jax.process_index() == 0:
+            shutil.move(source, target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"rsa_jax set aside checkpoint {step}")
         self._open()
 
 

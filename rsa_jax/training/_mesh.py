@@ -19,18 +19,62 @@ from rsa_jax.config import MESH_AXES, MeshConfig, mesh_shape
 log = logging.getLogger(__name__)
 
 
-def maybe_initialize_distributed() -> None:
-    """`jax.distributed.initialize()` when the environment describes several processes."""
-    described = any(
-        k in os.environ
-        for k in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_NTASKS", "TPU_WORKER_ID")
-    )
+def distributed_request(environ=None) -> dict | None:
+    """How this process should join a multi-process run, from the environment; None: it should not.
+
+    - JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (the `launch/` scripts set
+      them): explicit arguments to `jax.distributed.initialize`; JAX_NUM_PROCESSES=1 is one process.
+    - a SLURM job of several tasks, an Open MPI job of several ranks, or a TPU pod slice of several
+      hosts: `{}`, i.e. `jax.distributed.initialize()` with no arguments (JAX reads the cluster).
+    """
+    env = os.environ if environ is None else environ
+    names = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+    given = [n for n in names if env.get(n)]
+    if given:
+        if len(given) < len(names):
+            missing = ", ".join(n for n in names if n not in given)
+            raise ValueError(f"{', '.join(given)} set but not {missing}: set all three or none")
+        num_processes, process_id = int(env["JAX_NUM_PROCESSES"]), int(env["JAX_PROCESS_ID"])
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"JAX_PROCESS_ID={process_id} not in [0, {num_processes})")
+        if num_processes == 1:
+            return None
+        return dict(
+            coordinator_address=env["JAX_COORDINATOR_ADDRESS"],
+            num_processes=num_processes,
+            process_id=process_id,
+        )
+    hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
     if (
-        described
-        and int(os.environ.get("JAX_NUM_PROCESSES", os.environ.get("SLURM_NTASKS", 2))) > 1
+        int(env.get("SLURM_NTASKS", "1") or 1) > 1
+        or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
+        or len(hosts) > 1
     ):
-        jax.distributed.initialize()
-        log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+        return {}
+    return None
+
+
+_initialized_here = False
+
+
+def maybe_initialize_distributed() -> None:
+    """`jax.distributed.initialize` when the environment describes several processes, once.
+
+    On the CPU, cross-process collectives go through gloo (set before initializing). Must run
+    before anything touches a JAX backend (jax.devices(), an array).
+    """
+    global _initialized_here
+    if _initialized_here or jax.distributed.is_initialized():
+        return
+    request = distributed_request()
+    if request is None:
+        return
+    platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
+    if not platforms or "cpu" in platforms.split(","):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**request)
+    _initialized_here = True
+    log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
 
 
 def make_mesh(config: MeshConfig, devices=None) -> Mesh:
