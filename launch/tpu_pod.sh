@@ -81,6 +81,8 @@ if (( NUM_SLICES > 1 )) && [[ -z "${QR_ID:-}" && -z "${MEGASCALE_COORDINATOR_ADD
   die "MEGASCALE_COORDINATOR_ADDRESS is not set (NUM_SLICES=$NUM_SLICES without QR_ID: IP of worker 0 of ${TPU_NAME}-0)"
 fi
 
+# Tells the trainer to call jax.distributed.initialize() (the pod is read from the metadata server).
+remote_env=("RSA_JAX_DISTRIBUTED=1" "${remote_env[@]}")
 [[ -n "${LIBTPU_INIT_ARGS:-}" ]] && remote_env+=("LIBTPU_INIT_ARGS=$LIBTPU_INIT_ARGS")
 [[ -n "${XLA_FLAGS:-}" ]] && remote_env+=("XLA_FLAGS=$XLA_FLAGS")
 location=(--zone "$ZONE")

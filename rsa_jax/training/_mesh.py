@@ -24,8 +24,11 @@ def distributed_request(environ=None) -> dict | None:
 
     - JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID (the `launch/` scripts set
       them): explicit arguments to `jax.distributed.initialize`; JAX_NUM_PROCESSES=1 is one process.
-    - a SLURM job of several tasks, an Open MPI job of several ranks, or a TPU pod slice of several
-      hosts: `{}`, i.e. `jax.distributed.initialize()` with no arguments (JAX reads the cluster).
+    - a SLURM job of several tasks, an Open MPI job of several ranks, a TPU pod slice of several
+      hosts (TPU_WORKER_HOSTNAMES, as on GKE), a multislice job (MEGASCALE_COORDINATOR_ADDRESS),
+      or RSA_JAX_DISTRIBUTED=1 (what `launch/tpu_pod.sh` sets: on Cloud TPU VMs the worker list
+      comes from the metadata server, not the environment): `{}`, i.e.
+      `jax.distributed.initialize()` with no arguments (JAX reads the cluster).
     """
     env = os.environ if environ is None else environ
     names = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
@@ -46,7 +49,9 @@ def distributed_request(environ=None) -> dict | None:
         )
     hosts = [h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
     if (
-        int(env.get("SLURM_NTASKS", "1") or 1) > 1
+        env.get("RSA_JAX_DISTRIBUTED", "") == "1"  # opt-in: a Cloud TPU VM pod (JAX reads the
+        or env.get("MEGASCALE_COORDINATOR_ADDRESS")  # pod from the metadata server), multislice
+        or int(env.get("SLURM_NTASKS", "1") or 1) > 1
         or int(env.get("OMPI_COMM_WORLD_SIZE", "1") or 1) > 1
         or len(hosts) > 1
     ):

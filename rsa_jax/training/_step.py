@@ -214,6 +214,8 @@ def make_train_step(
         metrics["loss"] = l_sum / count
         metrics["grad_norm"] = grad_norm
         metrics["learning_rate"] = lr
+        # Real tokens of the GLOBAL batch (every host's rows), for tokens/s and MFU.
+        metrics["tokens"] = jnp.sum(batch["attention_mask"]).astype(jnp.float32)
         return TrainState(params, opt_state, state.step + 1), metrics
 
     return step

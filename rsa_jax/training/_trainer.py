@@ -225,7 +225,6 @@ def train(config: Config) -> RunResult:
                 last_saved = None
                 while int(state.step) < total:
                     batch = next(iterator)
-                    tokens = int(np.sum(batch["attention_mask"]))
                     t0 = time.perf_counter()
                     state, metrics = step_fn(
                         state,
@@ -238,9 +237,9 @@ def train(config: Config) -> RunResult:
                     if stage_step % config.train.log_every == 0 or stage_step == total:
                         metrics = {k: float(v) for k, v in metrics.items()}
                         elapsed = time.perf_counter() - t0
-                        metrics_log.log(
-                            i, stage_step, global_step, metrics, tokens, batch_pairs(batch), elapsed
-                        )
+                        tokens = metrics.pop("tokens")  # global, all hosts
+                        pairs = config.data.batch_size  # global
+                        metrics_log.log(i, stage_step, global_step, metrics, tokens, pairs, elapsed)
                     every = config.checkpoint.every
                     if every and stage_step % every == 0 and stage_step < total:
                         save(done=False)

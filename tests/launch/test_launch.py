@@ -308,10 +308,14 @@ def test_tpu_one_slice_all_workers():
     ]  # fmt: skip
     assert argv[-2] == "--command"
     remote = argv[-1]
-    assert remote == f"cd rsa_jax && export 'XLA_FLAGS=--xla_dump_to=/tmp/x --xla_foo' && {TRAIN}"
+    assert remote == (
+        "cd rsa_jax && export RSA_JAX_DISTRIBUTED=1 'XLA_FLAGS=--xla_dump_to=/tmp/x --xla_foo' && "
+        f"{TRAIN}"
+    )
     # The remote shell reads the exported value back whole.
     assert shlex.split(remote.split(" && ")[1]) == [
         "export",
+        "RSA_JAX_DISTRIBUTED=1",
         "XLA_FLAGS=--xla_dump_to=/tmp/x --xla_foo",
     ]
 
@@ -321,7 +325,10 @@ def test_tpu_detached():
     (command,) = printed_commands(run_script("tpu_pod.sh", env))
     remote = shlex.split(command)[-1]
     train = TRAIN.replace("python3", ".venv/bin/python")
-    assert remote == f"cd /opt/rsa && nohup {train} > train.log 2>&1 < /dev/null &"
+    assert remote == (
+        f"cd /opt/rsa && export RSA_JAX_DISTRIBUTED=1 && nohup {train} > train.log 2>&1 "
+        "< /dev/null &"
+    )
 
 
 def test_tpu_multislice_queued_resource():
@@ -329,7 +336,8 @@ def test_tpu_multislice_queued_resource():
     (command,) = printed_commands(run_script("tpu_pod.sh", env))
     assert shlex.split(command) == [
         "gcloud", "compute", "tpus", "queued-resources", "ssh", "qr-1", "--zone", "us-east5-a",
-        "--node=all", "--worker=all", "--command", f"cd rsa_jax && {TRAIN}",
+        "--node=all", "--worker=all", "--command",
+        f"cd rsa_jax && export RSA_JAX_DISTRIBUTED=1 && {TRAIN}",
     ]  # fmt: skip
 
 
@@ -344,7 +352,7 @@ def test_tpu_multislice_manual_exports_megascale_per_slice():
         assert argv[5] == f"v5p-32-{slice_id}"
         assert "--worker=all" in argv
         assert argv[-1] == (
-            "cd rsa_jax && export MEGASCALE_COORDINATOR_ADDRESS=10.1.2.3:8080"
+            "cd rsa_jax && export RSA_JAX_DISTRIBUTED=1 MEGASCALE_COORDINATOR_ADDRESS=10.1.2.3:8080"
             f" MEGASCALE_NUM_SLICES=3 MEGASCALE_SLICE_ID={slice_id} MEGASCALE_PORT=8080 && {TRAIN}"
         )
 

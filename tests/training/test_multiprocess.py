@@ -74,6 +74,9 @@ def test_distributed_request_from_the_environment():
     assert distributed_request({"OMPI_COMM_WORLD_SIZE": "2"}) == {}
     assert distributed_request({"TPU_WORKER_HOSTNAMES": "t0"}) is None
     assert distributed_request({"TPU_WORKER_HOSTNAMES": "t0,t1"}) == {}
+    assert distributed_request({"RSA_JAX_DISTRIBUTED": "1"}) == {}
+    assert distributed_request({"RSA_JAX_DISTRIBUTED": "0"}) is None
+    assert distributed_request({"MEGASCALE_COORDINATOR_ADDRESS": "10.0.0.2:8080"}) == {}
 
 
 def test_data_iterator_state_written_by_two_processes_restores_in_one(tmp_path):
