@@ -115,8 +115,19 @@ def main():
         f"device: {jax.devices()[0].device_kind}, pairs {args.pairs}, tokens/row "
         f"{args.prompt}+{args.response}, dtype {args.dtype}"
     )
+    results = {}
     for head in args.heads.split(","):
-        print(json.dumps(bench(head, args)), flush=True)
+        results[head] = bench(head, args)
+        print(json.dumps(results[head]), flush=True)
+    if {"fused", "logits"} <= set(results):
+        f, g = results["fused"], results["logits"]
+        ratios = dict(
+            step_time_fused_over_logits=round(f["step_s"] / g["step_s"], 3),
+            compile_time_fused_over_logits=round(f["compile_s"] / g["compile_s"], 3),
+        )
+        if f["peak_mib"] and g["peak_mib"]:
+            ratios["peak_memory_fused_over_logits"] = round(f["peak_mib"] / g["peak_mib"], 3)
+        print(json.dumps({"ratios (baseline: logits path, same run)": ratios}))
 
 
 if __name__ == "__main__":

@@ -189,11 +189,14 @@ def _cmd_sweep(args) -> int:
 def _cmd_demo(args) -> int:
     from rsa_jax.tasks.pipeline import DemoConfig, run_demo
 
-    demo = DemoConfig(out_dir=args.out, seeds=tuple(args.seeds))
+    if not os.path.isdir(args.configs):
+        raise SystemExit(f"demo: {args.configs}/ not found (the method configs; see --configs)")
+    demo = DemoConfig(out_dir=args.out, seeds=tuple(args.seeds), configs_dir=args.configs)
     if args.quick:
         demo = DemoConfig(
             out_dir=args.out,
             seeds=tuple(args.seeds),
+            configs_dir=args.configs,
             sft_steps=150,
             pair_prompts=512,
             epochs=1,
@@ -258,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    p.add_argument("--configs", default="configs", help="directory of the method configs")
     p.set_defaults(fn=_cmd_demo)
 
     p = sub.add_parser("toy-data", help="write synthetic PKU-SafeRLHF-schema rows (smoke tests)")
