@@ -293,3 +293,73 @@ def test_a_different_risk_is_another_compile_and_runs_in_its_group(tmp_path, dat
     assert [n.split("-")[-1] for n in status] == ["erm", "erm", "kl", "kl"]
     sizes = sorted(fn._cache_size() for fn in step_module._STEP_CACHE.values())
     assert sizes == [1, 1, 1]  # cvar_reference (stage 1), erm, kl: one compile each
+
+
+_FAKE_EVAL = """
+import json, os
+CALLS = []
+
+
+def evaluate(run_dir, config, scale=1.0):
+    CALLS.append(run_dir)
+    return {"cost_mean": scale * config.stages[1].beta, "worst_prompt_cost": 2.0}
+
+
+class Scorer:
+    catastrophe_threshold = 1.0
+
+    def __call__(self, prompts, responses):
+        return {
+            "reward": [float(len(r)) for r in responses],
+            "cost": [float(r.count("e")) for r in responses],
+        }
+"""
+
+
+def _with_eval(path, tmp_path, evaluation):
+    with open(path) as f:
+        doc = yaml.safe_load(f)
+    doc["eval"] = evaluation
+    return _write(tmp_path / "with_eval.yaml", doc)
+
+
+def test_eval_hook_joins_the_table_and_is_cached(sequential, tmp_path, monkeypatch):
+    path, sweep, _, _ = sequential
+    (tmp_path / "sweep_fake_eval.py").write_text(_FAKE_EVAL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import sweep_fake_eval
+
+    with_eval = _with_eval(path, tmp_path, {"fn": "sweep_fake_eval:evaluate", "scale": 10.0})
+    results = run_sweep(load_sweep(with_eval))
+    assert {r["status"] for r in results["variants"]} == {"skipped"}
+    for r, v in zip(results["variants"], sweep.variants, strict=True):
+        assert r["eval"] == {"cost_mean": 10.0 * v.config.stages[1].beta, "worst_prompt_cost": 2.0}
+    with open(os.path.join(sweep.run_dir, "results.md")) as f:
+        assert "eval cost_mean" in f.read()
+    assert len(sweep_fake_eval.CALLS) == len(sweep.variants)
+    run_sweep(load_sweep(with_eval))  # same options: eval.json reused
+    assert len(sweep_fake_eval.CALLS) == len(sweep.variants)
+
+
+@pytest.mark.slow  # compiles the sampler and the teacher-forced log-probabilities
+def test_builtin_eval_samples_and_scores_each_variant(sequential, tmp_path, monkeypatch):
+    path, sweep, _, _ = sequential
+    (tmp_path / "sweep_fake_eval.py").write_text(_FAKE_EVAL)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("q1 bread safe\nq2 story kind\nq3 help\n")
+    evaluation = {
+        "scorer": "sweep_fake_eval:Scorer",
+        "prompts": str(prompts),
+        "samples": 2,
+        "max_new_tokens": 4,
+        "n_boot": 20,
+        "reference": sweep.variants[0].run_dir,
+    }
+    results = run_sweep(load_sweep(_with_eval(path, tmp_path, evaluation)))
+    for r in results["variants"]:
+        assert {"reward_mean", "cost_mean", "kl"} <= set(r["eval"]), r["eval"]
+        assert all(np.isfinite(x) for x in r["eval"].values())
+    with open(os.path.join(sweep.variants[1].run_dir, "eval.json")) as f:
+        saved = json.load(f)["metrics"]["cost_mean"]
+    assert saved["low"] <= saved["value"] <= saved["high"]
