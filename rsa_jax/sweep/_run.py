@@ -53,6 +53,18 @@ def is_done(variant: Variant) -> bool:
     return done
 
 
+def check_data(sweep: Sweep) -> None:
+    """Every variant's data files exist (before the first variant trains)."""
+    from rsa_jax.config import stage_data
+
+    for v in sweep.variants:
+        for i, stage in enumerate(v.config.stages):
+            path = stage_data(v.config, stage).path
+            if not os.path.exists(path):
+                key = f"stages.{i}.data_path" if stage.data_path else "data.path"
+                raise SweepError(f"{sweep.path}: variant {v.name!r}: {key} {path!r} does not exist")
+
+
 def describe(sweep: Sweep) -> str:
     """The variants, grouped by kernel, with their overrides and run directories (--dry-run)."""
     lines = [
@@ -105,6 +117,7 @@ def run_sweep(sweep: Sweep, *, evaluate=None) -> dict:
     """
     from rsa_jax.sweep._results import collect, write_results
 
+    check_data(sweep)
     os.makedirs(sweep.run_dir, exist_ok=True)
     if sweep.mode == "vmap":
         from rsa_jax.sweep._vmap import run_vmap
