@@ -178,7 +178,7 @@ def _cmd_eval(args) -> int:
 def _cmd_sweep(args) -> int:
     from rsa_jax.sweep import describe, load_sweep, run_sweep
 
-    sweep = load_sweep(args.sweep, mode=args.mode, run_dir=args.run_dir)
+    sweep = load_sweep(args.sweep, mode=args.mode, run_dir=args.run_dir, overrides=args.overrides)
     if args.dry_run:
         print(describe(sweep))
         return 0
@@ -252,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="train the variants of a sweep file, then one results table")
     p.add_argument("sweep", help="sweep YAML (configs/sweeps/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides for every variant")
     p.add_argument("--mode", choices=["sequential", "vmap"], help="overrides the file's mode")
     p.add_argument("--run-dir", help="overrides the file's run_dir")
     p.add_argument("--dry-run", action="store_true", help="print the variants, train nothing")

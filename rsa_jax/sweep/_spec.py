@@ -172,8 +172,11 @@ def _resolve_base(path: str, base) -> str:
     _fail(path, f"base: {base!r} not found (relative to the cwd or to the sweep file)")
 
 
-def load_sweep(path: str, *, mode: str | None = None, run_dir: str | None = None) -> Sweep:
-    """Reads and validates a sweep file; `mode` and `run_dir` override the file's.
+def load_sweep(
+    path: str, *, mode: str | None = None, run_dir: str | None = None, overrides: tuple = ()
+) -> Sweep:
+    """Reads and validates a sweep file; `mode` and `run_dir` override the file's, `overrides`
+    are appended to its shared ones (e.g. `data.path=...` from the command line).
 
     Raises SweepError naming `path` and the bad key or value; a variant whose config does not
     load names the variant and the config key.
@@ -196,6 +199,7 @@ def load_sweep(path: str, *, mode: str | None = None, run_dir: str | None = None
         _fail(path, "give a grid, variants or both")
     base = _resolve_base(path, raw["base"])
     shared = _string_list(path, "overrides", raw.get("overrides"))
+    shared += _string_list(path, "command-line overrides", list(overrides))
     mode = mode or raw.get("mode", "sequential")
     if mode not in MODES:
         _fail(path, f"mode must be one of {MODES}, got {mode!r}")
