@@ -218,7 +218,6 @@ def run_vmap(sweep: Sweep) -> dict[str, str]:
                 log_.start_stage(i, stage.name, total, 0)
             for s in range(1, total + 1):
                 batch = next(iterator)
-                tokens = int(np.sum(batch["attention_mask"]))
                 t0 = time.perf_counter()
                 state, metrics = step_fn(
                     state, reference, {key: jnp.asarray(batch[key]) for key in BATCH_KEYS}, hyper
@@ -229,6 +228,7 @@ def run_vmap(sweep: Sweep) -> dict[str, str]:
                     elapsed = time.perf_counter() - t0
                     for j, log_ in enumerate(logs):
                         one = {name: float(value[j]) for name, value in metrics.items()}
+                        tokens = one.pop("tokens")  # the shared batch's real tokens
                         log_.log(i, s, global_step, one, tokens, batch_pairs(batch), elapsed)
             for log_ in logs:
                 log_.end_stage()
