@@ -51,10 +51,11 @@ def fake_executable(directory: Path, name: str, body: str = "") -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / name
     log = directory / "calls.log"
-    # One write per call, so that concurrent calls do not interleave their lines.
+    # One write(2) per call (cat of a small file), so that concurrent calls do not interleave
+    # their lines: bash's printf may write a long record line by line.
     path.write_text(
-        f'#!/usr/bin/env bash\nrecord="$(printf "%s\\n" "$0" "$@")"\n'
-        f'printf "%s\\n\\n" "$record" >> {shlex.quote(str(log))}\n{body}\n'
+        f'#!/usr/bin/env bash\nrecord="$(mktemp)"\nprintf "%s\\n" "$0" "$@" "" > "$record"\n'
+        f'cat "$record" >> {shlex.quote(str(log))}\nrm -f "$record"\n{body}\n'
     )
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
     return path
