@@ -35,6 +35,7 @@ def main():
     p.add_argument(
         "--lrs", type=float, nargs="+", default=[1e-4], help="peak learning rates (both stages)"
     )
+    p.add_argument("--epochs", type=int, nargs="+", default=[2], help="passes per stage")
     args = p.parse_args()
 
     from rsa_jax.training._trainer import train
@@ -55,12 +56,13 @@ def main():
         _, test_prompts = task.split_prompts(seed=seed)
         reference = load_hf(sft)
         rows = {}
-        for method, lr, beta in itertools.product(args.methods, args.lrs, args.betas):
-            name = f"{method} lr={lr:g} b2={beta:g}"
-            run_dir = os.path.join(args.out, f"seed{seed}", f"{method}_lr_{lr:g}_b2_{beta:g}")
-            config = method_config(
-                dataclasses.replace(demo, learning_rate=lr), method, sft, paths, seed, run_dir
-            )
+        grid = itertools.product(args.methods, args.lrs, args.epochs, args.betas)
+        for method, lr, epochs, beta in grid:
+            name = f"{method} lr={lr:g} ep={epochs} b2={beta:g}"
+            tag = f"{method}_lr_{lr:g}_ep_{epochs}_b2_{beta:g}"
+            run_dir = os.path.join(args.out, f"seed{seed}", tag)
+            setting = dataclasses.replace(demo, learning_rate=lr, epochs=epochs)
+            config = method_config(setting, method, sft, paths, seed, run_dir)
             stages = list(config.stages)
             stages[-1] = dataclasses.replace(stages[-1], beta=beta)
             train(dataclasses.replace(config, stages=stages))
