@@ -67,13 +67,7 @@ def main():
             stages[-1] = dataclasses.replace(stages[-1], beta=beta)
             train(dataclasses.replace(config, stages=stages))
             scores, info = evaluate_dir(
-                run_dir,
-                test_prompts,
-                reference,
-                samples=demo.eval_samples,
-                max_tokens=demo.eval_max_tokens,
-                seed=seed,
-                task=task,
+                run_dir, test_prompts, reference, demo, seed=seed, task=task
             )
             rows[name] = tail_metrics(scores, n_boot=200, seed=seed)
             print(

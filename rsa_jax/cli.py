@@ -13,6 +13,7 @@ rsa-jax sweep configs/sweeps/tiny_risks.yaml --dry-run
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -193,15 +194,8 @@ def _cmd_demo(args) -> int:
         raise SystemExit(f"demo: {args.configs}/ not found (the method configs; see --configs)")
     demo = DemoConfig(out_dir=args.out, seeds=tuple(args.seeds), configs_dir=args.configs)
     if args.quick:
-        demo = DemoConfig(
-            out_dir=args.out,
-            seeds=tuple(args.seeds),
-            configs_dir=args.configs,
-            sft_steps=150,
-            pair_prompts=512,
-            epochs=1,
-            eval_samples=8,
-            n_boot=200,
+        demo = dataclasses.replace(
+            demo, sft_steps=150, pair_prompts=512, epochs=1, eval_samples=8, n_boot=200
         )
     run_demo(demo)
     return 0

@@ -124,8 +124,9 @@ def method_config(demo: DemoConfig, method: str, sft_dir: str, paths: dict, seed
     )
 
 
-def evaluate_dir(model_dir_or_run, prompts, reference, *, samples, max_tokens, seed, task):
-    """(SampleScores, sampling info) of one model (an HF directory or a run directory)."""
+def evaluate_dir(model_dir_or_run, prompts, reference, demo: DemoConfig, *, seed, task):
+    """(SampleScores, sampling info) of one model (an HF directory or a run directory), sampled
+    with the demo's evaluation settings (eval_samples per prompt, eval_max_tokens)."""
     from rsa_jax.eval.sampling import evaluate_model, load_model
 
     model, tokenizer = load_model(model_dir_or_run)
@@ -135,8 +136,8 @@ def evaluate_dir(model_dir_or_run, prompts, reference, *, samples, max_tokens, s
         prompts,
         OracleScorer(task),
         reference=reference,
-        n=samples,
-        max_new_tokens=max_tokens,
+        n=demo.eval_samples,
+        max_new_tokens=demo.eval_max_tokens,
         seed=seed,
         template=TEMPLATE,
     )
@@ -207,13 +208,7 @@ def run_seed(demo: DemoConfig, seed: int) -> dict:
     for name in ("SFT", *demo.methods):
         target = sft_dir if name == "SFT" else os.path.join(root, name)
         scores[name], infos[name] = evaluate_dir(
-            target,
-            test_prompts,
-            reference,
-            samples=demo.eval_samples,
-            max_tokens=demo.eval_max_tokens,
-            seed=seed,
-            task=task,
+            target, test_prompts, reference, demo, seed=seed, task=task
         )
         _say(
             f"[seed {seed}] {name}: mean length {infos[name]['mean_length']:.1f} tokens, "

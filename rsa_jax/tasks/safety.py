@@ -216,7 +216,7 @@ def make_tokenizer(task: SafetyTask):
     )
 
 
-def write_pairs(path: str, rows: list[dict], *, view_note: str = "") -> None:
+def write_pairs(path: str, rows: list[dict]) -> None:
     """PKU-SafeRLHF-schema rows to JSON Lines."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as f:

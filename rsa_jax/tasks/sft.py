@@ -18,7 +18,8 @@ import numpy as np
 import optax
 
 from rsa_jax.config import MeshConfig, ModelConfig
-from rsa_jax.data._tokenize import collate_rows
+from rsa_jax.data import DataConfig
+from rsa_jax.data._tokenize import PairTokenizer, collate_rows
 from rsa_jax.models import save_hf, tiny_config
 from rsa_jax.tasks.safety import TEMPLATE, SafetyTask, make_tokenizer
 from rsa_jax.training import build_spec, init_params, make_mesh
@@ -41,14 +42,13 @@ class SFTConfig:
     num_key_value_heads: int = 2
 
 
-def _encode(tokenizer, prompts, responses, prompt_len, response_len):
-    eos = tokenizer.eos_token_id
-    rows = []
-    for p, r in zip(prompts, responses, strict=True):
-        prompt = tokenizer(TEMPLATE.format(prompt=p))["input_ids"]
-        response = tokenizer(r, add_special_tokens=False)["input_ids"] + [eos]
-        rows.append((np.asarray(prompt, np.int32), np.asarray(response, np.int32)))
-    return collate_rows(rows, prompt_len, response_len, tokenizer.pad_token_id)
+def _encode(pair_tokenizer: PairTokenizer, prompts, responses, prompt_len, response_len):
+    """Rows [prompt | response + EOS] in the data pipeline's batch layout."""
+    rows = [
+        (pair_tokenizer.prompt_ids(p, "SFT prompt"), pair_tokenizer.response_ids(r))
+        for p, r in zip(prompts, responses, strict=True)
+    ]
+    return collate_rows(rows, prompt_len, response_len, pair_tokenizer.pad_id)
 
 
 def train_sft(
@@ -98,12 +98,16 @@ def train_sft(
 
     rng = np.random.default_rng(config.seed)
     prompt_len, response_len = 5, task.max_response_tokens()
+    pair_tokenizer = PairTokenizer(
+        tokenizer,
+        DataConfig(template=TEMPLATE, max_prompt_len=prompt_len, max_response_len=response_len),
+    )
     losses = []
     t0 = time.perf_counter()
     for _ in range(config.steps):
         chosen = [prompts[i] for i in rng.integers(0, len(prompts), config.batch_size)]
         responses = [task.sample_response(p, rng) for p in chosen]
-        batch = _encode(tokenizer, chosen, responses, prompt_len, response_len)
+        batch = _encode(pair_tokenizer, chosen, responses, prompt_len, response_len)
         params, opt_state, loss = step(params, opt_state, batch)
         losses.append(float(loss))
     save_hf(spec.module(params), out_dir, tokenizer=tokenizer)

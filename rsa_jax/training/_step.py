@@ -177,13 +177,10 @@ def make_train_step(
 
     `static` selects the kernel (loss_kwargs' first result); `hyper` holds HYPER_KEYS, traced.
     """
-    loss_hyper_keys = LOSS_KEYS
     lossf = functools.partial(pair_losses, spec, static=static, head=head, chunk_size=chunk_size)
 
     def summed(params, ref_params, mb, hyper):
-        losses, metrics = lossf(
-            params, ref_params, mb, hyper={k: hyper[k] for k in loss_hyper_keys}
-        )
+        losses, metrics = lossf(params, ref_params, mb, hyper={k: hyper[k] for k in LOSS_KEYS})
         sums = {k: jnp.sum(v.astype(jnp.float32)) for k, v in metrics.items()}
         return jnp.sum(losses), (sums, jnp.float32(losses.shape[0]))
 
