@@ -17,10 +17,13 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from rsa_jax.data import DataConfig
+from rsa_jax.losses import DEFAULT_CHUNK_SIZE, DEFAULTS, Kernel, check_mu
 
-LOSS_NAMES = ("dpo", "tdpo", "ra_dpo")
-RISK_NAMES = ("cvar_reference", "cvar", "erm", "kl")
-REFERENCES = ("init", "previous_stage")
+# A stage's reference model: the initial (SFT) model, or the frozen result of the stage before.
+INIT, PREVIOUS_STAGE = "init", "previous_stage"
+REFERENCES = (INIT, PREVIOUS_STAGE)
+HEADS = ("fused", "logits")
+_KERNEL = Kernel()  # defaults of the kernel fields
 DTYPES = ("float32", "bfloat16")
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -51,20 +54,33 @@ class StageConfig:
     view: str = "helpfulness"
     # Data file of this stage; empty means `data.path`.
     data_path: str = ""
-    # Pair loss and one-step risk functional, chosen by name (rsa_jax.losses).
-    loss: str = "ra_dpo"
-    risk: str = "cvar_reference"
-    beta: float = 0.1
-    alpha: float = 0.5
-    mu: float = 0.95
-    gamma: float = 1.0
-    version: int = 1
+    # Pair loss and one-step risk functional, chosen by name (rsa_jax.losses.LOSSES, RISKS).
+    loss: str = _KERNEL.loss
+    risk: str = _KERNEL.risk
+    # Traced loss hyperparameters (docs/method.md): temperature, version-2 weight of the risk
+    # difference, risk level (CVaR tail mass or ERM coefficient), discount of the recursion.
+    beta: float = float(DEFAULTS.beta)
+    alpha: float = float(DEFAULTS.alpha)
+    mu: float = float(DEFAULTS.mu)
+    gamma: float = float(DEFAULTS.gamma)
+    # 1: the chosen side's risk takes gradient; 2: stop-gradient on it, weighted by alpha.
+    version: int = _KERNEL.version
     # Quantile per vocabulary half, as the public Ra-DPO code does (cvar_reference only).
-    split_vocab: bool = True
+    split_vocab: bool = _KERNEL.split_vocab
     # "init": the initial (SFT) model; "previous_stage": the frozen result of the stage before.
-    reference: str = "init"
+    reference: str = INIT
     # Optimizer steps of this stage; -1: one pass over the stage's batches (data.epochs times).
     steps: int = -1
+
+    @property
+    def kernel(self) -> Kernel:
+        """The static kernel choice (what selects the compiled program)."""
+        return Kernel(self.loss, self.risk, self.version, self.split_vocab)
+
+    @property
+    def follows_previous(self) -> bool:
+        """True when the reference is the frozen policy of the stage before."""
+        return self.reference == PREVIOUS_STAGE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +137,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 1
     # Chunk of response tokens whose logits the fused loss head forms at once.
-    chunk_size: int = 64
+    chunk_size: int = DEFAULT_CHUNK_SIZE
     # "fused": hidden states + unembedding into the loss head; "logits": full [2B, L, V] logits.
     head: str = "fused"
     progress_bar: bool = True
@@ -222,25 +238,22 @@ def validate(config: Config, device_count: int | None = None) -> None:
         _fail("stages", "at least one stage is required")
     for i, s in enumerate(config.stages):
         k = f"stages.{i}"
-        if s.loss not in LOSS_NAMES:
-            _fail(f"{k}.loss", f"must be one of {LOSS_NAMES}, got {s.loss!r}")
-        if s.risk not in RISK_NAMES:
-            _fail(f"{k}.risk", f"must be one of {RISK_NAMES}, got {s.risk!r}")
+        try:
+            s.kernel  # noqa: B018 - checks loss, risk and version against the registries
+        except ValueError as e:
+            _fail(f"{k}.{str(e).split(':')[0]}", str(e).split(": ", 1)[1])
         if s.reference not in REFERENCES:
             _fail(f"{k}.reference", f"must be one of {REFERENCES}, got {s.reference!r}")
-        if i == 0 and s.reference == "previous_stage":
+        if i == 0 and s.follows_previous:
             _fail(f"{k}.reference", "the first stage has no previous stage; use 'init'")
         if s.view not in ("helpfulness", "safety", "pairs"):
             _fail(f"{k}.view", f"must be helpfulness, safety or pairs, got {s.view!r}")
-        if s.version not in (1, 2):
-            _fail(f"{k}.version", f"must be 1 or 2, got {s.version}")
         if s.beta <= 0:
             _fail(f"{k}.beta", f"must be > 0, got {s.beta}")
-        if s.risk == "cvar_reference" or s.risk == "cvar":
-            if not 0 < s.mu <= 1:
-                _fail(f"{k}.mu", f"CVaR level must lie in (0, 1], got {s.mu}")
-        if s.risk == "erm" and s.mu <= 0:
-            _fail(f"{k}.mu", f"ERM coefficient must be > 0, got {s.mu}")
+        try:
+            check_mu(s.risk, s.mu)
+        except ValueError as e:
+            _fail(f"{k}.mu", str(e).split(": ", 1)[1])
         if s.steps == 0 or s.steps < -1:
             _fail(f"{k}.steps", f"must be -1 (one pass) or >= 1, got {s.steps}")
     o = config.optim
@@ -264,8 +277,8 @@ def validate(config: Config, device_count: int | None = None) -> None:
         for a in axes:
             if a not in MESH_AXES:
                 _fail(f"mesh.rules.{logical}", f"unknown mesh axis {a!r} (axes: {MESH_AXES})")
-    if config.train.head not in ("fused", "logits"):
-        _fail("train.head", f"must be 'fused' or 'logits', got {config.train.head!r}")
+    if config.train.head not in HEADS:
+        _fail("train.head", f"must be one of {HEADS}, got {config.train.head!r}")
     if config.checkpoint.keep < 1:
         _fail("checkpoint.keep", f"must be >= 1, got {config.checkpoint.keep}")
     if device_count is not None:

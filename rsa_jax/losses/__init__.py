@@ -6,6 +6,15 @@ The entry points `logits_pair_loss` and `fused_pair_loss` run the whole chain.
 """
 
 from rsa_jax.losses._head import fused_pair_loss, fused_token_stats, logits_pair_loss
+from rsa_jax.losses._kernel import (
+    DEFAULT_CHUNK_SIZE,
+    DEFAULTS,
+    TRACED_NAMES,
+    VERSIONS,
+    Kernel,
+    LossHyper,
+    check_mu,
+)
 from rsa_jax.losses._preference import LOSSES, dpo, ra_dpo, tdpo
 from rsa_jax.losses._risk import (
     MU_DOMAIN,
@@ -28,6 +37,13 @@ from rsa_jax.losses._token_stats import (
 )
 
 __all__ = [
+    "DEFAULTS",
+    "DEFAULT_CHUNK_SIZE",
+    "Kernel",
+    "LossHyper",
+    "TRACED_NAMES",
+    "VERSIONS",
+    "check_mu",
     "LOSSES",
     "MU_DOMAIN",
     "RISKS",

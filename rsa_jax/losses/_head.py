@@ -18,14 +18,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rsa_jax.losses._kernel import DEFAULT_CHUNK_SIZE, DEFAULTS, Kernel, check_mu
 from rsa_jax.losses._preference import LOSSES, Metrics
-from rsa_jax.losses._risk import MU_DOMAIN, RISKS, quantile_tail
+from rsa_jax.losses._risk import quantile_tail
 from rsa_jax.losses._token_stats import (
     TokenStats,
     sequence_stats,
     token_stats,
     token_stats_and_threshold,
 )
+
+_KERNEL = Kernel()  # the default kernel choice
 
 
 def _is_concrete(x) -> bool:
@@ -34,12 +37,12 @@ def _is_concrete(x) -> bool:
 
 def _check_common(labels, loss_mask, *, loss, risk, mu, version, where: str) -> None:
     """Eager checks shared by both entry points (cheap; value checks only on concrete inputs)."""
-    if loss not in LOSSES:
-        raise ValueError(f"{where}: unknown loss {loss!r}; choose one of {sorted(LOSSES)}")
-    if risk not in RISKS:
-        raise ValueError(f"{where}: unknown risk {risk!r}; choose one of {sorted(RISKS)}")
-    if version not in (1, 2):
-        raise ValueError(f"{where}: version must be 1 or 2, got {version!r}")
+    try:
+        Kernel(loss=loss, risk=risk, version=version)
+        if _is_concrete(mu) and np.ndim(mu) == 0:
+            check_mu(risk, mu)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
     if loss_mask.dtype != jnp.bool_:
         raise TypeError(f"{where}: loss_mask must be boolean, got dtype {loss_mask.dtype}")
     if not jnp.issubdtype(labels.dtype, jnp.integer):
@@ -53,10 +56,6 @@ def _check_common(labels, loss_mask, *, loss, risk, mu, version, where: str) -> 
             f"{where}: the batch axis holds chosen rows then rejected rows, so it must be even; "
             f"got {labels.shape[0]}"
         )
-    if _is_concrete(mu) and np.ndim(mu) == 0:
-        lower, upper = MU_DOMAIN[risk]
-        if not lower < float(mu) <= upper:
-            raise ValueError(f"{where}: risk {risk!r} needs {lower} < mu <= {upper}, got mu={mu}")
 
 
 def _check_finite(where: str, **arrays) -> None:
@@ -85,14 +84,14 @@ def logits_pair_loss(
     labels: jax.Array,
     loss_mask: jax.Array,
     *,
-    loss: str = "ra_dpo",
-    risk: str = "cvar_reference",
-    beta=0.1,
-    alpha=0.5,
-    mu=0.95,
-    gamma=1.0,
-    version: int = 1,
-    split_vocab: bool = True,
+    loss: str = _KERNEL.loss,
+    risk: str = _KERNEL.risk,
+    beta=DEFAULTS.beta,
+    alpha=DEFAULTS.alpha,
+    mu=DEFAULTS.mu,
+    gamma=DEFAULTS.gamma,
+    version: int = _KERNEL.version,
+    split_vocab: bool = _KERNEL.split_vocab,
     tail=None,
 ) -> tuple[jax.Array, Metrics]:
     """Per-pair loss and metrics from the logits of the policy and the frozen reference.
@@ -254,16 +253,16 @@ def fused_pair_loss(
     labels: jax.Array,
     loss_mask: jax.Array,
     *,
-    loss: str = "ra_dpo",
-    risk: str = "cvar_reference",
-    beta=0.1,
-    alpha=0.5,
-    mu=0.95,
-    gamma=1.0,
-    version: int = 1,
-    split_vocab: bool = True,
+    loss: str = _KERNEL.loss,
+    risk: str = _KERNEL.risk,
+    beta=DEFAULTS.beta,
+    alpha=DEFAULTS.alpha,
+    mu=DEFAULTS.mu,
+    gamma=DEFAULTS.gamma,
+    version: int = _KERNEL.version,
+    split_vocab: bool = _KERNEL.split_vocab,
     tail=None,
-    chunk_size: int = 64,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[jax.Array, Metrics]:
     """Per-pair loss from final hidden states and unembeddings, never forming [2B, T, V] at once.
 
