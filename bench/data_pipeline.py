@@ -60,7 +60,7 @@ def load_tokenizer(rows: list[dict]):
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(SMOLLM2_DIR), "SmolLM2-135M (converted GGUF)"
-    from rsa_jax.testing.tokenizer import train_bpe_tokenizer
+    from rsa_jax.data import train_bpe_tokenizer
 
     corpus = [r["prompt"] + " " + r["response_0"] for r in rows[:5000]]
     return train_bpe_tokenizer(corpus, vocab_size=8192), "byte-level BPE trained here (8192)"

@@ -3,6 +3,7 @@
 from rsa_jax.data._config import DataConfig
 from rsa_jax.data._pipeline import host_rows, make_pair_dataset, make_pair_iterator
 from rsa_jax.data._sources import DataError, DataReport, PairRecord, load_pairs, row_to_pair
+from rsa_jax.data._tiny_tokenizer import train_bpe_tokenizer
 from rsa_jax.data._tokenize import (
     PairTokenizer,
     TokenizedPair,
@@ -12,6 +13,7 @@ from rsa_jax.data._tokenize import (
     length_key,
     padding_efficiency,
 )
+from rsa_jax.data._toy import write_toy_data
 
 __all__ = [
     "DataConfig",
@@ -30,4 +32,6 @@ __all__ = [
     "make_pair_iterator",
     "padding_efficiency",
     "row_to_pair",
+    "train_bpe_tokenizer",
+    "write_toy_data",
 ]

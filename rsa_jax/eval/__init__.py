@@ -16,6 +16,7 @@ from rsa_jax.eval.metrics import (
     point_metrics,
     tail_metrics,
 )
+from rsa_jax.eval.prompts import read_prompts
 from rsa_jax.eval.report import (
     aggregate_seeds,
     cost_ccdf,
@@ -41,6 +42,7 @@ __all__ = [
     "plot_cost_tail",
     "plot_reward_cost",
     "point_metrics",
+    "read_prompts",
     "read_results",
     "results_table",
     "score_samples",

@@ -22,8 +22,7 @@ def main(port: int, process_id: int, data_path: str) -> None:
     from jax.experimental import multihost_utils
     from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-    from rsa_jax.data import DataConfig, make_pair_iterator
-    from rsa_jax.testing.tokenizer import train_bpe_tokenizer
+    from rsa_jax.data import DataConfig, make_pair_iterator, train_bpe_tokenizer
 
     tokenizer = train_bpe_tokenizer()
     config = DataConfig(

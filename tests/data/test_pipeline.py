@@ -20,8 +20,8 @@ from rsa_jax.data import (
     make_pair_dataset,
     make_pair_iterator,
     padding_efficiency,
+    train_bpe_tokenizer,
 )
-from rsa_jax.testing.tokenizer import train_bpe_tokenizer
 
 SACPO = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"
 

@@ -1,4 +1,5 @@
-"""A small byte-level BPE tokenizer trained offline, with ChatML special tokens and template."""
+"""A small byte-level BPE tokenizer trained offline in memory, with ChatML special tokens and
+template: the tokenizer of `model.path: tiny` runs (tests, smoke runs), so nothing is downloaded."""
 
 from __future__ import annotations
 
