@@ -1,60 +1,115 @@
-"""Sharded training: mesh and logical-axis rules, the jitted train step, Orbax checkpoints,
-the multi-stage RSA trainer."""
+"""Training: one engine for every kind of run, and `train(config)` on top of it.
 
+    from rsa_jax.config import load_config
+    from rsa_jax.training import train
+
+    result = train(load_config("configs/rsa_cvar.yaml", ["model.path=artifacts/smollm2-135m"]))
+
+- `Engine`: built from a `Config` (and optionally a mesh layout and an optax transformation);
+  owns the model definition, sharded parameters, optimizer, the cache of compiled steps, and
+  the one training loop (`Engine.fit`). Preference stages, SFT and both sweep modes run on it.
+- `train(config)`: the stages of a config with checkpoints (exact resume), metrics and signals.
+- `load_policy(run_dir)`: the newest usable policy of a run directory.
+- Typed hyperparameters: `Hyper` (loss + optimizer, traced), the objectives `PairObjective`
+  (a static `rsa_jax.losses.Kernel`) and `NextTokenObjective` (SFT).
+- Mesh and sharding: `Layout` (mesh + logical-axis rules), `make_mesh`, `place_batch`.
+"""
+
+from rsa_jax.training._checkpoint import Checkpoints, CorruptCheckpoint
+from rsa_jax.training._engine import (
+    Engine,
+    Stage,
+    cached_steps,
+    clear_step_cache,
+    device_copy,
+    steps_done,
+)
+from rsa_jax.training._logging import MetricsLog
+from rsa_jax.training._merge import merge_params
 from rsa_jax.training._mesh import (
+    Layout,
     batch_sharding,
+    distributed_request,
     logical_spec,
     make_mesh,
     maybe_initialize_distributed,
     place_batch,
     replicated,
 )
-from rsa_jax.training._model import ModelSpec, build_spec, init_params, llama_config, load_tokenizer
-from rsa_jax.training._step import (
-    HYPER_KEYS,
-    TrainState,
+from rsa_jax.training._model import (
+    ModelDef,
+    define_model,
+    init_params,
+    llama_config,
+    load_tokenizer,
+)
+from rsa_jax.training._optim import (
+    TRACED_OPTIM_FIELDS,
+    OptimHyper,
     apply_update,
-    build_stage_step,
-    clear_step_cache,
-    init_state,
-    jit_step,
     learning_rate_at,
-    loss_kwargs,
     make_optimizer,
     make_schedule,
-    make_train_step,
-    split_microbatches,
-    stage_hyper,
-    state_shardings,
+    optax_update,
     weight_decay_mask,
 )
+from rsa_jax.training._step import (
+    BATCH_KEYS,
+    Hyper,
+    NextTokenObjective,
+    PairObjective,
+    TrainState,
+    init_state,
+    make_train_step,
+    split_pairs,
+    split_rows,
+    state_shardings,
+)
+from rsa_jax.training._trainer import RunResult, load_policy, train
 
 __all__ = [
-    "HYPER_KEYS",
-    "apply_update",
-    "clear_step_cache",
-    "learning_rate_at",
-    "stage_hyper",
-    "ModelSpec",
+    "BATCH_KEYS",
+    "TRACED_OPTIM_FIELDS",
+    "Checkpoints",
+    "CorruptCheckpoint",
+    "Engine",
+    "Hyper",
+    "Layout",
+    "MetricsLog",
+    "ModelDef",
+    "NextTokenObjective",
+    "OptimHyper",
+    "PairObjective",
+    "RunResult",
+    "Stage",
     "TrainState",
+    "apply_update",
     "batch_sharding",
-    "build_spec",
+    "cached_steps",
+    "clear_step_cache",
+    "define_model",
+    "device_copy",
+    "distributed_request",
     "init_params",
     "init_state",
-    "jit_step",
+    "learning_rate_at",
     "llama_config",
+    "load_policy",
     "load_tokenizer",
     "logical_spec",
-    "loss_kwargs",
     "make_mesh",
     "make_optimizer",
     "make_schedule",
     "make_train_step",
     "maybe_initialize_distributed",
+    "merge_params",
+    "optax_update",
     "place_batch",
     "replicated",
-    "split_microbatches",
-    "build_stage_step",
+    "split_pairs",
+    "split_rows",
     "state_shardings",
+    "steps_done",
+    "train",
     "weight_decay_mask",
 ]

@@ -7,6 +7,8 @@ config maps each to mesh axes. A dimension that the mapped axes do not divide is
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import os
 
@@ -109,10 +111,6 @@ def logical_spec(
     return PartitionSpec(*spec)
 
 
-def named(mesh: Mesh, spec: PartitionSpec) -> NamedSharding:
-    return NamedSharding(mesh, spec)
-
-
 def batch_sharding(mesh: Mesh, rules: dict) -> NamedSharding:
     """Rows over the `batch` rule's mesh axes, the length axis as the `length` rule says."""
     batch = [a for a in rules.get("batch", []) if mesh.shape[a] > 1]
@@ -126,6 +124,37 @@ def batch_sharding(mesh: Mesh, rules: dict) -> NamedSharding:
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The mesh and the logical-axis rules together: where every array of a run lives."""
+
+    mesh: Mesh
+    rules: dict
+
+    def __hash__(self):  # rules is a dict: hash its items (a Layout keys compiled-step caches)
+        return hash((self.mesh, tuple((k, tuple(v)) for k, v in sorted(self.rules.items()))))
+
+    @classmethod
+    def single_device(cls, rules: dict, device=None) -> Layout:
+        """A 1x1x1 mesh on one device (the first by default)."""
+        from rsa_jax.config import MeshConfig
+
+        device = jax.devices()[0] if device is None else device
+        return cls(make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), [device]), rules)
+
+    @functools.cached_property
+    def replicated(self) -> NamedSharding:
+        return replicated(self.mesh)
+
+    @functools.cached_property
+    def batch(self) -> NamedSharding:
+        return batch_sharding(self.mesh, self.rules)
+
+    def sharding(self, axes: tuple[str | None, ...] | None, shape: tuple[int, ...]):
+        """NamedSharding of an array whose dimensions carry the logical names `axes`."""
+        return NamedSharding(self.mesh, logical_spec(axes, shape, self.mesh, self.rules))
 
 
 def place_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:

@@ -1,8 +1,9 @@
 """The policy and reference as pure parameter pytrees: a flat {"layers/0/mlp/up": array} dict.
 
-Flat string keys keep optimizer states and Orbax checkpoints free of integer dict keys; `module`
-rebuilds the NNX Llama inside jit. Parameters are created directly sharded: eval_shape for the
-abstract tree, then a jitted init (or the safetensors loader) with the target shardings.
+Flat string keys keep optimizer states and Orbax checkpoints free of integer dict keys;
+`ModelDef.module` rebuilds the NNX Llama inside jit. Parameters are created directly sharded:
+eval_shape for the abstract tree, then a jitted init (or the safetensors loader) with the target
+shardings.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 
 from rsa_jax.config import ModelConfig
+from rsa_jax.data import train_bpe_tokenizer
 from rsa_jax.models import Llama, LlamaConfig, load_hf, tiny_config
-from rsa_jax.training._mesh import logical_spec
+from rsa_jax.training._mesh import Layout
 
 
 def _key(path) -> str:
@@ -24,16 +26,19 @@ def _key(path) -> str:
 
 
 @dataclasses.dataclass
-class ModelSpec:
-    """Everything needed to rebuild the model from a flat parameter dict."""
+class ModelDef:
+    """Everything needed to rebuild the model from a flat parameter dict: the architecture, the
+    NNX graph, each parameter's logical axes and sharding."""
 
     llama: LlamaConfig
     graphdef: object
     abstract: nnx.State  # nested state of ShapeDtypeStructs, rebuilt per call
     axes: dict[str, tuple]  # flat key -> logical axes
     shardings: dict[str, NamedSharding]
-    # What determines the traced program: equal keys give interchangeable specs (step cache).
+    # What determines the traced program: equal keys give interchangeable models (step cache).
     key: tuple = ()
+    # `make(seed)` builds the NNX model with fresh random weights (used by `init_params`).
+    make: object = None
 
     def module(self, params: dict[str, jax.Array]) -> Llama:
         nested: dict = {}
@@ -56,7 +61,7 @@ def _dtype(name: str):
     return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
-def build_spec(config: ModelConfig, llama: LlamaConfig, mesh: Mesh, rules: dict) -> ModelSpec:
+def define_model(config: ModelConfig, llama: LlamaConfig, layout: Layout) -> ModelDef:
     def make(seed: int = config.init_seed):
         return Llama(
             llama,
@@ -73,48 +78,39 @@ def build_spec(config: ModelConfig, llama: LlamaConfig, mesh: Mesh, rules: dict)
     for path, var in nnx.to_flat_state(state):
         logical = var.get_metadata().get("logical_axes")
         axes[_key(path)] = logical
-        shardings[_key(path)] = NamedSharding(mesh, logical_spec(logical, var.shape, mesh, rules))
-    key = (
-        llama,
-        config.compute_dtype,
-        config.remat,
-        config.scan_layers,
-        mesh,
-        tuple((name, tuple(v)) for name, v in sorted(rules.items())),
-    )
-    spec = ModelSpec(llama, graphdef, state, axes, shardings, key)
-    spec.make = make  # type: ignore[attr-defined]
-    return spec
+        shardings[_key(path)] = layout.sharding(logical, var.shape)
+    key = (llama, config.compute_dtype, config.remat, config.scan_layers, layout)
+    return ModelDef(llama, graphdef, state, axes, shardings, key, make)
 
 
-# Jitted random inits by (spec.key, seed): runs in one process (sweep variants, tests) compile
+# Jitted random inits by (model.key, seed): runs in one process (sweep variants, tests) compile
 # the init once instead of once per run.
 _INIT_CACHE: dict = {}
 
 
-def init_params(spec: ModelSpec, config: ModelConfig) -> dict[str, jax.Array]:
+def init_params(model: ModelDef, config: ModelConfig) -> dict[str, jax.Array]:
     """Random init (path "tiny") or the safetensors weights, placed straight on their shardings."""
     if config.path == "tiny":
-        cache_key = (spec.key, config.init_seed)
+        cache_key = (model.key, config.init_seed)
         init = _INIT_CACHE.get(cache_key)
         if init is None:
-            make, seed = spec.make, config.init_seed  # type: ignore[attr-defined]
+            make, seed = model.make, config.init_seed
 
             def fresh():
                 state = nnx.state(make(seed))
                 return {_key(p): v[...] for p, v in nnx.to_flat_state(state)}
 
-            init = _INIT_CACHE[cache_key] = jax.jit(fresh, out_shardings=spec.shardings)
+            init = _INIT_CACHE[cache_key] = jax.jit(fresh, out_shardings=model.shardings)
         return init()
-    model = load_hf(
+    loaded = load_hf(
         config.path,
         param_dtype=jnp.float32,
         compute_dtype=_dtype(config.compute_dtype),
         remat=config.remat,
         scan_layers=config.scan_layers,
-        shardings=lambda path, axes: spec.shardings[_key(path)],
+        shardings=lambda path, axes: model.shardings[_key(path)],
     )
-    return {_key(p): v[...] for p, v in nnx.to_flat_state(nnx.state(model))}
+    return {_key(p): v[...] for p, v in nnx.to_flat_state(nnx.state(loaded))}
 
 
 def llama_config(config: ModelConfig, vocab_size: int | None = None) -> LlamaConfig:
@@ -125,8 +121,6 @@ def llama_config(config: ModelConfig, vocab_size: int | None = None) -> LlamaCon
 
 def load_tokenizer(config: ModelConfig):
     if config.path == "tiny":
-        from rsa_jax.testing.tokenizer import train_bpe_tokenizer
-
         return train_bpe_tokenizer()
     from transformers import AutoTokenizer
 

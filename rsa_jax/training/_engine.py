@@ -1,0 +1,282 @@
+"""The training engine: one object that owns what every kind of run needs, and the one loop.
+
+    engine = Engine(config)                 # mesh, tokenizer, model definition, initial params
+    stage = engine.stage(0, engine.initial) # data, reference, optimizer state, step, hyperparams
+    engine.fit(stage, on_step=...)          # the loop: next batch -> place -> step -> callback
+
+Built from a `Config` (and optionally a mesh and a user optax transformation), the engine owns
+the device layout, the tokenizer, the model definition and its sharded initial parameters, the
+optimizer, and the cache of compiled steps. Everything a run does is made of three calls:
+
+- `stage(i, policy)` prepares stage i from a policy: its data iterator, its reference (the
+  initial model, or a frozen copy of the policy for `reference: previous_stage`), the
+  optimizer state placed on the mesh, the compiled step and the traced hyperparameters.
+- `compiled_step(objective, state_sh)` returns the jitted step for an objective (a pair-loss
+  kernel or SFT), cached by everything that shapes the program, so stages and runs that differ
+  only in hyperparameters share one compile; `vmapped_step` is the same step under `jax.vmap`
+  over K stacked variants (the vmap sweep).
+- `fit(stage, on_step)` runs the steps: the single training loop of the library. Preference
+  stages (`train`), SFT (`rsa_jax.tasks.sft`) and both sweep modes go through it.
+
+Checkpoints, metrics files and signals belong to a run directory, not to the engine: `train`
+(in `_trainer.py`) adds them around `fit` with its callback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import optax
+
+from rsa_jax.config import Config, StageConfig, stage_data, validate
+from rsa_jax.data import load_pairs, make_pair_dataset
+from rsa_jax.models import LlamaConfig
+from rsa_jax.training._mesh import Layout, make_mesh, maybe_initialize_distributed, place_batch
+from rsa_jax.training._model import (
+    ModelDef,
+    define_model,
+    init_params,
+    llama_config,
+    load_tokenizer,
+)
+from rsa_jax.training._optim import apply_update, make_optimizer, optax_update
+from rsa_jax.training._step import (
+    BATCH_KEYS,
+    Hyper,
+    Objective,
+    PairObjective,
+    TrainState,
+    init_state,
+    make_train_step,
+    state_shardings,
+)
+
+log = logging.getLogger(__name__)
+
+# Jitted steps by everything that shapes the program (model, layout, objective, optimizer,
+# microbatching, vmap axes); hyperparameters are arguments, so runs that agree here share one
+# compiled program. Module-level so that several engines in one process (sweep variants,
+# tests) share it.
+_STEP_CACHE: dict = {}
+
+
+def clear_step_cache() -> None:
+    _STEP_CACHE.clear()
+
+
+def cached_steps() -> list:
+    """The jitted steps compiled so far in this process (`fn._cache_size()` counts programs)."""
+    return list(_STEP_CACHE.values())
+
+
+def device_copy(tree):
+    """A fresh on-device buffer per leaf (the donated policy must not alias the reference)."""
+    return jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False), tree)
+
+
+@dataclasses.dataclass
+class Stage:
+    """One stage ready to run: `fit` advances `state` in place of this object."""
+
+    index: int
+    config: StageConfig
+    state: TrainState  # policy, optimizer state, stage step (placed; donated by each step)
+    reference: Any  # frozen reference params (None for objectives without one)
+    batches: Iterator[dict]
+    total: int  # optimizer steps of the stage
+    step_fn: Callable
+    hyper: Hyper
+
+
+class Engine:
+    """See the module docstring. `tx`: a user optax transformation for the whole run (its own
+    learning rate and schedule); None uses the built-in AdamW whose hyperparameters are traced
+    (the config's `optim`), which sweeps need."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        layout: Layout | None = None,
+        tx: optax.GradientTransformation | None = None,
+        tokenizer=None,
+        llama: LlamaConfig | None = None,
+        check_devices: bool = True,
+    ):
+        """`layout`: the mesh and rules (default: the config's mesh over every device);
+        `tokenizer` and `llama` (the architecture) default to what `config.model` names;
+        `check_devices=False` (loading a policy for export or evaluation, vmap sweeps on one
+        device) skips the check that the config's batch and mesh fit the devices."""
+        maybe_initialize_distributed()
+        self.config = config
+        if layout is None:
+            layout = Layout(make_mesh(config.mesh), config.mesh.rules)
+        self.layout = layout
+        validate(config, device_count=layout.mesh.size if check_devices else None)
+        self.tokenizer = load_tokenizer(config.model) if tokenizer is None else tokenizer
+        if llama is None:
+            llama = llama_config(config.model, len(self.tokenizer))
+        self.model: ModelDef = define_model(config.model, llama, layout)
+        self.user_tx = tx
+        self.tx = make_optimizer(config.optim) if tx is None else tx
+        self._initial: dict | None = None
+
+    # -- parameters ---------------------------------------------------------------------------
+    @property
+    def initial(self) -> dict:
+        """The initial (SFT) parameters, loaded or randomly initialised once, placed sharded."""
+        if self._initial is None:
+            self._initial = init_params(self.model, self.config.model)
+        return self._initial
+
+    def abstract_state(self) -> TrainState:
+        """Shapes, dtypes and shardings of a TrainState (restore targets), without arrays."""
+        params = self.model.abstract_params()
+        rep = self.layout.replicated
+        opt = jax.eval_shape(self.tx.init, params)
+        opt = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=rep), opt)
+        step = jax.ShapeDtypeStruct((), jax.numpy.int32, sharding=rep)
+        return TrainState(params, opt, step)
+
+    def new_state(self, params: dict) -> TrainState:
+        state = init_state(params, self.tx, self.layout.replicated)
+        return jax.device_put(state, state_shardings(state))
+
+    # -- programs -----------------------------------------------------------------------------
+    def objective(self, stage: StageConfig) -> PairObjective:
+        train = self.config.train
+        return PairObjective(stage.kernel, head=train.head, chunk_size=train.chunk_size)
+
+    def compiled_step(self, objective: Objective, state_sh: TrainState):
+        """The jitted step of `objective` on this engine's model and optimizer, with explicit
+        shardings (`state_sh`: the state's) and the state donated. Cached by everything that
+        shapes the program, so runs that differ only in hyperparameters share one compile."""
+        key = (self._program_key(objective), _sharding_key(state_sh), self.layout)
+        step = _STEP_CACHE.get(key)
+        if step is None:
+            rep = self.layout.replicated
+            ref_sh = self.model.shardings if objective.needs_reference else None
+            batch_sh = {k: self.layout.batch for k in BATCH_KEYS}
+            step = _STEP_CACHE[key] = jax.jit(
+                self._step(objective),
+                in_shardings=(state_sh, ref_sh, batch_sh, rep),
+                out_shardings=(state_sh, rep),
+                donate_argnums=(0,),
+            )
+        return step
+
+    def vmapped_step(self, objective: Objective, reference_axis: int | None):
+        """The same step under `jax.vmap` over K stacked states and hyperparameters, the batch
+        shared: `reference_axis` 0 gives each variant its own reference (stacked), None one
+        shared reference. Jitted with the state donated; placement is left to XLA."""
+        key = (self._program_key(objective), ("vmap", reference_axis))
+        step = _STEP_CACHE.get(key)
+        if step is None:
+            vmapped = jax.vmap(self._step(objective), in_axes=(0, reference_axis, None, 0))
+            step = _STEP_CACHE[key] = jax.jit(vmapped, donate_argnums=(0,))
+        return step
+
+    def _step(self, objective: Objective):
+        update = apply_update if self.user_tx is None else optax_update
+        microbatches = self.config.optim.microbatches
+        return make_train_step(self.model, objective, self.tx, update, microbatches=microbatches)
+
+    def _program_key(self, objective: Objective) -> tuple:
+        return (self.model.key, objective, self._tx_key(), self.config.optim.microbatches)
+
+    def _tx_key(self):
+        if self.user_tx is None:  # the built-in AdamW: its Adam constants shape the program
+            o = self.config.optim
+            return ("adamw", o.b1, o.b2, o.eps)
+        return ("user", id(self.user_tx))
+
+    # -- stages -------------------------------------------------------------------------------
+    def stage_batches(self, i: int) -> tuple[Iterator[dict], int]:
+        """(iterator over stage i's batches, the stage's number of steps). Raises ValueError
+        when the data gives no full batch or fewer batches than the stage's `steps`."""
+        config, stage = self.config, self.config.stages[i]
+        data = stage_data(config, stage)
+        pairs, report = load_pairs(data)
+        dataset = make_pair_dataset(
+            pairs,
+            self.tokenizer,
+            data,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+            report=report,
+        )
+        if len(dataset) == 0:
+            raise ValueError(
+                f"stage {stage.name!r}: {data.path} gives no full batch ({report.summary()})"
+            )
+        if stage.steps > len(dataset):
+            raise ValueError(
+                f"stage {stage.name!r}: steps={stage.steps} but {data.path} gives only "
+                f"{len(dataset)} batches of {data.batch_size} pairs over {data.epochs} epoch(s); "
+                "lower the stage's steps or raise data.epochs"
+            )
+        left_out = report.dropped or report.skipped
+        (log.warning if left_out else log.info)("stage %r data: %s", stage.name, report.summary())
+        total = stage.steps if stage.steps > 0 else len(dataset)
+        options = grain.ReadOptions(num_threads=data.read_threads)
+        return iter(dataset.to_iter_dataset(options)), total
+
+    def stage(self, i: int, policy: dict) -> Stage:
+        """Stage i starting from `policy`: data, reference, placed optimizer state, step, hyper."""
+        config = self.config.stages[i]
+        batches, total = self.stage_batches(i)
+        reference = device_copy(policy) if config.follows_previous else self.initial
+        if policy is self._initial:  # the step donates the state: never the reference's buffers
+            policy = device_copy(policy)
+        state = self.new_state(policy)
+        step_fn = self.compiled_step(self.objective(config), state_shardings(state))
+        return Stage(
+            i, config, state, reference, batches, total, step_fn, self.hyper(config, total)
+        )
+
+    def hyper(self, stage: StageConfig, total_steps: int) -> Hyper:
+        """The stage's traced hyperparameters, placed replicated (no optimizer part with a
+        user optax transformation, whose hyperparameters are its own)."""
+        optim = self.config.optim if self.user_tx is None else None
+        return jax.device_put(Hyper.for_stage(stage, optim, total_steps), self.layout.replicated)
+
+    # -- the loop -----------------------------------------------------------------------------
+    def fit(self, stage: Stage, on_step: Callable | None = None, *, place=None) -> bool:
+        """Runs `stage` from its current step to `stage.total`; True when it got there.
+
+        After each step, `on_step(stage, metrics, seconds)` runs with the device metrics (not
+        yet fetched) and the step's wall time; it returns True to stop early (a signal), and
+        then `fit` returns False. `place(batch)` puts a host batch on the devices (default:
+        this host's rows of the global batch on the layout's batch sharding).
+        """
+        if place is None:
+
+            def place(batch):
+                return place_batch({k: batch[k] for k in BATCH_KEYS}, self.layout.batch)
+
+        while steps_done(stage.state) < stage.total:
+            batch = next(stage.batches)
+            t0 = time.perf_counter()
+            stage.state, metrics = stage.step_fn(
+                stage.state, stage.reference, place(batch), stage.hyper
+            )
+            if on_step is not None and on_step(stage, metrics, time.perf_counter() - t0):
+                break
+        return steps_done(stage.state) >= stage.total
+
+
+def steps_done(state: TrainState) -> int:
+    """Optimizer steps the state has taken (the first variant's under vmap: they move together)."""
+    return int(np.asarray(state.step).reshape(-1)[0])
+
+
+def _sharding_key(tree) -> tuple:
+    leaves, treedef = jax.tree.flatten(tree)
+    return (treedef, tuple(leaves))
