@@ -38,7 +38,7 @@ def main():
     p.add_argument("--epochs", type=int, nargs="+", default=[2], help="passes per stage")
     args = p.parse_args()
 
-    from rsa_jax.training._trainer import train
+    from rsa_jax.training import train
 
     task = SafetyTask()
     demo = DemoConfig(out_dir=args.demo_dir)

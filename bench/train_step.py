@@ -18,20 +18,8 @@ import time
 import jax
 import numpy as np
 
-from rsa_jax.config import MeshConfig, ModelConfig, OptimConfig, StageConfig
-from rsa_jax.models import LlamaConfig
-from rsa_jax.training import (
-    batch_sharding,
-    build_spec,
-    build_stage_step,
-    init_params,
-    init_state,
-    make_mesh,
-    make_optimizer,
-    place_batch,
-    replicated,
-    state_shardings,
-)
+from rsa_jax.config import Config, DataConfig, ModelConfig, OptimConfig, StageConfig, TrainConfig
+from rsa_jax.training import Engine, device_copy, place_batch, state_shardings
 
 ARTIFACT = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "artifacts", "smollm2-135m"
@@ -53,25 +41,21 @@ def make_batch(pairs, prompt, response, vocab, seed=0):
 
 
 def bench(head, args):
-    model_cfg = ModelConfig(path=args.model, compute_dtype=args.dtype, remat=True)
-    mesh = make_mesh(MeshConfig())
-    rules = MeshConfig().rules
-    spec = build_spec(model_cfg, LlamaConfig.from_dir(args.model), mesh, rules)
-    params = init_params(spec, model_cfg)
-    reference = jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False), params)
-    optim = OptimConfig(learning_rate=2e-5, warmup_ratio=0.0)
-    tx = make_optimizer(optim)
-    rep = replicated(mesh)
-    state = init_state(params, tx, rep)
-    sh = state_shardings(state)
     stage = StageConfig(loss="ra_dpo", risk="cvar_reference", mu=0.95, split_vocab=True)
-    bsh = batch_sharding(mesh, rules)
-    step, hyper = build_stage_step(
-        spec, optim, stage, 100, sh, bsh, rep, head=head, chunk_size=args.chunk
+    config = Config(
+        model=ModelConfig(path=args.model, compute_dtype=args.dtype, remat=True),
+        data=DataConfig(batch_size=args.pairs),
+        optim=OptimConfig(learning_rate=2e-5, warmup_ratio=0.0),
+        train=TrainConfig(head=head, chunk_size=args.chunk),
+        stages=[stage],
     )
-    batch = place_batch(
-        make_batch(args.pairs, args.prompt, args.response, spec.llama.vocab_size), bsh
-    )
+    engine = Engine(config)
+    reference = device_copy(engine.initial)
+    state = engine.new_state(engine.initial)
+    step = engine.compiled_step(engine.objective(stage), state_shardings(state))
+    hyper = engine.hyper(stage, 100)
+    batch = make_batch(args.pairs, args.prompt, args.response, engine.model.llama.vocab_size)
+    batch = place_batch(batch, engine.layout.batch)
     t0 = time.perf_counter()
     compiled = step.lower(state, reference, batch, hyper).compile()
     compile_s = time.perf_counter() - t0

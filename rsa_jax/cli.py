@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import sys
@@ -23,34 +22,10 @@ import numpy as np
 
 log = logging.getLogger("rsa_jax")
 
-_TOY_WORDS = ["bread", "safe", "help", "no", "story", "Paris", "kind", "sorry", "yes", "bake"]
-
-
-def write_toy_data(path: str, rows: int = 64, seed: int = 0) -> None:
-    """Synthetic rows in the PKU-SafeRLHF schema (the real set is not redistributable here)."""
-    rng = np.random.default_rng(seed)
-
-    def text(k):
-        return " ".join(rng.choice(_TOY_WORDS, size=k))
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w") as f:
-        for i in range(rows):
-            row = {
-                "prompt": f"q{i} " + text(int(rng.integers(2, 8))),
-                "response_0": "safe help " + text(int(rng.integers(2, 10))),
-                "response_1": "no " + text(int(rng.integers(2, 10))) + " sorry",
-                "better_response_id": int(rng.integers(0, 2)),
-                "safer_response_id": 0,
-                "is_response_0_safe": True,
-                "is_response_1_safe": False,
-            }
-            f.write(json.dumps(row) + "\n")
-
 
 def _cmd_train(args) -> int:
     from rsa_jax.config import load_config
-    from rsa_jax.training._trainer import train
+    from rsa_jax.training import train
 
     config = load_config(args.config, args.overrides)
     result = train(config)
@@ -58,47 +33,37 @@ def _cmd_train(args) -> int:
     return 0
 
 
-def _export(spec, params, tokenizer, out: str) -> None:
+def _export(engine, params, out: str) -> None:
     from rsa_jax.models import save_hf
 
-    save_hf(spec.module(params), out, tokenizer=tokenizer)
+    save_hf(engine.model.module(params), out, tokenizer=engine.tokenizer)
     print(f"wrote {out}")
 
 
 def _cmd_export(args) -> int:
-    from rsa_jax.training._trainer import latest_policy
+    from rsa_jax.training import load_policy
 
-    spec, params, tokenizer = latest_policy(args.run_dir)
-    _export(spec, params, tokenizer, args.out)
+    engine, params = load_policy(args.run_dir)
+    _export(engine, params, args.out)
     return 0
 
 
-def merge_params(a: dict, b: dict, q: float) -> dict:
-    """theta = (1 - q) a + q b, leaf by leaf (RSA(P) / P-SACPO model merging)."""
-    if set(a) != set(b):
-        raise ValueError(f"the checkpoints hold different parameters: {sorted(set(a) ^ set(b))}")
-    out = {}
-    for k in a:
-        if a[k].shape != b[k].shape:
-            raise ValueError(f"parameter {k}: shapes {a[k].shape} and {b[k].shape} differ")
-        out[k] = (1 - q) * a[k] + q * b[k]
-    return out
-
-
 def _cmd_merge(args) -> int:
-    from rsa_jax.training._trainer import latest_policy
+    from rsa_jax.training import load_policy, merge_params
 
     if not 0 <= args.q <= 1:
         raise SystemExit(f"--q must lie in [0, 1], got {args.q}")
-    spec, a, tokenizer = latest_policy(args.first)
-    spec_b, b, _ = latest_policy(args.second)
-    if spec.llama != spec_b.llama:
+    engine, a = load_policy(args.first)
+    engine_b, b = load_policy(args.second)
+    if engine.model.llama != engine_b.model.llama:
         raise SystemExit("merge: the two runs use different model configurations")
-    _export(spec, merge_params(a, b, args.q), tokenizer, args.out)
+    _export(engine, merge_params(a, b, args.q), args.out)
     return 0
 
 
 def _cmd_toy_data(args) -> int:
+    from rsa_jax.data import write_toy_data
+
     write_toy_data(args.path, rows=args.rows, seed=args.seed)
     print(f"wrote {args.rows} rows to {args.path}")
     return 0
@@ -111,30 +76,8 @@ def _cmd_check(args) -> int:
     return 0
 
 
-def _read_prompts(path: str) -> list[str]:
-    """Prompts from a JSON Lines file (field `prompt`) or a text file (one prompt per line)."""
-    prompts = []
-    with open(path) as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if path.endswith((".jsonl", ".json")):
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise SystemExit(f"{path}:{line_no}: not JSON ({e.msg})") from None
-                if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-                    raise SystemExit(f"{path}:{line_no}: field 'prompt' missing or not a string")
-                prompts.append(row["prompt"])
-            else:
-                prompts.append(line.rstrip("\n"))
-    if not prompts:
-        raise SystemExit(f"{path}: no prompts")
-    return prompts
-
-
 def _cmd_eval(args) -> int:
-    from rsa_jax.eval import load_scorer, results_table, tail_metrics, write_results
+    from rsa_jax.eval import load_scorer, read_prompts, results_table, tail_metrics, write_results
     from rsa_jax.eval.sampling import evaluate_model, load_model
 
     if args.task == "safety":
@@ -142,13 +85,13 @@ def _cmd_eval(args) -> int:
 
         task = SafetyTask()
         scorer = OracleScorer(task)
-        prompts = _read_prompts(args.prompts) if args.prompts else task.split_prompts(seed=0)[1]
+        prompts = read_prompts(args.prompts) if args.prompts else task.split_prompts(seed=0)[1]
         template = args.template or TEMPLATE
     else:
         if not (args.scorer and args.prompts):
             raise SystemExit("eval: without --task, give --scorer module:attr and --prompts FILE")
         scorer = load_scorer(args.scorer)
-        prompts = _read_prompts(args.prompts)
+        prompts = read_prompts(args.prompts)
         template = args.template
     reference = load_model(args.reference)[0] if args.reference else None
     rows, per_sample = {}, {}

@@ -20,8 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rsa_jax.data import DataConfig
-from rsa_jax.data._tokenize import PairTokenizer
+from rsa_jax.data import DataConfig, PairTokenizer
 from rsa_jax.generate import generate
 
 log = logging.getLogger(__name__)
@@ -46,10 +45,10 @@ def load_model(path: str):
     import os
 
     if os.path.isdir(os.path.join(path, "checkpoints")):
-        from rsa_jax.training._trainer import latest_policy
+        from rsa_jax.training import load_policy
 
-        spec, params, tokenizer = latest_policy(path)
-        return spec.module(params), tokenizer
+        engine, params = load_policy(path)
+        return engine.model.module(params), engine.tokenizer
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(
             f"{path}: neither a run directory (checkpoints/) nor a Hugging Face model directory "

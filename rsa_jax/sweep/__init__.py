@@ -4,9 +4,7 @@ compiled step) or all at once under `jax.vmap` (small models, one device), then 
 and plot. `rsa-jax sweep FILE [--mode vmap|sequential] [--dry-run]`.
 """
 
-from rsa_jax.sweep._results import collect, last_records, results_table, write_results
-from rsa_jax.sweep._run import describe, is_done, run_sequential, run_sweep
-from rsa_jax.sweep._spec import (
+from rsa_jax.sweep._file import (
     MODES,
     Sweep,
     SweepError,
@@ -16,7 +14,9 @@ from rsa_jax.sweep._spec import (
     kernel_key,
     load_sweep,
 )
-from rsa_jax.sweep._vmap import check_vmappable, clear_vmap_cache, run_vmap, vmapped_step
+from rsa_jax.sweep._results import collect, last_records, sweep_table, write_sweep_results
+from rsa_jax.sweep._run import describe, is_done, run_sequential, run_sweep
+from rsa_jax.sweep._vmap import check_vmappable, run_vmap
 
 __all__ = [
     "MODES",
@@ -24,7 +24,6 @@ __all__ = [
     "SweepError",
     "Variant",
     "check_vmappable",
-    "clear_vmap_cache",
     "collect",
     "describe",
     "format_value",
@@ -33,10 +32,9 @@ __all__ = [
     "kernel_key",
     "last_records",
     "load_sweep",
-    "results_table",
     "run_sequential",
     "run_sweep",
     "run_vmap",
-    "vmapped_step",
-    "write_results",
+    "sweep_table",
+    "write_sweep_results",
 ]

@@ -25,7 +25,7 @@ import importlib
 import json
 import os
 
-from rsa_jax.sweep._spec import SweepError, Variant
+from rsa_jax.sweep._file import SweepError, Variant
 
 OPTIONS = (
     "task",
@@ -54,8 +54,7 @@ def evaluate_variant(options: dict, variant: Variant) -> dict:
     """{metric: {value, low, high}} of the variant's final policy (`rsa_jax.eval`)."""
     import numpy as np
 
-    from rsa_jax.cli import _read_prompts
-    from rsa_jax.eval import load_scorer, tail_metrics
+    from rsa_jax.eval import load_scorer, read_prompts, tail_metrics
     from rsa_jax.eval.sampling import evaluate_model, load_model
 
     unknown = sorted(set(options) - set(OPTIONS))
@@ -76,7 +75,10 @@ def evaluate_variant(options: dict, variant: Variant) -> dict:
         scorer = load_scorer(options["scorer"])
         template = options.get("template")
     if options.get("prompts"):
-        prompts = _read_prompts(options["prompts"])
+        try:
+            prompts = read_prompts(options["prompts"])
+        except (OSError, ValueError) as e:
+            raise SweepError(f"eval.prompts: {e}") from None
     model, tokenizer = load_model(variant.run_dir)
     reference = load_model(options["reference"])[0] if options.get("reference") else None
     seed = int(options.get("seed", 0))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 
-from rsa_jax.sweep._spec import Sweep
+from rsa_jax.sweep._file import Sweep
 
 # Training metrics reported per variant (TRL names, as logged by the trainer).
 TRAIN_METRICS = (
@@ -79,7 +79,7 @@ def _cell(x) -> str:
     return "-" if x is None else f"{x:.4g}" if isinstance(x, float) else str(x)
 
 
-def results_table(results: dict) -> str:
+def sweep_table(results: dict) -> str:
     """Markdown: variant, overrides, each stage's final loss, the last stage's metrics, eval."""
     rows = results["variants"]
     n_stages = max((len(r["stages"]) for r in rows), default=0)
@@ -125,7 +125,7 @@ def plot_results(results: dict, path: str) -> str:
     return path
 
 
-def write_results(run_dir: str, results: dict) -> list[str]:
+def write_sweep_results(run_dir: str, results: dict) -> list[str]:
     """results.json, results.md and results.png in `run_dir`; returns the paths written."""
     os.makedirs(run_dir, exist_ok=True)
     out = [os.path.join(run_dir, n) for n in ("results.json", "results.md", "results.png")]
@@ -137,6 +137,6 @@ def write_results(run_dir: str, results: dict) -> list[str]:
         if results["shared_overrides"]:
             f.write(", shared overrides " + " ".join(f"`{o}`" for o in results["shared_overrides"]))
         f.write(". Metrics are the last logged step of each stage.\n\n")
-        f.write(results_table(results))
+        f.write(sweep_table(results))
     plot_results(results, out[2])
     return out

@@ -1,7 +1,7 @@
 """Running a sweep: every variant through the normal trainer in this process (sequential), or all
 at once under `jax.vmap` (`rsa_jax.sweep._vmap`); then the results table and plot.
 
-Sequential variants share the trainer's step cache (`rsa_jax.training.build_stage_step`): the
+Sequential variants share the engine's step cache (`rsa_jax.training.Engine.compiled_step`): the
 hyperparameters are traced arguments, so variants with the same kernel (loss, risk, version,
 split_vocab per stage) and shapes reuse one compiled program. A different risk functional or loss
 is a different program, so variants run grouped by kernel and each group starts with its compile.
@@ -17,7 +17,7 @@ import os
 import time
 
 from rsa_jax.config import to_json
-from rsa_jax.sweep._spec import Sweep, SweepError, Variant, grouped, kernel_label
+from rsa_jax.sweep._file import Sweep, SweepError, Variant, grouped, kernel_label
 
 
 def _say(message: str) -> None:
@@ -34,7 +34,7 @@ def is_done(variant: Variant) -> bool:
     marked done. Raises SweepError when that run was made with another config."""
     if not has_checkpoints(variant.run_dir):
         return False
-    from rsa_jax.training._checkpoint import Checkpoints
+    from rsa_jax.training import Checkpoints
 
     ckpt = Checkpoints(variant.run_dir, keep=variant.config.checkpoint.keep, async_save=False)
     try:
@@ -88,7 +88,7 @@ def describe(sweep: Sweep) -> str:
 
 def run_sequential(sweep: Sweep) -> dict[str, str]:
     """Trains every unfinished variant with the trainer, grouped by kernel; {name: status}."""
-    from rsa_jax.training._trainer import train
+    from rsa_jax.training import train
 
     status = {}
     groups = grouped(sweep.variants)
@@ -112,10 +112,10 @@ def run_sweep(sweep: Sweep, *, evaluate=None) -> dict:
     """Trains (skipping finished variants), evaluates when `eval:` is set, writes
     `results.md`, `results.json` and `results.png` to the sweep's run_dir; returns the results.
 
-    `evaluate(eval_spec, variant) -> {metric: float}` replaces the `eval:` hook's default
+    `evaluate(options, variant) -> {metric: float}` replaces the `eval:` hook's default
     (`rsa_jax.sweep._eval.evaluate_variant`).
     """
-    from rsa_jax.sweep._results import collect, write_results
+    from rsa_jax.sweep._results import collect, write_sweep_results
 
     check_data(sweep)
     os.makedirs(sweep.run_dir, exist_ok=True)
@@ -135,6 +135,6 @@ def run_sweep(sweep: Sweep, *, evaluate=None) -> dict:
         for v in sweep.variants:
             evaluations[v.name] = cached_evaluation(sweep.eval, v, evaluate)
     results = collect(sweep, status, evaluations)
-    written = write_results(sweep.run_dir, results)
+    written = write_sweep_results(sweep.run_dir, results)
     _say(f"wrote {', '.join(sorted(os.path.basename(p) for p in written))} to {sweep.run_dir}")
     return results

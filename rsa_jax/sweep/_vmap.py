@@ -3,7 +3,7 @@
 Dimension legend: K variants (the leading axis of every stacked parameter, optimizer moment and
 hyperparameter), B pairs per step, L tokens.
 
-The step is the trainer's own (`make_train_step`), wrapped in `jax.vmap` over the stacked state
+The step is the engine's own (`Engine.vmapped_step`): `jax.vmap` over the stacked state
 and hyperparameters with the batch shared (`in_axes=None`): every variant sees the same batches
 in the same order, exactly as it would alone. Stage references follow the config: `init` is the
 one initial model, shared (`in_axes=None`); `previous_stage` is each variant's own policy from
@@ -29,28 +29,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rsa_jax.config import Config, MeshConfig, to_json
-from rsa_jax.sweep._spec import Sweep, SweepError, Variant
-from rsa_jax.training._step import (
+from rsa_jax.config import Config, to_json
+from rsa_jax.losses import TRACED_NAMES, Kernel
+from rsa_jax.sweep._file import Sweep, SweepError, Variant
+from rsa_jax.training import (
     BATCH_KEYS,
+    TRACED_OPTIM_FIELDS,
+    Checkpoints,
+    Engine,
+    Hyper,
+    Layout,
+    MetricsLog,
+    Stage,
     TrainState,
-    loss_kwargs,
-    make_optimizer,
-    make_train_step,
-    stage_hyper,
+    steps_done,
 )
 
 # Config keys that may differ between variants of one vmap sweep: the traced hyperparameters
 # (they become stacked arguments), and what does not touch the program.
-TRACED_STAGE_KEYS = ("beta", "alpha", "mu", "gamma")
-TRACED_OPTIM_KEYS = (
-    "learning_rate",
-    "warmup_ratio",
-    "final_lr_ratio",
-    "weight_decay",
-    "max_grad_norm",
-)
-KERNEL_KEYS = ("loss", "risk", "version", "split_vocab")
+TRACED_STAGE_KEYS = TRACED_NAMES
+KERNEL_KEYS = tuple(f.name for f in dataclasses.fields(Kernel))
 _FREE = ("train.run_dir", "train.progress_bar", "train.peak_tflops", "checkpoint.")
 
 
@@ -73,7 +71,7 @@ def _may_differ(key: str) -> bool:
     if parts[0] == "stages" and len(parts) == 3:
         return parts[2] in TRACED_STAGE_KEYS or parts[2] == "name"
     if parts[0] == "optim" and len(parts) == 2:
-        return parts[1] in TRACED_OPTIM_KEYS
+        return parts[1] in TRACED_OPTIM_FIELDS
     return key in _FREE or any(key.startswith(p) for p in _FREE if p.endswith("."))
 
 
@@ -97,44 +95,8 @@ def check_vmappable(variants: list[Variant]) -> None:
                 f"vmap mode: variant {v.name!r} differs from {first.name!r} in {key} "
                 f"({b!r} vs {a!r}): {what}. In vmap mode variants may differ only in "
                 f"stages.N.{{{','.join(TRACED_STAGE_KEYS)}}} and "
-                f"optim.{{{','.join(TRACED_OPTIM_KEYS)}}}; use mode: sequential"
+                f"optim.{{{','.join(TRACED_OPTIM_FIELDS)}}}; use mode: sequential"
             )
-
-
-# jit(vmap(step)) by what shapes the program (the trainer's step cache, plus the reference axis).
-_VMAP_CACHE: dict = {}
-
-
-def vmapped_step(spec, optim, stage, ref_axis, *, microbatches, head, chunk_size):
-    """jit(vmap(step)) over (state: 0, reference: ref_axis, batch: None, hyper: 0), the state
-    donated; the trainer's un-jitted step, so the maths is the trainer's."""
-    static, _ = loss_kwargs(stage)
-    key = (
-        spec.key,
-        tuple(sorted(static.items())),
-        (optim.b1, optim.b2, optim.eps),
-        ref_axis,
-        microbatches,
-        head,
-        chunk_size,
-    )
-    fn = _VMAP_CACHE.get(key)
-    if fn is None:
-        step = make_train_step(
-            spec,
-            make_optimizer(optim),
-            static,
-            microbatches=microbatches,
-            head=head,
-            chunk_size=chunk_size,
-        )
-        fn = jax.jit(jax.vmap(step, in_axes=(0, ref_axis, None, 0)), donate_argnums=(0,))
-        _VMAP_CACHE[key] = fn
-    return fn
-
-
-def clear_vmap_cache() -> None:
-    _VMAP_CACHE.clear()
 
 
 def _stack(trees):
@@ -155,11 +117,6 @@ def _meta(config: Config, stage: int, stage_step: int) -> dict:
 def run_vmap(sweep: Sweep) -> dict[str, str]:
     """Trains every unfinished variant of `sweep` at once; {name: "done" | "skipped"}."""
     from rsa_jax.sweep._run import _say, has_checkpoints, is_done
-    from rsa_jax.training._checkpoint import Checkpoints
-    from rsa_jax.training._logging import MetricsLog
-    from rsa_jax.training._mesh import make_mesh
-    from rsa_jax.training._model import build_spec, init_params, llama_config, load_tokenizer
-    from rsa_jax.training._trainer import _stage_dataset, batch_pairs
 
     status = {v.name: "skipped" for v in sweep.variants if is_done(v)}
     todo = [v for v in sweep.variants if v.name not in status]
@@ -178,11 +135,8 @@ def run_vmap(sweep: Sweep) -> dict[str, str]:
     k = len(todo)
     _say(f"vmap: {k} variant(s) in one program on {jax.devices()[0]}")
 
-    mesh = make_mesh(MeshConfig(data=1, fsdp=1, tensor=1), jax.devices()[:1])
-    rules = config.mesh.rules
-    tokenizer = load_tokenizer(config.model)
-    spec = build_spec(config.model, llama_config(config.model, len(tokenizer)), mesh, rules)
-    initial = init_params(spec, config.model)
+    engine = Engine(config, layout=Layout.single_device(config.mesh.rules), check_devices=False)
+    initial = engine.initial
     policy = jax.tree.map(lambda x: jnp.repeat(x[None], k, axis=0), initial)  # [K, ...]
 
     logs = []
@@ -194,65 +148,65 @@ def run_vmap(sweep: Sweep) -> dict[str, str]:
         with open(os.path.join(v.run_dir, "config.json"), "w") as f:
             f.write(to_json(v.config))
         logs.append(MetricsLog(v.run_dir, progress=False))
-    o = config.optim
     global_step = 0
     t_start = time.perf_counter()
+
+    def on_step(stage: Stage, metrics, seconds) -> bool:
+        nonlocal global_step
+        global_step += 1
+        s = steps_done(stage.state)
+        if s % config.train.log_every == 0 or s == stage.total:
+            metrics = jax.device_get(metrics)  # {name: [K]}
+            for j, log_ in enumerate(logs):
+                one = {name: float(value[j]) for name, value in metrics.items()}
+                tokens = one.pop("tokens")  # the shared batch's real tokens
+                pairs = config.data.batch_size
+                log_.log(stage.index, s, global_step, one, tokens, pairs, seconds)
+        return False
+
+    def place(batch):
+        return {key: jnp.asarray(batch[key]) for key in BATCH_KEYS}
+
     try:
-        for i, stage in enumerate(config.stages):
-            iterator, total = _stage_dataset(config, stage, tokenizer)
-            hyper = _stack([stage_hyper(v.config.stages[i], v.config.optim, total) for v in todo])
-            shared_ref = stage.reference == "init"
-            reference = initial if shared_ref else jax.tree.map(jnp.copy, policy)
-            tx = make_optimizer(o)
-            state = TrainState(policy, jax.vmap(tx.init)(policy), jnp.zeros((k,), jnp.int32))
-            step_fn = vmapped_step(
-                spec,
-                o,
-                stage,
-                None if shared_ref else 0,
-                microbatches=o.microbatches,
-                head=config.train.head,
-                chunk_size=config.train.chunk_size,
+        for i, stage_config in enumerate(config.stages):
+            batches, total = engine.stage_batches(i)
+            hyper = _stack(
+                [Hyper.for_stage(v.config.stages[i], v.config.optim, total) for v in todo]
             )
+            shared_ref = not stage_config.follows_previous
+            reference = initial if shared_ref else jax.tree.map(jnp.copy, policy)
+            state = TrainState(policy, jax.vmap(engine.tx.init)(policy), jnp.zeros((k,), jnp.int32))
+            step_fn = engine.vmapped_step(engine.objective(stage_config), None if shared_ref else 0)
+            stage = Stage(i, stage_config, state, reference, batches, total, step_fn, hyper)
             for log_ in logs:
-                log_.start_stage(i, stage.name, total, 0)
-            for s in range(1, total + 1):
-                batch = next(iterator)
-                t0 = time.perf_counter()
-                state, metrics = step_fn(
-                    state, reference, {key: jnp.asarray(batch[key]) for key in BATCH_KEYS}, hyper
-                )
-                global_step += 1
-                if s % config.train.log_every == 0 or s == total:
-                    metrics = jax.device_get(metrics)  # {name: [K]}
-                    elapsed = time.perf_counter() - t0
-                    for j, log_ in enumerate(logs):
-                        one = {name: float(value[j]) for name, value in metrics.items()}
-                        tokens = one.pop("tokens")  # the shared batch's real tokens
-                        log_.log(i, s, global_step, one, tokens, batch_pairs(batch), elapsed)
+                log_.start_stage(i, stage_config.name, total, 0)
+            engine.fit(stage, on_step, place=place)
             for log_ in logs:
                 log_.end_stage()
-            policy = state.params
+            policy = stage.state.params
             if i == len(config.stages) - 1:
-                keep_ref = stage.reference == "previous_stage"
-                for j, v in enumerate(todo):
-                    one = jax.tree.map(lambda x, j=j: x[j], state)
-                    ckpt = Checkpoints(v.run_dir, keep=v.config.checkpoint.keep, async_save=False)
-                    try:
-                        ckpt.save(
-                            global_step,
-                            one,
-                            meta=_meta(v.config, i, total),
-                            data_iter=iterator,
-                            reference=jax.tree.map(lambda x, j=j: x[j], reference)
-                            if keep_ref
-                            else None,
-                        )
-                    finally:
-                        ckpt.close()
+                _save_finals(todo, stage, global_step)
     finally:
         for log_ in logs:
             log_.close()
     _say(f"vmap: {k} variant(s) done in {time.perf_counter() - t_start:.1f} s")
     status.update({v.name: "done" for v in todo})
     return status
+
+
+def _save_finals(variants: list[Variant], stage: Stage, global_step: int) -> None:
+    """Each variant's slice of the stacked final state as its run's final checkpoint."""
+    keep_ref = stage.config.follows_previous
+    for j, v in enumerate(variants):
+        one = jax.tree.map(lambda x, j=j: x[j], stage.state)
+        ckpt = Checkpoints(v.run_dir, keep=v.config.checkpoint.keep, async_save=False)
+        try:
+            ckpt.save(
+                global_step,
+                one,
+                meta=_meta(v.config, stage.index, stage.total),
+                data_iter=stage.batches,
+                reference=jax.tree.map(lambda x, j=j: x[j], stage.reference) if keep_ref else None,
+            )
+        finally:
+            ckpt.close()

@@ -166,7 +166,7 @@ def run_seed(demo: DemoConfig, seed: int) -> dict:
     """One full replication; returns {method: SampleScores} (the SFT model included)."""
     from rsa_jax.config import to_json
     from rsa_jax.models import load_hf
-    from rsa_jax.training._trainer import train
+    from rsa_jax.training import train
 
     task = SafetyTask()
     root = os.path.join(demo.out_dir, f"seed{seed}")

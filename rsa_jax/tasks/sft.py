@@ -12,17 +12,15 @@ import dataclasses
 import logging
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rsa_jax.config import MeshConfig, ModelConfig
-from rsa_jax.data import DataConfig
-from rsa_jax.data._tokenize import PairTokenizer, collate_rows
+from rsa_jax.config import Config, MeshConfig, ModelConfig, StageConfig
+from rsa_jax.data import DataConfig, PairTokenizer, collate_rows
+from rsa_jax.losses import LossHyper
 from rsa_jax.models import save_hf, tiny_config
 from rsa_jax.tasks.safety import TEMPLATE, SafetyTask, make_tokenizer
-from rsa_jax.training import build_spec, init_params, make_mesh
+from rsa_jax.training import Engine, Hyper, Layout, NextTokenObjective, Stage, state_shardings
 
 log = logging.getLogger(__name__)
 
@@ -73,44 +71,48 @@ def train_sft(
     model_config = ModelConfig(
         path="tiny", compute_dtype="float32", remat=False, init_seed=config.seed
     )
-    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
-    spec = build_spec(model_config, llama, mesh, MeshConfig().rules)
-    params = init_params(spec, model_config)
+    run = Config(model=model_config, data=DataConfig(batch_size=config.batch_size))
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, config.learning_rate, config.warmup_steps, config.steps, config.learning_rate * 0.05
     )
-    tx = optax.adamw(schedule, weight_decay=0.0)
-    opt_state = tx.init(params)
-
-    @jax.jit
-    def step(params, opt_state, batch):
-        def loss_fn(params):
-            model = spec.module(params)
-            hidden = model(batch["input_ids"], batch["positions"], batch["attention_mask"])
-            logp = jax.nn.log_softmax(model.logits(hidden), axis=-1)
-            nll = -jnp.take_along_axis(logp, batch["labels"][..., None], axis=-1)[..., 0]
-            mask = batch["loss_mask"]
-            return jnp.sum(jnp.where(mask, nll, 0.0)) / jnp.sum(mask)
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
+    # A user optax transformation: SFT's schedule is fixed, so nothing needs tracing.
+    engine = Engine(
+        run,
+        layout=Layout.single_device(MeshConfig().rules),
+        tx=optax.adamw(schedule, weight_decay=0.0),
+        tokenizer=tokenizer,
+        llama=llama,
+    )
     rng = np.random.default_rng(config.seed)
     prompt_len, response_len = 5, task.max_response_tokens()
     pair_tokenizer = PairTokenizer(
         tokenizer,
         DataConfig(template=TEMPLATE, max_prompt_len=prompt_len, max_response_len=response_len),
     )
+
+    def batches():  # fresh samples of the behaviour every step
+        while True:
+            chosen = [prompts[i] for i in rng.integers(0, len(prompts), config.batch_size)]
+            responses = [task.sample_response(p, rng) for p in chosen]
+            yield _encode(pair_tokenizer, chosen, responses, prompt_len, response_len)
+
+    state = engine.new_state(engine.initial)
+    objective = NextTokenObjective()
+    stage = Stage(
+        index=0,
+        config=StageConfig(name="sft"),
+        state=state,
+        reference=None,
+        batches=batches(),
+        total=config.steps,
+        step_fn=engine.compiled_step(objective, state_shardings(state)),
+        hyper=Hyper(LossHyper.create(), None),
+    )
     losses = []
     t0 = time.perf_counter()
-    for _ in range(config.steps):
-        chosen = [prompts[i] for i in rng.integers(0, len(prompts), config.batch_size)]
-        responses = [task.sample_response(p, rng) for p in chosen]
-        batch = _encode(pair_tokenizer, chosen, responses, prompt_len, response_len)
-        params, opt_state, loss = step(params, opt_state, batch)
-        losses.append(float(loss))
-    save_hf(spec.module(params), out_dir, tokenizer=tokenizer)
+    engine.fit(stage, lambda stage, metrics, seconds: losses.append(float(metrics["loss"])))
+    params = stage.state.params
+    save_hf(engine.model.module(params), out_dir, tokenizer=tokenizer)
     summary = dict(
         steps=config.steps,
         first_loss=losses[0],

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import yaml
 
-from rsa_jax.cli import main, write_toy_data
+from rsa_jax.cli import main
 from rsa_jax.config import load_config
+from rsa_jax.data import write_toy_data
 from rsa_jax.sweep import (
     SweepError,
     check_vmappable,
@@ -23,9 +24,7 @@ from rsa_jax.sweep import (
     run_sequential,
     run_sweep,
 )
-from rsa_jax.training import _step as step_module
-from rsa_jax.training import clear_step_cache
-from rsa_jax.training._trainer import latest_policy
+from rsa_jax.training import cached_steps, clear_step_cache, load_policy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -205,7 +204,7 @@ def sequential(tmp_path_factory, data_path):
     clear_step_cache()
     sweep = load_sweep(path)
     results = run_sweep(sweep)
-    return path, sweep, results, dict(step_module._STEP_CACHE)
+    return path, sweep, results, cached_steps()
 
 
 def test_sequential_variants_sharing_a_kernel_compile_once(sequential):
@@ -215,7 +214,7 @@ def test_sequential_variants_sharing_a_kernel_compile_once(sequential):
     # Two kernels (stage 1 cvar_reference, stage 2 erm) -> two jitted steps, each compiled
     # exactly once for the 4 variants.
     assert len(cache) == 2
-    assert [fn._cache_size() for fn in cache.values()] == [1, 1]
+    assert [fn._cache_size() for fn in cache] == [1, 1]
     # The variants trained with their own hyperparameters.
     finals = {r["name"]: r["final"]["loss"] for r in results["variants"]}
     assert len({round(v, 6) for v in finals.values()}) == 4, finals
@@ -269,7 +268,7 @@ def test_vmap_mode_equals_sequential_runs(sequential, tmp_path):
         assert seq_losses.keys() == vmap_losses.keys() and len(seq_losses) == 5
         for key in seq_losses:
             assert vmap_losses[key] == pytest.approx(seq_losses[key], abs=1e-5), (a.name, key)
-        pa, pb = latest_policy(a.run_dir)[1], latest_policy(b.run_dir)[1]
+        pa, pb = load_policy(a.run_dir)[1], load_policy(b.run_dir)[1]
         assert pa.keys() == pb.keys()
         for k in pa:
             np.testing.assert_allclose(
@@ -291,7 +290,7 @@ def test_a_different_risk_is_another_compile_and_runs_in_its_group(tmp_path, dat
     # The grid alternates the risks; the run groups them (one compile, then its reuses).
     assert [v.config.stages[1].risk for v in sweep.variants] == ["erm", "kl", "erm", "kl"]
     assert [n.split("-")[-1] for n in status] == ["erm", "erm", "kl", "kl"]
-    sizes = sorted(fn._cache_size() for fn in step_module._STEP_CACHE.values())
+    sizes = sorted(fn._cache_size() for fn in cached_steps())
     assert sizes == [1, 1, 1]  # cvar_reference (stage 1), erm, kl: one compile each
 
 

@@ -23,17 +23,17 @@ def main(devices: int, out_dir: str, config_path: str, overrides: list[str]) -> 
     from jax.experimental import multihost_utils
 
     from rsa_jax.config import load_config
-    from rsa_jax.training import _trainer
+    from rsa_jax.training import _engine, train
 
     blocks: list[dict[str, np.ndarray]] = []
-    place_batch = _trainer.place_batch
+    place_batch = _engine.place_batch
 
     def recording_place_batch(batch, sharding):
         blocks.append({k: np.array(v) for k, v in batch.items()})
         return place_batch(batch, sharding)
 
-    _trainer.place_batch = recording_place_batch
-    result = _trainer.train(load_config(config_path, overrides))
+    _engine.place_batch = recording_place_batch  # what the engine's default `place` calls
+    result = train(load_config(config_path, overrides))
     assert result.status == "done", result
 
     index, count = jax.process_index(), jax.process_count()

@@ -14,21 +14,25 @@ import json  # noqa: E402
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from rsa_jax.config import MeshConfig, ModelConfig, OptimConfig, StageConfig  # noqa: E402
+from rsa_jax.config import (  # noqa: E402
+    Config,
+    DataConfig,
+    MeshConfig,
+    ModelConfig,
+    OptimConfig,
+    StageConfig,
+    TrainConfig,
+)
 from rsa_jax.models import tiny_config  # noqa: E402
 from rsa_jax.training import (  # noqa: E402
-    batch_sharding,
-    build_spec,
-    build_stage_step,
+    BATCH_KEYS,
+    Engine,
+    Layout,
     init_params,
-    init_state,
     make_mesh,
-    make_optimizer,
     place_batch,
-    replicated,
     state_shardings,
 )
-from rsa_jax.training._step import BATCH_KEYS  # noqa: E402
 
 B, P, R, V = 8, 8, 8, 256
 MODEL = ModelConfig(compute_dtype="float32", remat=False)
@@ -57,25 +61,26 @@ def make_batch(seed):
 
 
 def run(mesh_config, devices, microbatches):
-    rules = MeshConfig().rules
-    mesh = make_mesh(mesh_config, devices)
-    spec = build_spec(MODEL, tiny_config(), mesh, rules)
-    params = init_params(spec, MODEL)
+    layout = Layout(make_mesh(mesh_config, devices), MeshConfig().rules)
+    config = Config(
+        model=MODEL,
+        data=DataConfig(batch_size=B),
+        optim=dataclasses.replace(OPTIM, microbatches=microbatches),
+        mesh=mesh_config,
+        train=TrainConfig(chunk_size=8),
+        stages=[STAGE],
+    )
+    engine = Engine(config, layout=layout, llama=tiny_config())
     # A reference away from the policy: at policy == reference every d_t(v) is 0 up to rounding
     # and the CVaR mask 1[d > tau] picks among ties, which no two programs need to agree on.
-    reference = init_params(spec, dataclasses.replace(MODEL, init_seed=1))
-    tx = make_optimizer(OPTIM)
-    rep = replicated(mesh)
-    state = init_state(params, tx, rep)
-    sh = state_shardings(state)
-    state = jax.device_put(state, sh)
-    bsh = batch_sharding(mesh, rules)
-    step, hyper = build_stage_step(
-        spec, OPTIM, STAGE, 10, sh, bsh, rep, microbatches=microbatches, chunk_size=8
-    )
+    reference = init_params(engine.model, dataclasses.replace(MODEL, init_seed=1))
+    state = engine.new_state(engine.initial)
+    step = engine.compiled_step(engine.objective(STAGE), state_shardings(state))
+    hyper = engine.hyper(STAGE, 10)
     losses = []
     for i in range(STEPS):
-        batch = place_batch({k: v for k, v in make_batch(i).items() if k in BATCH_KEYS}, bsh)
+        batch = make_batch(i)
+        batch = place_batch({k: v for k, v in batch.items() if k in BATCH_KEYS}, layout.batch)
         state, metrics = step(state, reference, batch, hyper)
         losses.append((float(metrics["loss"]), float(metrics["grad_norm"])))
     sharded = {k: str(v.sharding.spec) for k, v in state.params.items()}

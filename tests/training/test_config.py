@@ -123,9 +123,9 @@ def test_stage_hyperparameters_carry_the_torch_rounded_quantile_tail():
 
     from rsa_jax.config import StageConfig
     from rsa_jax.losses import torch_rank
-    from rsa_jax.training._step import LOSS_KEYS, loss_kwargs
+    from rsa_jax.training import Hyper
 
-    _, hyper = loss_kwargs(StageConfig(loss="ra_dpo", risk="cvar_reference", mu=0.8))
-    assert set(hyper) == set(LOSS_KEYS)
-    assert hyper["tail"] == np.float32(0.2)
-    assert float(torch_rank(hyper["tail"], 16)) == 3.0  # float32 1 - mu would give 2.9999998
+    hyper = Hyper.for_stage(StageConfig(loss="ra_dpo", risk="cvar_reference", mu=0.8), None, 1)
+    assert hyper.loss.mu == np.float32(0.8)
+    assert hyper.loss.tail == np.float32(0.2)
+    assert float(torch_rank(hyper.loss.tail, 16)) == 3.0  # float32 1 - mu would give 2.9999998

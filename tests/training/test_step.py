@@ -11,24 +11,26 @@ import numpy as np
 import optax
 import pytest
 
-from rsa_jax.config import MeshConfig, ModelConfig, OptimConfig, StageConfig
+from rsa_jax.config import Config, MeshConfig, ModelConfig, OptimConfig, StageConfig, TrainConfig
+from rsa_jax.losses import Kernel
 from rsa_jax.models import tiny_config
 from rsa_jax.training import (
+    BATCH_KEYS,
+    Engine,
+    Hyper,
+    Layout,
+    OptimHyper,
+    PairObjective,
     apply_update,
-    batch_sharding,
-    build_spec,
-    build_stage_step,
     clear_step_cache,
+    device_copy,
     init_params,
-    init_state,
     learning_rate_at,
-    make_mesh,
     make_optimizer,
     place_batch,
-    replicated,
     state_shardings,
+    weight_decay_mask,
 )
-from rsa_jax.training._step import BATCH_KEYS, optim_hyper, weight_decay_mask
 
 
 @pytest.mark.parametrize("warmup_ratio,final", [(0.0, 0.0), (0.1, 0.0), (0.25, 0.1)])
@@ -39,7 +41,7 @@ def test_learning_rate_equals_optax_warmup_cosine(warmup_ratio, final):
     reference = optax.warmup_cosine_decay_schedule(
         0.0, 3e-4, warmup, max(total, warmup + 1), 3e-4 * final
     )
-    hyper = optim_hyper(optim, total)
+    hyper = OptimHyper.from_config(optim, total)
     ours = jax.jit(lambda s: learning_rate_at(s, hyper))
     for step in range(total + 3):
         # float32 cosines: agree to 1e-6 of the peak rate (near the end the values are tiny).
@@ -54,7 +56,7 @@ def test_apply_update_equals_optax_adamw_with_clipping_and_masked_decay():
     }
     optim = OptimConfig(learning_rate=1e-2, warmup_ratio=0.2, weight_decay=0.1, max_grad_norm=0.5)
     total = 10
-    hyper = optim_hyper(optim, total)
+    hyper = OptimHyper.from_config(optim, total)
     reference = optax.chain(
         optax.clip_by_global_norm(0.5),
         optax.adamw(
@@ -100,16 +102,13 @@ def _batch(seed, pairs=2, length=12, vocab=256):
 def test_stages_differing_in_hyperparameters_share_one_compiled_step():
     clear_step_cache()
     model = ModelConfig(compute_dtype="float32", remat=False)
-    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
-    rules = MeshConfig().rules
-    spec = build_spec(model, tiny_config(), mesh, rules)
-    params = init_params(spec, model)
-    reference = init_params(spec, dataclasses.replace(model, init_seed=1))
-    rep, bsh = replicated(mesh), batch_sharding(mesh, rules)
-    tx = make_optimizer(OptimConfig())
-    state = init_state(params, tx, rep)
-    sh = state_shardings(state)
-    batch = place_batch({k: v for k, v in _batch(0).items() if k in BATCH_KEYS}, bsh)
+    config = Config(model=model, train=TrainConfig(chunk_size=4))
+    engine = Engine(config, layout=Layout.single_device(MeshConfig().rules), llama=tiny_config())
+    params = engine.initial
+    reference = init_params(engine.model, dataclasses.replace(model, init_seed=1))
+    batch = place_batch(
+        {k: v for k, v in _batch(0).items() if k in BATCH_KEYS}, engine.layout.batch
+    )
     variants = [
         (StageConfig(beta=0.1, mu=0.95), OptimConfig(learning_rate=1e-3), 10),
         (StageConfig(beta=0.05, alpha=0.2, mu=0.8, gamma=0.9), OptimConfig(learning_rate=5e-4), 7),
@@ -117,9 +116,9 @@ def test_stages_differing_in_hyperparameters_share_one_compiled_step():
     ]
     steps, losses = [], []
     for stage, optim, total in variants:
-        step, hyper = build_stage_step(spec, optim, stage, total, sh, bsh, rep, chunk_size=4)
-        copy = jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False), params)
-        fresh = jax.device_put(init_state(copy, tx, rep), sh)  # the step donates its state
+        fresh = engine.new_state(device_copy(params))  # the step donates its state
+        step = engine.compiled_step(engine.objective(stage), state_shardings(fresh))
+        hyper = jax.device_put(Hyper.for_stage(stage, optim, total), engine.layout.replicated)
         fresh, metrics = step(fresh, reference, batch, hyper)
         steps.append(step)
         losses.append(float(metrics["loss"]))
@@ -128,7 +127,7 @@ def test_stages_differing_in_hyperparameters_share_one_compiled_step():
     # The variants really differ (the hyperparameters reached the program).
     assert len({round(v, 7) for v in losses}) == 3
     # A different kernel (another risk functional) is another program.
-    other, _ = build_stage_step(
-        spec, OptimConfig(), StageConfig(risk="erm", mu=0.5), 5, sh, bsh, rep, chunk_size=4
+    other = engine.compiled_step(
+        PairObjective(Kernel(risk="erm"), chunk_size=4), state_shardings(fresh)
     )
     assert other is not steps[0]

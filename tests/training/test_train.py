@@ -13,9 +13,9 @@ import jax
 import numpy as np
 import pytest
 
-from rsa_jax.cli import write_toy_data
 from rsa_jax.config import load_config
-from rsa_jax.training._trainer import latest_policy, train
+from rsa_jax.data import write_toy_data
+from rsa_jax.training import load_policy, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -94,7 +94,7 @@ def test_kill_and_resume_equals_uninterrupted(baseline, data_path, tmp_path):
     assert sorted(rec) == sorted(base_rec)
     for key in base_rec:
         assert rec[key]["loss"] == base_rec[key]["loss"], key  # bitwise on the CPU
-    _, params, _ = latest_policy(run_dir)
+    _, params = load_policy(run_dir)
     for k, v in base.params.items():
         np.testing.assert_array_equal(np.asarray(params[k]), np.asarray(jax.device_get(v)), k)
 
@@ -123,8 +123,9 @@ def test_sigterm_finishes_the_step_saves_and_exits_cleanly(data_path, tmp_path):
 
 
 def test_export_and_merge_write_loadable_hf_directories(baseline, tmp_path):
-    from rsa_jax.cli import main, merge_params
+    from rsa_jax.cli import main
     from rsa_jax.models import load_hf
+    from rsa_jax.training import merge_params
 
     run_dir, result = baseline
     out = str(tmp_path / "hf")
@@ -164,7 +165,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(baseline, tmp_path
             with open(os.path.join(root, f), "wb") as fh:
                 fh.write(b"garbage")
     with caplog.at_level("WARNING"):
-        _, params, _ = latest_policy(copy)
+        _, params = load_policy(copy)
     assert any("cannot be restored" in r.message for r in caplog.records)
     assert os.path.isdir(os.path.join(copy, "corrupt", str(steps[-1])))  # set aside, not deleted
     assert sorted(int(d) for d in os.listdir(ckpts) if d.isdigit()) == steps[:-1]
@@ -193,3 +194,27 @@ def test_more_steps_than_batches_is_a_clear_error(data_path, tmp_path):
     )
     with pytest.raises(ValueError, match="steps=100000 but .* gives only .* batches"):
         train(config)
+
+
+def test_a_user_optax_transformation_replaces_the_builtin_adamw(data_path, tmp_path):
+    import optax
+
+    from rsa_jax.training import Engine
+
+    def run(tx, name):
+        run_dir = str(tmp_path / name)
+        overrides = [*OVERRIDES, "stages.0.steps=2", "stages.1.steps=1", "checkpoint.every=0"]
+        config = load_config(
+            TINY, overrides + [f"data.path={data_path}", f"train.run_dir={run_dir}"]
+        )
+        return run_dir, train(config, tx=tx)
+
+    initial = Engine(load_config(TINY)).initial
+    frozen_dir, frozen = run(optax.sgd(0.0), "sgd0")
+    assert frozen.status == "done" and frozen.global_step == 3
+    for k, v in initial.items():  # a zero learning rate moves nothing: the user's tx was used
+        np.testing.assert_array_equal(np.asarray(frozen.params[k]), np.asarray(v), k)
+    record = _records(frozen_dir)[(0, 1)]
+    assert "learning_rate" not in record and record["grad_norm"] > 0
+    _, moved = run(optax.sgd(0.5), "sgd")
+    assert any(not np.array_equal(moved.params[k], initial[k]) for k in initial)

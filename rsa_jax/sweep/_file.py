@@ -234,14 +234,11 @@ def kernel_key(config: Config) -> tuple:
 
     Variants with equal keys (and equal shapes) share compiled steps; the rest compile anew.
     """
-    return tuple((s.loss, s.risk, s.version, s.split_vocab) for s in config.stages)
+    return tuple(s.kernel for s in config.stages)
 
 
 def kernel_label(config: Config) -> str:
-    return " | ".join(
-        f"{s.loss}/{s.risk}/v{s.version}" + ("" if s.split_vocab else "/whole-vocab")
-        for s in config.stages
-    )
+    return " | ".join(s.kernel.label for s in config.stages)
 
 
 def grouped(variants) -> list[list[Variant]]:
