@@ -36,6 +36,7 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check rsa_jax tests bench
 	$(VENV)/bin/ruff format --check rsa_jax tests bench
+	$(VENV)/bin/pyright
 
 format: $(STAMP)
 	$(VENV)/bin/ruff format rsa_jax tests bench

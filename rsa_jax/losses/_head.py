@@ -17,6 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
 from rsa_jax.losses._preference import LOSSES, Metrics
 from rsa_jax.losses._risk import MU_DOMAIN, RISKS, quantile_tail
@@ -29,7 +30,7 @@ from rsa_jax.losses._token_stats import (
 
 
 def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+    return not isinstance(x, Tracer)
 
 
 def _check_common(labels, loss_mask, *, loss, risk, mu, version, where: str) -> None:

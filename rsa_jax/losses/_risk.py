@@ -22,6 +22,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
 from rsa_jax.losses._select import kth_smallest_pair, upper_tail_atom
 
@@ -40,7 +41,7 @@ def quantile_tail(mu) -> jax.Array:
     `1 - mu` is computed in float32 (exact for mu in [0.5, 1], but it can differ from torch's
     rounding of the float64 difference); pass `tail` explicitly (the trainer does) for torch parity.
     """
-    if isinstance(mu, jax.core.Tracer):
+    if isinstance(mu, Tracer):
         return 1.0 - mu.astype(jnp.float32)
     return jnp.asarray(np.float32(1.0 - np.asarray(mu, np.float64)))
 

@@ -175,7 +175,7 @@ def _cvar(d: list[float], q: list[float], mu: float) -> float:
     return math.fsum(terms) / mu
 
 
-def _erm(d: np.ndarray, logq: np.ndarray, mu: float) -> float:
+def _erm(d: list[float], logq: list[float], mu: float) -> float:
     """(1/mu) log sum_v q(v) exp(mu d(v)), as a log-sum-exp over log q(v) + mu d(v); mu > 0."""
     if not mu > 0.0:
         raise ValueError(f"erm needs mu > 0, got {mu}")
