@@ -20,8 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rsa_jax.data import DataConfig
-from rsa_jax.data._tokenize import PairTokenizer
+from rsa_jax.data import DataConfig, PairTokenizer
 from rsa_jax.generate import generate
 
 log = logging.getLogger(__name__)

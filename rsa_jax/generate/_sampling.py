@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rsa_jax.models._llama import Llama, rope_frequencies
+from rsa_jax.models import Llama, rope_frequencies
 
 
 class Cache(NamedTuple):
