@@ -12,7 +12,7 @@ with `d(v) = log q(v) - log p(v)` (float32) and `q` the reference probabilities 
 `threshold` lets a caller pass the (non-differentiable) selection result `THRESHOLDS[name]` that it
 already computed for the same d, so that a rematerialised backward pass does not repeat it;
 `logq` is log q itself, which `erm` needs where q underflows.
-Reference: method.md section 2, item 4; Ra-DPO (arXiv 2505.20359), `Ra_DPOTrainer`.
+Reference: docs/method.md section 6; Ra-DPO (arXiv 2505.20359), `Ra_DPOTrainer`.
 """
 
 from __future__ import annotations
