@@ -27,7 +27,7 @@ import functools
 import logging
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import grain
 import numpy as np
@@ -47,13 +47,13 @@ log = logging.getLogger(__name__)
 _CACHED_WINDOWS = 4
 
 
-class _LengthGroupedBatches(Sequence):
+class _LengthGroupedBatches:
     """Batches of `window` x `batch` consecutive examples sorted by length, cut, and reordered.
 
     Sorting inside a window (by `key`, e.g. `length_key`) puts pairs of similar length in the same
     batch, so buckets pad less; the batch order inside each window is then shuffled (seeded by the
     window index) so that the longest batches do not always come last. Random access, like every
-    MapDataset.
+    MapDataset: a grain `RandomAccessDataSource` (`__len__`, `__getitem__` by int; no slices).
     """
 
     def __init__(
@@ -87,7 +87,8 @@ class _LengthGroupedBatches(Sequence):
             if w not in self._cache:
                 start = w * self._window * self._batch
                 stop = min(start + self._window * self._batch, self._n_examples)
-                items = [self._examples[i] for i in range(start, stop)]
+                # A MapDataset yields None only for filtered-out elements; `examples` has no filter.
+                items = cast(list[TokenizedPair], [self._examples[i] for i in range(start, stop)])
                 items.sort(key=self._key)  # stable: ties keep stream order
                 batches = [items[i : i + self._batch] for i in range(0, len(items), self._batch)]
                 # A partial batch (drop_remainder=False) stays last: the stream's last batch.
@@ -98,10 +99,10 @@ class _LengthGroupedBatches(Sequence):
                     self._cache.popitem(last=False)
             return self._cache[w]
 
-    def __getitem__(self, j: int) -> list[TokenizedPair]:
-        if not 0 <= j < self._n_batches:
-            raise IndexError(j)
-        return self._window_batches(j // self._window)[j % self._window]
+    def __getitem__(self, index: int) -> list[TokenizedPair]:
+        if not 0 <= index < self._n_batches:
+            raise IndexError(index)
+        return self._window_batches(index // self._window)[index % self._window]
 
 
 def host_rows(batch: int, process_index: int, process_count: int) -> list[tuple[int, bool]]:
@@ -164,7 +165,7 @@ def make_pair_dataset(
     def rows_of(n_pairs: int) -> list[tuple[int, bool]]:
         return mine if n_pairs == b else host_rows(n_pairs, 0, 1)  # a partial batch: 1 host
 
-    def from_records(records: list[PairRecord]) -> dict[str, np.ndarray]:
+    def from_records(records: Sequence[PairRecord]) -> dict[str, np.ndarray]:
         """No buckets: tokenise only the prompts and responses of this host's rows."""
         prompts: dict[int, np.ndarray] = {}
         rows = []
@@ -175,7 +176,7 @@ def make_pair_dataset(
             rows.append((prompts[i], encode.response_ids(rec.chosen if chosen else rec.rejected)))
         return collate_rows(rows, config.max_prompt_len, config.max_response_len, encode.pad_id)
 
-    def from_tokenized(items: list[TokenizedPair]) -> dict[str, np.ndarray]:
+    def from_tokenized(items: Sequence[TokenizedPair]) -> dict[str, np.ndarray]:
         """Buckets: the shape comes from the whole global batch, the same on every host."""
         rows = [
             (items[i].prompt, items[i].chosen if chosen else items[i].rejected)

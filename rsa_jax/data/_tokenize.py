@@ -15,6 +15,7 @@ prompt is LEFT-padded into slots [0, P) and the response RIGHT-padded into slots
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -91,7 +92,7 @@ def _bucket(length: int, buckets: tuple[int, ...], limit: int) -> int:
     return min(fitting) if fitting else limit
 
 
-def batch_shape(pairs: list[TokenizedPair], config: DataConfig) -> tuple[int, int]:
+def batch_shape(pairs: Sequence[TokenizedPair], config: DataConfig) -> tuple[int, int]:
     """(P, R) of a batch: the smallest buckets that fit its longest prompt and response."""
     longest_prompt = max(p.longest()[0] for p in pairs)
     longest_response = max(p.longest()[1] for p in pairs)

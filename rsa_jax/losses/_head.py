@@ -17,6 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
 from rsa_jax.losses._kernel import DEFAULT_CHUNK_SIZE, DEFAULTS, Kernel, check_mu
 from rsa_jax.losses._preference import LOSSES, Metrics
@@ -32,7 +33,7 @@ _KERNEL = Kernel()  # the default kernel choice
 
 
 def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+    return not isinstance(x, Tracer)
 
 
 def _check_common(labels, loss_mask, *, loss, risk, mu, version, where: str) -> None:

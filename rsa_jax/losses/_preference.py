@@ -11,7 +11,7 @@ metrics)`, where `chosen`/`rejected` are `SequenceStats` of [B] arrays. The RSA 
   Ra-DPO/TDPO v2: z = beta ((M_w - M_l) - alpha (S_l - stop_gradient(S_w)))
   loss = -log_sigmoid(z)
 
-References: method.md section 2, items 7-8; Zeng et al. 2024 (TDPO); Zhang et al. 2025 (Ra-DPO).
+References: docs/method.md section 4; Zeng et al. 2024 (TDPO); Zhang et al. 2025 (Ra-DPO).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ with `d(v) = log q(v) - log p(v)` (float32) and `q` the reference probabilities 
 `threshold` lets a caller pass the (non-differentiable) selection result `THRESHOLDS[name]` that it
 already computed for the same d, so that a rematerialised backward pass does not repeat it;
 `logq` is log q itself, which `erm` needs where q underflows.
-Reference: method.md section 2, item 4; Ra-DPO (arXiv 2505.20359), `Ra_DPOTrainer`.
+Reference: docs/method.md section 6; Ra-DPO (arXiv 2505.20359), `Ra_DPOTrainer`.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.core import Tracer
 
 from rsa_jax.losses._select import kth_smallest_pair, upper_tail_atom
 
@@ -40,7 +41,7 @@ def quantile_tail(mu) -> jax.Array:
     `1 - mu` is computed in float32 (exact for mu in [0.5, 1], but it can differ from torch's
     rounding of the float64 difference); pass `tail` explicitly (the trainer does) for torch parity.
     """
-    if isinstance(mu, jax.core.Tracer):
+    if isinstance(mu, Tracer):
         return 1.0 - mu.astype(jnp.float32)
     return jnp.asarray(np.float32(1.0 - np.asarray(mu, np.float64)))
 

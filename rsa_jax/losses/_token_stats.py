@@ -2,7 +2,7 @@
 
 Dimension legend: N sequences (2B: chosen rows then rejected rows), T tokens, V vocabulary.
 
-Per response position t (method.md section 2, items 1-6), with `logp`/`logq` the policy/reference
+Per response position t (docs/method.md sections 4-5), with `logp`/`logq` the policy/reference
 log-softmax in float32:
   g_t    = logp[y_t] - logq[y_t]                       token margin
   d_t(v) = logq(v) - logp(v)                           vocabulary log-ratio

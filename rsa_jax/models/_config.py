@@ -133,7 +133,7 @@ class LlamaConfig:
 
 def tiny_config(**overrides) -> LlamaConfig:
     """A tiny random-init Llama for tests: 2 layers, D=64, 4 heads / 2 KV heads, V=256."""
-    base = dict(
+    base: dict[str, Any] = dict(
         vocab_size=256,
         hidden_size=64,
         intermediate_size=128,

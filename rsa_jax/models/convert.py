@@ -14,7 +14,7 @@ DEFAULT_OUT = os.path.join("artifacts", "smollm2-135m")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--gguf", default=None, help="GGUF file (default: bundled SmolLM2)")
     parser.add_argument("--out", default=DEFAULT_OUT, help="output Hugging Face directory")
     parser.add_argument("--overwrite", action="store_true")

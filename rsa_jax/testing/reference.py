@@ -1,6 +1,6 @@
 """Slow NumPy references: executable specifications of the loss kernels.
 
-Everything here is written from `method.md` section 2 ("The per-pair loss"), and for the
+Everything here is written from `docs/method.md` sections 4-6 (the per-pair loss), and for the
 `cvar_reference` risk also from the public Ra-DPO code (github zlj123-max/Ra-DPO,
 `Ra-DPO/train/trainers.py`, class `Ra_DPOTrainer`: `get_batch_logps`, `calculate_cvar`, `loss`),
 whose behaviour it reproduces. These functions are what the JAX kernels in `rsa_jax.losses` are
@@ -84,7 +84,8 @@ def torch_quantile_rank(n: int, mu: float) -> float:
     tensor and multiplies it by the last index n - 1 in float32
     (aten/src/ATen/native/Sorting.cpp, `quantile_impl`: `ranks = q * last_index`). numpy computes
     the same product in float64; the two differ when the product lands within float32 rounding of
-    an integer (mu = 0.8, n = 16: torch 3.0, numpy 2.9999999999999996). method.md: follow torch.
+    an integer (mu = 0.8, n = 16: torch 3.0, numpy 2.9999999999999996). Follow torch
+    (docs/method.md section 6).
 
     Returns:
       the rank as a Python float (exactly the float32 value).
@@ -175,7 +176,7 @@ def _cvar(d: list[float], q: list[float], mu: float) -> float:
     return math.fsum(terms) / mu
 
 
-def _erm(d: np.ndarray, logq: np.ndarray, mu: float) -> float:
+def _erm(d: list[float], logq: list[float], mu: float) -> float:
     """(1/mu) log sum_v q(v) exp(mu d(v)), as a log-sum-exp over log q(v) + mu d(v); mu > 0."""
     if not mu > 0.0:
         raise ValueError(f"erm needs mu > 0, got {mu}")
@@ -187,7 +188,7 @@ def _erm(d: np.ndarray, logq: np.ndarray, mu: float) -> float:
 def risk_term(
     name: str, logp: np.ndarray, logq: np.ndarray, *, mu: float, split_vocab: bool = True
 ) -> float:
-    """The risk term rho_t at ONE position (method.md 2.4).
+    """The risk term rho_t at ONE position (docs/method.md section 6).
 
     d(v) = logq(v) - logp(v), q(v) = exp(logq(v)).
 
@@ -235,7 +236,7 @@ def token_stats(
     mu: float = 0.95,
     split_vocab: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Per-position quantities of method.md 2.1-2.4, by loops over n and t.
+    """Per-position quantities of docs/method.md section 4, by loops over n and t.
 
     Args:
       policy_logits, ref_logits: [N, T, V].
@@ -268,7 +269,7 @@ def token_stats(
 
 
 def nested_value(rho: np.ndarray, mask: np.ndarray, gamma: float) -> np.ndarray:
-    """Nested value over tokens (method.md 2.5), by an explicit backwards loop.
+    """Nested value over tokens (docs/method.md section 5), by an explicit backwards loop.
 
     V_{T+1} = 0, V_t = m_t (rho_t + gamma V_{t+1}) + (1 - m_t) V_{t+1}; S = V_1 = result[..., 0].
     A masked-out step copies V_{t+1} exactly (whatever rho_t holds there).
@@ -296,7 +297,7 @@ def nested_value(rho: np.ndarray, mask: np.ndarray, gamma: float) -> np.ndarray:
 
 
 def sequence_sums(stats: dict, mask: np.ndarray, gamma: float) -> dict[str, np.ndarray]:
-    """Per-sequence sums (method.md 2.5-2.6).
+    """Per-sequence sums (docs/method.md sections 4-5).
 
     Args:
       stats: `token_stats` output ([N, T] arrays "g", "kl", "rho", optionally "logp").
@@ -341,7 +342,7 @@ def pair_loss(
     risk: str = "cvar_reference",
     split_vocab: bool = True,
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Per-pair losses and TRL-named metrics (method.md 2.7-2.8; Ra-DPO `Ra_DPOTrainer.loss`).
+    """Per-pair losses and TRL-named metrics (docs/method.md 4; Ra-DPO `Ra_DPOTrainer.loss`).
 
     - "dpo":    z = beta (M_w - M_l); rewards beta M.
     - "ra_dpo": v1 z = beta ((M_w - M_l) - (S_l - S_w)),

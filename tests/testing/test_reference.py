@@ -1,6 +1,7 @@
 """Self-checks of the NumPy references (rsa_jax.testing.reference) on hand-computed tiny cases.
 
-Expected values are written out from method.md section 2 with `math`, not with the reference.
+Expected values are written out from docs/method.md sections 4-6 with `math`, not with the
+reference.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def test_log_softmax_hand_values_shape_and_stability():
 
 def test_torch_rank_at_the_documented_divergence():
     assert ref.torch_quantile_rank(16, 0.8) == 3.0
-    # numpy's float64 rank falls just below 3 (2.999999999999999; method.md quotes ...96).
+    # numpy's float64 rank falls just below 3 (2.999999999999999; docs/method.md quotes ...96).
     numpy_rank = (1 - 0.8) * 15
     assert numpy_rank < 3.0 and math.floor(numpy_rank) == 2
     assert np.quantile(np.arange(16.0), 1 - 0.8, method="linear") == numpy_rank
