@@ -145,7 +145,7 @@ def _cmd_demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rsa-jax", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="rsa-jax", description=(__doc__ or "").splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 

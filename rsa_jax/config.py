@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NoReturn, cast
 
 import yaml
 from omegaconf import OmegaConf
@@ -171,7 +172,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
 
 def _apply_override(values: dict, item: str) -> None:
     key, value = _parse_override(item)
-    node = values
+    node: Any = values
     parts = key.split(".")
     for depth, part in enumerate(parts):
         here = ".".join(parts[: depth + 1])
@@ -180,17 +181,17 @@ def _apply_override(values: dict, item: str) -> None:
                 raise ConfigError(
                     f"override {item!r}: {here} is not an index of a {len(node)}-list"
                 )
-            part = int(part)
         elif not isinstance(node, dict) or part not in node:
             raise ConfigError(f"override {item!r}: unknown key {here!r}")
+        index: Any = int(part) if isinstance(node, list) else part
         if depth == len(parts) - 1:
-            node[part] = value
+            node[index] = value
         else:
-            node = node[part]
+            node = node[index]
 
 
 def load_config(
-    path: str | None = None, overrides: list[str] = (), *, check: bool = True
+    path: str | None = None, overrides: Sequence[str] = (), *, check: bool = True
 ) -> Config:
     """YAML file (optional) + dotted overrides (`optim.learning_rate=1e-5`, `stages.1.beta=0.05`).
 
@@ -206,11 +207,11 @@ def load_config(
                 raise ConfigError(f"{path}: the top level must be a mapping")
             merged = OmegaConf.merge(schema, loaded)
         if overrides:
-            values = OmegaConf.to_container(merged)
+            values = cast(dict, OmegaConf.to_container(merged))
             for item in overrides:
                 _apply_override(values, item)
             merged = OmegaConf.merge(schema, values)
-        config = OmegaConf.to_object(merged)
+        config = cast(Config, OmegaConf.to_object(merged))
     except OmegaConfBaseException as e:
         where = f"{path}: " if path else ""
         first = str(e).splitlines()[0]
@@ -225,7 +226,7 @@ def load_config(
     return config
 
 
-def _fail(key: str, message: str):
+def _fail(key: str, message: str) -> NoReturn:
     raise ConfigError(f"{key}: {message}")
 
 
@@ -284,15 +285,16 @@ def validate(config: Config, device_count: int | None = None) -> None:
     if device_count is not None:
         shape = mesh_shape(config.mesh, device_count)
         batch_axes = config.mesh.rules.get("batch", [])
+        axis_sizes: dict[str, int] = dict(zip(MESH_AXES, shape, strict=True))
         shards = 1
         for a in batch_axes:
-            shards *= dict(zip(MESH_AXES, shape, strict=True))[a]
+            shards *= axis_sizes[a]
         per_micro = config.data.batch_size // o.microbatches
         if per_micro % shards:
             _fail(
                 "data.batch_size",
                 f"{per_micro} pairs per microbatch do not divide over the {shards} batch shards "
-                f"of mesh {dict(zip(MESH_AXES, shape, strict=True))}",
+                f"of mesh {axis_sizes}",
             )
 
 
@@ -309,7 +311,7 @@ def mesh_shape(mesh: MeshConfig, device_count: int) -> tuple[int, int, int]:
         sizes[sizes.index(-1)] = device_count // known
     if sizes[0] * sizes[1] * sizes[2] != device_count:
         _fail("mesh", f"data*fsdp*tensor = {sizes} does not use the {device_count} devices")
-    return tuple(sizes)
+    return sizes[0], sizes[1], sizes[2]
 
 
 def to_json(config: Config) -> str:
@@ -322,7 +324,9 @@ def from_json(text: str) -> Config:
 
 def load_config_dict(values: dict) -> Config:
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), values))
+        return cast(
+            Config, OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), values))
+        )
     except OmegaConfBaseException as e:
         raise ConfigError(str(e).splitlines()[0]) from None
 

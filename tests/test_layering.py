@@ -26,7 +26,6 @@ from typing import NamedTuple
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "rsa_jax"
-UNTIL_REFACTOR = "until the engine refactor lands"
 
 
 class Import(NamedTuple):
@@ -326,19 +325,16 @@ def test_the_real_package_has_imports_to_check(imports):
     assert {"rsa_jax.losses", "rsa_jax.training", "rsa_jax.cli"} <= units
 
 
-@pytest.mark.xfail(strict=False, reason=UNTIL_REFACTOR)
 def test_no_private_module_is_imported_from_another_package(imports):
     violations = private_import_violations(imports, ROOT)
     assert not violations, _report("(a) no cross-package import of a private module", violations)
 
 
-@pytest.mark.xfail(strict=False, reason=UNTIL_REFACTOR)
 def test_no_import_cycle_between_subpackages(imports):
     violations = cycle_violations(imports, ROOT)
     assert not violations, _report("(b) no import cycle between subpackages", violations)
 
 
-@pytest.mark.xfail(strict=False, reason=UNTIL_REFACTOR)
 def test_only_testing_imports_testing(imports):
     violations = uses_of_testing_package(imports, ROOT)
     assert not violations, _report("(c) the package does not import rsa_jax.testing", violations)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+from typing import Any
 
 from rsa_jax.sweep._file import SweepError, Variant
 
@@ -40,7 +41,7 @@ OPTIONS = (
 )
 
 
-def _load(spec: str):
+def _load(spec: str) -> Any:
     module, _, attr = spec.partition(":")
     if not module or not attr:
         raise SweepError(f"eval.fn: {spec!r} is not of the form package.module:attr")

@@ -24,6 +24,7 @@ import dataclasses
 import itertools
 import os
 import re
+from typing import NoReturn
 
 import yaml
 
@@ -91,7 +92,7 @@ def _sanitise(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]", "-", text)
 
 
-def _fail(path: str, message: str):
+def _fail(path: str, message: str) -> NoReturn:
     raise SweepError(f"{path}: {message}")
 
 
@@ -200,11 +201,11 @@ def load_sweep(
     base = _resolve_base(path, raw["base"])
     shared = _string_list(path, "overrides", raw.get("overrides"))
     shared += _string_list(path, "command-line overrides", list(overrides))
-    mode = mode or raw.get("mode", "sequential")
+    mode = str(mode or raw.get("mode", "sequential"))
     if mode not in MODES:
         _fail(path, f"mode must be one of {MODES}, got {mode!r}")
     stem = os.path.splitext(os.path.basename(path))[0]
-    run_dir = run_dir or raw.get("run_dir", os.path.join("runs", f"sweep_{stem}"))
+    run_dir = str(run_dir or raw.get("run_dir", os.path.join("runs", f"sweep_{stem}")))
     if not isinstance(run_dir, str) or not run_dir:
         _fail(path, f"run_dir must be a directory path, got {run_dir!r}")
     evaluation = raw.get("eval")

@@ -142,7 +142,7 @@ class Checkpoints:
 
         Returns (state, reference or None), or raises after setting a corrupt step aside.
         """
-        items = dict(state=ocp.args.StandardRestore(abstract_state))
+        items: dict[str, Any] = dict(state=ocp.args.StandardRestore(abstract_state))
         if data_iter is not None:
             items["data_iter"] = DataIterRestore(data_iter)
         if abstract_reference is not None:

@@ -247,6 +247,10 @@ class Engine:
         optim = self.config.optim if self.user_tx is None else None
         return jax.device_put(Hyper.for_stage(stage, optim, total_steps), self.layout.replicated)
 
+    def place(self, batch: dict) -> dict:
+        """This host's rows of a global batch, placed on the layout's batch sharding."""
+        return place_batch({k: batch[k] for k in BATCH_KEYS}, self.layout.batch)
+
     # -- the loop -----------------------------------------------------------------------------
     def fit(self, stage: Stage, on_step: Callable | None = None, *, place=None) -> bool:
         """Runs `stage` from its current step to `stage.total`; True when it got there.
@@ -257,9 +261,7 @@ class Engine:
         this host's rows of the global batch on the layout's batch sharding).
         """
         if place is None:
-
-            def place(batch):
-                return place_batch({k: batch[k] for k in BATCH_KEYS}, self.layout.batch)
+            place = self.place
 
         while steps_done(stage.state) < stage.total:
             batch = next(stage.batches)

@@ -47,7 +47,7 @@ class MetricsLog:
             if k in metrics:
                 self._sums[k] = self._sums.get(k, 0.0) + metrics[k]
         self._count += 1
-        if not self.main:
+        if self._jsonl is None or self._tb is None:  # not the main process
             return
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()

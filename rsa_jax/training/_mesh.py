@@ -76,7 +76,8 @@ def maybe_initialize_distributed() -> None:
     request = distributed_request()
     if request is None:
         return
-    platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
+    platforms = getattr(jax.config, "jax_platforms", None) or os.environ.get("JAX_PLATFORMS")
+    platforms = platforms or ""
     if not platforms or "cpu" in platforms.split(","):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(**request)

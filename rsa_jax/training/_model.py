@@ -9,6 +9,7 @@ shardings.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -31,14 +32,14 @@ class ModelDef:
     NNX graph, each parameter's logical axes and sharding."""
 
     llama: LlamaConfig
-    graphdef: object
+    graphdef: nnx.GraphDef
     abstract: nnx.State  # nested state of ShapeDtypeStructs, rebuilt per call
     axes: dict[str, tuple]  # flat key -> logical axes
     shardings: dict[str, NamedSharding]
     # What determines the traced program: equal keys give interchangeable models (step cache).
     key: tuple = ()
     # `make(seed)` builds the NNX model with fresh random weights (used by `init_params`).
-    make: object = None
+    make: Callable[..., Llama] | None = None
 
     def module(self, params: dict[str, jax.Array]) -> Llama:
         nested: dict = {}
@@ -95,6 +96,7 @@ def init_params(model: ModelDef, config: ModelConfig) -> dict[str, jax.Array]:
         init = _INIT_CACHE.get(cache_key)
         if init is None:
             make, seed = model.make, config.init_seed
+            assert make is not None, "a ModelDef built by define_model"
 
             def fresh():
                 state = nnx.state(make(seed))

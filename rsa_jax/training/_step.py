@@ -35,7 +35,7 @@ HEADS = ("fused", "logits")
 class TrainState(NamedTuple):
     params: dict  # flat policy parameters, float32 master weights
     opt_state: optax.OptState
-    step: jax.Array  # int32 scalar, optimizer steps taken in this stage
+    step: Any  # int32 scalar jax.Array, optimizer steps taken in this stage
 
 
 class Hyper(NamedTuple):

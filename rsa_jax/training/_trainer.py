@@ -205,6 +205,7 @@ def train(
             first, policy, stage = run.starting_point()
             for i in range(first, len(config.stages)):
                 if stage is None:
+                    assert policy is not None  # starting_point gives a policy or a stage
                     stage = engine.stage(i, policy)
                 if not run.run_stage(stage, stop):
                     return RunResult("preempted", run.global_step, None)
