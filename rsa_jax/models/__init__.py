@@ -11,7 +11,8 @@ Stable API (the training code and the CLI rely on these names):
 - `LlamaConfig.from_hf(dict)` / `.from_dir(path)` / `.to_hf()`; `tiny_config(**overrides)`, a
   2-layer D=64 V=256 random-init config for tests.
 - `load_hf(path, *, shardings=...)` reads a local HF directory tensor by tensor (optionally
-  straight onto shardings); `save_hf(model, path, tokenizer=None)` writes one transformers loads.
+  straight onto shardings); `save_hf(model, path, tokenizer=None, *, dtype, max_shard_size)`
+  writes one transformers loads (float32/bfloat16, sharded above the limit, generation_config).
 - `convert_gguf(gguf_path, out_dir)` -> HF directory (dequantised, q/k un-permuted, tokenizer and
   chat template from the metadata); `bundled_smollm2_gguf()`; CLI `python -m rsa_jax.models.convert`
   (`make model` -> artifacts/smollm2-135m).
