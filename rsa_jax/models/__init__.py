@@ -22,6 +22,7 @@ Stable API (the training code and the CLI rely on these names):
 """
 
 from rsa_jax.models._config import LlamaConfig, tiny_config
+from rsa_jax.models._export import parse_size
 from rsa_jax.models._gguf import bundled_smollm2_gguf, convert_gguf
 from rsa_jax.models._llama import REMAT_POLICIES, Llama, attention_allowed, rope_frequencies
 from rsa_jax.models._local import check_model_dir, check_tokenizer_dir
@@ -38,6 +39,7 @@ __all__ = [
     "convert_gguf",
     "hf_name",
     "load_hf",
+    "parse_size",
     "rope_frequencies",
     "save_hf",
     "tiny_config",

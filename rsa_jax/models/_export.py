@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import re
 
 import ml_dtypes
 import numpy as np
@@ -39,6 +40,25 @@ _LOAD_TIME_KEYS = (
     "proxies",
     "trust_remote_code",
 )
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes of a size like 5GB, 500MB, 2GiB or 1000000 (decimal units, as transformers)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value, unit = size, ""
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(size))
+        if not match or match.group(2).upper() not in _UNITS:
+            raise ValueError(f"not a size: {size!r} (e.g. 5GB, 500MB, 2GiB or a byte count)")
+        value, unit = float(match.group(1)), match.group(2).upper()
+    result = int(value * _UNITS[unit])
+    if result < 1:
+        raise ValueError(f"a shard size must be at least 1 byte, got {size!r}")
+    return result
 
 
 def _file_mode() -> int:
@@ -72,7 +92,7 @@ def write_weights(
         tensors,
         get_storage_size=lambda t: t.nbytes,
         filename_pattern="model{suffix}.safetensors",
-        max_shard_size=max_shard_size or DEFAULT_MAX_SHARD_SIZE,
+        max_shard_size=parse_size(max_shard_size or DEFAULT_MAX_SHARD_SIZE),
     )
     for old in glob.glob(os.path.join(path, "model*.safetensors")) + [os.path.join(path, INDEX)]:
         if os.path.isfile(old):
