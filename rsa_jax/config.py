@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import string
 import types
 import typing
 from typing import Any
@@ -236,7 +237,11 @@ def load_config(
     except ValueError as e:  # DataConfig.__post_init__ and friends
         if isinstance(e, ConfigError):
             raise
-        raise ConfigError(f"{where or 'config: '}{e}") from None
+        message = str(e)
+        if message.startswith("DataConfig: "):  # "DataConfig: view must be ..." -> data.view
+            field, _, rest = message.removeprefix("DataConfig: ").partition(" ")
+            message = f"data.{field}: {rest}"
+        raise ConfigError(f"{where or 'config: '}{message}") from None
     if check:
         validate(config)
     return config
@@ -335,6 +340,14 @@ def validate(config: Config, device_count: int | None = None) -> None:
         for a in axes:
             if a not in MESH_AXES:
                 _fail(f"mesh.rules.{logical}", f"unknown mesh axis {a!r} (axes: {MESH_AXES})")
+    if config.data.template is not None:
+        fields = {
+            f"{{{f}{'!' + c if c else ''}{':' + spec if spec else ''}}}"
+            for _, f, spec, c in string.Formatter().parse(config.data.template)
+            if f is not None
+        }
+        if fields != {"{prompt}"}:
+            _fail("data.template", f"the only field allowed is {{prompt}}, got {sorted(fields)}")
     if config.train.head not in ("fused", "logits"):
         _fail("train.head", f"must be 'fused' or 'logits', got {config.train.head!r}")
     if config.checkpoint.keep < 1:

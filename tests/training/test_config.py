@@ -185,7 +185,10 @@ def test_overrides_of_text_fields_stay_text():
     # An error in an override blames the override, not the YAML file.
     with pytest.raises(ConfigError) as info:
         load_config(tiny, ["data.template=Question: {question}"])
-    assert "tiny.yaml" not in str(info.value) and "template" in str(info.value)
+    assert "tiny.yaml" not in str(info.value) and "data.template:" in str(info.value)
+    # Fields other than {prompt} would fail only when the first batch is encoded.
+    with pytest.raises(ConfigError, match=r"data.template: the only field allowed is \{prompt\}"):
+        load_config(tiny, ["data.template=Q: {prompt} from {user}"])
 
 
 def test_missing_model_path_and_missing_tokenizer_files(tmp_path):
