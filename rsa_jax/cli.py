@@ -458,6 +458,11 @@ def main(argv: list[str] | None = None) -> int:
     except CommandLineError as e:
         print(f"{prefix}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except SystemExit as e:
+        if isinstance(e.code, str):  # a command's `raise SystemExit(message)`: same one-line form
+            message = e.code.removeprefix(f"{args.command}: ")
+            raise SystemExit(f"{prefix}: error: {message}") from None
+        raise
     except KeyboardInterrupt:
         print(f"{prefix}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

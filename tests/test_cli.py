@@ -129,3 +129,11 @@ def test_export_flags_reach_save_hf(tmp_path, monkeypatch, capsys):
         assert str(f.get_tensor(next(iter(f.keys()))).dtype) == "bfloat16"
     args = build_parser().parse_args(["merge", "a", "b", "--out", "m"])
     assert (args.dtype, args.max_shard_size) == ("float32", 5 * 10**9)
+
+
+def test_a_commands_own_exit_message_gets_the_same_one_line_form(tmp_path):
+    with pytest.raises(SystemExit) as info:
+        main(["eval", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert str(info.value.code) == (
+        "rsa-jax eval: error: without --task, give --scorer module:attr and --prompts FILE"
+    )
