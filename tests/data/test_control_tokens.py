@@ -122,3 +122,19 @@ def test_batches_keep_the_loss_on_the_whole_injected_response(tokenizer):
     assert tokenizer.decode(response[:-1]) == INJECTION
     # The loss covers every response token: labels of positions 15 .. 15 + len - 1.
     assert batch["loss_mask"][0].sum() == len(response)
+
+
+def test_the_sanitizing_path_gives_the_same_ids_on_ordinary_text(tokenizer):
+    """Ordinary prompts take the tokenizer's own path; forcing the sanitizing path (as if every
+    prompt spelled an added token) must give the same ids, so the shortcut changes nothing."""
+    import re
+
+    fast = TextEncoder(tokenizer)
+    forced = TextEncoder(tokenizer)
+    forced._added = re.compile("")  # matches every text: always the sanitizing path
+    for template in (None, SACPO, "Q {{x}}: {prompt}"):
+        for text in PLAIN_TEXTS:
+            assert forced.prompt(text, template) == fast.prompt(text, template), (template, text)
+        msgs = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+        msgs.append({"role": "user", "content": "c"})
+        assert forced.prompt(msgs, None) == fast.prompt(msgs, None)
