@@ -178,8 +178,16 @@ def _parse_override(item: str) -> tuple[str, Any]:
     if _is_text(kind):
         # Text fields keep the text: YAML would turn `no` into False and `Question: {prompt}`
         # into a mapping. `null` still clears an optional text field.
-        if kind is not str and raw.strip() in ("null", "~"):
+        text = raw.strip()
+        if kind is not str and text in ("null", "~"):
             return key, None
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+            try:  # a quoted value ('{prompt} answer:'): YAML's unquoting, as before
+                unquoted = yaml.safe_load(text)
+            except yaml.YAMLError:
+                unquoted = None
+            if isinstance(unquoted, str):
+                return key, unquoted
         return key, raw
     if not raw.strip():
         return key, ""

@@ -180,6 +180,11 @@ def test_overrides_of_text_fields_stay_text():
     c = load_config(tiny, ["data.template=Question: {prompt}"])
     assert c.data.template == "Question: {prompt}"
     assert load_config(tiny, ["data.template=null"]).data.template is None
+    # Quoted values are unquoted as YAML does (the demo pipeline passes its template this way).
+    assert load_config(tiny, ["data.template='{prompt} answer:'"]).data.template == (
+        "{prompt} answer:"
+    )
+    assert load_config(tiny, ['model.path="no"']).model.path == "no"
     # Non-text fields still parse YAML values.
     assert load_config(tiny, ["train.progress_bar=no"]).train.progress_bar is False
     # An error in an override blames the override, not the YAML file.
