@@ -114,6 +114,10 @@ def write_weights(
     return written
 
 
+def _local_path(value: str) -> bool:
+    return "\n" not in value and os.path.isabs(value) and os.path.exists(value)
+
+
 def portable_tokenizer_config(path: str) -> None:
     """Rewrites `path/tokenizer_config.json` without load-time and machine-local settings."""
     file = os.path.join(path, "tokenizer_config.json")
@@ -124,7 +128,8 @@ def portable_tokenizer_config(path: str) -> None:
     kept = {
         k: v
         for k, v in values.items()
-        if k not in _LOAD_TIME_KEYS and not (isinstance(v, str) and os.path.isabs(v))
+        # an absolute path that exists here is this machine's (a cache or source directory)
+        if k not in _LOAD_TIME_KEYS and not (isinstance(v, str) and _local_path(v))
     }
     with open(file, "w") as f:
         json.dump(kept, f, indent=2, ensure_ascii=False)

@@ -70,6 +70,7 @@ def test_files_are_readable_by_others_and_portable(tmp_path, model):
     src = tmp_path / "src"
     tokenizer.save_pretrained(str(src))
     loaded = AutoTokenizer.from_pretrained(str(src), local_files_only=True)  # machine-local keys
+    loaded.init_kwargs["source_dir"] = str(src)  # an absolute path of this machine
     out = tmp_path / "out"
     old = os.umask(0o022)
     try:
@@ -85,7 +86,7 @@ def test_files_are_readable_by_others_and_portable(tmp_path, model):
     text = (out / "tokenizer_config.json").read_text()
     values = json.loads(text)
     assert "local_files_only" not in values and "is_local" not in values
-    assert str(tmp_path) not in text
+    assert str(tmp_path) not in text and "source_dir" not in values
     assert values["eos_token"] == "<|im_end|>"
     generation = GenerationConfig.from_pretrained(str(out))
     assert generation.eos_token_id == loaded.eos_token_id
