@@ -17,6 +17,7 @@ import dataclasses
 import logging
 import os
 import sys
+import traceback
 
 import numpy as np
 
@@ -33,18 +34,22 @@ def _cmd_train(args) -> int:
     return 0
 
 
-def _export(engine, params, out: str) -> None:
+def _export(engine, params, out: str, **save_options) -> None:
     from rsa_jax.models import save_hf
 
-    save_hf(engine.model.module(params), out, tokenizer=engine.tokenizer)
+    save_hf(engine.model.module(params), out, tokenizer=engine.tokenizer, **save_options)
     print(f"wrote {out}")
+
+
+def _save_options(args) -> dict:
+    return {"dtype": args.dtype, "max_shard_size": args.max_shard_size}
 
 
 def _cmd_export(args) -> int:
     from rsa_jax.training import load_policy
 
     engine, params = load_policy(args.run_dir)
-    _export(engine, params, args.out)
+    _export(engine, params, args.out, **_save_options(args))
     return 0
 
 
@@ -57,7 +62,7 @@ def _cmd_merge(args) -> int:
     engine_b, b = load_policy(args.second)
     if engine.model.llama != engine_b.model.llama:
         raise SystemExit("merge: the two runs use different model configurations")
-    _export(engine, merge_params(a, b, args.q), args.out)
+    _export(engine, merge_params(a, b, args.q), args.out, **_save_options(args))
     return 0
 
 
@@ -144,36 +149,130 @@ def _cmd_demo(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rsa-jax", description=(__doc__ or "").splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
+# ---- the command line: parser, examples, errors and exit codes ----
 
-    p = sub.add_parser("train", help="train (resumes from the run directory automatically)")
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+_DESCRIPTION = (
+    "Risk-aware Stepwise Alignment (RSA) and its baselines (DPO, TDPO, Ra-DPO, SACPO) in\n"
+    "JAX/Flax. Commands: train, check-config, sweep, eval, demo, merge, export, toy-data."
+)
+_EPILOG = """\
+examples:
+  rsa-jax toy-data runs/tiny_data.jsonl && rsa-jax train configs/tiny.yaml
+  rsa-jax <command> --help        the command's options and an example
+
+exit codes:
+  0    done
+  1    an error (one line on stderr naming what is wrong; add -v for the traceback)
+  2    bad command line or config (nothing was run)
+  130  interrupted (Ctrl-C) outside training
+"""
+# One example per subcommand, shown under its --help.
+_EXAMPLES = {
+    "train": "rsa-jax train configs/rsa_cvar.yaml model.path=artifacts/smollm2-135m \\\n"
+    "    data.path=train.jsonl stages.1.beta=0.05 train.run_dir=runs/rsa",
+    "check-config": "rsa-jax check-config configs/tiny.yaml optim.learning_rate=1e-4",
+    "merge": "rsa-jax merge runs/sacpo_stage1 runs/sacpo --q 0.5 --out merged/ --dtype bfloat16",
+    "export": "rsa-jax export runs/rsa out/rsa_hf --dtype bfloat16 --max-shard-size 2GB",
+    "eval": "rsa-jax eval runs/demo/seed0/SACPO runs/demo/seed0/RSA-CVaR --task safety \\\n"
+    "    --reference runs/demo/seed0/sft --samples 32 --max-new-tokens 20 --out runs/eval",
+    "sweep": "rsa-jax sweep configs/sweeps/tiny_risks.yaml --dry-run",
+    "demo": "rsa-jax demo --seeds 0 --quick",
+    "toy-data": "rsa-jax toy-data runs/tiny_data.jsonl --rows 128",
+}
+
+
+def _version() -> str:
+    from rsa_jax import __version__
+
+    return __version__
+
+
+def _shard_size(text: str) -> int:
+    from rsa_jax.models import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _add_export_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="dtype of the written weights (default: float32)",
+    )
+    p.add_argument(
+        "--max-shard-size",
+        type=_shard_size,
+        default="5GB",
+        help="split the weights into shards of at most this size, e.g. 2GB or 500MB, with a "
+        "model.safetensors.index.json (default: 5GB)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rsa-jax",
+        description=_DESCRIPTION,
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    verbose = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: `-v` after the command must not reset a `-v` given before it.
+    verbose.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="log progress (INFO) and show the traceback of an error",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log progress (INFO) and show tracebacks"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help,
+            description=help[0].upper() + help[1:] + ".",
+            epilog="example:\n  " + _EXAMPLES[name] + "\n",
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+            parents=[verbose],
+        )
+
+    p = command("train", "train (resumes from the run directory automatically)")
     p.add_argument("config", help="YAML file in configs/")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.learning_rate=1e-5")
     p.set_defaults(fn=_cmd_train)
 
-    p = sub.add_parser("check-config", help="load, validate and print the resolved config")
-    p.add_argument("config")
-    p.add_argument("overrides", nargs="*")
+    p = command("check-config", "load, validate and print the resolved config")
+    p.add_argument("config", help="YAML file in configs/")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.0.beta=0.05")
     p.set_defaults(fn=_cmd_check)
 
-    p = sub.add_parser("merge", help="weight-average the latest policies of two runs")
+    p = command("merge", "weight-average the latest policies of two runs (RSA(P) / P-SACPO)")
     p.add_argument("first", help="run directory of theta_a (e.g. a stage-1 run)")
     p.add_argument("second", help="run directory of theta_b")
     p.add_argument("--q", type=float, default=0.5, help="theta = (1-q) a + q b")
     p.add_argument("--out", required=True, help="output Hugging Face directory")
+    _add_export_options(p)
     p.set_defaults(fn=_cmd_merge)
 
-    p = sub.add_parser("export", help="write the latest policy as an HF safetensors directory")
-    p.add_argument("run_dir")
-    p.add_argument("out")
+    p = command(
+        "export", "write the latest policy of a run as a Hugging Face safetensors directory"
+    )
+    p.add_argument("run_dir", help="the train.run_dir of a trained run")
+    p.add_argument("out", help="output directory")
+    _add_export_options(p)
     p.set_defaults(fn=_cmd_export)
 
-    p = sub.add_parser(
-        "eval", help="sample N responses per prompt, score them, report tail-risk metrics"
-    )
+    p = command("eval", "sample N responses per prompt, score them, report tail-risk metrics")
     p.add_argument("models", nargs="+", help="HF model directories or run directories")
     p.add_argument("--task", choices=["safety"], help="the synthetic safety task's oracles")
     p.add_argument("--scorer", help="a user scorer, module:attr (see rsa_jax.eval.Scorer)")
@@ -187,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="directory for results.{md,json} and plots")
     p.set_defaults(fn=_cmd_eval)
 
-    p = sub.add_parser("sweep", help="train the variants of a sweep file, then one results table")
+    p = command("sweep", "train the variants of a sweep file, then one results table")
     p.add_argument("sweep", help="sweep YAML (configs/sweeps/)")
     p.add_argument("overrides", nargs="*", help="dotted overrides for every variant")
     p.add_argument("--mode", choices=["sequential", "vmap"], help="overrides the file's mode")
@@ -195,14 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the variants, train nothing")
     p.set_defaults(fn=_cmd_sweep)
 
-    p = sub.add_parser("demo", help="the synthetic safety task end to end (what make demo runs)")
+    p = command("demo", "the synthetic safety task end to end (what make demo runs)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     p.add_argument("--configs", default="configs", help="directory of the method configs")
     p.set_defaults(fn=_cmd_demo)
 
-    p = sub.add_parser("toy-data", help="write synthetic PKU-SafeRLHF-schema rows (smoke tests)")
+    p = command("toy-data", "write synthetic PKU-SafeRLHF-schema rows (smoke tests)")
     p.add_argument("path")
     p.add_argument("--rows", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
@@ -210,20 +309,120 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class CommandLineError(Exception):
+    """A bad argument found before any work; the message says what is wrong and what to do."""
+
+
+def _check_run_dir(path: str, what: str) -> None:
+    if not os.path.isdir(path):
+        raise CommandLineError(
+            f"{what} {path!r} does not exist: pass the train.run_dir of a trained run"
+        )
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise CommandLineError(
+            f"{what} {path!r} is not a run directory (no config.json): pass the train.run_dir "
+            "of a run that `rsa-jax train` started"
+        )
+    if not os.path.isdir(os.path.join(path, "checkpoints")):
+        raise CommandLineError(
+            f"{what} {path!r} has no checkpoints/ yet: train it first (rsa-jax train CONFIG "
+            f"train.run_dir={path})"
+        )
+
+
+def _check_arguments(args) -> None:
+    """Checks of paths and values that argparse cannot express, before anything is imported."""
+    if args.command == "export":
+        _check_run_dir(args.run_dir, "run directory")
+    elif args.command == "merge":
+        if not 0 <= args.q <= 1:
+            raise CommandLineError(f"--q must lie in [0, 1], got {args.q}")
+        _check_run_dir(args.first, "first run directory")
+        _check_run_dir(args.second, "second run directory")
+    if args.command == "eval":
+        for path in [*args.models, *([args.reference] if args.reference else [])]:
+            if not os.path.exists(path):
+                raise CommandLineError(
+                    f"model {path!r} does not exist: pass a run directory or a Hugging Face "
+                    "model directory"
+                )
+        if args.prompts and not os.path.isfile(args.prompts):
+            raise CommandLineError(f"--prompts {args.prompts!r}: no such file")
+    if args.command == "sweep" and not os.path.isfile(args.sweep):
+        raise CommandLineError(f"sweep file {args.sweep!r} does not exist")
+
+
+def _one_line(error: BaseException) -> str:
+    """The first non-empty line of an error's message, with its type when that says more."""
+    text = str(error).strip()
+    if isinstance(error, KeyError) and error.args:
+        text = f"missing key {error.args[0]!r}"
+    if isinstance(error, OSError) and error.filename and error.strerror:
+        text = f"{error.filename}: {error.strerror}"
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    return first or type(error).__name__
+
+
+def _hint(error: BaseException) -> str:
+    """What to do, when the message itself does not say it ("" then)."""
+    from rsa_jax.data import DataError
+
+    if isinstance(error, DataError):
+        if error.line:
+            return "fix the row, or set data.on_error=skip to skip and count bad rows"
+        return ""  # the file itself: the message says what is wrong with it
+    if isinstance(error, PermissionError):
+        return "check the permissions of the named path"
+    if isinstance(error, OSError) and error.errno == 28:  # ENOSPC
+        return "free disk space and rerun"
+    if isinstance(error, OSError) and error.filename:
+        return "check the path"
+    if isinstance(error, (FileNotFoundError, ValueError)):
+        return ""  # our own messages name the key or path and what is expected
+    return "rerun with -v for the traceback"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Runs one command; returns the exit code (see _EPILOG). Errors print one line to stderr
+    (`rsa-jax COMMAND: error: ...`), with the traceback above it under -v."""
     args = build_parser().parse_args(argv)
+    verbose = getattr(args, "verbose", False)
+    if not verbose:  # transformers' "PyTorch was not found" advice: we never use torch models
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
+        level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every file it writes
-    from rsa_jax.config import ConfigError
-
+    prefix = f"rsa-jax {args.command}"
     try:
+        _check_arguments(args)
         return args.fn(args)
-    except ConfigError as e:
-        print(f"rsa-jax: config error: {e}", file=sys.stderr)
-        return 2
+    except CommandLineError as e:
+        print(f"{prefix}: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as e:
+        if isinstance(e.code, str):  # a command's `raise SystemExit(message)`: same one-line form
+            message = e.code.removeprefix(f"{args.command}: ")
+            raise SystemExit(f"{prefix}: error: {message}") from None
+        raise
+    except KeyboardInterrupt:
+        print(f"{prefix}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as e:  # noqa: BLE001 -- every error ends as one line (traceback under -v)
+        from rsa_jax.config import ConfigError
+
+        if verbose:
+            traceback.print_exc()
+        if isinstance(e, ConfigError):
+            print(f"{prefix}: config error: {_one_line(e)}", file=sys.stderr)
+            return EXIT_USAGE
+        hint = _hint(e)
+        if verbose and hint.startswith("rerun with -v"):
+            hint = "the traceback is above"
+        kind = "error" if isinstance(e, (ValueError, OSError)) else type(e).__name__
+        print(f"{prefix}: {kind}: {_one_line(e)}" + (f" ({hint})" if hint else ""), file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

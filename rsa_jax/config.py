@@ -10,6 +10,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import string
+import types
+import typing
 from collections.abc import Sequence
 from typing import Any, NoReturn, cast
 
@@ -157,17 +160,59 @@ class Config:
     stages: list[StageConfig] = dataclasses.field(default_factory=lambda: [StageConfig()])
 
 
+def _field_type(key: str) -> Any:
+    """The declared type of a dotted key of `Config` (list items by index), or None if unknown."""
+    node: Any = Config
+    for part in key.split("."):
+        origin = typing.get_origin(node)
+        if origin in (list, tuple) and part.isdigit():
+            node = typing.get_args(node)[0]
+        elif dataclasses.is_dataclass(node):
+            hints = typing.get_type_hints(node)
+            if part not in hints:
+                return None
+            node = hints[part]
+        else:
+            return None
+    return node
+
+
+def _is_text(kind: Any) -> bool:
+    """str, or `str | None`: a field whose override value is taken as written."""
+    if kind is str:
+        return True
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        return set(typing.get_args(kind)) == {str, type(None)}
+    return False
+
+
 def _parse_override(item: str) -> tuple[str, Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
     key, raw = item.split("=", 1)
+    key = key.strip()
+    kind = _field_type(key)
+    if _is_text(kind):
+        # Text fields keep the text: YAML would turn `no` into False and `Question: {prompt}`
+        # into a mapping. `null` still clears an optional text field.
+        text = raw.strip()
+        if kind is not str and text in ("null", "~"):
+            return key, None
+        if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"":
+            try:  # a quoted value ('{prompt} answer:'): YAML's unquoting, as before
+                unquoted = yaml.safe_load(text)
+            except yaml.YAMLError:
+                unquoted = None
+            if isinstance(unquoted, str):
+                return key, unquoted
+        return key, raw
     if not raw.strip():
-        return key.strip(), ""
+        return key, ""
     try:
-        return key.strip(), yaml.safe_load(raw)
+        return key, yaml.safe_load(raw)
     except yaml.YAMLError:
-        # Not a YAML scalar or list (e.g. a template like "{prompt} answer:"): the text itself.
-        return key.strip(), raw
+        # Not a YAML scalar or list: the text itself (the schema then rejects it by type).
+        return key, raw
 
 
 def _apply_override(values: dict, item: str) -> None:
@@ -198,32 +243,56 @@ def load_config(
     Raises ConfigError naming the dotted key for unknown keys, wrong types and invalid values.
     """
     schema = OmegaConf.structured(Config)
+    where = f"{path}: " if path else ""  # what an error is blamed on: the file or the overrides
     try:
         merged = schema
         if path is not None:
-            with open(path) as f:
-                loaded = yaml.safe_load(f) or {}
-            if not isinstance(loaded, dict):
-                raise ConfigError(f"{path}: the top level must be a mapping")
-            merged = OmegaConf.merge(schema, loaded)
+            merged = OmegaConf.merge(schema, _read_yaml(path))
         if overrides:
+            where = "override: "
             values = cast(dict, OmegaConf.to_container(merged))
             for item in overrides:
                 _apply_override(values, item)
             merged = OmegaConf.merge(schema, values)
         config = cast(Config, OmegaConf.to_object(merged))
     except OmegaConfBaseException as e:
-        where = f"{path}: " if path else ""
         first = str(e).splitlines()[0]
         key = getattr(e, "full_key", None)
         raise ConfigError(f"{where}{first}" + (f" (key: {key})" if key else "")) from None
     except ValueError as e:  # DataConfig.__post_init__ and friends
         if isinstance(e, ConfigError):
             raise
-        raise ConfigError(f"{path or 'config'}: {e}") from None
+        message = str(e)
+        if message.startswith("DataConfig: "):  # "DataConfig: view must be ..." -> data.view
+            field, _, rest = message.removeprefix("DataConfig: ").partition(" ")
+            message = f"data.{field}: {rest}"
+        raise ConfigError(f"{where or 'config: '}{message}") from None
     if check:
         validate(config)
     return config
+
+
+def _read_yaml(path: str) -> dict:
+    """The top-level mapping of a YAML config file; ConfigError naming the file (and line)."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a UTF-8 BOM is not part of the YAML
+            loaded = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory, not a YAML config file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason})") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}{line}: YAML syntax error: {problem}") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return loaded
 
 
 def _fail(key: str, message: str) -> NoReturn:
@@ -255,6 +324,10 @@ def validate(config: Config, device_count: int | None = None) -> None:
             check_mu(s.risk, s.mu)
         except ValueError as e:
             _fail(f"{k}.mu", str(e).split(": ", 1)[1])
+        if s.alpha < 0:
+            _fail(f"{k}.alpha", f"must be >= 0, got {s.alpha}")
+        if not 0 < s.gamma <= 1:
+            _fail(f"{k}.gamma", f"discount must lie in (0, 1], got {s.gamma}")
         if s.steps == 0 or s.steps < -1:
             _fail(f"{k}.steps", f"must be -1 (one pass) or >= 1, got {s.steps}")
     o = config.optim
@@ -262,6 +335,17 @@ def validate(config: Config, device_count: int | None = None) -> None:
         _fail("optim.learning_rate", f"must be > 0, got {o.learning_rate}")
     if not 0 <= o.warmup_ratio < 1:
         _fail("optim.warmup_ratio", f"must lie in [0, 1), got {o.warmup_ratio}")
+    for name in ("b1", "b2"):
+        if not 0 <= getattr(o, name) < 1:
+            _fail(f"optim.{name}", f"Adam decay must lie in [0, 1), got {getattr(o, name)}")
+    if o.eps <= 0:
+        _fail("optim.eps", f"must be > 0, got {o.eps}")
+    if o.weight_decay < 0:
+        _fail("optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    if o.max_grad_norm < 0:
+        _fail("optim.max_grad_norm", f"must be >= 0 (0 disables clipping), got {o.max_grad_norm}")
+    if not 0 <= o.final_lr_ratio <= 1:
+        _fail("optim.final_lr_ratio", f"must lie in [0, 1], got {o.final_lr_ratio}")
     if o.microbatches < 1:
         _fail("optim.microbatches", f"must be >= 1, got {o.microbatches}")
     if config.data.batch_size % o.microbatches:
@@ -278,10 +362,34 @@ def validate(config: Config, device_count: int | None = None) -> None:
         for a in axes:
             if a not in MESH_AXES:
                 _fail(f"mesh.rules.{logical}", f"unknown mesh axis {a!r} (axes: {MESH_AXES})")
+    if config.data.template is not None:
+        fields = {
+            f"{{{f}{'!' + c if c else ''}{':' + spec if spec else ''}}}"
+            for _, f, spec, c in string.Formatter().parse(config.data.template)
+            if f is not None
+        }
+        if fields != {"{prompt}"}:
+            _fail("data.template", f"the only field allowed is {{prompt}}, got {sorted(fields)}")
     if config.train.head not in HEADS:
         _fail("train.head", f"must be one of {HEADS}, got {config.train.head!r}")
     if config.checkpoint.keep < 1:
         _fail("checkpoint.keep", f"must be >= 1, got {config.checkpoint.keep}")
+    if config.checkpoint.every < 0:
+        _fail(
+            "checkpoint.every",
+            f"must be >= 0 (0: only at stage ends), got {config.checkpoint.every}",
+        )
+    t = config.train
+    if t.log_every < 1:
+        _fail("train.log_every", f"must be >= 1, got {t.log_every}")
+    if t.chunk_size < 1:
+        _fail("train.chunk_size", f"must be >= 1, got {t.chunk_size}")
+    if t.peak_tflops < 0:
+        _fail("train.peak_tflops", f"must be >= 0 (0: MFU not logged), got {t.peak_tflops}")
+    if not t.run_dir:
+        _fail("train.run_dir", "must not be empty")
+    if not config.model.path:
+        _fail("model.path", "must not be empty (a local Hugging Face directory, or 'tiny')")
     if device_count is not None:
         shape = mesh_shape(config.mesh, device_count)
         batch_axes = config.mesh.rules.get("batch", [])

@@ -3,6 +3,7 @@
 from rsa_jax.data._config import DataConfig
 from rsa_jax.data._pipeline import host_rows, make_pair_dataset, make_pair_iterator
 from rsa_jax.data._sources import DataError, DataReport, PairRecord, load_pairs, row_to_pair
+from rsa_jax.data._text import TextEncoder, control_tokens
 from rsa_jax.data._tiny_tokenizer import train_bpe_tokenizer
 from rsa_jax.data._tokenize import (
     PairTokenizer,
@@ -21,10 +22,12 @@ __all__ = [
     "DataReport",
     "PairRecord",
     "PairTokenizer",
+    "TextEncoder",
     "TokenizedPair",
     "batch_shape",
     "collate",
     "collate_rows",
+    "control_tokens",
     "host_rows",
     "length_key",
     "load_pairs",

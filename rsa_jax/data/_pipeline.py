@@ -160,7 +160,11 @@ def make_pair_dataset(
     if leftover and config.drop_remainder:
         report.dropped["final partial batch (drop_remainder)"] += leftover
     if len(examples) < b and config.drop_remainder:
-        raise ValueError(f"{len(examples)} pairs make no full batch of {b}")
+        source = pairs[0].origin.rsplit(":", 1)[0] if len(pairs) else "the data"
+        raise ValueError(
+            f"{source}: {len(examples)} pairs over {config.epochs} epoch(s) make no full batch of "
+            f"data.batch_size={b} ({report.summary()}); lower data.batch_size or add pairs"
+        )
 
     def rows_of(n_pairs: int) -> list[tuple[int, bool]]:
         return mine if n_pairs == b else host_rows(n_pairs, 0, 1)  # a partial batch: 1 host

@@ -27,11 +27,13 @@ Text = str | list  # a string, or a list of chat messages {"role": ..., "content
 
 
 class DataError(ValueError):
-    """A malformed input row: names the file, the line (1-based) and the field."""
+    """A malformed input row or file: names the file, the line (1-based; 0: the whole file) and
+    the field."""
 
     def __init__(self, path: str, line: int, field: str | None, problem: str):
         self.path, self.line, self.field, self.problem = path, line, field, problem
-        where = f"{path}:{line}" + (f": field {field!r}" if field else "")
+        # line 0: the whole file (unreadable, or no pairs), not one of its rows
+        where = (f"{path}:{line}" if line else path) + (f": field {field!r}" if field else "")
         super().__init__(f"{where}: {problem}")
 
 
@@ -77,12 +79,15 @@ def _detect_format(path: str) -> str:
     raise DataError(path, 0, None, "cannot tell the format from the name; set data.format")
 
 
+_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark, which some editors write at the start
+
+
 def _read_json_array(path: str) -> Iterator[tuple[int, Any]]:
     """A .json file holding one array of rows; the 'line' of a row is its 1-based item number."""
     with open(path, "rb") as f:
         raw = f.read()
     try:
-        items = json.loads(raw.decode("utf-8"))
+        items = json.loads(raw.decode("utf-8-sig"))
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise DataError(path, line, None, f"not valid UTF-8 ({e.reason})") from None
@@ -95,7 +100,7 @@ def _read_json_array(path: str) -> Iterator[tuple[int, Any]]:
 
 def _starts_with_array(path: str) -> bool:
     with open(path, "rb") as f:
-        head = f.read(4096).lstrip()
+        head = f.read(4096).removeprefix(_BOM).lstrip()
     return head.startswith(b"[")
 
 
@@ -105,6 +110,8 @@ def _read_jsonl(path: str) -> Iterator[tuple[int, Any]]:
         return
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
+            if line_no == 1:
+                raw = raw.removeprefix(_BOM)
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as e:
@@ -123,13 +130,24 @@ def _read_table(table: pa.Table, path: str, first_line: int) -> Iterator[tuple[i
         yield first_line + offset, row
 
 
-def _read_arrow_dir(path: str) -> Iterator[tuple[int, Any]]:
-    """A `datasets.Dataset.save_to_disk` directory: state.json lists Arrow stream files in order."""
+def _json_file(path: str) -> Any:
+    """A small JSON metadata file (state.json, dataset_dict.json); DataError naming it if bad."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(path, e.lineno, None, f"malformed JSON: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise DataError(path, 0, None, f"not valid UTF-8 ({e.reason})") from None
+
+
+def _arrow_files(path: str) -> list[str]:
+    """The Arrow stream files that a save_to_disk directory's state.json lists, in order."""
     state_path = os.path.join(path, "state.json")
     splits_path = os.path.join(path, "dataset_dict.json")
     if not os.path.exists(state_path) and os.path.exists(splits_path):
-        with open(splits_path) as f:
-            splits = json.load(f).get("splits", [])
+        splits = _json_file(splits_path)
+        splits = splits.get("splits", []) if isinstance(splits, dict) else []
         raise DataError(
             path,
             0,
@@ -139,15 +157,41 @@ def _read_arrow_dir(path: str) -> Iterator[tuple[int, Any]]:
         )
     if not os.path.exists(state_path):
         raise DataError(path, 0, None, "no state.json: not a save_to_disk directory")
-    with open(state_path) as f:
-        files = [entry["filename"] for entry in json.load(f).get("_data_files", [])]
-    if not files:
-        raise DataError(state_path, 0, "_data_files", "lists no data files")
+    state = _json_file(state_path)
+    entries = state.get("_data_files") if isinstance(state, dict) else None
+    if not isinstance(entries, list) or not entries:
+        raise DataError(state_path, 0, "_data_files", "missing, or lists no data files")
+    files = []
+    for i, entry in enumerate(entries):
+        name = entry.get("filename") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not name:
+            raise DataError(state_path, 0, f"_data_files[{i}]", "needs a 'filename' string")
+        full = os.path.join(path, name)
+        if not os.path.isfile(full):
+            raise DataError(full, 0, None, "listed in state.json but missing")
+        files.append(full)
+    return files
+
+
+def _arrow_table(path: str, reader) -> pa.Table:
+    """`reader(path)` as a Table; a file pyarrow cannot read is a DataError naming it."""
+    try:
+        return reader(path)
+    except (pa.ArrowException, OSError) as e:  # garbage, a truncated footer or stream, EIO
+        raise DataError(path, 0, None, f"unreadable ({type(e).__name__}: {e})") from None
+
+
+def _read_stream(path: str) -> pa.Table:
+    with pa.memory_map(path) as source:
+        return pa.ipc.open_stream(source).read_all()
+
+
+def _read_arrow_dir(path: str) -> Iterator[tuple[int, Any]]:
+    """A `datasets.Dataset.save_to_disk` directory: state.json lists Arrow stream files in order."""
     line = 1
-    for name in files:
-        with pa.memory_map(os.path.join(path, name)) as source:
-            table = pa.ipc.open_stream(source).read_all()
-        yield from _read_table(table, os.path.join(path, name), line)
+    for name in _arrow_files(path):
+        table = _arrow_table(name, _read_stream)
+        yield from _read_table(table, name, line)
         line += table.num_rows
 
 
@@ -159,7 +203,7 @@ def read_rows(path: str, fmt: str = "auto") -> Iterator[tuple[str, int, Any]]:
     if fmt == "jsonl":
         rows = _read_jsonl(path)
     elif fmt == "parquet":
-        rows = _read_table(pq.read_table(path), path, 1)
+        rows = _read_table(_arrow_table(path, pq.read_table), path, 1)
     else:
         rows = _read_arrow_dir(path)
     for line, row in rows:
@@ -260,4 +304,9 @@ def load_pairs(config: DataConfig) -> tuple[list[PairRecord], DataReport]:
         else:
             pairs.append(result)
     report.pairs_kept = len(pairs)
+    if not pairs:
+        what = report.summary() if report.rows_read else "the file holds no rows"
+        raise DataError(
+            config.path, 0, None, f"no preference pairs under view {config.view!r}: {what}"
+        )
     return pairs, report

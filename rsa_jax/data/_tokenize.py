@@ -21,6 +21,7 @@ import numpy as np
 
 from rsa_jax.data._config import DataConfig
 from rsa_jax.data._sources import PairRecord, Text
+from rsa_jax.data._text import TextEncoder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,9 +42,10 @@ class PairTokenizer:
     Prompts: a string prompt goes through `config.template` when one is set, otherwise through the
     tokenizer's chat template as a single user turn (with the generation prompt); a message-list
     prompt always goes through the chat template. Responses (strings; `load_pairs` takes the last
-    assistant message of a message list): the text without special tokens, then EOS. Truncation
-    keeps the END of the prompt (left truncation) and the START of the response (right
-    truncation, EOS kept last).
+    assistant message of a message list): the text without special tokens, then EOS. Data text that
+    spells a special token (`<|im_end|>`) is encoded as plain text; only the template writes
+    control tokens. Truncation keeps the END of the prompt (left truncation) and the START of the
+    response (right truncation, EOS kept last).
     """
 
     def __init__(self, tokenizer, config: DataConfig):
@@ -55,28 +57,23 @@ class PairTokenizer:
             )
         self.tokenizer = tokenizer
         self.config = config
+        # Data text never becomes a control token (see _text.py): only the template writes them.
+        self.text = TextEncoder(tokenizer)
         self.eos_id = int(tokenizer.eos_token_id)
         pad = tokenizer.pad_token_id
         self.pad_id = int(self.eos_id if pad is None else pad)
 
-    def _ids(self, text: str, special: bool) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=special)["input_ids"]
-
     def prompt_ids(self, prompt: Text, origin: str) -> np.ndarray:
-        if isinstance(prompt, str) and self.config.template is not None:
-            ids = self._ids(self.config.template.format(prompt=prompt), special=True)
-        else:
-            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
-            text = self.tokenizer.apply_chat_template(
-                messages, add_generation_prompt=True, tokenize=False
-            )
-            ids = self._ids(text, special=False)  # the template writes its own special tokens
+        try:
+            ids = self.text.prompt(prompt, self.config.template)
+        except ValueError as e:  # e.g. a prompt that spells a token the tokenizer cannot split
+            raise ValueError(f"{origin}: the prompt cannot be encoded: {e}") from None
         if not ids:
             raise ValueError(f"{origin}: the prompt tokenises to no tokens")
         return np.asarray(ids[-self.config.max_prompt_len :], np.int32)
 
     def response_ids(self, response: str) -> np.ndarray:
-        ids = self._ids(response, special=False)[: self.config.max_response_len - 1]
+        ids = self.text.plain(response)[: self.config.max_response_len - 1]
         return np.asarray(ids + [self.eos_id], np.int32)
 
     def __call__(self, record: PairRecord) -> TokenizedPair:

@@ -3,8 +3,9 @@
 Loading builds the model abstractly (`nnx.eval_shape`, no random init), then reads each tensor
 from `model.safetensors` (or the shards listed in `model.safetensors.index.json`), converts it to
 our layout and, when a mesh is given, places it directly on its target sharding, so a large model
-is never held twice on the host. Export writes `config.json` + `model.safetensors` (+ tokenizer
-files) that `transformers` loads; load(export(model)) is exact.
+is never held twice on the host. Export writes `config.json` + `model.safetensors` or its shards
+(+ tokenizer files, `generation_config.json`; see `_export.py`) that `transformers` loads;
+load(export(model)) is exact in float32.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
+from rsa_jax.models import _export
 from rsa_jax.models._config import LlamaConfig
 from rsa_jax.models._llama import Llama
 
@@ -179,8 +180,27 @@ def load_hf(
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def save_hf(model: Llama, path: str, tokenizer=None) -> None:
-    """Writes config.json, model.safetensors (float32) and, if given, the tokenizer files."""
+def save_hf(
+    model: Llama,
+    path: str,
+    tokenizer=None,
+    *,
+    dtype: str = "float32",
+    max_shard_size: int | str | None = None,
+) -> None:
+    """Writes a Hugging Face directory that transformers and `load_hf` read.
+
+    Args:
+      model: the Llama to export.
+      path: output directory (created; weight files of an earlier export there are replaced).
+      tokenizer: optional; its files are written with a portable `tokenizer_config.json`.
+      dtype: "float32" or "bfloat16", the dtype of the stored weights (and config.json's
+        `torch_dtype`).
+      max_shard_size: bytes, or a size like "2GB"; above it the weights are sharded with a
+        `model.safetensors.index.json` (default 5GB, as transformers).
+    Writes config.json, generation_config.json, model.safetensors or its shards + index, and the
+    tokenizer files, all readable by others.
+    """
     os.makedirs(path, exist_ok=True)
     config = model.config
     tensors = {}
@@ -189,11 +209,23 @@ def save_hf(model: Llama, path: str, tokenizer=None) -> None:
         value = np.asarray(variable[...], np.float32)
         if param_path[0] == "blocks":
             for i in range(config.num_hidden_layers):
-                tensors[name.format(i=i)] = np.ascontiguousarray(to_hf(value[i]))
+                tensors[name.format(i=i)] = to_hf(value[i])
         else:
-            tensors[name] = np.ascontiguousarray(to_hf(value))
-    save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+            tensors[name] = to_hf(value)
+    written = _export.write_weights(_export.cast(tensors, dtype), path, max_shard_size)
+    hf_config = config.to_hf()
+    hf_config["torch_dtype"] = dtype
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config.to_hf(), f, indent=2)
+        json.dump(hf_config, f, indent=2)
+    written.append(os.path.join(path, "config.json"))
+    bos, eos, pad = config.bos_token_id, config.eos_token_id, None
     if tokenizer is not None:
-        tokenizer.save_pretrained(path)
+        written += list(tokenizer.save_pretrained(path))
+        _export.portable_tokenizer_config(path)
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else bos
+        eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else eos
+        pad = tokenizer.pad_token_id
+    written.append(_export.write_generation_config(path, bos, eos, pad))
+    for file in written:
+        if os.path.isfile(file):
+            _export.publish(file)

@@ -18,7 +18,7 @@ from jax.sharding import NamedSharding
 
 from rsa_jax.config import ModelConfig
 from rsa_jax.data import train_bpe_tokenizer
-from rsa_jax.models import Llama, LlamaConfig, load_hf, tiny_config
+from rsa_jax.models import Llama, LlamaConfig, check_tokenizer_dir, load_hf, tiny_config
 from rsa_jax.training._mesh import Layout
 
 
@@ -126,4 +126,5 @@ def load_tokenizer(config: ModelConfig):
         return train_bpe_tokenizer()
     from transformers import AutoTokenizer
 
+    check_tokenizer_dir(config.path)  # else a missing path reads as a malformed hub repo id
     return AutoTokenizer.from_pretrained(config.path, local_files_only=True)

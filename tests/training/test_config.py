@@ -129,3 +129,81 @@ def test_stage_hyperparameters_carry_the_torch_rounded_quantile_tail():
     assert hyper.loss.mu == np.float32(0.8)
     assert hyper.loss.tail == np.float32(0.2)
     assert float(torch_rank(hyper.loss.tail, 16)) == 3.0  # float32 1 - mu would give 2.9999998
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("stages.0.alpha=-0.5", "stages.0.alpha"),
+        ("stages.0.gamma=0", "stages.0.gamma"),
+        ("stages.0.gamma=1.5", "stages.0.gamma"),
+        ("optim.b1=1.0", "optim.b1"),
+        ("optim.b2=-0.1", "optim.b2"),
+        ("checkpoint.every=-1", "checkpoint.every"),
+        ("train.log_every=0", "train.log_every"),
+        ("train.chunk_size=0", "train.chunk_size"),
+        ("optim.eps=0", "optim.eps"),
+        ("optim.max_grad_norm=-1", "optim.max_grad_norm"),
+    ],
+)
+def test_out_of_range_values_get_one_line_naming_the_key(override, key):
+    with pytest.raises(ConfigError) as info:
+        load_config(os.path.join(ROOT, "configs", "tiny.yaml"), [override])
+    message = str(info.value)
+    assert message.startswith(key + ":") and "\n" not in message
+    # The boundary values that are allowed still load.
+    ok = {"stages.0.gamma": "1.0", "optim.b1": "0.0", "optim.b2": "0.0"}
+    if key in ok:
+        load_config(os.path.join(ROOT, "configs", "tiny.yaml"), [f"{key}={ok[key]}"])
+
+
+def test_missing_file_and_yaml_syntax_error_name_the_file_and_line(tmp_path):
+    with pytest.raises(ConfigError) as info:
+        load_config(str(tmp_path / "nope.yaml"))
+    assert str(info.value) == f"{tmp_path / 'nope.yaml'}: config file not found"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  learning_rate: 1e-4\n  b1: [0.9\ntrain:\n  seed: 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(str(bad))
+    message = str(info.value)
+    assert message.startswith(f"{bad}:4: YAML syntax error") and "\n" not in message
+    bom = tmp_path / "bom.yaml"
+    bom.write_bytes(b"\xef\xbb\xbfoptim:\n  b1: 0.8\n")
+    assert load_config(str(bom)).optim.b1 == 0.8
+
+
+def test_overrides_of_text_fields_stay_text():
+    tiny = os.path.join(ROOT, "configs", "tiny.yaml")
+    assert load_config(tiny, ["model.path=no"]).model.path == "no"
+    assert load_config(tiny, ["model.path=1e5"]).model.path == "1e5"
+    assert load_config(tiny, ["stages.0.name=on"]).stages[0].name == "on"
+    c = load_config(tiny, ["data.template=Question: {prompt}"])
+    assert c.data.template == "Question: {prompt}"
+    assert load_config(tiny, ["data.template=null"]).data.template is None
+    # Quoted values are unquoted as YAML does (the demo pipeline passes its template this way).
+    assert load_config(tiny, ["data.template='{prompt} answer:'"]).data.template == (
+        "{prompt} answer:"
+    )
+    assert load_config(tiny, ['model.path="no"']).model.path == "no"
+    # Non-text fields still parse YAML values.
+    assert load_config(tiny, ["train.progress_bar=no"]).train.progress_bar is False
+    # An error in an override blames the override, not the YAML file.
+    with pytest.raises(ConfigError) as info:
+        load_config(tiny, ["data.template=Question: {question}"])
+    assert "tiny.yaml" not in str(info.value) and "data.template:" in str(info.value)
+    # Fields other than {prompt} would fail only when the first batch is encoded.
+    with pytest.raises(ConfigError, match=r"data.template: the only field allowed is \{prompt\}"):
+        load_config(tiny, ["data.template=Q: {prompt} from {user}"])
+
+
+def test_missing_model_path_and_missing_tokenizer_files(tmp_path):
+    from rsa_jax.config import ModelConfig
+    from rsa_jax.training import load_tokenizer
+
+    with pytest.raises(FileNotFoundError) as info:
+        load_tokenizer(ModelConfig(path=str(tmp_path / "models" / "sft")))
+    assert "does not exist" in str(info.value) and "Repo id" not in str(info.value)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "config.json").write_text("{}")
+    with pytest.raises(FileNotFoundError, match="has no tokenizer files"):
+        load_tokenizer(ModelConfig(path=str(tmp_path / "empty")))
