@@ -28,7 +28,7 @@ def _tokenizer():
         from transformers import AutoTokenizer
 
         return "SmolLM2", AutoTokenizer.from_pretrained(SMOLLM2, local_files_only=True)
-    from rsa_jax.testing.tokenizer import train_bpe_tokenizer
+    from rsa_jax.data import train_bpe_tokenizer
 
     return "tiny BPE (SmolLM2 not converted)", train_bpe_tokenizer()
 

@@ -107,15 +107,19 @@ def test_export_flags_reach_save_hf(tmp_path, monkeypatch, capsys):
     from flax import nnx
     from safetensors import safe_open
 
-    import rsa_jax.training._trainer as trainer
+    import rsa_jax.training as training
     from rsa_jax.models import Llama, tiny_config
 
-    class Spec:  # the trainer's ModelSpec, reduced to what export calls
-        def module(self, params):
-            return params
+    class Engine:  # the engine, reduced to what export calls
+        class model:  # noqa: N801
+            @staticmethod
+            def module(params):
+                return params
+
+        tokenizer = None
 
     model = Llama(tiny_config(), rngs=nnx.Rngs(0))
-    monkeypatch.setattr(trainer, "latest_policy", lambda run_dir: (Spec(), model, None))
+    monkeypatch.setattr(training, "load_policy", lambda run_dir: (Engine(), model))
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.json").write_text("{}")

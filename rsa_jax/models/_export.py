@@ -136,7 +136,9 @@ def portable_tokenizer_config(path: str) -> None:
         f.write("\n")
 
 
-def write_generation_config(path: str, bos: int | None, eos: int | None, pad: int | None) -> str:
+def write_generation_config(
+    path: str, bos: int | None, eos: int | list[int] | None, pad: int | None
+) -> str:
     """`generation_config.json` through transformers' GenerationConfig (its own format)."""
     from transformers import GenerationConfig
 

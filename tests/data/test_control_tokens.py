@@ -9,9 +9,8 @@ import os
 
 import numpy as np
 import pytest
-from rsa_jax.testing.tokenizer import train_bpe_tokenizer
 
-from rsa_jax.data import DataConfig, PairRecord, PairTokenizer, TextEncoder
+from rsa_jax.data import DataConfig, PairRecord, PairTokenizer, TextEncoder, train_bpe_tokenizer
 
 ARTIFACT = os.path.join(os.path.dirname(__file__), "..", "..", "artifacts", "smollm2-135m")
 SACPO = "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from rsa_jax.testing.tokenizer import train_bpe_tokenizer
 from safetensors import safe_open
 
+from rsa_jax.data import train_bpe_tokenizer
 from rsa_jax.models import Llama, load_hf, save_hf, tiny_config
 
 IDS = jnp.asarray(np.arange(12, dtype=np.int32).reshape(2, 6) % 200)
