@@ -1,5 +1,5 @@
-"""`rsa-jax` (and `python -m rsa_jax`): train, sweep, eval, demo, merge, export, toy-data,
-check-config.
+"""`rsa-jax` (and `python -m rsa_jax`): train, sweep, eval, frontier, demo, merge, export,
+toy-data, check-config.
 
 rsa-jax train configs/rsa_cvar.yaml model.path=/models/sft train.run_dir=runs/rsa stages.1.beta=0.05
 rsa-jax merge runs/sacpo/stage1_export runs/sacpo --q 0.5 --out merged/
@@ -8,6 +8,7 @@ rsa-jax eval runs/demo/seed0/SACPO runs/demo/seed0/RSA-CVaR --task safety \
     --reference runs/demo/seed0/sft --samples 32 --max-new-tokens 20 --out runs/eval
 rsa-jax demo --seeds 0 1 2
 rsa-jax sweep configs/sweeps/tiny_risks.yaml --dry-run
+rsa-jax frontier runs/demo --constraint catastrophic_rate<=0.01 --out runs/frontier
 """
 
 from __future__ import annotations
@@ -187,6 +188,14 @@ def _cmd_sweep(args) -> int:
     return 0 if "variants" in results else 1
 
 
+def _cmd_frontier(args) -> int:
+    from rsa_jax.eval import run_frontier
+
+    return run_frontier(
+        args.dirs, args.constraint, out=args.out, methods=args.methods, method_keys=args.method_key
+    )
+
+
 def _cmd_demo(args) -> int:
     from rsa_jax.tasks.pipeline import DemoConfig, run_demo
 
@@ -251,6 +260,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-dir", help="overrides the file's run_dir")
     p.add_argument("--dry-run", action="store_true", help="print the variants, train nothing")
     p.set_defaults(fn=_cmd_sweep)
+
+    p = sub.add_parser(
+        "frontier", help="reward-cost frontiers and constrained optima from results.json files"
+    )
+    p.add_argument("dirs", nargs="+", help="demo, sweep or eval directories (or results.json)")
+    p.add_argument("--constraint", action="append", default=[], help="e.g. catastrophic_rate<=0.01")
+    p.add_argument("--out", help="directory for frontier.{md,json} and one plot per statistic")
+    p.add_argument("--methods", nargs="+", default=(), help="only these methods")
+    p.add_argument(
+        "--method-key",
+        action="append",
+        default=[],
+        help="sweeps: an override key whose value names the method (stages.1.risk)",
+    )
+    p.set_defaults(fn=_cmd_frontier)
 
     p = sub.add_parser("demo", help="the synthetic safety task end to end (what make demo runs)")
     p.add_argument("--out", default="runs/demo")
