@@ -211,9 +211,8 @@ def format_summary(summary: dict) -> str:
     if never:
         lines += [
             "",
-            "No gap (the frontiers' cost ranges overlap in no seed; reasons in frontier.json): "
-            + "; ".join(never)
-            + ".",
+            "No gap (no seed where both frontiers exist and their cost ranges overlap; the "
+            "reason per seed is in frontier.json): " + "; ".join(never) + ".",
         ]
     for constraint, per in summary["_choices"].items():
         lines += [
