@@ -411,3 +411,22 @@ def test_cli_frontier(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "frontier.json")
     assert main(["frontier", str(demo), "--constraint", "catastrophic<=1"]) == 2
     assert "catastrophic" in capsys.readouterr().err
+
+
+def test_pool_seeds_means_over_the_seeds_that_have_a_variant():
+    from rsa_jax.eval import Loaded, pool_seeds
+
+    e = Estimate
+    seeds = {
+        "0": {"A": {"v": {"reward_mean": e(1.0, 0.5, 1.5), "kl": e(2.0, 2.0, 2.0)}}},
+        "1": {"A": {"v": {"reward_mean": e(3.0, 2.5, 3.5)}, "w": {"reward_mean": e(5, 4, 6)}}},
+    }
+    notes: list[str] = []
+    pooled, interval = pool_seeds(Loaded(seeds, [], []), notes)
+    assert "2 seeds" in interval
+    v = pooled["A"]["v"]
+    assert set(v) == {"reward_mean"}  # kl is missing from seed 1
+    half = 12.706204736174698 * math.sqrt(2.0) / math.sqrt(2.0)
+    assert v["reward_mean"] == pytest.approx((2.0, 2.0 - half, 2.0 + half))
+    assert pooled["A"]["w"]["reward_mean"] == (5, 4, 6)  # one seed: its own interval
+    assert notes == ["A w: in 1 of 2 seeds"]
