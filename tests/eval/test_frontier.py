@@ -430,3 +430,10 @@ def test_pool_seeds_means_over_the_seeds_that_have_a_variant():
     assert v["reward_mean"] == pytest.approx((2.0, 2.0 - half, 2.0 + half))
     assert pooled["A"]["w"]["reward_mean"] == (5, 4, 6)  # one seed: its own interval
     assert notes == ["A w: in 1 of 2 seeds"]
+
+
+def test_frontier_statistics_are_metrics_that_tail_metrics_reports():
+    from rsa_jax.eval import FRONTIER_STATISTICS, metric_names
+
+    assert set(FRONTIER_STATISTICS) <= set(metric_names())
+    assert "reward_mean" in metric_names()
