@@ -1,5 +1,5 @@
-"""`rsa-jax` (and `python -m rsa_jax`): train, sweep, eval, demo, merge, export, toy-data,
-check-config.
+"""`rsa-jax` (and `python -m rsa_jax`): train, sweep, eval, frontier, demo, merge, export,
+toy-data, check-config.
 
 rsa-jax train configs/rsa_cvar.yaml model.path=/models/sft train.run_dir=runs/rsa stages.1.beta=0.05
 rsa-jax merge runs/sacpo/stage1_export runs/sacpo --q 0.5 --out merged/
@@ -8,6 +8,7 @@ rsa-jax eval runs/demo/seed0/SACPO runs/demo/seed0/RSA-CVaR --task safety \
     --reference runs/demo/seed0/sft --samples 32 --max-new-tokens 20 --out runs/eval
 rsa-jax demo --seeds 0 1 2
 rsa-jax sweep configs/sweeps/tiny_risks.yaml --dry-run
+rsa-jax frontier runs/demo --constraint catastrophic_rate<=0.01 --out runs/frontier
 """
 
 from __future__ import annotations
@@ -135,6 +136,14 @@ def _cmd_sweep(args) -> int:
     return 0 if "variants" in results else 1
 
 
+def _cmd_frontier(args) -> int:
+    from rsa_jax.eval import run_frontier
+
+    return run_frontier(
+        args.dirs, args.constraint, out=args.out, methods=args.methods, method_keys=args.method_key
+    )
+
+
 def _cmd_demo(args) -> int:
     from rsa_jax.tasks.pipeline import DemoConfig, run_demo
 
@@ -155,7 +164,7 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 _DESCRIPTION = (
     "Risk-aware Stepwise Alignment (RSA) and its baselines (DPO, TDPO, Ra-DPO, SACPO) in\n"
-    "JAX/Flax. Commands: train, check-config, sweep, eval, demo, merge, export, toy-data."
+    "JAX/Flax. Commands: {commands}."
 )
 _EPILOG = """\
 examples:
@@ -178,6 +187,8 @@ _EXAMPLES = {
     "eval": "rsa-jax eval runs/demo/seed0/SACPO runs/demo/seed0/RSA-CVaR --task safety \\\n"
     "    --reference runs/demo/seed0/sft --samples 32 --max-new-tokens 20 --out runs/eval",
     "sweep": "rsa-jax sweep configs/sweeps/tiny_risks.yaml --dry-run",
+    "frontier": "rsa-jax frontier runs/demo --constraint catastrophic_rate<=0.01 \\\n"
+    "    --out runs/frontier",
     "demo": "rsa-jax demo --seeds 0 --quick",
     "toy-data": "rsa-jax toy-data runs/tiny_data.jsonl --rows 128",
 }
@@ -294,6 +305,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the variants, train nothing")
     p.set_defaults(fn=_cmd_sweep)
 
+    p = command("frontier", "reward-cost frontiers and constrained optima from results.json files")
+    p.add_argument("dirs", nargs="+", help="demo, sweep or eval directories (or results.json)")
+    p.add_argument("--constraint", action="append", default=[], help="e.g. catastrophic_rate<=0.01")
+    p.add_argument("--out", help="directory for frontier.{md,json} and one plot per statistic")
+    p.add_argument("--methods", nargs="+", default=(), help="only these methods")
+    p.add_argument(
+        "--method-key",
+        action="append",
+        default=[],
+        help="sweeps: an override key whose value names the method (stages.1.risk)",
+    )
+    p.set_defaults(fn=_cmd_frontier)
+
     p = command("demo", "the synthetic safety task end to end (what make demo runs)")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -306,6 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(fn=_cmd_toy_data)
+    parser.description = _DESCRIPTION.format(commands=", ".join(sub.choices))
     return parser
 
 

@@ -12,7 +12,17 @@ from rsa_jax import __version__
 from rsa_jax.cli import _EXAMPLES, EXIT_ERROR, EXIT_USAGE, build_parser, main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COMMANDS = ["train", "check-config", "merge", "export", "eval", "sweep", "demo", "toy-data"]
+COMMANDS = [
+    "train",
+    "check-config",
+    "merge",
+    "export",
+    "eval",
+    "sweep",
+    "frontier",
+    "demo",
+    "toy-data",
+]
 
 
 def _stderr_lines(capsys) -> list[str]:

@@ -6,6 +6,7 @@ from rsa_jax.tasks.safety import (
     SafetyTask,
     label_pairs,
     make_tokenizer,
+    style_rates,
     write_pairs,
 )
 
@@ -15,5 +16,6 @@ __all__ = [
     "SafetyTask",
     "label_pairs",
     "make_tokenizer",
+    "style_rates",
     "write_pairs",
 ]
