@@ -149,7 +149,9 @@ def _cmd_demo(args) -> int:
 
     if not os.path.isdir(args.configs):
         raise SystemExit(f"demo: {args.configs}/ not found (the method configs; see --configs)")
-    demo = DemoConfig(out_dir=args.out, seeds=tuple(args.seeds), configs_dir=args.configs)
+    demo = DemoConfig(
+        out_dir=args.out, seeds=tuple(args.seeds), configs_dir=args.configs, task_file=args.task
+    )
     if args.quick:
         demo = dataclasses.replace(
             demo, sft_steps=150, pair_prompts=512, epochs=1, eval_samples=8, n_boot=200
@@ -322,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
+    p.add_argument("--task", help="task settings YAML (configs/tasks/); default: the built-in task")
     p.add_argument("--configs", default="configs", help="directory of the method configs")
     p.set_defaults(fn=_cmd_demo)
 

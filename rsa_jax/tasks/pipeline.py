@@ -40,7 +40,10 @@ class DemoConfig:
     configs_dir: str = "configs"
     seeds: tuple[int, ...] = (0, 1, 2)
     methods: tuple[str, ...] = tuple(METHODS)
-    sft_steps: int = 600
+    # The SFT recipe's own default: fewer steps leave the model blind to the prompt's style.
+    sft_steps: int = SFTConfig.steps
+    # Task settings (configs/tasks/*.yaml); None: the default SafetyTask().
+    task_file: str | None = None
     # Prompt draws for preference pairs (two SFT samples each; ties on a criterion are dropped).
     pair_prompts: int = 2048
     # Preference training: pairs per step, passes over each stage's pairs, peak learning rate.
@@ -90,10 +93,14 @@ def make_pairs(task, sft_dir, prompts, draws, seed, data_dir):
     return paths, counts
 
 
+def demo_task(demo: DemoConfig) -> SafetyTask:
+    return SafetyTask.from_yaml(demo.task_file) if demo.task_file else SafetyTask()
+
+
 def method_config(demo: DemoConfig, method: str, sft_dir: str, paths: dict, seed: int, run_dir):
     from rsa_jax.config import load_config
 
-    task = SafetyTask()
+    task = demo_task(demo)
     overrides = [
         f"model.path={sft_dir}",
         "model.compute_dtype=float32",
@@ -168,18 +175,25 @@ def run_seed(demo: DemoConfig, seed: int) -> dict:
     from rsa_jax.models import load_hf
     from rsa_jax.training import train
 
-    task = SafetyTask()
+    task = demo_task(demo)
     root = os.path.join(demo.out_dir, f"seed{seed}")
     train_prompts, test_prompts = task.split_prompts(seed=seed)
     sft_dir = os.path.join(root, "sft")
     t0 = time.perf_counter()
     sft_config = SFTConfig(steps=demo.sft_steps, seed=seed)
-    sft_key = json.dumps(dataclasses.asdict(sft_config), sort_keys=True)
+    sft_key = json.dumps(
+        {**dataclasses.asdict(sft_config), "task": dataclasses.asdict(task)}, sort_keys=True
+    )
     _fresh_unless_same(sft_dir, "sft_config.json", sft_key)
     if not os.path.exists(os.path.join(sft_dir, "model.safetensors")):
         summary = train_sft(task, sft_dir, train_prompts, sft_config)
         with open(os.path.join(sft_dir, "sft_config.json"), "w") as f:
             f.write(sft_key)
+        for method in demo.methods:  # trained from another SFT model: their configs match
+            stale = os.path.join(root, method)  # the new one's, so they must not be reused
+            if os.path.isdir(stale):
+                _say(f"{stale}: trained from an earlier SFT model; starting it afresh")
+                shutil.rmtree(stale)
         _say(
             f"[seed {seed}] SFT: loss {summary['first_loss']:.3f} -> {summary['last_loss']:.3f} "
             f"in {summary['seconds']:.0f} s"
