@@ -35,10 +35,10 @@ def _cmd_train(args) -> int:
     return 0
 
 
-def _export(engine, params, out: str, **save_options) -> None:
+def _export(policy, out: str, **save_options) -> None:
     from rsa_jax.models import save_hf
 
-    save_hf(engine.model.module(params), out, tokenizer=engine.tokenizer, **save_options)
+    save_hf(policy.build(policy.params), out, tokenizer=policy.tokenizer, **save_options)
     print(f"wrote {out}")
 
 
@@ -47,23 +47,17 @@ def _save_options(args) -> dict:
 
 
 def _cmd_export(args) -> int:
-    from rsa_jax.training import load_policy
+    from rsa_jax.training import load_source
 
-    engine, params = load_policy(args.run_dir)
-    _export(engine, params, args.out, **_save_options(args))
+    source = args.run_dir if args.stage is None else f"{args.run_dir}@{args.stage}"
+    _export(load_source(source), args.out, **_save_options(args))
     return 0
 
 
 def _cmd_merge(args) -> int:
-    from rsa_jax.training import load_policy, merge_params
+    from rsa_jax.training import merge_sources
 
-    if not 0 <= args.q <= 1:
-        raise SystemExit(f"--q must lie in [0, 1], got {args.q}")
-    engine, a = load_policy(args.first)
-    engine_b, b = load_policy(args.second)
-    if engine.model.llama != engine_b.model.llama:
-        raise SystemExit("merge: the two runs use different model configurations")
-    _export(engine, merge_params(a, b, args.q), args.out, **_save_options(args))
+    _export(merge_sources(args.first, args.second, args.q), args.out, **_save_options(args))
     return 0
 
 
@@ -184,8 +178,8 @@ _EXAMPLES = {
     "train": "rsa-jax train configs/rsa_cvar.yaml model.path=artifacts/smollm2-135m \\\n"
     "    data.path=train.jsonl stages.1.beta=0.05 train.run_dir=runs/rsa",
     "check-config": "rsa-jax check-config configs/tiny.yaml optim.learning_rate=1e-4",
-    "merge": "rsa-jax merge runs/sacpo_stage1 runs/sacpo --q 0.5 --out merged/ --dtype bfloat16",
-    "export": "rsa-jax export runs/rsa out/rsa_hf --dtype bfloat16 --max-shard-size 2GB",
+    "merge": "rsa-jax merge runs/rsa@0 runs/rsa --q 0.5 --out merged/ --dtype bfloat16",
+    "export": "rsa-jax export runs/rsa out/rsa_stage0 --stage 0 --dtype bfloat16",
     "eval": "rsa-jax eval runs/demo/seed0/SACPO runs/demo/seed0/RSA-CVaR --task safety \\\n"
     "    --reference runs/demo/seed0/sft --samples 32 --max-new-tokens 20 --out runs/eval",
     "sweep": "rsa-jax sweep configs/sweeps/tiny_risks.yaml --dry-run",
@@ -269,9 +263,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.0.beta=0.05")
     p.set_defaults(fn=_cmd_check)
 
-    p = command("merge", "weight-average the latest policies of two runs (RSA(P) / P-SACPO)")
-    p.add_argument("first", help="run directory of theta_a (e.g. a stage-1 run)")
-    p.add_argument("second", help="run directory of theta_b")
+    p = command("merge", "weight-average two policies (RSA(P) / P-SACPO)")
+    p.add_argument("first", help="theta_a: a run directory, RUN@STAGE (index or name), or HF dir")
+    p.add_argument("second", help="theta_b: a run directory, RUN@STAGE, or HF directory")
     p.add_argument("--q", type=float, default=0.5, help="theta = (1-q) a + q b")
     p.add_argument("--out", required=True, help="output Hugging Face directory")
     _add_export_options(p)
@@ -282,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run_dir", help="the train.run_dir of a trained run")
     p.add_argument("out", help="output directory")
+    p.add_argument("--stage", help="the policy a stage ended with (index or name); default: last")
     _add_export_options(p)
     p.set_defaults(fn=_cmd_export)
 
@@ -341,7 +336,20 @@ class CommandLineError(Exception):
     """A bad argument found before any work; the message says what is wrong and what to do."""
 
 
-def _check_run_dir(path: str, what: str) -> None:
+def _check_run_dir(path: str, what: str, *, hf_ok: bool = False) -> None:
+    if hf_ok:  # a Hugging Face directory, or RUN@STAGE
+        from rsa_jax.training import split_source
+
+        path, _ = split_source(path)
+        if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(
+            os.path.join(path, "checkpoints")
+        ):
+            if not any(f.endswith(".safetensors") for f in os.listdir(path)):
+                raise CommandLineError(
+                    f"{what} {path!r} is neither a run directory nor a Hugging Face model "
+                    "directory (no checkpoints/, no *.safetensors)"
+                )
+            return
     if not os.path.isdir(path):
         raise CommandLineError(
             f"{what} {path!r} does not exist: pass the train.run_dir of a trained run"
@@ -365,8 +373,8 @@ def _check_arguments(args) -> None:
     elif args.command == "merge":
         if not 0 <= args.q <= 1:
             raise CommandLineError(f"--q must lie in [0, 1], got {args.q}")
-        _check_run_dir(args.first, "first run directory")
-        _check_run_dir(args.second, "second run directory")
+        _check_run_dir(args.first, "first policy", hf_ok=True)
+        _check_run_dir(args.second, "second policy", hf_ok=True)
     if args.command == "eval":
         for path in [*args.models, *([args.reference] if args.reference else [])]:
             if not os.path.exists(path):

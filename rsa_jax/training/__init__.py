@@ -25,7 +25,7 @@ from rsa_jax.training._engine import (
     steps_done,
 )
 from rsa_jax.training._logging import MetricsLog
-from rsa_jax.training._merge import merge_params
+from rsa_jax.training._merge import Policy, load_source, merge_params, merge_sources, split_source
 from rsa_jax.training._mesh import (
     Layout,
     batch_sharding,
@@ -65,7 +65,13 @@ from rsa_jax.training._step import (
     split_rows,
     state_shardings,
 )
-from rsa_jax.training._trainer import RunResult, load_policy, train
+from rsa_jax.training._trainer import (
+    RunResult,
+    load_policy,
+    stage_index,
+    stage_policy_dir,
+    train,
+)
 
 __all__ = [
     "BATCH_KEYS",
@@ -79,6 +85,7 @@ __all__ = [
     "ModelDef",
     "NextTokenObjective",
     "OptimHyper",
+    "Policy",
     "PairObjective",
     "RunResult",
     "Stage",
@@ -95,6 +102,7 @@ __all__ = [
     "learning_rate_at",
     "llama_config",
     "load_policy",
+    "load_source",
     "load_tokenizer",
     "logical_spec",
     "make_mesh",
@@ -103,11 +111,15 @@ __all__ = [
     "make_train_step",
     "maybe_initialize_distributed",
     "merge_params",
+    "merge_sources",
     "optax_update",
     "place_batch",
     "replicated",
     "split_pairs",
     "split_rows",
+    "split_source",
+    "stage_index",
+    "stage_policy_dir",
     "state_shardings",
     "steps_done",
     "train",

@@ -1,6 +1,72 @@
-"""Model merging: RSA(P) / P-SACPO weight averages of two policies."""
+"""Policies from anywhere, and model merging (RSA(P) / P-SACPO weight averages).
+
+A policy source is a run directory (its final policy), a run directory at a stage
+(`RUN@0` or `RUN@helpfulness`: the policy that stage ended with), or a Hugging Face model
+directory. `load_source` returns the flat parameters, a builder of the NNX model and the tokenizer,
+so `rsa-jax export` and `rsa-jax merge` treat the three alike.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from typing import Any
+
+from flax import nnx
+
+from rsa_jax.models import Llama, LlamaConfig, load_hf
+
+
+@dataclasses.dataclass
+class Policy:
+    params: dict  # flat {"layers/0/mlp/up/kernel": array}
+    build: Callable[[dict], Llama]  # params -> the NNX model
+    tokenizer: Any
+    llama: LlamaConfig
+    source: str
+
+
+def split_source(source: str) -> tuple[str, str | None]:
+    """`RUN@STAGE` -> (RUN, STAGE); anything else -> (source, None)."""
+    path, sep, stage = source.rpartition("@")
+    if sep and path and stage and os.path.isdir(path) and not os.path.exists(source):
+        return path, stage
+    return source, None
+
+
+def load_source(source: str) -> Policy:
+    """The policy of a run directory (optionally `@stage`) or of a Hugging Face directory."""
+    from rsa_jax.training._trainer import load_policy
+
+    path, stage = split_source(source)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        engine, params = load_policy(path, stage=stage)
+        return Policy(params, engine.model.module, engine.tokenizer, engine.model.llama, source)
+    if stage is not None:
+        raise FileNotFoundError(f"{source}: {path} is not a run directory (no checkpoints/)")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise FileNotFoundError(
+            f"{path}: neither a run directory (checkpoints/) nor a Hugging Face model directory "
+            "(config.json)"
+        )
+    from transformers import AutoTokenizer
+
+    model = load_hf(path)
+    graphdef, state = nnx.split(model)
+    params = {"/".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(state)}
+
+    def build(flat: dict) -> Llama:
+        new = nnx.State.from_flat_path(
+            {
+                tuple(int(k) if k.isdigit() else k for k in key.split("/")): v
+                for key, v in flat.items()
+            }
+        )
+        return nnx.merge(graphdef, new)
+
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return Policy(params, build, tokenizer, model.config, source)
 
 
 def merge_params(a: dict, b: dict, q: float) -> dict:
@@ -15,3 +81,12 @@ def merge_params(a: dict, b: dict, q: float) -> dict:
             raise ValueError(f"parameter {k}: shapes {a[k].shape} and {b[k].shape} differ")
         out[k] = (1 - q) * a[k] + q * b[k]
     return out
+
+
+def merge_sources(first: str, second: str, q: float) -> Policy:
+    """(1 - q) first + q second, with the first source's tokenizer; both must share the
+    architecture."""
+    a, b = load_source(first), load_source(second)
+    if a.llama != b.llama:
+        raise ValueError(f"merge: {first} and {second} have different model configurations")
+    return dataclasses.replace(a, params=merge_params(a.params, b.params, q), source=f"merge({q})")

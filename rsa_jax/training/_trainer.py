@@ -20,6 +20,7 @@ import signal
 import jax
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 
 from rsa_jax.config import Config, from_json, to_json
 from rsa_jax.training._checkpoint import Checkpoints, CorruptCheckpoint, abstract_like
@@ -114,6 +115,11 @@ class _RunDir:
             try:
                 if meta["done"]:  # between stages: the finished policy starts the next stage
                     state, _ = self.ckpt.restore(step_id, engine.abstract_state(), data_iter=None)
+                    run_dir, finished = engine.config.train.run_dir, meta["stage"]
+                    last = finished == len(engine.config.stages) - 1
+                    if not last and not os.path.isdir(stage_policy_dir(run_dir, finished)):
+                        # killed between the stage's last checkpoint and its policy copy
+                        save_stage_policy(run_dir, finished, state.params)
                     self.global_step = step_id
                     log.info("resuming after stage %d (checkpoint %d)", meta["stage"], step_id)
                     return meta["stage"] + 1, state.params, None
@@ -175,6 +181,8 @@ class _RunDir:
             )
             return False
         self.save(stage, done=True)
+        if stage.index < len(config.stages) - 1:
+            save_stage_policy(config.train.run_dir, stage.index, stage.state.params)
         self.metrics.end_stage()
         return True
 
@@ -218,8 +226,35 @@ def train(
     return RunResult("done", run.global_step, policy)
 
 
-def load_policy(run_dir: str, config: Config | None = None):
-    """(engine, flat policy params) of the newest usable checkpoint of a run directory.
+def stage_policy_dir(run_dir: str, index: int) -> str:
+    """Where the policy a (non-final) stage ended with is kept: checkpoint retention never
+    deletes it, so RSA(P) can merge the stage-1 and final policies of one run."""
+    return os.path.join(os.path.abspath(run_dir), "stages", str(index))
+
+
+def save_stage_policy(run_dir: str, index: int, params: dict) -> None:
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(stage_policy_dir(run_dir, index), params, force=True)
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+
+
+def stage_index(config: Config, stage: str | int) -> int:
+    """A stage by index or by name; ValueError naming the stages otherwise."""
+    names = [s.name for s in config.stages]
+    if isinstance(stage, int) or str(stage).lstrip("-").isdigit():
+        i = int(stage)
+        if not 0 <= i < len(names):
+            raise ValueError(f"stage {i}: the run has stages 0..{len(names) - 1} ({names})")
+        return i
+    if stage not in names:
+        raise ValueError(f"stage {stage!r}: the run's stages are {names}")
+    return names.index(stage)
+
+
+def load_policy(run_dir: str, config: Config | None = None, *, stage: str | int | None = None):
+    """(engine, flat policy params) of the newest usable checkpoint of a run directory, or,
+    with `stage` (index or name), the policy that stage ended with.
 
     The engine holds the model definition (`engine.model.module(params)` is the NNX model) and
     the tokenizer. The run's own mesh settings are replaced by data parallelism over every
@@ -230,11 +265,23 @@ def load_policy(run_dir: str, config: Config | None = None):
             config = from_json(f.read())
     mesh = make_mesh(dataclasses.replace(config.mesh, data=-1, fsdp=1, tensor=1))
     engine = Engine(config, layout=Layout(mesh, config.mesh.rules), check_devices=False)
+    if stage is not None and (index := stage_index(config, stage)) < len(config.stages) - 1:
+        path = stage_policy_dir(run_dir, index)
+        if not os.path.isdir(path):
+            raise FileNotFoundError(f"{run_dir}: stage {index} has not finished (no {path})")
+        checkpointer = ocp.StandardCheckpointer()
+        try:
+            return engine, checkpointer.restore(path, engine.model.abstract_params())
+        finally:
+            checkpointer.close()
     ckpt = Checkpoints(run_dir, keep=config.checkpoint.keep, async_save=False)
     try:
         while (found := ckpt.latest_meta()) is not None:
+            step_id, meta = found
+            if stage is not None and not (meta["done"] and meta["stage"] == len(config.stages) - 1):
+                raise FileNotFoundError(f"{run_dir}: the last stage has not finished")
             try:
-                state, _ = ckpt.restore(found[0], engine.abstract_state(), data_iter=None)
+                state, _ = ckpt.restore(step_id, engine.abstract_state(), data_iter=None)
             except CorruptCheckpoint:
                 continue
             return engine, state.params

@@ -218,3 +218,57 @@ def test_a_user_optax_transformation_replaces_the_builtin_adamw(data_path, tmp_p
     assert "learning_rate" not in record and record["grad_norm"] > 0
     _, moved = run(optax.sgd(0.5), "sgd")
     assert any(not np.array_equal(moved.params[k], initial[k]) for k in initial)
+
+
+def _flat_hf(path):
+    from flax import nnx
+
+    from rsa_jax.models import load_hf
+
+    return {
+        "/".join(map(str, p)): np.asarray(v[...])
+        for p, v in nnx.to_flat_state(nnx.state(load_hf(path)))
+    }
+
+
+def test_stage_zero_export_is_the_stage_one_policy_and_merge_takes_any_policy(baseline, tmp_path):
+    """RSA(P) from one run: the policy stage 0 ended with is kept (checkpoint retention removed
+    stage 0's own checkpoints long ago), equals the reference that stage 1 trained against, and
+    merges with the final policy from run directories or Hugging Face directories alike."""
+    from rsa_jax.cli import main
+    from rsa_jax.training import Checkpoints, load_policy
+
+    run_dir, result = baseline
+    engine, stage0 = load_policy(run_dir, stage=0)
+    assert load_policy(run_dir, stage="helpfulness")[1].keys() == stage0.keys()
+    ckpt = Checkpoints(run_dir, keep=3, async_save=False)
+    try:
+        step, meta = ckpt.latest_meta()
+        assert meta["stage"] == 1 and meta["done"]
+        _, reference = ckpt.restore(
+            step,
+            engine.abstract_state(),
+            data_iter=None,
+            abstract_reference=engine.model.abstract_params(),
+        )
+    finally:
+        ckpt.close()
+    for k in stage0:  # stage 1's frozen reference is stage 0's final policy, bitwise
+        np.testing.assert_array_equal(np.asarray(stage0[k]), np.asarray(reference[k]), k)
+    assert any(not np.array_equal(stage0[k], result.params[k]) for k in stage0)
+
+    hf0, hf1 = str(tmp_path / "stage0"), str(tmp_path / "final")
+    assert main(["export", run_dir, hf0, "--stage", "0"]) == 0
+    assert main(["export", run_dir, hf1]) == 0
+    a, b = _flat_hf(hf0), _flat_hf(hf1)
+    for k in stage0:
+        np.testing.assert_array_equal(a[k], np.asarray(stage0[k]), k)
+    from_hf, from_runs = str(tmp_path / "m_hf"), str(tmp_path / "m_runs")
+    assert main(["merge", hf0, hf1, "--q", "0.25", "--out", from_hf]) == 0
+    assert main(["merge", f"{run_dir}@0", run_dir, "--q", "0.25", "--out", from_runs]) == 0
+    merged, merged_runs = _flat_hf(from_hf), _flat_hf(from_runs)
+    for k in a:
+        np.testing.assert_allclose(merged[k], 0.75 * a[k] + 0.25 * b[k], rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(merged_runs[k], merged[k], k)
+    with pytest.raises(ValueError, match="stages are"):
+        load_policy(run_dir, stage="nope")
