@@ -1,6 +1,23 @@
 """Sharded training: mesh and logical-axis rules, the jitted train step, Orbax checkpoints,
 the multi-stage RSA trainer."""
 
+from rsa_jax.training._checkpoint import (
+    CheckpointMismatch,
+    Checkpoints,
+    CheckpointWriteError,
+    CorruptCheckpoint,
+)
+from rsa_jax.training._checksum import tree_checksums
+from rsa_jax.training._control import (
+    EXIT_CONFIG,
+    EXIT_DONE,
+    EXIT_FAILED,
+    EXIT_PREEMPTED,
+    NonFiniteError,
+    StopSignal,
+    check_finite,
+    exit_code,
+)
 from rsa_jax.training._mesh import (
     batch_sharding,
     logical_spec,
@@ -10,6 +27,16 @@ from rsa_jax.training._mesh import (
     replicated,
 )
 from rsa_jax.training._model import ModelSpec, build_spec, init_params, llama_config, load_tokenizer
+from rsa_jax.training._rundir import (
+    RESUME_IGNORED,
+    ConfigMismatch,
+    RunDirError,
+    RunLock,
+    absolute_paths,
+    check_resume,
+    config_diff,
+    saved_config,
+)
 from rsa_jax.training._step import (
     HYPER_KEYS,
     TrainState,
@@ -30,6 +57,29 @@ from rsa_jax.training._step import (
 )
 
 __all__ = [
+    # run directory, checkpoints and how a run ends
+    "CheckpointMismatch",
+    "CheckpointWriteError",
+    "Checkpoints",
+    "ConfigMismatch",
+    "CorruptCheckpoint",
+    "EXIT_CONFIG",
+    "EXIT_DONE",
+    "EXIT_FAILED",
+    "EXIT_PREEMPTED",
+    "NonFiniteError",
+    "RESUME_IGNORED",
+    "RunDirError",
+    "RunLock",
+    "StopSignal",
+    "absolute_paths",
+    "check_finite",
+    "check_resume",
+    "config_diff",
+    "exit_code",
+    "saved_config",
+    "tree_checksums",
+    # mesh, model, step
     "HYPER_KEYS",
     "apply_update",
     "clear_step_cache",
