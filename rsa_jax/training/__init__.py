@@ -35,7 +35,9 @@ from rsa_jax.training._rundir import (
     absolute_paths,
     check_resume,
     config_diff,
+    lock_run_dir,
     saved_config,
+    write_config,
 )
 from rsa_jax.training._step import (
     HYPER_KEYS,
@@ -77,7 +79,9 @@ __all__ = [
     "check_resume",
     "config_diff",
     "exit_code",
+    "lock_run_dir",
     "saved_config",
+    "write_config",
     "tree_checksums",
     # mesh, model, step
     "HYPER_KEYS",

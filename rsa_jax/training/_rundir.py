@@ -3,7 +3,8 @@
 - `RunLock(run_dir)`: an exclusive `fcntl.flock` on `<run_dir>/.lock`. The kernel releases it
   when the holder exits however it exits (SIGKILL, a crash), so it is never stale; the file
   names the holder (pid, host, start time, command) for the refusal message. Only process 0 of a
-  multi-process run takes it (the others write through Orbax under its coordination).
+  multi-process run takes it (the others write through Orbax under its coordination);
+  `lock_run_dir` makes every process fail together when it cannot.
 - `config_diff(saved, new)`: the dotted keys whose values differ between the config a run was
   started with and the one it is resumed with, leaving out `RESUME_IGNORED` (paths, logging,
   checkpoint cadence, device layout and memory knobs: settings that do not change what is
@@ -25,6 +26,10 @@ import socket
 import sys
 from typing import Any
 
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
 from rsa_jax.config import Config, ConfigError
 
 LOCK_FILE = ".lock"
@@ -36,6 +41,7 @@ LOCK_FILE = ".lock"
 # head's chunk, gradient-accumulation microbatches, prefetch threads): the same maths computed in
 # another order, so a run that ran out of memory can resume with other values.
 RESUME_IGNORED: tuple[str, ...] = (
+    "train.resume",
     "train.run_dir",
     "model.path",
     "data.path",
@@ -137,6 +143,28 @@ class RunLock:
         self.release()
 
 
+def lock_run_dir(run_dir: str) -> RunLock:
+    """Process 0 takes `RunLock(run_dir)`; when it cannot, every process raises RunDirError
+    together (the others would otherwise go on alone and wait in a collective). Release it (or
+    use it as a context manager) when the run ends."""
+    lock = RunLock(run_dir, enabled=jax.process_index() == 0)
+    error = None
+    try:
+        lock.acquire()
+    except RunDirError as e:
+        error = e
+    if jax.process_count() > 1:
+        failed = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
+        if failed and error is None:
+            raise RunDirError(
+                f"run directory {os.path.abspath(run_dir)} is in use by another trainer or "
+                "unusable (see process 0's message)"
+            )
+    if error is not None:
+        raise error
+    return lock
+
+
 def _read_holder(fd: int) -> str:
     try:
         text = os.pread(fd, 4096, 0).decode(errors="replace").strip()
@@ -227,6 +255,18 @@ def saved_config(run_dir: str) -> dict | None:
     if not isinstance(value, dict):
         raise RunDirError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
+
+
+def write_config(run_dir: str, text: str) -> None:
+    """Writes `<run_dir>/config.json` atomically (a temporary file renamed over it), so a crash
+    never leaves a half-written file that would block the next resume. Process 0 only."""
+    path = os.path.join(run_dir, "config.json")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def check_resume(run_dir: str, new: dict, *, force: bool = False) -> list[str]:

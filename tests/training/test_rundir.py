@@ -19,7 +19,9 @@ from rsa_jax.training._rundir import (
     absolute_paths,
     check_resume,
     config_diff,
+    lock_run_dir,
     saved_config,
+    write_config,
 )
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -105,6 +107,15 @@ def test_an_unwritable_run_directory_is_a_clear_error(tmp_path):
         RunLock(str(blocker / "run")).acquire()
 
 
+def test_lock_run_dir_takes_the_lock_in_process_zero(tmp_path, holder):
+    lock = lock_run_dir(str(tmp_path / "mine"))
+    assert lock.held
+    lock.release()
+    run, proc = holder
+    with pytest.raises(RunDirError, match=f"pid {proc.pid}"):
+        lock_run_dir(str(run))
+
+
 # ------------------------------------------------------------------------------ config diff
 
 
@@ -163,6 +174,13 @@ def test_check_resume_refuses_with_the_keys_and_both_ways_out(tmp_path):
     assert "train.resume=force" in message
     assert isinstance(info.value, ConfigError)  # the CLI's one-line error, exit code 2
     assert check_resume(str(run), new, force=True) == ["optim.learning_rate"]
+
+
+def test_write_config_replaces_the_file_whole(tmp_path):
+    write_config(str(tmp_path), '{"a": 1}')
+    write_config(str(tmp_path), '{"a": 2}')
+    assert saved_config(str(tmp_path)) == {"a": 2}
+    assert os.listdir(tmp_path) == ["config.json"]  # no temporary file left
 
 
 def test_a_malformed_config_json_names_the_file_and_line(tmp_path):
