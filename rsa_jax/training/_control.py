@@ -40,11 +40,26 @@ class StopSignal:
     the trainer, so that a signal during start-up (mesh, model loading, compilation) also ends
     the run cleanly at the next `should_stop` check instead of with a traceback.
 
+    `pending`: the list an earlier, plain handler appends signal names to, installed before the
+    seconds of imports that precede the trainer (this module is stdlib-only, but importing it
+    through `rsa_jax.training` loads JAX):
+
+        pending = []
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: pending.append(signal.Signals(signum).name))
+        from rsa_jax.training import StopSignal, train
+        stop = StopSignal(pending)   # sees what arrived before and until `installed()`
+
     A second SIGINT (Ctrl-C twice) raises KeyboardInterrupt at once.
     """
 
-    def __init__(self):
-        self.raised: str | None = None
+    def __init__(self, pending: list[str] | None = None):
+        self.received: list[str] = pending if pending is not None else []
+
+    @property
+    def raised(self) -> str | None:
+        """The first stop signal's name ("SIGTERM"), or None."""
+        return self.received[0] if self.received else None
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[StopSignal]:
@@ -52,9 +67,9 @@ class StopSignal:
 
         def handler(signum, frame):
             name = signal.Signals(signum).name
-            if self.raised == "SIGINT" and name == "SIGINT":
+            if name == "SIGINT" and "SIGINT" in self.received:
                 raise KeyboardInterrupt
-            self.raised = name
+            self.received.append(name)
             log.warning("%s received: stopping at the next safe point, after saving", name)
 
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -40,6 +40,22 @@ def test_sigterm_sets_the_flag_and_the_handler_is_restored():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_signals_caught_before_the_imports_are_seen():
+    pending = []
+    previous = signal.signal(signal.SIGTERM, lambda s, f: pending.append(signal.Signals(s).name))
+    try:
+        os.kill(os.getpid(), signal.SIGTERM)  # during the imports
+        stop = StopSignal(pending)
+        assert stop.raised == "SIGTERM"
+        pending.clear()
+        os.kill(os.getpid(), signal.SIGTERM)  # after StopSignal(), before installed()
+        assert stop.should_stop()
+        with stop.installed():
+            assert stop.should_stop()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def test_no_signal_and_not_finished_is_a_bug_not_a_preemption():
     with pytest.raises(RuntimeError, match="without a stop signal"):
         StopSignal().final_status(finished=False)
@@ -57,11 +73,14 @@ def test_a_second_ctrl_c_interrupts_at_once():
 # A process that is "starting up" (sleeping in slices, as a model load would block) when SIGTERM
 # arrives, and checks the flag before its first step, as the trainer does.
 STARTUP = """
-import sys, time
-from rsa_jax.training._control import StopSignal, exit_code
-stop = StopSignal()
+import signal, sys, time
+pending = []
+for sig in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(sig, lambda signum, frame: pending.append(signal.Signals(signum).name))
+print("starting", flush=True)
+from rsa_jax.training._control import StopSignal, exit_code  # loads JAX: seconds
+stop = StopSignal(pending)
 with stop.installed():
-    print("starting", flush=True)
     for _ in range(600):  # start-up work
         time.sleep(0.05)
         if stop.should_stop():
