@@ -343,10 +343,14 @@ class Checkpoints:
             if not steps:
                 return None
             step = steps[0]
+            meta, error = None, None
             try:
-                return step, self._read_meta(step)[0]
+                meta = self._read_meta(step)[0]
             except Exception as e:  # noqa: BLE001 - any failure means unusable
-                self._set_aside(step, e)
+                error = e
+            if _all_processes(error is None):
+                return step, meta
+            self._set_aside(step, error or RuntimeError("another process could not read it"))
 
     def _read_meta(self, step: int) -> tuple[dict, dict | None]:
         """(meta, integrity record or None for a checkpoint written without one)."""
