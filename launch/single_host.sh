@@ -21,8 +21,11 @@
 #   XLA_FLAGS, JAX_*         passed through unchanged
 #   DRY_RUN        0         1: print the commands ("+ " prefix, one per line) and exit 0
 #
-# Preemption: SIGTERM/SIGINT make the trainer finish the step, save and exit; this script
-# forwards them to its processes. Rerunning the same command resumes from RUN_DIR.
+# Preemption: SIGTERM/SIGINT make the trainer finish the step, save and exit with code 75
+# (preempted; 0 when the run had finished, 1 failed, 2 config error); this script forwards them
+# to its processes and exits with the trainer's code (several processes: 75 when every process
+# that stopped early was preempted, 1 when one failed). Rerunning the same command resumes from
+# RUN_DIR.
 set -euo pipefail
 
 die() { echo "$(basename "$0"): $*" >&2; exit 2; }
@@ -95,18 +98,28 @@ for ((i = 0; i < NUM_PROCESSES; i++)); do
   fi
   pids+=("$!")
 done
-# One process failing leaves the others blocked in a collective: stop them all.
-status=0
+# One process stopping early leaves the others blocked in a collective: stop them all (SIGTERM:
+# they save and exit too). Exit code 75 (EX_TEMPFAIL) is the trainer's "preempted, state saved".
+EXIT_PREEMPTED=75
+failed=0
+preempted=0
 finished=0
 while (( finished < NUM_PROCESSES )); do
   rc=0
   wait -n || rc=$?
   if (( rc > 128 && got_signal )); then got_signal=0; continue; fi  # the trap interrupted wait
   finished=$((finished + 1))
-  if (( rc != 0 && status == 0 )); then
-    echo "$(basename "$0"): a process exited with $rc; stopping the others (logs: $log_dir)" >&2
-    status=1
+  (( rc == 0 )) && continue
+  if (( failed == 0 && preempted == 0 )); then
+    if (( rc == EXIT_PREEMPTED )); then
+      echo "$(basename "$0"): a process was preempted (exit $rc); stopping the others" >&2
+    else
+      echo "$(basename "$0"): a process exited with $rc; stopping the others (logs: $log_dir)" >&2
+    fi
     kill -TERM "${pids[@]}" 2>/dev/null || true
   fi
+  if (( rc == EXIT_PREEMPTED )); then preempted=1; else failed=1; fi
 done
-exit "$status"
+(( failed )) && exit 1
+(( preempted )) && exit "$EXIT_PREEMPTED"
+exit 0

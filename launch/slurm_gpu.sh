@@ -43,9 +43,14 @@
 #
 # Preemption and requeue: --signal=B:TERM@120 sends SIGTERM to this batch shell 120 s before the
 # time limit; it forwards SIGTERM to srun (which passes it to every task: the trainer finishes
-# the step, saves and exits), waits, and requeues the job with `scontrol requeue`; the requeued
-# job resumes from RUN_DIR. With --requeue, a job preempted by the scheduler or hit by a node
-# failure is requeued by SLURM itself (the tasks get SIGTERM, then SIGKILL after KillWait).
+# the step, saves and exits), waits, and acts on the trainer's exit code: 75 (preempted, state
+# saved) requeues the job with `scontrol requeue` (the requeued job resumes from RUN_DIR); 0 (the
+# run finished, e.g. the signal came during the last step) ends the job; any other code (1
+# failure, 2 config error) ends the job with that code, not requeued, since a rerun would fail
+# the same way. The same holds when srun exits 75 without this shell being signalled (the tasks
+# were sent SIGTERM directly, e.g. `scancel --signal=TERM`). With --requeue, a job preempted by
+# the scheduler or hit by a node failure is requeued by SLURM itself (the tasks get SIGTERM,
+# then SIGKILL after KillWait).
 set -euo pipefail
 
 die() { echo "slurm_gpu.sh: $*" >&2; exit 2; }
@@ -106,15 +111,33 @@ fi
 
 cd "${SLURM_SUBMIT_DIR:-$PWD}"
 echo "slurm_gpu.sh: job $SLURM_JOB_ID, $nodes node(s) x $tasks_per_node process(es), run dir $RUN_DIR"
-# srun runs in the background so that this shell can take the SIGTERM sent before the time limit.
-requeue() {
-  echo "slurm_gpu.sh: SIGTERM: asking the tasks to save, then requeueing job $SLURM_JOB_ID" >&2
-  kill -TERM "$srun_pid" 2>/dev/null || true
-  wait "$srun_pid" || true
-  scontrol requeue "$SLURM_JOB_ID" || echo "slurm_gpu.sh: scontrol requeue failed" >&2
-  exit 0
+# The trainer's exit codes (rsa_jax/training/_control.py): 0 done, 1 failed, 2 config error,
+# 75 preempted (EX_TEMPFAIL: state saved, rerun to resume).
+EXIT_PREEMPTED=75
+finish() {
+  local rc="$1"
+  if (( rc == 0 )); then
+    echo "slurm_gpu.sh: the run finished"
+    exit 0
+  elif (( rc == EXIT_PREEMPTED )); then
+    echo "slurm_gpu.sh: the run was preempted (state saved); requeueing job $SLURM_JOB_ID" >&2
+    scontrol requeue "$SLURM_JOB_ID" || echo "slurm_gpu.sh: scontrol requeue failed" >&2
+    exit "$EXIT_PREEMPTED"
+  fi
+  echo "slurm_gpu.sh: the trainer exited with $rc; not requeued" >&2
+  exit "$rc"
 }
-trap requeue TERM
+# srun runs in the background so that this shell can take the SIGTERM sent before the time limit.
+on_term() {
+  echo "slurm_gpu.sh: SIGTERM: asking the tasks to save" >&2
+  kill -TERM "$srun_pid" 2>/dev/null || true
+  local rc=0
+  wait "$srun_pid" || rc=$?
+  finish "$rc"
+}
+trap on_term TERM
 "${cmd[@]}" &
 srun_pid=$!
-wait "$srun_pid"
+rc=0
+wait "$srun_pid" || rc=$?
+finish "$rc"

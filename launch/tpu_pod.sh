@@ -122,8 +122,10 @@ fi
 # Every command was quoted by join_quoted above: eval reads back exactly those arguments.
 if (( ${#commands[@]} == 1 )); then
   if [[ "$DRY_RUN" == 1 ]]; then echo "+ ${commands[0]}"; exit 0; fi
-  eval "${commands[0]}"
-  exit
+  # `|| status=$?`: under `set -e` a failing eval would exit with 1, losing the trainer's code.
+  status=0
+  eval "${commands[0]}" || status=$?
+  exit "$status"
 fi
 # Manual multislice: one ssh per slice, all at once (each blocks until its slice finishes).
 if [[ "$DRY_RUN" == 1 ]]; then
@@ -133,11 +135,24 @@ if [[ "$DRY_RUN" == 1 ]]; then
 fi
 pids=()
 for command in "${commands[@]}"; do
-  eval "$command" &
+  (set +e; eval "$command"; exit $?) &  # errexit would turn every failing code into 1
   pids+=("$!")
 done
-status=0
+# Exit code: 0 when every slice finished, 75 (the trainer's "preempted, state saved") when every
+# slice that stopped early was preempted, 1 when one failed.
+failed=0
+preempted=0
 for ((slice = 0; slice < ${#pids[@]}; slice++)); do
-  wait "${pids[slice]}" || { echo "tpu_pod.sh: slice $slice failed" >&2; status=1; }
+  rc=0
+  wait "${pids[slice]}" || rc=$?
+  if (( rc == 75 )); then
+    echo "tpu_pod.sh: slice $slice was preempted (state saved; rerun to resume)" >&2
+    preempted=1
+  elif (( rc != 0 )); then
+    echo "tpu_pod.sh: slice $slice failed (exit $rc)" >&2
+    failed=1
+  fi
 done
-exit "$status"
+(( failed )) && exit 1
+(( preempted )) && exit 75
+exit 0

@@ -26,13 +26,19 @@ log = logging.getLogger("rsa_jax")
 
 
 def _cmd_train(args) -> int:
+    import signal
+
+    # Signals during the imports below (seconds) are kept for the trainer's StopSignal.
+    pending: list[str] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: pending.append(signal.Signals(signum).name))
     from rsa_jax.config import load_config
-    from rsa_jax.training import train
+    from rsa_jax.training import StopSignal, exit_code, train
 
     config = load_config(args.config, args.overrides)
-    result = train(config)
+    result = train(config, stop=StopSignal(pending))
     print(f"{result.status} at global step {result.global_step}; run dir {config.train.run_dir}")
-    return 0
+    return exit_code(result.status)
 
 
 def _export(policy, out: str, **save_options) -> None:

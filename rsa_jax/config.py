@@ -138,6 +138,9 @@ class CheckpointConfig:
 class TrainConfig:
     # Run directory: checkpoints/, metrics.jsonl, TensorBoard events, config.json.
     run_dir: str = "runs/default"
+    # "auto": resume when the run directory's config matches (keys that do not change what is
+    # trained aside), refuse otherwise; "force": resume even when it differs.
+    resume: str = "auto"
     seed: int = 0
     log_every: int = 1
     # Chunk of response tokens whose logits the fused loss head forms at once.
@@ -370,6 +373,8 @@ def validate(config: Config, device_count: int | None = None) -> None:
         }
         if fields != {"{prompt}"}:
             _fail("data.template", f"the only field allowed is {{prompt}}, got {sorted(fields)}")
+    if config.train.resume not in ("auto", "force"):
+        _fail("train.resume", f"must be 'auto' or 'force', got {config.train.resume!r}")
     if config.train.head not in HEADS:
         _fail("train.head", f"must be one of {HEADS}, got {config.train.head!r}")
     if config.checkpoint.keep < 1:

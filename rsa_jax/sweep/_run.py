@@ -34,9 +34,10 @@ def is_done(variant: Variant) -> bool:
     marked done. Raises SweepError when that run was made with another config."""
     if not has_checkpoints(variant.run_dir):
         return False
-    from rsa_jax.training import Checkpoints
+    from rsa_jax.training import Checkpoints, absolute_paths, config_diff
 
-    ckpt = Checkpoints(variant.run_dir, keep=variant.config.checkpoint.keep, async_save=False)
+    keep = variant.config.checkpoint.keep
+    ckpt = Checkpoints(variant.run_dir, keep=keep, async_save=False, read_only=True)
     try:
         found = ckpt.latest_meta()
     finally:
@@ -45,10 +46,11 @@ def is_done(variant: Variant) -> bool:
         return False
     _, meta = found
     done = bool(meta["done"]) and meta["stage"] == len(variant.config.stages) - 1
-    if done and meta.get("config") != json.loads(to_json(variant.config)):
+    own = json.loads(to_json(absolute_paths(variant.config)))
+    if done and (differ := config_diff(meta.get("config") or {}, own)):
         raise SweepError(
             f"variant {variant.name!r}: {variant.run_dir} holds a finished run made with another "
-            "config; remove it or give the sweep another run_dir"
+            f"config (differing: {', '.join(differ)}); remove it or give the sweep another run_dir"
         )
     return done
 

@@ -42,7 +42,9 @@ from rsa_jax.training import (
     MetricsLog,
     Stage,
     TrainState,
+    absolute_paths,
     steps_done,
+    write_config,
 )
 
 # Config keys that may differ between variants of one vmap sweep: the traced hyperparameters
@@ -110,7 +112,7 @@ def _meta(config: Config, stage: int, stage_step: int) -> dict:
         stage_step=stage_step,
         done=True,
         rng=np.asarray(rng).tolist(),
-        config=json.loads(to_json(config)),
+        config=json.loads(to_json(absolute_paths(config))),
     )
 
 
@@ -145,8 +147,7 @@ def run_vmap(sweep: Sweep) -> dict[str, str]:
         stale = os.path.join(v.run_dir, "metrics.jsonl")
         if os.path.exists(stale):  # from an interrupted vmap run that saved nothing
             os.remove(stale)
-        with open(os.path.join(v.run_dir, "config.json"), "w") as f:
-            f.write(to_json(v.config))
+        write_config(v.run_dir, to_json(absolute_paths(v.config)))
         logs.append(MetricsLog(v.run_dir, progress=False))
     global_step = 0
     t_start = time.perf_counter()

@@ -173,7 +173,7 @@ def run_seed(demo: DemoConfig, seed: int) -> dict:
     """One full replication; returns {method: SampleScores} (the SFT model included)."""
     from rsa_jax.config import to_json
     from rsa_jax.models import load_hf
-    from rsa_jax.training import train
+    from rsa_jax.training import absolute_paths, train
 
     task = demo_task(demo)
     root = os.path.join(demo.out_dir, f"seed{seed}")
@@ -211,7 +211,7 @@ def run_seed(demo: DemoConfig, seed: int) -> dict:
         t1 = time.perf_counter()
         run_dir = os.path.join(root, method)
         config = method_config(demo, method, sft_dir, paths, seed, run_dir)
-        _fresh_unless_same(run_dir, "config.json", to_json(config))
+        _fresh_unless_same(run_dir, "config.json", to_json(absolute_paths(config)))
         result = train(config)
         _say(
             f"[seed {seed}] {method}: {result.status} after {result.global_step} steps "

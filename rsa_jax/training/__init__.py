@@ -15,7 +15,23 @@
 - Mesh and sharding: `Layout` (mesh + logical-axis rules), `make_mesh`, `place_batch`.
 """
 
-from rsa_jax.training._checkpoint import Checkpoints, CorruptCheckpoint
+from rsa_jax.training._checkpoint import (
+    CheckpointMismatch,
+    Checkpoints,
+    CheckpointWriteError,
+    CorruptCheckpoint,
+)
+from rsa_jax.training._checksum import tree_checksums
+from rsa_jax.training._control import (
+    EXIT_CONFIG,
+    EXIT_DONE,
+    EXIT_FAILED,
+    EXIT_PREEMPTED,
+    NonFiniteError,
+    StopSignal,
+    check_finite,
+    exit_code,
+)
 from rsa_jax.training._engine import (
     Engine,
     Stage,
@@ -53,6 +69,18 @@ from rsa_jax.training._optim import (
     optax_update,
     weight_decay_mask,
 )
+from rsa_jax.training._rundir import (
+    RESUME_IGNORED,
+    ConfigMismatch,
+    RunDirError,
+    RunLock,
+    absolute_paths,
+    check_resume,
+    config_diff,
+    lock_run_dir,
+    saved_config,
+    write_config,
+)
 from rsa_jax.training._step import (
     BATCH_KEYS,
     Hyper,
@@ -74,6 +102,29 @@ from rsa_jax.training._trainer import (
 )
 
 __all__ = [
+    # run directory, checkpoints and how a run ends
+    "CheckpointMismatch",
+    "CheckpointWriteError",
+    "ConfigMismatch",
+    "EXIT_CONFIG",
+    "EXIT_DONE",
+    "EXIT_FAILED",
+    "EXIT_PREEMPTED",
+    "NonFiniteError",
+    "RESUME_IGNORED",
+    "RunDirError",
+    "RunLock",
+    "StopSignal",
+    "absolute_paths",
+    "check_finite",
+    "check_resume",
+    "config_diff",
+    "exit_code",
+    "lock_run_dir",
+    "saved_config",
+    "tree_checksums",
+    "write_config",
+    # engine, training, mesh, model, step
     "BATCH_KEYS",
     "TRACED_OPTIM_FIELDS",
     "Checkpoints",

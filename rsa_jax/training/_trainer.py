@@ -10,23 +10,24 @@ finish the current step, save and return "preempted".
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
 import os
-import signal
 
 import jax
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from rsa_jax.config import Config, from_json, to_json
 from rsa_jax.training._checkpoint import Checkpoints, CorruptCheckpoint, abstract_like
+from rsa_jax.training._control import StopSignal, check_finite
 from rsa_jax.training._engine import Engine, Stage, steps_done
 from rsa_jax.training._logging import MetricsLog
 from rsa_jax.training._mesh import Layout, make_mesh
+from rsa_jax.training._rundir import absolute_paths, check_resume, lock_run_dir, write_config
 
 log = logging.getLogger(__name__)
 
@@ -36,32 +37,6 @@ class RunResult:
     status: str  # "done" or "preempted"
     global_step: int
     params: dict | None  # final policy parameters (flat dict); None when preempted
-
-
-class StopFlag:
-    """SIGTERM/SIGINT set a flag; the loop saves after the current step and returns."""
-
-    def __init__(self):
-        self.raised: str | None = None
-
-    @contextlib.contextmanager
-    def installed(self):
-        previous = {}
-
-        def handler(signum, frame):
-            self.raised = signal.Signals(signum).name
-            log.warning("%s received: finishing the current step, then saving", self.raised)
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                previous[sig] = signal.signal(sig, handler)
-            except ValueError:  # not the main thread
-                pass
-        try:
-            yield self
-        finally:
-            for sig, h in previous.items():
-                signal.signal(sig, h)
 
 
 class _RunDir:
@@ -141,7 +116,7 @@ class _RunDir:
             return stage.index, None, stage
         return 0, engine.initial, None
 
-    def run_stage(self, stage: Stage, stop: StopFlag) -> bool:
+    def run_stage(self, stage: Stage, stop: StopSignal) -> bool:
         """Fits the stage with logging, periodic checkpoints and the stop flag; saves the
         stage's final checkpoint. False when stopped by a signal before the stage's end."""
         config = self.engine.config
@@ -151,6 +126,13 @@ class _RunDir:
             nonlocal last_saved
             self.global_step += 1
             step = steps_done(stage.state)
+            # A NaN/inf loss or gradient norm stops the run before anything is saved.
+            check_finite(
+                {k: float(metrics[k]) for k in ("loss", "grad_norm")},
+                stage=stage.config.name,
+                step=step,
+                last_checkpoint=last_saved,
+            )
             if step % config.train.log_every == 0 or step == stage.total:
                 metrics = {k: float(v) for k, v in metrics.items()}
                 tokens = metrics.pop("tokens")  # global, all hosts
@@ -192,35 +174,53 @@ def train(
     *,
     tx: optax.GradientTransformation | None = None,
     layout: Layout | None = None,
+    stop: StopSignal | None = None,
 ) -> RunResult:
     """Runs (or resumes) every stage of `config` in its run directory.
 
     `tx`: an optax transformation to use instead of the built-in AdamW (whose learning rate,
     schedule, decay and clipping come from `config.optim` as traced values). `layout`: the mesh
-    and rules (default: `config.mesh` over all devices).
+    and rules (default: `config.mesh` over all devices). `stop`: the stop-signal handler (the CLI
+    passes one that saw signals during its imports); SIGTERM/SIGINT from start-up on end the run
+    cleanly with status "preempted", unless they arrive during the last step (then "done").
+
+    The run directory is locked for the run (a second trainer fails at once), and resumes only
+    with a matching config (`train.resume=force` resumes anyway; see `check_resume`).
     """
-    engine = Engine(config, layout=layout, tx=tx)
+    stop = StopSignal() if stop is None else stop
+    with stop.installed():  # first: a signal during start-up is a clean stop too
+        engine = Engine(absolute_paths(config), layout=layout, tx=tx)
+        with lock_run_dir(engine.config.train.run_dir):
+            return _train_locked(engine, stop)
+
+
+def _train_locked(engine: Engine, stop: StopSignal) -> RunResult:
+    config = engine.config
     run_dir = config.train.run_dir
-    os.makedirs(run_dir, exist_ok=True)
     resolved = to_json(config)
+    differ = check_resume(run_dir, json.loads(resolved), force=config.train.resume == "force")
+    if differ:
+        log.warning("resuming %s with other values of %s (train.resume=force)", run_dir, differ)
+    if jax.process_count() > 1:  # every process compared the same file before it is rewritten
+        multihost_utils.sync_global_devices("rsa_jax config checked")
     if jax.process_index() == 0:  # one writer when several processes share the run directory
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            f.write(resolved)
+        write_config(run_dir, resolved)
     run = _RunDir(engine, resolved)
-    stop = StopFlag()
     try:
-        with stop.installed():
-            first, policy, stage = run.starting_point()
-            for i in range(first, len(config.stages)):
-                if stage is None:
-                    assert policy is not None  # starting_point gives a policy or a stage
-                    stage = engine.stage(i, policy)
-                if not run.run_stage(stage, stop):
-                    return RunResult("preempted", run.global_step, None)
-                policy, stage = stage.state.params, None
-                if stop.raised and i < len(config.stages) - 1:
-                    run.ckpt.wait()
-                    return RunResult("preempted", run.global_step, None)
+        first, policy, stage = run.starting_point()
+        if stop.should_stop():
+            log.warning("stopped by %s during start-up", stop.raised)
+            return RunResult("preempted", run.global_step, None)
+        for i in range(first, len(config.stages)):
+            if stage is None:
+                assert policy is not None  # starting_point gives a policy or a stage
+                stage = engine.stage(i, policy)
+            if not run.run_stage(stage, stop):
+                return RunResult("preempted", run.global_step, None)
+            policy, stage = stage.state.params, None
+            if stop.raised and i < len(config.stages) - 1:  # during the last step: done
+                run.ckpt.wait()
+                return RunResult("preempted", run.global_step, None)
     finally:
         run.close()
     return RunResult("done", run.global_step, policy)
@@ -274,7 +274,8 @@ def load_policy(run_dir: str, config: Config | None = None, *, stage: str | int 
             return engine, checkpointer.restore(path, engine.model.abstract_params())
         finally:
             checkpointer.close()
-    ckpt = Checkpoints(run_dir, keep=config.checkpoint.keep, async_save=False)
+    # Read-only: export, eval and merge never move, write or delete anything in a run directory.
+    ckpt = Checkpoints(run_dir, keep=config.checkpoint.keep, async_save=False, read_only=True)
     try:
         while (found := ckpt.latest_meta()) is not None:
             step_id, meta = found

@@ -187,6 +187,38 @@ def wait_for_calls(directory: Path, count: int) -> None:
     raise AssertionError(f"fewer than {count} calls in {directory}")
 
 
+def test_single_host_one_process_passes_the_exit_code_through(tmp_path):
+    fake = fake_executable(tmp_path / "bin", "python", "exit 75")
+    env = {"CONFIG": "configs/tiny.yaml", "RUN_DIR": str(tmp_path / "run"), "PYTHON": str(fake)}
+    assert run_script("single_host.sh", env).returncode == 75
+
+
+def test_single_host_preempted_processes_exit_75_and_stop_the_others(tmp_path):
+    # Process 1 is preempted on its own; the script asks process 0 to stop, which saves and
+    # exits 75 too: the run as a whole is preempted, not failed.
+    # (process 1 waits until process 0 has installed its trap)
+    body = '[[ "$JAX_PROCESS_ID" == 1 ]] && sleep 0.5 && exit 75\n' + SLEEP_UNTIL_TERM.replace(
+        "exit 0", "exit 75"
+    )
+    fake = fake_executable(tmp_path / "bin", "python", body)
+    env = {"CONFIG": "c.yaml", "RUN_DIR": str(tmp_path / "run"), "PYTHON": str(fake)}
+    start = time.monotonic()
+    result = run_script("single_host.sh", {**env, "NUM_PROCESSES": "2"})
+    assert time.monotonic() - start < 10, "process 0 was not stopped"
+    assert result.returncode == 75, result.stderr
+    assert "a process was preempted (exit 75); stopping the others" in result.stderr
+
+
+def test_single_host_a_failure_among_preempted_processes_is_a_failure(tmp_path):
+    body = '[[ "$JAX_PROCESS_ID" == 1 ]] && exit 3\n' + SLEEP_UNTIL_TERM.replace(
+        "exit 0", "exit 75"
+    )
+    fake = fake_executable(tmp_path / "bin", "python", body)
+    env = {"CONFIG": "c.yaml", "RUN_DIR": str(tmp_path / "run"), "PYTHON": str(fake)}
+    result = run_script("single_host.sh", {**env, "NUM_PROCESSES": "2"})
+    assert result.returncode == 1, result.stderr
+
+
 def test_single_host_forwards_sigterm_to_every_process(tmp_path):
     body = SLEEP_UNTIL_TERM.replace("exit 0", f'echo "$JAX_PROCESS_ID" >> {tmp_path}/saved; exit 0')
     fake = fake_executable(tmp_path / "bin", "python", body)
@@ -254,12 +286,16 @@ def test_slurm_runs_what_it_prints(tmp_path):
     assert "ids=0,1,2,3,4,5,6,7" in result.stdout
 
 
-def test_slurm_sigterm_forwards_and_requeues(tmp_path):
+def slurm_sigterm(tmp_path, exit_code: int):
+    """Runs slurm_gpu.sh with a fake step that, on SIGTERM, records it and exits `exit_code`
+    (the trainer: 75 preempted with its state saved, 0 when the signal came in the last step);
+    sends the batch shell SIGTERM as --signal=B:TERM@120 does."""
     bin_dir = tmp_path / "bin"
-    # The fake step saves on SIGTERM like the trainer does: it records the signal and exits.
     term_file = tmp_path / "term"
     fake_executable(
-        bin_dir, "srun", SLEEP_UNTIL_TERM.replace("exit 0", f"echo got-term > {term_file}; exit 0")
+        bin_dir,
+        "srun",
+        SLEEP_UNTIL_TERM.replace("exit 0", f"echo got-term > {term_file}; exit {exit_code}"),
     )
     fake_executable(bin_dir, "scontrol")
     env = {**SLURM, "CONFIG": "configs/dpo.yaml", "SLURM_SUBMIT_DIR": str(ROOT)}
@@ -268,9 +304,37 @@ def test_slurm_sigterm_forwards_and_requeues(tmp_path):
     time.sleep(0.3)  # let the fake step install its trap
     proc.terminate()
     _, err = proc.communicate(timeout=15)
-    assert proc.returncode == 0, err
     assert (tmp_path / "term").read_text() == "got-term\n"
-    assert recorded_calls(bin_dir)[-1] == ["scontrol", "requeue", "4242"]
+    return proc.returncode, err, recorded_calls(bin_dir)
+
+
+def test_slurm_sigterm_forwards_and_requeues_a_preempted_run(tmp_path):
+    returncode, err, calls = slurm_sigterm(tmp_path, 75)
+    assert returncode == 75, err
+    assert calls[-1] == ["scontrol", "requeue", "4242"]
+    assert "preempted" in err
+
+
+def test_slurm_sigterm_during_the_last_step_is_a_finished_run_not_requeued(tmp_path):
+    returncode, err, calls = slurm_sigterm(tmp_path, 0)
+    assert returncode == 0, err
+    assert [c[0] for c in calls] == ["srun"]
+
+
+@pytest.mark.parametrize(("code", "requeued"), [(75, True), (1, False), (2, False), (0, False)])
+def test_slurm_acts_on_the_trainer_exit_code(tmp_path, code, requeued):
+    # No SIGTERM to the batch shell: the tasks stopped by themselves (e.g. signalled directly).
+    bin_dir = tmp_path / "bin"
+    fake_executable(bin_dir, "srun", f"exit {code}")
+    fake_executable(bin_dir, "scontrol")
+    env = {**SLURM, "CONFIG": "configs/dpo.yaml", "SLURM_SUBMIT_DIR": str(ROOT)}
+    result = run_script("slurm_gpu.sh", env, path_prefix=bin_dir)
+    assert result.returncode == code, result.stderr
+    calls = recorded_calls(bin_dir)
+    assert (calls[-1] == ["scontrol", "requeue", "4242"]) is requeued
+    assert len(calls) == 1 + requeued
+    if code not in (0, 75):
+        assert f"exited with {code}; not requeued" in result.stderr
 
 
 @pytest.mark.parametrize(
@@ -356,6 +420,25 @@ def test_tpu_multislice_manual_exports_megascale_per_slice():
             "cd rsa_jax && export RSA_JAX_DISTRIBUTED=1 MEGASCALE_COORDINATOR_ADDRESS=10.1.2.3:8080"
             f" MEGASCALE_NUM_SLICES=3 MEGASCALE_SLICE_ID={slice_id} MEGASCALE_PORT=8080 && {TRAIN}"
         )
+
+
+@pytest.mark.parametrize(("codes", "expected"), [((75, 75), 75), ((75, 0), 75), ((75, 4), 1)])
+def test_tpu_manual_multislice_exit_code(tmp_path, codes, expected):
+    bin_dir = tmp_path / "bin"
+    # The fake ssh exits with its slice's code (the slice id is in the remote command).
+    body = "\n".join(f'[[ "$*" == *MEGASCALE_SLICE_ID={i}* ]] && exit {c}' for i, c in
+                     enumerate(codes)) + "\nexit 0"  # fmt: skip
+    fake_executable(bin_dir, "gcloud", body)
+    env = tpu_env(NUM_SLICES="2", MEGASCALE_COORDINATOR_ADDRESS="10.1.2.3")
+    result = run_script("tpu_pod.sh", env, path_prefix=bin_dir)
+    assert result.returncode == expected, result.stderr
+    assert "slice 0 was preempted" in result.stderr
+
+
+def test_tpu_one_slice_passes_the_exit_code_through(tmp_path):
+    bin_dir = tmp_path / "bin"
+    fake_executable(bin_dir, "gcloud", "exit 75")
+    assert run_script("tpu_pod.sh", tpu_env(), path_prefix=bin_dir).returncode == 75
 
 
 def test_tpu_runs_what_it_prints(tmp_path):
