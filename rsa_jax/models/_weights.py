@@ -179,14 +179,20 @@ def load_hf(
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def save_hf(model: Llama, path: str, tokenizer=None) -> None:
-    """Writes config.json, model.safetensors (float32) and, if given, the tokenizer files."""
+SAVE_DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16}  # jnp.bfloat16 is ml_dtypes'
+
+
+def save_hf(model: Llama, path: str, tokenizer=None, *, dtype: str = "float32") -> None:
+    """Writes config.json, model.safetensors (`dtype`: float32 or bfloat16) and, if given, the
+    tokenizer files."""
+    if dtype not in SAVE_DTYPES:
+        raise ValueError(f"save dtype must be one of {', '.join(SAVE_DTYPES)}, got {dtype!r}")
     os.makedirs(path, exist_ok=True)
     config = model.config
     tensors = {}
     for param_path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         name, _, to_hf = hf_name(param_path, config)
-        value = np.asarray(variable[...], np.float32)
+        value = np.asarray(variable[...], np.float32).astype(SAVE_DTYPES[dtype])
         if param_path[0] == "blocks":
             for i in range(config.num_hidden_layers):
                 tensors[name.format(i=i)] = np.ascontiguousarray(to_hf(value[i]))
@@ -194,6 +200,6 @@ def save_hf(model: Llama, path: str, tokenizer=None) -> None:
             tensors[name] = np.ascontiguousarray(to_hf(value))
     save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config.to_hf(), f, indent=2)
+        json.dump({**config.to_hf(), "torch_dtype": dtype}, f, indent=2)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
