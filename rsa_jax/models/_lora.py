@@ -59,6 +59,9 @@ class LoraConfig:
     # seven projections are quantized, embeddings/norms/biases are kept in bfloat16.
     base_storage: str = "bfloat16"
     block_size: int = 64  # quantization block (entries per scale) along a weight's input axis
+    # Dropout on each adapter's input (PEFT's lora_dropout), active only when `LoraSpec.module`
+    # gets a `dropout_key` (training); 0 disables it.
+    dropout: float = 0.0
 
     def __post_init__(self):
         if not isinstance(self.rank, int) or self.rank < 1:
@@ -79,6 +82,8 @@ class LoraConfig:
             )
         if not isinstance(self.block_size, int) or self.block_size < 1:
             raise ValueError(f"lora.block_size must be a positive integer, got {self.block_size!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout must be in [0, 1), got {self.dropout!r}")
 
     @property
     def scale(self) -> float:
@@ -106,6 +111,7 @@ def to_lora(model: Llama, lora: LoraConfig, *, rngs: nnx.Rngs) -> Llama:
     projections = set()
     for module, names in _projection_modules(model):
         module.lora_scale = lora.scale
+        module.lora_dropout = lora.dropout
         for name in names:
             var = getattr(module, name)
             projections.add(id(var))
@@ -175,13 +181,26 @@ class LoraSpec:
     base_axes: dict[str, tuple]  # flat key -> logical axes (a QArray's codes and scales share them)
     adapter_axes: dict[str, tuple]
 
-    def module(self, base: dict, adapters: dict | None = None) -> Llama:
+    def module(self, base: dict, adapters: dict | None = None, *, dropout_key=None) -> Llama:
         """The Llama over `base` (+ `adapters`; None: adapters off, i.e. the reference model on
-        the same base arrays, no copy). The base is frozen: no gradient flows into it."""
+        the same base arrays, no copy). The base is frozen: no gradient flows into it.
+
+        `dropout_key` (a PRNG key; training only) turns on the adapters' input dropout when
+        `lora.dropout > 0`: each module gets its own key (one per layer when scanned) and each
+        projection folds in its index, so every adapter draws an independent mask.
+        """
         base = jax.tree.map(jax.lax.stop_gradient, base)
         if adapters is None:
             return nnx.merge(self.base_graphdef, _nested(base))
-        return nnx.merge(self.graphdef, _nested(base), _nested(adapters))
+        model = nnx.merge(self.graphdef, _nested(base), _nested(adapters))
+        if dropout_key is not None and self.lora.dropout > 0:
+            layers = (self.llama.num_hidden_layers,) if model.scan_layers else ()
+            for i, (module, _) in enumerate(_projection_modules(model)):
+                keys = jax.random.fold_in(dropout_key, i)
+                if layers:  # scanned: one key per layer, sliced by the layer scan
+                    keys = jax.random.split(keys, layers[0])
+                module.lora_key = nnx.Variable(keys)
+        return model
 
     def shardings(self, tree: dict, sharding: Callable) -> dict:
         """`sharding(logical_axes, shape) -> Sharding` for every array of a flat base or adapter
@@ -203,7 +222,8 @@ def split_lora(model: Llama) -> tuple[LoraSpec, dict, dict]:
     # The adapters-off graph: the same modules with the adapter attributes detached for a moment.
     detached = []
     for module, names in _projection_modules(model):
-        for attr in [n + s for n in names for s in (LORA_A, LORA_B)] + ["lora_scale"]:
+        attrs = [n + s for n in names for s in (LORA_A, LORA_B)] + ["lora_scale", "lora_dropout"]
+        for attr in attrs:
             if attr in vars(module):
                 detached.append((module, attr, getattr(module, attr)))
                 delattr(module, attr)
@@ -302,7 +322,7 @@ def save_peft(
         "base_model_name_or_path": base_model_name_or_path,
         "r": spec.lora.rank,
         "lora_alpha": spec.lora.alpha,
-        "lora_dropout": 0.0,
+        "lora_dropout": spec.lora.dropout,
         "target_modules": sorted(_PEFT_MODULE[t] for t in spec.lora.targets),
         "bias": "none",
         "fan_in_fan_out": False,

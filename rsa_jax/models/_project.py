@@ -5,7 +5,8 @@ Every matmul against a weight matrix (q, k, v, o, gate, up, down) goes through `
 same model code runs a float base, a quantized base (int8/nf4 `qwix.QArray`, dequantized right
 before its own matmul: only one layer's float weight is live at a time, and inside the layer
 scan only that layer's) and a LoRA model (adapters `<name>_lora_a`, `<name>_lora_b` next to the
-weight, scale `lora_scale` on the module).
+weight, scale `lora_scale` on the module; with `lora_dropout` > 0 and a `lora_key` variable on
+the module, dropout on the adapter's input, as PEFT).
 
 Why the LoRA delta is written here and not by qwix's `LoraProvider` (qwix 0.1.8): qwix finds a
 weight by intercepting `jnp.einsum` during the call and matching the operand back to a module
@@ -58,7 +59,8 @@ def project(module, name: str, equation: str, x: jax.Array, compute_dtype) -> ja
 
     Args:
       module: the Attention or MLP module holding the weight `name` (and, with LoRA, the
-        adapters `name_lora_a` [*in, r], `name_lora_b` [r, *out] and the float `lora_scale`).
+        adapters `name_lora_a` [*in, r], `name_lora_b` [r, *out], the float `lora_scale`, and
+        for training with dropout the rate `lora_dropout` and a PRNG key variable `lora_key`).
       equation: the projection's einsum, input first, e.g. "bld,dhe->blhe".
       x: the input activations, already in `compute_dtype`.
     Returns:
@@ -71,6 +73,11 @@ def project(module, name: str, equation: str, x: jax.Array, compute_dtype) -> ja
         return y
     b = getattr(module, f"{name}_lora_b")
     eq_a, eq_b = lora_equations(equation)
+    rate, key = getattr(module, "lora_dropout", 0.0), getattr(module, "lora_key", None)
+    if rate > 0 and key is not None:  # training: inverted dropout on the adapter's input only
+        key = jax.random.fold_in(key.get_value(), PROJECTIONS.index(name))
+        keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+        x = jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
     # x A first: [.., r] is tiny, so B A (a full [in, out] matrix) is never formed.
     xa = jnp.einsum(eq_a, x, a.get_value().astype(compute_dtype))
     delta = jnp.einsum(eq_b, xa, b.get_value().astype(compute_dtype))

@@ -45,13 +45,9 @@ IDS = np.random.default_rng(0).integers(0, 256, size=MASK.shape)
 BLOCK = 16
 
 
-def _lora_model(storage="float32", scan=False, rank=4, alpha=8.0, targets=None, seed=0):
+def _lora_model(storage="float32", scan=False, rank=4, alpha=8.0, seed=0, **options):
     model = Llama(tiny_config(), rngs=nnx.Rngs(seed), scan_layers=scan)
-    lora = LoraConfig(rank=rank, alpha=alpha, base_storage=storage, block_size=BLOCK)
-    if targets is not None:
-        lora = LoraConfig(
-            rank=rank, alpha=alpha, base_storage=storage, block_size=BLOCK, targets=targets
-        )
+    lora = LoraConfig(rank=rank, alpha=alpha, base_storage=storage, block_size=BLOCK, **options)
     return to_lora(model, lora, rngs=nnx.Rngs(seed + 1))
 
 
@@ -64,13 +60,13 @@ def _randomize_b(adapters, seed=3, scale=0.05):
     }
 
 
-def _logits(spec, base, adapters=None):
+def _logits(spec, base, adapters=None, dropout_key=None):
     @jax.jit
-    def run(base, adapters):
-        model = spec.module(base, adapters)
+    def run(base, adapters, dropout_key):
+        model = spec.module(base, adapters, dropout_key=dropout_key)
         return model.logits(model(jnp.asarray(IDS), jnp.asarray(POSITIONS), jnp.asarray(MASK)))
 
-    return np.asarray(run(base, adapters))
+    return np.asarray(run(base, adapters, dropout_key))
 
 
 def test_lora_equations():
@@ -84,6 +80,8 @@ def test_config_errors_name_the_field():
         LoraConfig(rank=0)
     with pytest.raises(ValueError, match="lora.targets"):
         LoraConfig(targets=("q", "lm_head"))
+    with pytest.raises(ValueError, match="lora.dropout"):
+        LoraConfig(dropout=1.0)
     with pytest.raises(ValueError, match="lora.base_storage"):
         LoraConfig(base_storage="fp8")
     with pytest.raises(ValueError, match="block size"):
@@ -340,3 +338,35 @@ def test_sharded_lora_forward_equals_one_device():
         assert out[case]["grad_diff"] <= 1e-5, out
         assert out[case]["sharded_adapters"] > 0, out
         assert out[case]["sharded_base"] > 0, out
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_dropout_only_in_training_and_only_on_the_adapters(scan):
+    spec, base, adapters = split_lora(_lora_model(scan=scan, dropout=0.3))
+    k1, k2 = jax.random.key(1), jax.random.key(2)
+    # B = 0: the dropped-out branch adds nothing, the base path is never dropped
+    np.testing.assert_array_equal(_logits(spec, base, adapters, k1), _logits(spec, base))
+    adapters = _randomize_b(adapters)
+    no_key = _logits(spec, base, adapters)
+    one, again, other = (_logits(spec, base, adapters, k) for k in (k1, k1, k2))
+    np.testing.assert_array_equal(one, again)
+    assert np.abs(one - no_key).max() > 1e-3 and np.abs(one - other).max() > 1e-3
+
+
+def test_dropout_is_unbiased():
+    """Inverted dropout: over many keys the mean projection is the one without dropout (within
+    5 standard errors per element)."""
+    spec, base, adapters = split_lora(_lora_model(dropout=0.25, targets=("q",)))
+    adapters = _randomize_b(adapters, scale=0.5)
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(2, 3, 64)), jnp.float32)
+
+    def q(key):
+        module = spec.module(base, adapters, dropout_key=key).layers[0].attention
+        return project(module, "q", "bld,dhe->blhe", x, jnp.float32)
+
+    keys = jax.random.split(jax.random.key(0), 4000)
+    samples = np.asarray(jax.jit(jax.vmap(q))(keys), np.float64)
+    want = np.asarray(q(None))
+    mean, stderr = samples.mean(0), samples.std(0) / np.sqrt(len(keys))
+    assert (stderr > 0).all()
+    assert (np.abs(mean - want) <= 5 * stderr).all(), np.abs(mean - want).max()
