@@ -11,14 +11,16 @@ Stable API (the training code and the CLI rely on these names):
 - `LlamaConfig.from_hf(dict)` / `.from_dir(path)` / `.to_hf()`; `tiny_config(**overrides)`, a
   2-layer D=64 V=256 random-init config for tests.
 - `load_hf(path, *, shardings=...)` reads a local HF directory tensor by tensor (optionally
-  straight onto shardings); `save_hf(model, path, tokenizer=None)` writes one transformers loads.
+  straight onto shardings); `save_hf(model, path, tokenizer=None, dtype="float32")` writes one
+  transformers loads (float32 or bfloat16 tensors).
 - `convert_gguf(gguf_path, out_dir)` -> HF directory (dequantised, q/k un-permuted, tokenizer and
   chat template from the metadata); `bundled_smollm2_gguf()`; CLI `python -m rsa_jax.models.convert`
   (`make model` -> artifacts/smollm2-135m).
-- LoRA / QLoRA (`_lora.py`): `LoraConfig(rank, alpha, targets, base_storage, block_size)`;
+- LoRA / QLoRA (`_lora.py`): `LoraConfig(rank, alpha, targets, base_storage, block_size, dropout)`;
   `to_lora(model, lora, rngs=...)` converts a Llama in place (base stored as float32, bfloat16,
   int8 or nf4 via qwix; adapters B = 0); `split_lora(model)` -> `(LoraSpec, base, adapters)` flat
-  dicts; `spec.module(base, adapters)` rebuilds it inside jit (`adapters=None`: adapters off);
+  dicts; `spec.module(base, adapters, dropout_key=None)` rebuilds it inside jit (`adapters=None`:
+  adapters off); `spec.shardings(tree, fn)` maps logical axes to shardings;
   `save_merged_hf`, `save_peft`; `tree_bytes`, `param_count`; `project` is the one weight matmul.
 - Sampling with a KV cache lives in `rsa_jax.generate.generate`.
 """
