@@ -67,7 +67,16 @@ def project(module, name: str, equation: str, x: jax.Array, compute_dtype) -> ja
       The projection in `compute_dtype`.
     """
     w = getattr(module, name).get_value()
-    y = jnp.einsum(equation, x, dense_weight(w, compute_dtype))
+    if isinstance(w, qwix.QArray):
+        # Recompute the dequantized weight in the backward pass rather than save it: as an
+        # autodiff residual, every layer's float weight would be kept from forward to backward
+        # (a float copy of the base, what QLoRA exists to avoid). Saved now: x and the codes.
+        y = jax.checkpoint(
+            lambda x, w: jnp.einsum(equation, x, dense_weight(w, compute_dtype)),
+            policy=jax.checkpoint_policies.nothing_saveable,
+        )(x, w)
+    else:
+        y = jnp.einsum(equation, x, dense_weight(w, compute_dtype))
     a = getattr(module, f"{name}_lora_a", None)
     if a is None:  # no adapter on this projection (not targeted, or adapters off)
         return y

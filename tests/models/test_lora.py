@@ -43,6 +43,7 @@ IDS = np.random.default_rng(0).integers(0, 256, size=MASK.shape)
 # tiny_config: D=64, H=4 heads, K=2 KV heads, E=16, F=128; blocks of 16 so E (o's last input
 # axis) holds one block.
 BLOCK = 16
+PROJ = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 def _lora_model(storage="float32", scan=False, rank=4, alpha=8.0, seed=0, **options):
@@ -370,3 +371,25 @@ def test_dropout_is_unbiased():
     mean, stderr = samples.mean(0), samples.std(0) / np.sqrt(len(keys))
     assert (stderr > 0).all()
     assert (np.abs(mean - want) <= 5 * stderr).all(), np.abs(mean - want).max()
+
+
+def test_qlora_backward_saves_no_dequantized_weight(capsys):
+    """With an nf4 base the autodiff residuals are activations and packed codes: no float copy
+    of any projection weight is kept from the forward to the backward pass."""
+    from jax.ad_checkpoint import print_saved_residuals
+
+    spec, base, adapters = split_lora(_lora_model("nf4"))
+    shapes = {",".join(map(str, v.shape)) for k, v in base.items() if k.rsplit("/", 1)[-1] in PROJ}
+
+    def loss(adapters):
+        model = spec.module(base, adapters)
+        hidden = model(jnp.asarray(IDS), jnp.asarray(POSITIONS), jnp.asarray(MASK))
+        return model.logits(hidden).sum()
+
+    capsys.readouterr()
+    print_saved_residuals(loss, adapters)
+    lines = capsys.readouterr().out.splitlines()
+    saved = [line.split(" ", 1)[0] for line in lines]  # e.g. "f32[2,8,64]", "u4[64,4,16]"
+    assert any(s.startswith("f32[") for s in saved)  # activations are saved
+    assert not [s for s in saved if s.startswith("f32[") and s[4:-1] in shapes], lines
+    assert shapes <= {s[3:-1] for s in saved if s.startswith("u4[")}  # the codes are
