@@ -18,6 +18,12 @@ Stable API (the training code and the CLI rely on these names):
   (`make model` -> artifacts/smollm2-135m).
 - `check_model_dir(path)` / `check_tokenizer_dir(path)`: a one-line FileNotFoundError for a local
   model directory that does not exist or has no tokenizer files.
+- LoRA / QLoRA (`_lora.py`): `LoraConfig(rank, alpha, targets, base_storage, block_size, dropout)`;
+  `to_lora(model, lora, rngs=...)` converts a Llama in place (base stored as float32, bfloat16,
+  int8 or nf4 via qwix; adapters B = 0); `split_lora(model)` -> `(LoraSpec, base, adapters)` flat
+  dicts; `spec.module(base, adapters, dropout_key=None)` rebuilds it inside jit (`adapters=None`:
+  adapters off); `spec.shardings(tree, fn)` maps logical axes to shardings;
+  `save_merged_hf`, `save_peft`; `tree_bytes`, `param_count`; `project` is the one weight matmul.
 - Sampling with a KV cache lives in `rsa_jax.generate.generate`.
 """
 
@@ -26,12 +32,42 @@ from rsa_jax.models._export import parse_size
 from rsa_jax.models._gguf import bundled_smollm2_gguf, convert_gguf
 from rsa_jax.models._llama import REMAT_POLICIES, Llama, attention_allowed, rope_frequencies
 from rsa_jax.models._local import check_model_dir, check_tokenizer_dir
+from rsa_jax.models._lora import (
+    LoraConfig,
+    LoraSpec,
+    merged_params,
+    param_count,
+    peft_tensors,
+    save_merged_hf,
+    save_peft,
+    split_lora,
+    to_lora,
+)
+from rsa_jax.models._project import PROJECTIONS, lora_equations, project
+from rsa_jax.models._quant import STORAGES, error_bound, nf4_codes, store_weight, tree_bytes
 from rsa_jax.models._weights import hf_name, load_hf, save_hf
 
 __all__ = [
+    "PROJECTIONS",
     "REMAT_POLICIES",
+    "STORAGES",
     "Llama",
     "LlamaConfig",
+    "LoraConfig",
+    "LoraSpec",
+    "error_bound",
+    "lora_equations",
+    "merged_params",
+    "nf4_codes",
+    "param_count",
+    "peft_tensors",
+    "project",
+    "save_merged_hf",
+    "save_peft",
+    "split_lora",
+    "store_weight",
+    "to_lora",
+    "tree_bytes",
     "attention_allowed",
     "bundled_smollm2_gguf",
     "check_model_dir",

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rsa_jax.models._config import LlamaConfig
+from rsa_jax.models._project import project
 
 _MASKED = -1e30  # finite, so fully masked (padding) rows stay NaN-free
 
@@ -85,9 +86,9 @@ class Attention(nnx.Module):
     def project(self, x, positions, inv_freq, compute_dtype):
         """Queries [B, L, H, E], keys and values [B, L, K, E] with RoPE applied."""
         x = x.astype(compute_dtype)
-        q = jnp.einsum("bld,dhe->blhe", x, self.q[...].astype(compute_dtype))
-        k = jnp.einsum("bld,dke->blke", x, self.k[...].astype(compute_dtype))
-        v = jnp.einsum("bld,dke->blke", x, self.v[...].astype(compute_dtype))
+        q = project(self, "q", "bld,dhe->blhe", x, compute_dtype)
+        k = project(self, "k", "bld,dke->blke", x, compute_dtype)
+        v = project(self, "v", "bld,dke->blke", x, compute_dtype)
         if self.config.attention_bias:
             q = q + self.q_bias[...].astype(compute_dtype)
             k = k + self.k_bias[...].astype(compute_dtype)
@@ -103,7 +104,7 @@ class Attention(nnx.Module):
         scores = jnp.where(allowed[:, None, None], scores, _MASKED)
         weights = jax.nn.softmax(scores, axis=-1).astype(compute_dtype)
         out = jnp.einsum("bkgls,bske->blkge", weights, v).reshape(b, length, h, e)
-        return jnp.einsum("blhe,hed->bld", out, self.o[...].astype(compute_dtype))
+        return project(self, "o", "blhe,hed->bld", out, compute_dtype)
 
 
 class MLP(nnx.Module):
@@ -115,9 +116,9 @@ class MLP(nnx.Module):
 
     def __call__(self, x, compute_dtype):
         x = x.astype(compute_dtype)
-        gate = x @ self.gate[...].astype(compute_dtype)
-        up = x @ self.up[...].astype(compute_dtype)
-        return (jax.nn.silu(gate) * up) @ self.down[...].astype(compute_dtype)
+        gate = project(self, "gate", "bld,df->blf", x, compute_dtype)
+        up = project(self, "up", "bld,df->blf", x, compute_dtype)
+        return project(self, "down", "blf,fd->bld", jax.nn.silu(gate) * up, compute_dtype)
 
 
 class Block(nnx.Module):
