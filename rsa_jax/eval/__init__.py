@@ -3,10 +3,18 @@
 `scorers` turns (prompt, response) texts into per-sample rewards, costs and catastrophe flags
 (`Scorer`, `load_scorer`, `score_samples`); `metrics` turns `SampleScores` into metrics with
 prompt-clustered bootstrap intervals (`tail_metrics`); `report` writes `results.json`,
-`results.md` and the reward-cost and cost-tail plots, and aggregates seeds. All NumPy; the
-sampling driver that produces the per-sample arrays lives in `rsa_jax.eval.sampling`.
+`results.md` and the reward-cost and cost-tail plots, and aggregates seeds; `write_samples`
+writes each sample's text with its scores as JSON Lines. All NumPy.
+
+The driver that produces the per-sample arrays (`load_model`, `sample`, `response_logprob`,
+`evaluate_model`, on one device or a mesh: `Placement`, `placement_for`; batch sizes from a memory
+budget) needs JAX and the model code: its names are re-exported lazily (on first access), so
+importing `rsa_jax.eval` for the metrics and reports does not import JAX.
 """
 
+import importlib
+
+from rsa_jax.eval._samples_file import SAMPLES_JSONL, read_samples, sample_rows, write_samples
 from rsa_jax.eval.metrics import (
     DEFAULT_LEVELS,
     Estimate,
@@ -28,8 +36,37 @@ from rsa_jax.eval.report import (
 )
 from rsa_jax.eval.scorers import Scorer, load_scorer, score_samples, scorer_name
 
+# name -> private module: imported on first access (module __getattr__, PEP 562).
+_LAZY = {
+    "Samples": "rsa_jax.eval._evaluate",
+    "encode_prompts": "rsa_jax.eval._evaluate",
+    "evaluate_model": "rsa_jax.eval._evaluate",
+    "response_logprob": "rsa_jax.eval._evaluate",
+    "sample": "rsa_jax.eval._evaluate",
+    "Placement": "rsa_jax.eval._placement",
+    "load_model": "rsa_jax.eval._placement",
+    "mesh_from_text": "rsa_jax.eval._placement",
+    "placement_for": "rsa_jax.eval._placement",
+    "placement_of": "rsa_jax.eval._placement",
+    "default_memory_budget": "rsa_jax.eval._budget",
+    "rows_per_batch": "rsa_jax.eval._budget",
+    "sampling_bytes_per_row": "rsa_jax.eval._budget",
+    "scoring_bytes_per_row": "rsa_jax.eval._budget",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'rsa_jax.eval' has no attribute {name!r}")
+
+
 __all__ = [
+    *_LAZY,
     "DEFAULT_LEVELS",
+    "SAMPLES_JSONL",
     "Estimate",
     "SampleScores",
     "Scorer",
@@ -40,6 +77,8 @@ __all__ = [
     "metric_names",
     "plot_cost_tail",
     "plot_reward_cost",
+    "read_samples",
+    "sample_rows",
     "point_metrics",
     "read_results",
     "results_table",
@@ -48,4 +87,5 @@ __all__ = [
     "seeds_interval",
     "tail_metrics",
     "write_results",
+    "write_samples",
 ]
