@@ -119,11 +119,10 @@ def _fit(mesh: MeshConfig, what: str) -> MeshConfig:
     except ConfigError as e:
         fallback = dataclasses.replace(mesh, data=-1, fsdp=1, tensor=1)
         log.warning(
-            "%s: its mesh does not fit the %d devices here (%s); using %s",
+            "%s: its mesh does not fit the %d devices here (%s); using all of them on data",
             what,
             jax.device_count(),
             e,
-            fallback,
         )
         return fallback
 
