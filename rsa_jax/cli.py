@@ -159,7 +159,12 @@ def _cmd_eval(args) -> int:
         scorer = load_scorer(args.scorer)
         prompts = _read_prompts(args.prompts)
         template = args.template
-    mesh = mesh_from_text(args.mesh) if args.mesh else None  # None: each model's own mesh
+    try:
+        mesh = mesh_from_text(args.mesh) if args.mesh else None  # None: each model's own mesh
+    except ValueError as e:
+        raise SystemExit(f"eval --mesh: {e}") from None
+    if args.memory_gb is not None and not args.memory_gb > 0:
+        raise SystemExit(f"eval --memory-gb: must be > 0, got {args.memory_gb}")
     budget = int(args.memory_gb * 2**30) if args.memory_gb else None
     reference = load_model(args.reference, mesh)[0] if args.reference else None
     rows, per_sample, texts = {}, {}, []

@@ -91,3 +91,17 @@ def test_eval_of_a_run_directory_on_its_mesh_or_a_fallback(tmp_path, caplog, mon
     ]
     assert [r["reward"] for r in rows] == [float(len(r["text"])) for r in rows]
     assert len(tokenizer) > 0
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        (["--mesh", "2,x,1"], "eval --mesh: mesh '2,x,1': give DATA,FSDP,TENSOR"),
+        (["--memory-gb", "0"], "eval --memory-gb: must be > 0, got 0.0"),
+    ],
+)
+def test_eval_rejects_a_bad_mesh_or_budget_with_one_line(tmp_path, flag, message):
+    (tmp_path / "p.txt").write_text("hi\n")
+    args = ["eval", str(tmp_path), "--task", "safety", "--prompts", str(tmp_path / "p.txt")]
+    with pytest.raises(SystemExit, match=message):
+        main([*args, *flag, "--out", str(tmp_path / "o")])
