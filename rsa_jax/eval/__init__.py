@@ -63,6 +63,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'rsa_jax.eval' has no attribute {name!r}")
 
 
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
     *_LAZY,
     "DEFAULT_LEVELS",
