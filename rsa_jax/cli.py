@@ -83,8 +83,18 @@ def _cmd_check(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from rsa_jax.eval import load_scorer, read_prompts, results_table, tail_metrics, write_results
-    from rsa_jax.eval.sampling import evaluate_model, load_model
+    from rsa_jax.eval import (
+        evaluate_model,
+        load_model,
+        load_scorer,
+        mesh_from_text,
+        read_prompts,
+        results_table,
+        sample_rows,
+        tail_metrics,
+        write_results,
+        write_samples,
+    )
 
     if args.task == "safety":
         from rsa_jax.tasks import TEMPLATE, OracleScorer, SafetyTask
@@ -99,11 +109,18 @@ def _cmd_eval(args) -> int:
         scorer = load_scorer(args.scorer)
         prompts = read_prompts(args.prompts)
         template = args.template
-    reference = load_model(args.reference)[0] if args.reference else None
-    rows, per_sample = {}, {}
+    try:
+        mesh = mesh_from_text(args.mesh) if args.mesh else None  # None: each model's own mesh
+    except ValueError as e:
+        raise SystemExit(f"eval --mesh: {e}") from None
+    if args.memory_gb is not None and not args.memory_gb > 0:
+        raise SystemExit(f"eval --memory-gb: must be > 0, got {args.memory_gb}")
+    budget = int(args.memory_gb * 2**30) if args.memory_gb else None
+    reference = load_model(args.reference, mesh)[0] if args.reference else None
+    rows, per_sample, texts = {}, {}, []
     for path in args.models:
         name = os.path.basename(os.path.normpath(path))
-        model, tokenizer = load_model(path)
+        model, tokenizer = load_model(path, mesh)
         scores, samples = evaluate_model(
             model,
             tokenizer,
@@ -114,12 +131,15 @@ def _cmd_eval(args) -> int:
             max_new_tokens=args.max_new_tokens,
             seed=args.seed,
             template=template,
+            memory_budget=budget,
         )
         rows[name] = tail_metrics(scores, n_boot=args.n_boot, seed=args.seed)
         per_sample[name] = scores
+        texts += sample_rows(name, prompts, samples, scores)
         unfinished = float(np.mean(~samples.finished))
         print(f"{name}: {len(scores)} samples, {100 * unfinished:.1f}% hit the token budget")
     written = write_results(args.out, rows, per_sample)  # tables and both plots
+    written["samples"] = write_samples(args.out, texts)  # every sample's text and scores
     print(results_table(rows))
     print(f"wrote {', '.join(sorted(os.path.basename(p) for p in written.values()))} to {args.out}")
     return 0
@@ -297,7 +317,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of prompts")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="directory for results.{md,json} and plots")
+    p.add_argument(
+        "--out", required=True, help="directory for results.{md,json}, samples.jsonl and plots"
+    )
+    p.add_argument(
+        "--mesh",
+        help="DATA,FSDP,TENSOR devices per mesh axis, -1 for the rest (default: a run "
+        "directory's training mesh; a model directory: all devices on data)",
+    )
+    p.add_argument(
+        "--memory-gb", type=float, help="memory per device for one batch (default: half the free)"
+    )
     p.set_defaults(fn=_cmd_eval)
 
     p = command("sweep", "train the variants of a sweep file, then one results table")

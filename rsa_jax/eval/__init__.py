@@ -6,9 +6,16 @@ prompt-clustered bootstrap intervals (`tail_metrics`); `report` writes `results.
 `results.md` and the reward-cost and cost-tail plots, and aggregates seeds; the frontier modules
 compare methods through families of variants (Pareto frontiers of reward against each cost
 statistic, the paired reward gap at equal cost, Algorithm 1's constrained choice, and
-`run_frontier`, the `rsa-jax frontier` command). All NumPy; the
-sampling driver that produces the per-sample arrays lives in `rsa_jax.eval.sampling`.
+`run_frontier`, the `rsa-jax frontier` command). `write_samples` writes each sample's text
+with its scores as JSON Lines. All NumPy.
+
+The driver that produces the per-sample arrays (`load_model`, `sample`, `response_logprob`,
+`evaluate_model`, on one device or a mesh: `Placement`, `placement_for`; batch sizes from a memory
+budget) needs JAX and the model code: its names are re-exported lazily (on first access), so
+importing `rsa_jax.eval` for the metrics and reports does not import JAX.
 """
+
+import importlib
 
 from rsa_jax.eval._frontier import (
     FRONTIER_STATISTICS,
@@ -39,6 +46,7 @@ from rsa_jax.eval._frontier_report import (
     pool_seeds,
     run_frontier,
 )
+from rsa_jax.eval._samples_file import SAMPLES_JSONL, read_samples, sample_rows, write_samples
 from rsa_jax.eval.metrics import (
     DEFAULT_LEVELS,
     Estimate,
@@ -61,9 +69,45 @@ from rsa_jax.eval.report import (
 )
 from rsa_jax.eval.scorers import Scorer, load_scorer, score_samples, scorer_name
 
+# name -> private module: imported on first access (module __getattr__, PEP 562).
+_LAZY = {
+    "Samples": "rsa_jax.eval._evaluate",
+    "encode_prompts": "rsa_jax.eval._evaluate",
+    "evaluate_model": "rsa_jax.eval._evaluate",
+    "response_logprob": "rsa_jax.eval._evaluate",
+    "sample": "rsa_jax.eval._evaluate",
+    "Placement": "rsa_jax.eval._placement",
+    "load_model": "rsa_jax.eval._placement",
+    "mesh_from_text": "rsa_jax.eval._placement",
+    "placement_for": "rsa_jax.eval._placement",
+    "placement_of": "rsa_jax.eval._placement",
+    "default_memory_budget": "rsa_jax.eval._budget",
+    "rows_per_batch": "rsa_jax.eval._budget",
+    "sampling_bytes_per_row": "rsa_jax.eval._budget",
+    "scoring_bytes_per_row": "rsa_jax.eval._budget",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'rsa_jax.eval' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
 __all__ = [
+    *_LAZY,
     "DEFAULT_LEVELS",
     "FRONTIER_STATISTICS",
+    "SAMPLES_JSONL",
+    "Estimate",
+    "SampleScores",
+    "Scorer",
     "aggregate_seeds",
     "bootstrap_metrics",
     "Choice",
@@ -87,6 +131,8 @@ __all__ = [
     "plot_cost_tail",
     "plot_frontier",
     "plot_reward_cost",
+    "read_samples",
+    "sample_rows",
     "point_metrics",
     "read_prompts",
     "pool_seeds",
@@ -105,4 +151,5 @@ __all__ = [
     "t_interval",
     "tail_metrics",
     "write_results",
+    "write_samples",
 ]

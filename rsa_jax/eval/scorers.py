@@ -13,7 +13,10 @@ it and checks its output into a `SampleScores`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import os
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, cast, runtime_checkable
 
@@ -47,6 +50,10 @@ def scorer_name(scorer: Any) -> str:
 def load_scorer(spec: str) -> Scorer:
     """Import the scorer named by `"package.module:attr"` (attr may be dotted: `Class.factory`).
 
+    The module is looked up in the current working directory first, as `python -m` does, so a
+    `my_scorer.py` next to the user works with the `rsa-jax` script too (whose sys.path starts
+    at the script's directory, not the working directory).
+
     A class is instantiated with no arguments; any other callable (a function, an instance) is
     returned as is.
 
@@ -61,7 +68,8 @@ def load_scorer(spec: str) -> Scorer:
     if not sep or not module_name or not attr:
         raise ValueError(f"scorer spec {spec!r} must look like 'package.module:attr'")
     try:
-        module = importlib.import_module(module_name)
+        with _cwd_on_path():
+            module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         missing_itself = e.name is not None and (
             module_name == e.name or module_name.startswith(e.name + ".")
@@ -85,6 +93,22 @@ def load_scorer(spec: str) -> Scorer:
         raise TypeError(f"scorer spec {spec!r}: {attr} is a {type(obj).__name__}, not callable")
     # A call signature cannot be checked before calling; `score_samples` checks the output.
     return cast(Scorer, obj)
+
+
+@contextlib.contextmanager
+def _cwd_on_path():
+    """The working directory first on sys.path for one import (removed afterwards, so it never
+    shadows other imports later; a package imported from it keeps its absolute __path__)."""
+    cwd = os.getcwd()
+    if cwd in sys.path or "" in sys.path:  # already searched (python -m, an interactive shell)
+        yield
+        return
+    sys.path.insert(0, cwd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(ValueError):
+            sys.path.remove(cwd)
 
 
 def score_samples(

@@ -1,5 +1,6 @@
-"""Jitted batched sampling with a KV cache: `generate(model, prompt_ids, prompt_mask, key, ...)`."""
+"""Jitted batched sampling with a KV cache: `generate(model, prompt_ids, prompt_mask, key, ...)`,
+on one device or on a mesh (`Shardings`, `place_rows`)."""
 
-from rsa_jax.generate._sampling import Cache, Generation, generate
+from rsa_jax.generate._sampling import Cache, Generation, Shardings, generate, place_rows
 
-__all__ = ["Cache", "Generation", "generate"]
+__all__ = ["Cache", "Generation", "Shardings", "generate", "place_rows"]

@@ -55,8 +55,7 @@ def evaluate_variant(options: dict, variant: Variant) -> dict:
     """{metric: {value, low, high}} of the variant's final policy (`rsa_jax.eval`)."""
     import numpy as np
 
-    from rsa_jax.eval import load_scorer, read_prompts, tail_metrics
-    from rsa_jax.eval.sampling import evaluate_model, load_model
+    from rsa_jax.eval import evaluate_model, load_model, load_scorer, read_prompts, tail_metrics
 
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:

@@ -64,7 +64,7 @@ def _say(message: str) -> None:
 
 def make_pairs(task, sft_dir, prompts, draws, seed, data_dir):
     """Samples two SFT responses per drawn prompt, labels them, writes the two pair files."""
-    from rsa_jax.eval.sampling import load_model, sample
+    from rsa_jax.eval import load_model, sample
 
     rng = np.random.default_rng(seed + 1000)
     drawn = [prompts[i] for i in rng.integers(0, len(prompts), draws)]
@@ -134,7 +134,7 @@ def method_config(demo: DemoConfig, method: str, sft_dir: str, paths: dict, seed
 def evaluate_dir(model_dir_or_run, prompts, reference, demo: DemoConfig, *, seed, task):
     """(SampleScores, sampling info) of one model (an HF directory or a run directory), sampled
     with the demo's evaluation settings (eval_samples per prompt, eval_max_tokens)."""
-    from rsa_jax.eval.sampling import evaluate_model, load_model
+    from rsa_jax.eval import evaluate_model, load_model
 
     model, tokenizer = load_model(model_dir_or_run)
     scores, sampled = evaluate_model(

@@ -252,19 +252,28 @@ def stage_index(config: Config, stage: str | int) -> int:
     return names.index(stage)
 
 
-def load_policy(run_dir: str, config: Config | None = None, *, stage: str | int | None = None):
+def load_policy(
+    run_dir: str,
+    config: Config | None = None,
+    *,
+    stage: str | int | None = None,
+    layout: Layout | None = None,
+):
     """(engine, flat policy params) of the newest usable checkpoint of a run directory, or,
     with `stage` (index or name), the policy that stage ended with.
 
     The engine holds the model definition (`engine.model.module(params)` is the NNX model) and
     the tokenizer. The run's own mesh settings are replaced by data parallelism over every
-    device, so a run trained on a pod slice loads on one machine.
+    device, so a run trained on a pod slice loads on one machine; `layout` restores onto another
+    mesh instead (evaluation on the training mesh).
     """
     if config is None:
         with open(os.path.join(run_dir, "config.json")) as f:
             config = from_json(f.read())
-    mesh = make_mesh(dataclasses.replace(config.mesh, data=-1, fsdp=1, tensor=1))
-    engine = Engine(config, layout=Layout(mesh, config.mesh.rules), check_devices=False)
+    if layout is None:
+        mesh = make_mesh(dataclasses.replace(config.mesh, data=-1, fsdp=1, tensor=1))
+        layout = Layout(mesh, config.mesh.rules)
+    engine = Engine(config, layout=layout, check_devices=False)
     if stage is not None and (index := stage_index(config, stage)) < len(config.stages) - 1:
         path = stage_policy_dir(run_dir, index)
         if not os.path.isdir(path):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
@@ -121,3 +123,18 @@ def test_score_samples_input_checks():
         score_samples(ok, ["p", "p"], ["a", "b"], [0, 0], logratio=np.zeros(3))
     with pytest.raises(ValueError, match="scoring with .*SampleScores.prompt must hold integers"):
         score_samples(_fixed({"reward": [0.0, 1], "cost": [0, 1]}, 1), "pp", "ab", [0.0, 1.0])
+
+
+def test_a_module_in_the_working_directory_is_found_as_python_m_does(tmp_path, monkeypatch):
+    # The `rsa-jax` console script's sys.path starts at the script's directory, not the working
+    # directory: emulate it by taking both "" and the working directory off the path.
+    (tmp_path / "cwd_scorer_mod.py").write_text(SCORER_MODULE)
+    monkeypatch.chdir(tmp_path)
+    path = [p for p in sys.path if p not in ("", str(tmp_path))]
+    monkeypatch.setattr(sys, "path", path)
+    monkeypatch.delitem(sys.modules, "cwd_scorer_mod", raising=False)
+    scorer = load_scorer("cwd_scorer_mod:length_scorer")
+    assert scorer(["p"], ["abcd"])["cost"].tolist() == [4.0]
+    assert sys.path == path  # the working directory was on the path for that import only
+    with pytest.raises(ImportError, match="no module named 'not_here_mod'"):
+        load_scorer("not_here_mod:x")

@@ -108,3 +108,22 @@ def test_right_padded_prompt_is_rejected(model):
             jax.random.key(0),
             max_new_tokens=2,
         )
+
+
+def test_a_rows_sample_depends_on_its_key_and_row_id_only(model, prompt):
+    kwargs = dict(max_new_tokens=N, temperature=1.0)
+    batch = generate(model, prompt, PROMPT_MASK, jax.random.key(5), **kwargs)
+    # Row 1 alone, or in another batch order, with its row id: the same tokens.
+    alone = generate(model, prompt[1:2], PROMPT_MASK[1:2], jax.random.key(5), row_ids=[1], **kwargs)
+    order = [2, 0, 1]
+    shuffled = generate(
+        model, prompt[order], PROMPT_MASK[order], jax.random.key(5), row_ids=order, **kwargs
+    )
+    tokens = np.asarray(batch.tokens)
+    np.testing.assert_array_equal(np.asarray(alone.tokens)[0], tokens[1])
+    np.testing.assert_array_equal(np.asarray(shuffled.tokens), tokens[order])
+    # Another row id draws another sample from the same prompt.
+    other = generate(model, prompt[1:2], PROMPT_MASK[1:2], jax.random.key(5), row_ids=[7], **kwargs)
+    assert not np.array_equal(np.asarray(other.tokens)[0], tokens[1])
+    with pytest.raises(ValueError, match=r"row_ids has shape \(2,\), expected \(1,\)"):
+        generate(model, prompt[1:2], PROMPT_MASK[1:2], jax.random.key(5), row_ids=[1, 2], **kwargs)

@@ -15,7 +15,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from rsa_jax.eval.sampling import load_model, sample
+from rsa_jax.eval import load_model, sample
 from rsa_jax.tasks import TEMPLATE, SafetyTask, style_rates
 from rsa_jax.tasks.sft import SFTConfig, train_sft
 

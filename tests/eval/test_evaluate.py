@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from rsa_jax.eval.sampling import evaluate_model, response_logprob, sample
+from rsa_jax.eval import evaluate_model, response_logprob, sample
 from rsa_jax.models import Llama, tiny_config
 from rsa_jax.tasks import TEMPLATE, OracleScorer, SafetyTask, make_tokenizer
 
