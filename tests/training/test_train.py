@@ -272,3 +272,19 @@ def test_stage_zero_export_is_the_stage_one_policy_and_merge_takes_any_policy(ba
         np.testing.assert_array_equal(merged_runs[k], merged[k], k)
     with pytest.raises(ValueError, match="stages are"):
         load_policy(run_dir, stage="nope")
+
+
+def test_every_stage_data_is_checked_before_the_first_stage_trains(data_path, tmp_path):
+    run_dir = tmp_path / "run"
+    missing = str(tmp_path / "no_such_safety_pairs.jsonl")
+    config = load_config(
+        TINY,
+        OVERRIDES
+        + [f"data.path={data_path}", f"train.run_dir={run_dir}", f"stages.1.data_path={missing}"],
+    )
+    with pytest.raises(Exception, match="no_such_safety_pairs"):
+        train(config)
+    metrics = run_dir / "metrics.jsonl"
+    assert not metrics.exists() or metrics.read_text() == ""  # stage 0 never took a step
+    ckpts = run_dir / "checkpoints"
+    assert not ckpts.exists() or not [d for d in os.listdir(ckpts) if d.isdigit()]
