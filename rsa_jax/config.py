@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from rsa_jax.data import DataConfig
-from rsa_jax.losses import DEFAULT_CHUNK_SIZE, DEFAULTS, Kernel, check_mu
+from rsa_jax.losses import DEFAULT_CHUNK_SIZE, DEFAULTS, Kernel, KernelError, check_mu
 
 # A stage's reference model: the initial (SFT) model, or the frozen result of the stage before.
 INIT, PREVIOUS_STAGE = "init", "previous_stage"
@@ -313,8 +313,8 @@ def validate(config: Config, device_count: int | None = None) -> None:
         k = f"stages.{i}"
         try:
             s.kernel  # noqa: B018 - checks loss, risk and version against the registries
-        except ValueError as e:
-            _fail(f"{k}.{str(e).split(':')[0]}", str(e).split(": ", 1)[1])
+        except KernelError as e:
+            _fail(f"{k}.{e.field}", str(e))
         if s.reference not in REFERENCES:
             _fail(f"{k}.reference", f"must be one of {REFERENCES}, got {s.reference!r}")
         if i == 0 and s.follows_previous:
@@ -325,8 +325,8 @@ def validate(config: Config, device_count: int | None = None) -> None:
             _fail(f"{k}.beta", f"must be > 0, got {s.beta}")
         try:
             check_mu(s.risk, s.mu)
-        except ValueError as e:
-            _fail(f"{k}.mu", str(e).split(": ", 1)[1])
+        except KernelError as e:
+            _fail(f"{k}.{e.field}", str(e))
         if s.alpha < 0:
             _fail(f"{k}.alpha", f"must be >= 0, got {s.alpha}")
         if not 0 < s.gamma <= 1:

@@ -12,6 +12,7 @@ from rsa_jax.losses._kernel import (
     TRACED_NAMES,
     VERSIONS,
     Kernel,
+    KernelError,
     LossHyper,
     check_mu,
 )
@@ -40,6 +41,7 @@ __all__ = [
     "DEFAULTS",
     "DEFAULT_CHUNK_SIZE",
     "Kernel",
+    "KernelError",
     "LossHyper",
     "TRACED_NAMES",
     "VERSIONS",
