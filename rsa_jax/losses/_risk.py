@@ -155,10 +155,24 @@ def cvar_reference(d, q, *, mu, tail, split_vocab, threshold=None, logq=None):
     return jnp.sum(jnp.where(d_fixed > tau, q * d, 0.0), axis=-1)
 
 
+def _in_gap(low: jax.Array, high: jax.Array, fallback: jax.Array) -> jax.Array:
+    """The middle of (low, high) where a float lies in [low, high) there, else `fallback`."""
+    middle = low + 0.5 * (high - low)
+    return jnp.where(jnp.isfinite(middle) & (middle >= low) & (middle < high), middle, fallback)
+
+
 def cvar_threshold(d, q, *, mu, tail, split_vocab):
-    """The VaR atom `t*` of `cvar`: [...], one of the values of d."""
+    """Two cuts around the VaR atom `t*` of `cvar` (one of the values of d): [..., 2] =
+    (lower, upper) with `lower < d <= upper` exactly on the atom's entries, `d > upper` exactly
+    above it, each cut in the middle of its gap to the neighbouring values (see
+    `_middle_of_cut`: the fused head's backward compares a recomputed d with them, and cuts on
+    the atom itself would let an ulp of recomputation move the atom's q between the weights)."""
     del tail, split_vocab
-    return upper_tail_atom(d, jax.lax.stop_gradient(q), jnp.asarray(mu, jnp.float32))
+    atom = upper_tail_atom(d, jax.lax.stop_gradient(q), jnp.asarray(mu, jnp.float32))
+    a = atom[..., None]
+    below = jnp.max(jnp.where(d < a, d, -jnp.inf), axis=-1)
+    above = jnp.min(jnp.where(d > a, d, jnp.inf), axis=-1)
+    return jnp.stack([_in_gap(below, atom, below), _in_gap(atom, above, atom)], axis=-1)
 
 
 def cvar(d, q, *, mu, tail, split_vocab, threshold=None, logq=None):
@@ -176,9 +190,8 @@ def cvar(d, q, *, mu, tail, split_vocab, threshold=None, logq=None):
     d_fixed, q = jax.lax.stop_gradient(d), jax.lax.stop_gradient(q)
     if threshold is None:
         threshold = cvar_threshold(d_fixed, q, mu=mu, tail=tail, split_vocab=split_vocab)
-    atom = threshold[..., None]
-    above = d_fixed > atom
-    at = d_fixed == atom
+    above = d_fixed > threshold[..., 1:]
+    at = (d_fixed > threshold[..., :1]) & ~above
     mass_above = jnp.sum(jnp.where(above, q, 0.0), axis=-1, keepdims=True)
     mass_at = jnp.sum(jnp.where(at, q, 0.0), axis=-1, keepdims=True)
     atom_share = jnp.clip((mu - mass_above) / jnp.maximum(mass_at, 1e-30), 0.0, 1.0)

@@ -273,3 +273,25 @@ def test_cvar_reference_cut_survives_an_ulp_of_recomputation(split_vocab, v):
         rtol=1e-6,
         atol=1e-9,
     )
+
+
+def test_cvar_cuts_survive_an_ulp_of_recomputation():
+    """Textbook `cvar` splits the mass of its VaR atom, one of the values of d; its weights in the
+    fused head's backward (a recomputed d against the forward's cuts) must not move by an ulp."""
+    from rsa_jax.losses._risk import cvar_threshold
+
+    rng = np.random.default_rng(1)
+    d = (0.01 * rng.normal(size=(64, 462))).astype(np.float32)
+    q = np.asarray(jax.nn.softmax(jnp.asarray(rng.normal(size=(64, 462)), jnp.float32)))
+    kw = dict(mu=0.4, tail=losses.quantile_tail(0.4), split_vocab=True)
+    cuts = cvar_threshold(jnp.asarray(d), jnp.asarray(q), **kw)
+
+    def weights(values):  # d(rho)/d(d) = w / mu
+        grad = jax.grad(lambda x: losses.cvar(x, q, threshold=cuts, **kw).sum())
+        return np.asarray(grad(jnp.asarray(values)))
+
+    want = weights(d)
+    assert np.all(np.sum(want > 0, axis=-1) >= 1)
+    np.testing.assert_allclose(want.sum(-1), 1.0, rtol=1e-5)  # w sums to mu: w / mu to 1
+    for moved in (np.nextafter(d, np.float32(np.inf)), np.nextafter(d, np.float32(-np.inf))):
+        np.testing.assert_array_equal(weights(moved), want)
