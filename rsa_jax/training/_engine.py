@@ -70,9 +70,9 @@ _COMPILE_EVENTS = (
 _compile_seconds = [0.0]
 
 
-def _count_compile_time(event: str, duration: float, **kwargs) -> None:
+def _count_compile_time(event: str, duration_secs: float, **kwargs: str | int) -> None:
     if event in _COMPILE_EVENTS:
-        _compile_seconds[0] += duration
+        _compile_seconds[0] += duration_secs
 
 
 jax.monitoring.register_event_duration_secs_listener(_count_compile_time)
