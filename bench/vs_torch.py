@@ -7,7 +7,8 @@ the public training API (`build_spec`, `init_state`, `build_stage_step`, as benc
 does) with our DPO step, our Ra-DPO step (cvar_reference, split vocabulary) with the logits head,
 and the same Ra-DPO step with the fused head.
 
-Each side runs in its own worker process (one process tree; both use every core), and the parent
+Each side runs in its own worker process (one process tree; both use every core; torch's with
+OMP_WAIT_POLICY=PASSIVE unless set, see `Worker`), and the parent
 alternates them: repetition r runs `--steps` timed steps of every variant in turn, after one
 untimed warm-up step each, so a load change on the shared machine hits both sides alike. Times are
 medians over every timed step. The last line is one JSON object with `dpo_ours_over_torch` (our
@@ -100,7 +101,7 @@ def _torch_worker(args) -> dict:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), MAX_GRAD_NORM)
         opt.step()
-        return float(loss)
+        return loss.item()
 
     def run():
         start = time.perf_counter()
@@ -182,8 +183,16 @@ class Worker:
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", side]
         cmd += ["--model", args.model, "--pairs", str(args.pairs), "--length", str(args.length)]
         cmd += ["--chunk", str(args.chunk)] + (["--remat"] if args.remat else [])
+        env = dict(os.environ)
+        if side == "torch":
+            # PyTorch's OpenMP threads spin while they wait; on a shared, oversubscribed machine
+            # that made a SmolLM2 fwd+bwd at 2 x 32 tokens take 36-52 s instead of 3.3-3.9 s
+            # (2 threads, load average about 13). Passive waiting is torch's best setting there.
+            env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         # Worker logs (compiles, warnings) go to the parent's stderr; stdout carries the protocol.
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
         self.names = json.loads(self._readline())
 
     def _readline(self) -> str:
