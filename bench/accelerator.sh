@@ -8,7 +8,8 @@
 #   bash bench/accelerator.sh --smoke               # any machine: tiny models, toy sizes
 #   bash bench/accelerator.sh --peak-tflops 312     # a device missing from the peak table
 #
-# Uses .venv/bin/python when present, else python3 (set PYTHON to choose).
+# Uses .venv/bin/python when present, else python3 (set PYTHON to choose). TIMEOUT_S (default 600)
+# is the hard wall-clock limit of the whole run.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -23,4 +24,4 @@ if command -v nvidia-smi >/dev/null 2>&1; then
 fi
 # The repository's rsa_jax first, whatever is installed.
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
-exec timeout 600 "$python" bench/accelerator.py "$@"
+exec timeout "${TIMEOUT_S:-600}" "$python" bench/accelerator.py "$@"
