@@ -27,7 +27,7 @@ from rsa_jax.losses._risk import (
     quantile_tail,
     torch_rank,
 )
-from rsa_jax.losses._select import kth_smallest_pair, upper_tail_atom
+from rsa_jax.losses._select import kth_smallest_pair, kth_smallest_pair_bisect, upper_tail_atom
 from rsa_jax.losses._token_stats import (
     SequenceStats,
     TokenStats,
@@ -59,6 +59,7 @@ __all__ = [
     "fused_token_stats",
     "kl",
     "kth_smallest_pair",
+    "kth_smallest_pair_bisect",
     "logits_pair_loss",
     "nested_risk_value",
     "nested_risk_value_dense",
