@@ -9,7 +9,7 @@ and MFU = model FLOPs per second / the device's peak dense bf16 FLOP/s. Model FL
 forward 2 N + 4 l h e s, with N the matmul parameters (the unembedding included), l layers, h query
 heads, e head dim, s tokens per row.
 
-Ours goes through the public training API (`build_spec`, `init_state`, `build_stage_step`).
+Ours goes through the public training API (`Engine`, `Engine.compiled_step`).
 `--budget-s` stops starting new measurements once that much wall time has gone, so the whole run
 fits a fixed slot; `--smoke` runs tiny random models at toy sizes (any backend, for the tests).
 
@@ -28,20 +28,9 @@ import time
 import jax
 import numpy as np
 
-from rsa_jax.config import MeshConfig, ModelConfig, OptimConfig, StageConfig
+from rsa_jax.config import Config, DataConfig, ModelConfig, OptimConfig, StageConfig
 from rsa_jax.models import LlamaConfig, tiny_config
-from rsa_jax.training import (
-    batch_sharding,
-    build_spec,
-    build_stage_step,
-    init_params,
-    init_state,
-    make_mesh,
-    make_optimizer,
-    place_batch,
-    replicated,
-    state_shardings,
-)
+from rsa_jax.training import Engine, PairObjective, device_copy, place_batch, state_shardings
 
 ARTIFACT = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "artifacts", "smollm2-135m"
@@ -149,27 +138,22 @@ def bench_model(name, llama, path, args, deadline, peak, rows_out) -> None:
     model_cfg = ModelConfig(
         path=path, compute_dtype=args.dtype, remat=args.remat, scan_layers=args.scan_layers
     )
-    mesh, rules = make_mesh(MeshConfig()), MeshConfig().rules
-    spec = build_spec(model_cfg, llama, mesh, rules)
-    params = init_params(spec, model_cfg)
-    reference = jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False), params)
     optim = OptimConfig(learning_rate=1e-5, warmup_ratio=0.0, weight_decay=0.0)
-    rep = replicated(mesh)
-    state = init_state(params, make_optimizer(optim), rep)  # threaded through every variant
-    del params
-    bsh = batch_sharding(mesh, rules)
     pairs, length = args.pairs[name], args.length
-    batch = place_batch(make_batch(pairs, length, llama.vocab_size), bsh)
+    config = Config(model=model_cfg, data=DataConfig(batch_size=pairs), optim=optim)
+    engine = Engine(config, llama=llama, check_devices=False)
+    reference = device_copy(engine.initial)
+    state = engine.new_state(engine.initial)  # threaded through every variant
+    batch = place_batch(make_batch(pairs, length, llama.vocab_size), engine.layout.batch)
     flops = flops_per_step(llama, 2 * pairs, length)
     for variant, loss, head in VARIANTS:
         if time.monotonic() > deadline:
             print(f"{name} {variant}: skipped (time budget spent)", flush=True)
             continue
         stage = StageConfig(loss=loss, risk="cvar_reference", mu=0.95, split_vocab=True)
-        step, hyper = build_stage_step(
-            spec, optim, stage, 1000, state_shardings(state), bsh, rep,
-            head=head, chunk_size=args.chunk,
-        )  # fmt: skip
+        objective = PairObjective(stage.kernel, head=head, chunk_size=args.chunk)
+        step = engine.compiled_step(objective, state_shardings(state))
+        hyper = engine.hyper(stage, 1000)
         t0 = time.perf_counter()
         compiled = step.lower(state, reference, batch, hyper).compile()
         compile_s = time.perf_counter() - t0

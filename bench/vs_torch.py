@@ -3,7 +3,7 @@
 The same DPO step on SmolLM2-135M (float32, `B` pairs x `L` tokens, 4 x 128 by default): policy
 forward+backward, reference forward under no_grad, AdamW with gradient clipping. PyTorch builds
 `LlamaForCausalLM` from artifacts/smollm2-135m's config.json and safetensors; ours goes through
-the public training API (`build_spec`, `init_state`, `build_stage_step`, as bench/train_step.py
+the public training API (`Engine`, `Engine.compiled_step`, as bench/train_step.py
 does) with our DPO step, our Ra-DPO step (cvar_reference, split vocabulary) with the logits head,
 and the same Ra-DPO step with the fused head.
 
@@ -115,43 +115,31 @@ def _jax_worker(args) -> dict:
     """`run()` per variant of OURS -> seconds of one of our steps (compiled before timing)."""
     import jax
 
-    from rsa_jax.config import MeshConfig, ModelConfig, OptimConfig, StageConfig
-    from rsa_jax.models import LlamaConfig
-    from rsa_jax.training import (
-        batch_sharding,
-        build_spec,
-        build_stage_step,
-        init_params,
-        init_state,
-        make_mesh,
-        make_optimizer,
-        place_batch,
-        replicated,
-        state_shardings,
-    )
+    from rsa_jax.config import Config, DataConfig, ModelConfig, OptimConfig, StageConfig
+    from rsa_jax.training import Engine, PairObjective, device_copy, place_batch, state_shardings
 
-    model_cfg = ModelConfig(path=args.model, compute_dtype="float32", remat=args.remat)
-    mesh, rules = make_mesh(MeshConfig()), MeshConfig().rules
-    spec = build_spec(model_cfg, LlamaConfig.from_dir(args.model), mesh, rules)
-    params = init_params(spec, model_cfg)
-    reference = jax.tree.map(lambda x: jax.device_put(x, x.sharding, may_alias=False), params)
     optim = OptimConfig(
         learning_rate=LR, warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=MAX_GRAD_NORM
     )
-    rep = replicated(mesh)
+    engine = Engine(
+        Config(
+            model=ModelConfig(path=args.model, compute_dtype="float32", remat=args.remat),
+            data=DataConfig(batch_size=args.pairs),
+            optim=optim,
+        )
+    )
+    reference = device_copy(engine.initial)
     # One train state threads through every variant's step (same structure and shardings), so
     # the process holds one copy of the weights and Adam moments whatever the variant count.
-    holder = {"state": init_state(params, make_optimizer(optim), rep)}
-    del params
-    bsh = batch_sharding(mesh, rules)
-    batch = place_batch(make_batch(args.pairs, args.length, spec.llama.vocab_size), bsh)
+    holder = {"state": engine.new_state(engine.initial)}
+    vocab = engine.model.llama.vocab_size
+    batch = place_batch(make_batch(args.pairs, args.length, vocab), engine.layout.batch)
     runs = {}
     for name, loss, risk, head in OURS:
         stage = StageConfig(loss=loss, risk=risk, beta=BETA, mu=0.95, split_vocab=True)
-        step, hyper = build_stage_step(
-            spec, optim, stage, 1000, state_shardings(holder["state"]), bsh, rep,
-            head=head, chunk_size=args.chunk,
-        )  # fmt: skip
+        objective = PairObjective(stage.kernel, head=head, chunk_size=args.chunk)
+        step = engine.compiled_step(objective, state_shardings(holder["state"]))
+        hyper = engine.hyper(stage, 1000)
         compiled = step.lower(holder["state"], reference, batch, hyper).compile()
 
         def run(compiled=compiled, hyper=hyper):
