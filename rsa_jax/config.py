@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from rsa_jax.data import DataConfig
 from rsa_jax.losses import DEFAULT_CHUNK_SIZE, DEFAULTS, Kernel, KernelError, check_mu
+from rsa_jax.models import ATTENTION_CHOICES
 
 # A stage's reference model: the initial (SFT) model, or the frozen result of the stage before.
 INIT, PREVIOUS_STAGE = "init", "previous_stage"
@@ -49,6 +50,9 @@ class ModelConfig:
     scan_layers: bool = False
     # Seed of the random initialisation of a "tiny" model.
     init_seed: int = 0
+    # Attention kernel: "auto" (cuDNN flash attention on a GPU in bfloat16, XLA otherwise),
+    # "xla" or "cudnn" (jax.nn.dot_product_attention's implementations).
+    attention: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,6 +309,8 @@ def _fail(key: str, message: str) -> NoReturn:
 def validate(config: Config, device_count: int | None = None) -> None:
     """Constraints beyond types. With `device_count`, also that the mesh fits the devices/batch."""
     m = config.model
+    if m.attention not in ATTENTION_CHOICES:
+        _fail("model.attention", f"must be one of {ATTENTION_CHOICES}, got {m.attention!r}")
     if m.compute_dtype not in DTYPES:
         _fail("model.compute_dtype", f"must be one of {DTYPES}, got {m.compute_dtype!r}")
     if not config.stages:

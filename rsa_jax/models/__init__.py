@@ -30,7 +30,7 @@ Stable API (the training code and the CLI rely on these names):
 - Sampling with a KV cache lives in `rsa_jax.generate.generate`.
 """
 
-from rsa_jax.models._config import LlamaConfig, tiny_config
+from rsa_jax.models._config import ATTENTION_CHOICES, LlamaConfig, tiny_config
 from rsa_jax.models._export import parse_size
 from rsa_jax.models._gguf import bundled_smollm2_gguf, convert_gguf
 from rsa_jax.models._llama import (
@@ -57,6 +57,7 @@ from rsa_jax.models._quant import STORAGES, error_bound, nf4_codes, store_weight
 from rsa_jax.models._weights import hf_name, load_hf, save_hf
 
 __all__ = [
+    "ATTENTION_CHOICES",
     "PROJECTIONS",
     "REMAT_POLICIES",
     "STORAGES",
