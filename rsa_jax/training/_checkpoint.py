@@ -216,7 +216,9 @@ class Checkpoints:
 
     def _open(self):
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=self.keep,
+            # Read-only: nothing is ever saved or deleted (Orbax warns if these are given).
+            max_to_keep=None if self.read_only else self.keep,
+            save_interval_steps=0 if self.read_only else 1,
             enable_async_checkpointing=self.async_save,
             create=not self.read_only,
             read_only=self.read_only,
@@ -224,7 +226,14 @@ class Checkpoints:
             # Safe because one trainer owns a run directory (RunLock).
             cleanup_tmp_directories=not self.read_only,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        absl = logging.getLogger("absl")
+        level = absl.level
+        if self.read_only:  # Orbax warns that the directory is read-only: that is the point
+            absl.setLevel(logging.ERROR)
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
+        finally:
+            absl.setLevel(level)
 
     # ----------------------------------------------------------------------------- writing
 
