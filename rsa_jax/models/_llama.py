@@ -12,6 +12,7 @@ prompts and right-padded responses: `positions` give each token's RoPE position 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -21,7 +22,7 @@ from rsa_jax.models._config import LlamaConfig
 from rsa_jax.models._project import project
 
 
-def attention_implementation(choice: str, dtype, head_dim: int) -> str:
+def attention_implementation(choice: str, dtype, head_dim: int) -> Literal["xla", "cudnn"]:
     """The `jax.nn.dot_product_attention` implementation for `LlamaConfig.attention`.
 
     "auto" takes cuDNN flash attention where it applies (the default backend is a GPU, the
@@ -30,7 +31,7 @@ def attention_implementation(choice: str, dtype, head_dim: int) -> str:
     force one; "cudnn" off a GPU fails inside jax with its own error. On cuDNN the padding mask
     becomes an additive bias, which the fused kernel supports.
     """
-    if choice != "auto":
+    if choice == "xla" or choice == "cudnn":
         return choice
     half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
     fits = head_dim % 8 == 0 and head_dim <= 128
