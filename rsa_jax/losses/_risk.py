@@ -117,8 +117,8 @@ def cvar_reference_threshold(d, q, *, mu, tail, split_vocab):
     first, second = v // 2, v - v // 2
     if first == second:
         # Even V: the halves are a free reshape, and one selection call serves both.
-        halves = d.reshape(*d.shape[:-1], 2, first)
-        return _linear_quantile(halves, jnp.ones(halves.shape, bool), first, tail)
+        halves = d.reshape(*d.shape[:-1], 2, first)  # [..., 2, V/2]
+        return _cut(halves, jnp.ones(halves.shape, bool), first, tail)
     # [..., 2, second]: the first half padded by one entry when V is odd.
     pad = [(0, 0)] * (d.ndim - 1) + [(0, second - first)]
     halves = jnp.stack([jnp.pad(d[..., :first], pad), d[..., first:]], axis=-2)
