@@ -22,6 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from rsa_jax.data import DataConfig
 from rsa_jax.losses import DEFAULT_CHUNK_SIZE, DEFAULTS, Kernel, check_mu
+from rsa_jax.models import PROJECTIONS, STORAGES
 
 # A stage's reference model: the initial (SFT) model, or the frozen result of the stage before.
 INIT, PREVIOUS_STAGE = "init", "previous_stage"
@@ -37,6 +38,24 @@ class ConfigError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
+class LoraSettings:
+    """`model.lora`: train low-rank adapters on a frozen base instead of every weight."""
+
+    # 0: full fine-tuning (every weight trained, float32 master weights); r >= 1: LoRA of rank r.
+    rank: int = 0
+    # The adapter delta is scaled by alpha / rank.
+    alpha: float = 16.0
+    # Projections that get adapters, among q, k, v, o, gate, up, down.
+    targets: list[str] = dataclasses.field(default_factory=lambda: list(PROJECTIONS))
+    # Dropout on each adapter's input during training (PEFT's lora_dropout); 0 disables it.
+    dropout: float = 0.0
+    # Storage of the frozen base: float32 | bfloat16 | int8 | nf4 (QLoRA: nf4 + adapters).
+    base_storage: str = "bfloat16"
+    # Quantization block (entries per scale) of an int8/nf4 base.
+    block_size: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
 class ModelConfig:
     # A local Hugging Face directory (config.json, safetensors, tokenizer files), or "tiny": a
     # random 2-layer Llama and a small trained-in-memory BPE tokenizer (tests and smoke runs).
@@ -49,6 +68,12 @@ class ModelConfig:
     scan_layers: bool = False
     # Seed of the random initialisation of a "tiny" model.
     init_seed: int = 0
+    # LoRA / QLoRA (null or rank 0: full fine-tuning).
+    lora: LoraSettings | None = dataclasses.field(default_factory=LoraSettings)
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.lora is not None and self.lora.rank > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,11 +327,37 @@ def _fail(key: str, message: str) -> NoReturn:
     raise ConfigError(f"{key}: {message}")
 
 
+def _validate_lora(lora: LoraSettings) -> None:
+    if lora.rank < 0:
+        _fail("model.lora.rank", f"must be >= 0 (0: full fine-tuning), got {lora.rank}")
+    if lora.rank == 0:
+        return
+    if not lora.alpha > 0:
+        _fail("model.lora.alpha", f"must be > 0, got {lora.alpha}")
+    unknown = [t for t in lora.targets if t not in PROJECTIONS]
+    if unknown or not lora.targets or len(set(lora.targets)) != len(lora.targets):
+        _fail(
+            "model.lora.targets",
+            f"must be distinct names among {', '.join(PROJECTIONS)}, got {list(lora.targets)}",
+        )
+    if not 0 <= lora.dropout < 1:
+        _fail("model.lora.dropout", f"must lie in [0, 1), got {lora.dropout}")
+    if lora.base_storage not in STORAGES:
+        _fail(
+            "model.lora.base_storage",
+            f"must be one of {', '.join(STORAGES)}, got {lora.base_storage!r}",
+        )
+    if lora.block_size < 1:
+        _fail("model.lora.block_size", f"must be >= 1, got {lora.block_size}")
+
+
 def validate(config: Config, device_count: int | None = None) -> None:
     """Constraints beyond types. With `device_count`, also that the mesh fits the devices/batch."""
     m = config.model
     if m.compute_dtype not in DTYPES:
         _fail("model.compute_dtype", f"must be one of {DTYPES}, got {m.compute_dtype!r}")
+    if m.lora is not None:
+        _validate_lora(m.lora)
     if not config.stages:
         _fail("stages", "at least one stage is required")
     for i, s in enumerate(config.stages):
