@@ -229,3 +229,40 @@ def test_peft_export_of_a_full_run_is_a_clear_error(tmp_path, data_path, capsys)
     assert main(["export", run_dir, str(tmp_path / "out"), "--peft"]) == 2
     err = capsys.readouterr().err
     assert "full fine-tuning run" in err and "\n" == err[-1] and err.count("\n") == 1
+
+
+@pytest.mark.slow  # loads and compiles SmolLM2-135M (minutes on 2 CPU cores)
+def test_qlora_stage_on_smollm2_lowers_the_loss(data_path, tmp_path):
+    """One QLoRA stage (nf4 base, rank 8) of the bundled SmolLM2-135M on the toy pairs' learnable
+    safety view: the first step is log 2 (adapters start at B = 0) and the loss falls."""
+    model_dir = os.path.join(ROOT, "artifacts", "smollm2-135m")
+    config_path = str(tmp_path / "qlora.yaml")
+    with open(config_path, "w") as f:
+        json.dump(
+            {
+                "model": {
+                    "path": model_dir,
+                    "compute_dtype": "float32",
+                    "remat": True,
+                    "lora": {"rank": 8, "alpha": 16, "base_storage": "nf4"},
+                },
+                "data": {
+                    "path": data_path,
+                    "max_prompt_len": 16,
+                    "max_response_len": 16,
+                    "batch_size": 4,
+                    "read_threads": 0,
+                },
+                "optim": {"learning_rate": 1e-3, "warmup_ratio": 0.0},
+                "checkpoint": {"every": 0},
+                "train": {"run_dir": str(tmp_path / "run"), "progress_bar": False},
+                "stages": [{"name": "safety", "view": "safety", "steps": 5}],
+            },
+            f,
+        )  # JSON is YAML
+    result = train(load_config(config_path))
+    assert result.status == "done"
+    rec = _records(str(tmp_path / "run"))
+    losses = [rec[(0, s)]["loss"] for s in range(1, 6)]
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-4)
+    assert losses[-1] < losses[0] - 0.1, losses
