@@ -47,7 +47,8 @@ class LoraSettings:
     alpha: float = 16.0
     # Projections that get adapters, among q, k, v, o, gate, up, down.
     targets: list[str] = dataclasses.field(default_factory=lambda: list(PROJECTIONS))
-    # Dropout on each adapter's input during training (PEFT's lora_dropout); 0 disables it.
+    # Dropout on each adapter's input (PEFT's lora_dropout); only 0 is accepted for now: the
+    # model implements it, the train step does not yet draw its PRNG keys.
     dropout: float = 0.0
     # Storage of the frozen base: float32 | bfloat16 | int8 | nf4 (QLoRA: nf4 + adapters).
     base_storage: str = "bfloat16"
@@ -342,6 +343,11 @@ def _validate_lora(lora: LoraSettings) -> None:
         )
     if not 0 <= lora.dropout < 1:
         _fail("model.lora.dropout", f"must lie in [0, 1), got {lora.dropout}")
+    if lora.dropout > 0:  # the model supports it; the train step does not draw its keys yet
+        _fail(
+            "model.lora.dropout",
+            f"adapter dropout is not wired into training yet; use 0, got {lora.dropout}",
+        )
     if lora.base_storage not in STORAGES:
         _fail(
             "model.lora.base_storage",

@@ -73,6 +73,7 @@ def lora_run(tmp_path_factory, data_path):
         ("model.lora.targets=[q,qkv]", "model.lora.targets"),
         ("model.lora.targets=[q,q]", "model.lora.targets"),
         ("model.lora.dropout=1.0", "model.lora.dropout"),
+        ("model.lora.dropout=0.1", "model.lora.dropout"),
         ("model.lora.base_storage=fp8", "model.lora.base_storage"),
         ("model.lora.block_size=0", "model.lora.block_size"),
     ],
@@ -223,7 +224,12 @@ def test_peft_export_of_a_full_run_is_a_clear_error(tmp_path, data_path, capsys)
     run_dir = str(tmp_path / "full")
     config = load_config(
         TINY,
-        ["stages.0.steps=1", "stages.1.steps=1", f"data.path={data_path}", f"train.run_dir={run_dir}"],
+        [
+            "stages.0.steps=1",
+            "stages.1.steps=1",
+            f"data.path={data_path}",
+            f"train.run_dir={run_dir}",
+        ],
     )
     assert train(config).status == "done"
     assert main(["export", run_dir, str(tmp_path / "out"), "--peft"]) == 2
