@@ -272,3 +272,32 @@ def test_qlora_stage_on_smollm2_lowers_the_loss(data_path, tmp_path):
     losses = [rec[(0, s)]["loss"] for s in range(1, 6)]
     assert losses[0] == pytest.approx(math.log(2), abs=1e-4)
     assert losses[-1] < losses[0] - 0.1, losses
+
+
+def test_lora_step_on_8_simulated_devices_equals_one_device():
+    """`lora_sharded_check.py` in a subprocess (the device count is fixed per process): the LoRA
+    step with an nf4 base on meshes 8x1x1, 2x2x2, 1x4x2 equals one device after two AdamW steps,
+    with the adapters and the base partitioned (tolerances as in test_sharded.py)."""
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    done = subprocess.run(
+        [sys.executable, os.path.join(here, "lora_sharded_check.py")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["single_compiles"] == 1
+    for name in ("8x1x1", "2x2x2", "1x4x2"):
+        case = out[name]
+        assert case["compiles"] == 1, (name, case)
+        assert case["loss_diff"] <= 1e-5, (name, case)
+        assert case["grad_norm_rel_diff"] <= 1e-5, (name, case)
+        assert case["param_diff"] <= 1e-5, (name, case)
+    for name in ("2x2x2", "1x4x2"):  # fsdp/tensor axes partition the base and the adapters
+        assert out[name]["sharded_adapters"] > 0 and out[name]["sharded_base"] > 0, out[name]
