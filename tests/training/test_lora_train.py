@@ -207,6 +207,11 @@ def test_export_of_a_lora_run_merged_and_peft(lora_run, tmp_path, capsys):
         np.asarray(model.logits(model(input_ids, positions, mask))), expected, rtol=1e-4, atol=1e-4
     )
 
+    # The stage-1 policy of the run (adapters kept under stages/0) merges too, and differs.
+    _, stage0 = load_policy(run_dir, stage=0)
+    assert stage0.keys() == merged.keys()
+    assert any(not np.array_equal(np.asarray(stage0[k]), np.asarray(merged[k])) for k in merged)
+
     with open(os.path.join(peft_dir, "adapter_config.json")) as f:
         peft_config = json.load(f)
     assert peft_config["r"] == 4 and peft_config["lora_alpha"] == 8
