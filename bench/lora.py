@@ -220,6 +220,7 @@ def _measure(model: str, mode: str, repeats: int) -> dict:
     seconds = _time(one, repeats)
     out = dict(
         peak=int(mem.peak_memory_in_bytes),
+        temp=int(mem.temp_size_in_bytes),
         held=held,
         adapter_state=tree_bytes(box[0]) if lora else None,
         base=tree_bytes(engine.base) if lora else None,
@@ -282,13 +283,13 @@ def part_two(args) -> dict:
     rows = {mode: _measure(args.model, mode, args.repeats) for mode in ("full", "lora", "qlora")}
     n_base = rows["full"]["n_base"]
     print(f"\npart 2: one RSA step, {PAIRS} pairs x {PROMPT + RESPONSE} tokens, {n_base:,} params")
-    print(f"{'mode':<8}{'peak MB':>10}{'state+frozen MB':>17}{'B/param':>9}{'vs full':>9}"
-          f"{'step s':>9}")  # fmt: skip
+    print(f"{'mode':<8}{'peak MB':>10}{'temp MB':>10}{'state+frozen MB':>17}{'B/param':>9}"
+          f"{'peak vs full':>14}{'step s':>9}")  # fmt: skip
     full = rows["full"]
     for mode, r in rows.items():
         print(
-            f"{mode:<8}{r['peak'] / 1e6:>10.1f}{r['held'] / 1e6:>17.1f}"
-            f"{r['bytes_per_param']:>9.3f}{r['peak'] / full['peak']:>9.3f}{r['seconds']:>9.3f}"
+            f"{mode:<8}{r['peak'] / 1e6:>10.1f}{r['temp'] / 1e6:>10.1f}{r['held'] / 1e6:>17.1f}"
+            f"{r['bytes_per_param']:>9.3f}{r['peak'] / full['peak']:>14.3f}{r['seconds']:>9.3f}"
         )
     sweep = _sweep(rows["lora"], args.k, args.repeats)
     k = args.k
