@@ -7,17 +7,22 @@ V=49152, D=576):
   * fused path: `fused_pair_loss(h_p, W_p, h_r, W_r, ..., chunk_size=C)`.
 Peak memory is XLA's buffer assignment for the compiled step (temporaries + arguments + outputs,
 `Compiled.memory_analysis()`), which is what the step needs whatever else the process holds.
+Then the risk head alone: value and gradient of the Ra-DPO loss (cvar_reference, split vocabulary)
+from the logits of both models (2 pairs x 512 tokens x V by default), with the radix selection
+against the previous 32-pass bisection (`kth_smallest_pair_bisect`), both compiled in this run.
 Then the `cvar_reference` threshold (torch-semantics quantile of each vocabulary half) by exact
-bisection selection against `jnp.quantile` (a full sort) on the same positions.
+radix selection and by bisection against `jnp.quantile` (a full sort) on the same positions.
 Every number is a ratio against a baseline measured in the same run.
 
     python bench/loss_head.py                 # the full SmolLM2-sized run (several minutes)
     python bench/loss_head.py --demo          # a small, fast run
+    python bench/loss_head.py --skip-paths    # the risk head and the threshold only
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import time
 
@@ -26,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rsa_jax import losses
+from rsa_jax.losses import _risk
 from rsa_jax.losses._risk import _linear_quantile
 
 MU = {"cvar_reference": 0.95, "cvar": 0.95, "erm": 5.0, "kl": 0.5}
@@ -100,6 +106,57 @@ def bench_paths(args) -> None:
         )
 
 
+@contextlib.contextmanager
+def _bisection_selection():
+    """Trace with the previous selection (32-pass bisection) in place of the radix select.
+
+    A benchmark-only swap of the name `_risk` calls, so both versions compile in one process.
+    """
+    radix = _risk.kth_smallest_pair
+    _risk.kth_smallest_pair = losses.kth_smallest_pair_bisect
+    try:
+        yield
+    finally:
+        _risk.kth_smallest_pair = radix
+
+
+def bench_risk_head(args) -> None:
+    b, t, v = args.head_pairs, args.head_seq, args.vocab
+    rng = np.random.default_rng(2)
+    policy = jnp.asarray(rng.normal(size=(2 * b, t, v)), jnp.float32)
+    ref = policy + 0.1 * jnp.asarray(rng.normal(size=policy.shape), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, v, size=(2 * b, t)), jnp.int32)
+    mask = jnp.asarray(np.arange(t)[None, :].repeat(2 * b, 0) >= t // 4)
+
+    def loss(policy, ref):
+        per_pair, _ = losses.logits_pair_loss(
+            policy, ref, labels, mask, risk="cvar_reference", split_vocab=True, mu=0.95
+        )
+        return per_pair.mean()
+
+    new = jax.jit(jax.value_and_grad(loss)).lower(policy, ref).compile()
+    with _bisection_selection():
+        old = jax.jit(jax.value_and_grad(loss)).lower(policy, ref).compile()
+    (v_new, g_new), (v_old, g_old) = new(policy, ref), old(policy, ref)
+    same = bool(v_new == v_old) and bool(jnp.all(g_new == g_old))
+    # Alternate the two so that a load change on a shared machine hits both alike.
+    times = {"old": [], "new": []}
+    for _ in range(args.repeats):
+        for name, fn in (("old", old), ("new", new)):
+            times[name].append(_time(fn, policy, ref, repeats=1))
+    t_old, t_new = (float(np.median(times[k])) for k in ("old", "new"))
+    n = 2 * b * t
+    print(
+        f"\n## risk head: value and gradient from logits, {b} pairs x {t} x V={v}, "
+        f"cvar_reference with split, {args.repeats} alternating calls each"
+    )
+    print("| selection | positions/s | new / old speed |")
+    print("|---|---|---|")
+    print(f"| bisection, 32 passes (old) | {n / t_old:,.0f} | 1.00 |")
+    print(f"| radix select (new) | {n / t_new:,.0f} | {t_old / t_new:.2f} |")
+    print(f"same loss and gradient bit for bit: {same}", flush=True)
+
+
 def _sort_quantile_halves(d, tail):
     """Baseline: torch.quantile semantics by a full sort (jnp.quantile) of each half."""
     half = d.shape[-1] // 2
@@ -119,11 +176,17 @@ def bench_quantile(args) -> None:
     d = jnp.asarray(rng.normal(size=(args.quantile_positions, args.vocab)), jnp.float32)
     tail = losses.quantile_tail(0.95)
     sort_fn, select_fn = jax.jit(_sort_quantile_halves), jax.jit(_select_quantile_halves)
+    with _bisection_selection():
+        bisect_fn = jax.jit(_select_quantile_halves)
+        bisect_fn.lower(d, tail).compile()
+    want = sort_fn(d, tail)
     agree = all(
         bool(jnp.all(a == b)) or float(jnp.max(jnp.abs(a - b))) < 1e-6
-        for a, b in zip(sort_fn(d, tail), select_fn(d, tail), strict=True)
+        for got in (select_fn(d, tail), bisect_fn(d, tail))
+        for a, b in zip(want, got, strict=True)
     )
     t_sort = _time(sort_fn, d, tail, repeats=args.repeats)
+    t_bisect = _time(bisect_fn, d, tail, repeats=args.repeats)
     t_select = _time(select_fn, d, tail, repeats=args.repeats)
     n = args.quantile_positions
     print(
@@ -133,7 +196,8 @@ def bench_quantile(args) -> None:
     print("| method | positions/s | speed-up vs sort |")
     print("|---|---|---|")
     print(f"| jnp.quantile (full sort) | {n / t_sort:,.0f} | 1.00 |")
-    print(f"| bisection selection | {n / t_select:,.0f} | {t_sort / t_select:.2f} |")
+    print(f"| bisection selection (old) | {n / t_bisect:,.0f} | {t_sort / t_bisect:.2f} |")
+    print(f"| radix selection (new) | {n / t_select:,.0f} | {t_sort / t_select:.2f} |")
     print(f"thresholds agree with the sort (within 1e-6): {agree}")
 
 
@@ -148,14 +212,18 @@ def main() -> None:
     parser.add_argument("--risks", nargs="+", default=sorted(losses.RISKS))
     parser.add_argument("--quantile-positions", type=int, default=2048)
     parser.add_argument("--skip-paths", action="store_true")
+    parser.add_argument("--head-pairs", type=int, default=2, help="risk head: pairs")
+    parser.add_argument("--head-seq", type=int, default=512, help="risk head: tokens")
     parser.add_argument("--demo", action="store_true", help="small sizes, runs in about a minute")
     args = parser.parse_args()
     if args.demo:
         args.batch, args.seq, args.vocab, args.dim, args.chunk = 2, 128, 8192, 64, 32
         args.quantile_positions, args.repeats = 512, 2
+        args.head_pairs, args.head_seq = 2, 64
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, {jax.device_count()} device(s)")
     if not args.skip_paths:
         bench_paths(args)
+    bench_risk_head(args)
     bench_quantile(args)
 
 

@@ -228,6 +228,7 @@ exit codes:
   0    done
   1    an error (one line on stderr naming what is wrong; add -v for the traceback)
   2    bad command line or config (nothing was run)
+  75   train: stopped by SIGTERM/SIGINT, state saved (rerun the same command to resume)
   130  interrupted (Ctrl-C) outside training
 """
 # One example per subcommand, shown under its --help.

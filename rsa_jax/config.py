@@ -21,8 +21,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from rsa_jax.data import DataConfig
-from rsa_jax.losses import DEFAULT_CHUNK_SIZE, DEFAULTS, Kernel, check_mu
-from rsa_jax.models import PROJECTIONS, STORAGES
+from rsa_jax.losses import DEFAULT_CHUNK_SIZE, DEFAULTS, Kernel, KernelError, check_mu
+from rsa_jax.models import ATTENTION_CHOICES, PROJECTIONS, STORAGES
 
 # A stage's reference model: the initial (SFT) model, or the frozen result of the stage before.
 INIT, PREVIOUS_STAGE = "init", "previous_stage"
@@ -69,6 +69,9 @@ class ModelConfig:
     scan_layers: bool = False
     # Seed of the random initialisation of a "tiny" model.
     init_seed: int = 0
+    # Attention kernel: "auto" (cuDNN flash attention on a GPU in bfloat16, XLA otherwise),
+    # "xla" or "cudnn" (jax.nn.dot_product_attention's implementations).
+    attention: str = "auto"
     # LoRA / QLoRA (null or rank 0: full fine-tuning).
     lora: LoraSettings | None = dataclasses.field(default_factory=LoraSettings)
 
@@ -360,6 +363,8 @@ def _validate_lora(lora: LoraSettings) -> None:
 def validate(config: Config, device_count: int | None = None) -> None:
     """Constraints beyond types. With `device_count`, also that the mesh fits the devices/batch."""
     m = config.model
+    if m.attention not in ATTENTION_CHOICES:
+        _fail("model.attention", f"must be one of {ATTENTION_CHOICES}, got {m.attention!r}")
     if m.compute_dtype not in DTYPES:
         _fail("model.compute_dtype", f"must be one of {DTYPES}, got {m.compute_dtype!r}")
     if m.lora is not None:
@@ -370,8 +375,8 @@ def validate(config: Config, device_count: int | None = None) -> None:
         k = f"stages.{i}"
         try:
             s.kernel  # noqa: B018 - checks loss, risk and version against the registries
-        except ValueError as e:
-            _fail(f"{k}.{str(e).split(':')[0]}", str(e).split(": ", 1)[1])
+        except KernelError as e:
+            _fail(f"{k}.{e.field}", str(e))
         if s.reference not in REFERENCES:
             _fail(f"{k}.reference", f"must be one of {REFERENCES}, got {s.reference!r}")
         if i == 0 and s.follows_previous:
@@ -382,8 +387,8 @@ def validate(config: Config, device_count: int | None = None) -> None:
             _fail(f"{k}.beta", f"must be > 0, got {s.beta}")
         try:
             check_mu(s.risk, s.mu)
-        except ValueError as e:
-            _fail(f"{k}.mu", str(e).split(": ", 1)[1])
+        except KernelError as e:
+            _fail(f"{k}.{e.field}", str(e))
         if s.alpha < 0:
             _fail(f"{k}.alpha", f"must be >= 0, got {s.alpha}")
         if not 0 < s.gamma <= 1:

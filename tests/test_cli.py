@@ -109,7 +109,8 @@ def test_missing_model_path_is_one_line(tmp_path, capsys):
     config = os.path.join(ROOT, "configs", "tiny.yaml")
     code = main(["train", config, f"model.path={missing}", f"train.run_dir={tmp_path / 'run'}"])
     lines = _stderr_lines(capsys)
-    assert code == EXIT_ERROR and len(lines) == 1
+    # A config error (exit 2, nothing was run): the trainer checks model.path before any work.
+    assert code == EXIT_USAGE and len(lines) == 1
     assert missing in lines[0] and "does not exist" in lines[0] and "Repo id" not in lines[0]
 
 
@@ -120,16 +121,9 @@ def test_export_flags_reach_save_hf(tmp_path, monkeypatch, capsys):
     import rsa_jax.training as training
     from rsa_jax.models import Llama, tiny_config
 
-    class Engine:  # the engine, reduced to what export calls
-        class model:  # noqa: N801
-            @staticmethod
-            def module(params):
-                return params
-
-        tokenizer = None
-
     model = Llama(tiny_config(), rngs=nnx.Rngs(0))
-    monkeypatch.setattr(training, "load_policy", lambda run_dir: (Engine(), model))
+    policy = training.Policy(params=model, build=lambda m: m, tokenizer=None, llama=None, source="")
+    monkeypatch.setattr(training, "load_source", lambda source: policy)
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "config.json").write_text("{}")

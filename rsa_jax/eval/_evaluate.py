@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import logging
 from collections.abc import Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -246,7 +247,7 @@ def evaluate_model(
     """
     from rsa_jax.eval.scorers import score_samples
 
-    budget = dict(memory_budget=memory_budget, progress=progress)
+    budget: dict[str, Any] = dict(memory_budget=memory_budget, progress=progress)
     samples = sample(
         model,
         tokenizer,

@@ -210,16 +210,16 @@ class Gap:
 
 def t_interval(values: Sequence[float], confidence: float = 0.95) -> Estimate:
     """Mean of S values with the Student-t interval of the mean (NaN bounds when S = 1)."""
-    values = np.asarray(values, np.float64)
-    if values.size == 0:
+    array = np.asarray(values, np.float64)
+    if array.size == 0:
         raise ValueError("t_interval needs at least one value")
-    mean = float(values.mean())
-    if values.size == 1:
+    mean = float(array.mean())
+    if array.size == 1:
         return Estimate(mean, math.nan, math.nan)
     from scipy.special import stdtrit  # scipy is pinned (a jax dependency)
 
-    t = float(stdtrit(values.size - 1, (1.0 + confidence) / 2.0))
-    half = t * float(values.std(ddof=1)) / math.sqrt(values.size)
+    t = float(stdtrit(array.size - 1, (1.0 + confidence) / 2.0))
+    half = t * float(array.std(ddof=1)) / math.sqrt(array.size)
     return Estimate(mean, mean - half, mean + half)
 
 
@@ -296,6 +296,7 @@ def parse_constraint(text: str) -> Constraint:
             f"constraint {text!r}: expected STATISTIC<=NUMBER, e.g. catastrophic_rate<=0.01 "
             "or cost_cvar_0.99<=5"
         )
+    assert match is not None  # a threshold was parsed from it
     return Constraint(match.group(1), threshold)
 
 

@@ -24,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from rsa_jax.config import ConfigError, MeshConfig, ModelConfig
 from rsa_jax.generate import Shardings
 from rsa_jax.training import (
+    Layout,
     define_model,
     init_params,
     llama_config,
@@ -101,6 +102,7 @@ def placement_of(model) -> Placement | None:
         sharding = getattr(value[...], "sharding", None)
         if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
             mesh = sharding.mesh  # rules name only the axes this mesh has
+            assert isinstance(mesh, Mesh)  # a concrete mesh: the array lives on its devices
             rules = {k: [a for a in v if a in mesh.shape] for k, v in MeshConfig().rules.items()}
             return Placement(mesh, rules)
     return None
@@ -143,7 +145,7 @@ def load_model(path: str, mesh: MeshConfig | None = None):
     """
     if os.path.isdir(os.path.join(path, "checkpoints")):
         from rsa_jax.config import from_json
-        from rsa_jax.training import Layout, load_policy
+        from rsa_jax.training import load_policy
 
         with open(os.path.join(path, "config.json")) as f:
             config = from_json(f.read())

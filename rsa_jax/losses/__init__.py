@@ -12,6 +12,7 @@ from rsa_jax.losses._kernel import (
     TRACED_NAMES,
     VERSIONS,
     Kernel,
+    KernelError,
     LossHyper,
     check_mu,
 )
@@ -26,7 +27,7 @@ from rsa_jax.losses._risk import (
     quantile_tail,
     torch_rank,
 )
-from rsa_jax.losses._select import kth_smallest_pair, upper_tail_atom
+from rsa_jax.losses._select import kth_smallest_pair, kth_smallest_pair_bisect, upper_tail_atom
 from rsa_jax.losses._token_stats import (
     SequenceStats,
     TokenStats,
@@ -40,6 +41,7 @@ __all__ = [
     "DEFAULTS",
     "DEFAULT_CHUNK_SIZE",
     "Kernel",
+    "KernelError",
     "LossHyper",
     "TRACED_NAMES",
     "VERSIONS",
@@ -57,6 +59,7 @@ __all__ = [
     "fused_token_stats",
     "kl",
     "kth_smallest_pair",
+    "kth_smallest_pair_bisect",
     "logits_pair_loss",
     "nested_risk_value",
     "nested_risk_value_dense",

@@ -28,6 +28,14 @@ VERSIONS = (1, 2)
 DEFAULT_CHUNK_SIZE = 64
 
 
+class KernelError(ValueError):
+    """A kernel choice or hyperparameter outside its registry or domain; `field` names it."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
 @dataclasses.dataclass(frozen=True)
 class Kernel:
     """The static choice of a pair loss: one compiled program per distinct Kernel."""
@@ -43,11 +51,11 @@ class Kernel:
 
     def __post_init__(self):
         if self.loss not in LOSSES:
-            raise ValueError(f"loss: unknown loss {self.loss!r}; choose one of {sorted(LOSSES)}")
+            raise KernelError("loss", f"unknown loss {self.loss!r}; choose one of {sorted(LOSSES)}")
         if self.risk not in RISKS:
-            raise ValueError(f"risk: unknown risk {self.risk!r}; choose one of {sorted(RISKS)}")
+            raise KernelError("risk", f"unknown risk {self.risk!r}; choose one of {sorted(RISKS)}")
         if self.version not in VERSIONS:
-            raise ValueError(f"version: must be one of {VERSIONS}, got {self.version!r}")
+            raise KernelError("version", f"version must be 1 or 2, got {self.version!r}")
 
     def kwargs(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -60,10 +68,10 @@ class Kernel:
 
 
 def check_mu(risk: str, mu) -> None:
-    """Raises ValueError unless `lower < mu <= upper` for the functional's domain (`MU_DOMAIN`)."""
+    """Raises KernelError unless `lower < mu <= upper` for the functional's domain (`MU_DOMAIN`)."""
     lower, upper = MU_DOMAIN[risk]
     if not lower < float(mu) <= upper:
-        raise ValueError(f"mu: risk {risk!r} needs {lower} < mu <= {upper}, got {mu}")
+        raise KernelError("mu", f"risk {risk!r} needs {lower} < mu <= {upper}, got mu={mu}")
 
 
 class LossHyper(NamedTuple):

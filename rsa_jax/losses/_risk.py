@@ -74,21 +74,59 @@ def _linear_quantile(x: jax.Array, valid: jax.Array, n: int, tail: jax.Array) ->
     return _torch_lerp(x_lo, x_hi, rank - lo)
 
 
+def _middle_of_cut(x: jax.Array, valid: jax.Array, tau: jax.Array) -> jax.Array:
+    """A threshold that keeps the same entries as `x > tau`, moved to the middle of the gap
+    between the largest valid entry <= tau and the smallest one > tau.
+
+    Why: at an integer quantile rank (lerp weight 0, e.g. mu = 0.5 with 231 entries per half)
+    `tau` *is* one of the values, so `x > tau` decides that entry by comparing it with itself.
+    The fused head compares the thresholds of its forward pass with a log-ratio recomputed in
+    the backward pass, whose rounding may differ by an ulp, and then the gradient counts an
+    entry that the loss left out (seen in training: q(v) * grad d(v) ~ 1e-5 in the tied
+    embedding row of the rank-k token). In the middle of the gap the cut survives any
+    recomputation error below half the gap. Where no float lies strictly inside the gap (ties,
+    adjacent floats, nothing above tau) `tau` is kept.
+
+    Args:
+      x: [..., W] float32; valid: [..., W] bool; tau: [...] float32.
+    Returns:
+      [...] float32 with `x > result` == `x > tau` on the valid entries.
+    """
+    t = tau[..., None]
+    below = jnp.max(jnp.where(valid & (x <= t), x, -jnp.inf), axis=-1)
+    above = jnp.min(jnp.where(valid & (x > t), x, jnp.inf), axis=-1)
+    middle = below + 0.5 * (above - below)
+    inside = jnp.isfinite(middle) & (middle >= below) & (middle < above)
+    return jnp.where(inside, middle, tau)
+
+
+def _cut(x: jax.Array, valid: jax.Array, n: int, tail: jax.Array) -> jax.Array:
+    """torch.quantile's threshold of `x[valid]`, as a cut in the middle of its gap."""
+    return _middle_of_cut(x, valid, _linear_quantile(x, valid, n, tail))
+
+
 def cvar_reference_threshold(d, q, *, mu, tail, split_vocab):
-    """Per-half thresholds `tau` of `cvar_reference`: [..., 2] with `split_vocab`, else [..., 1]."""
+    """Per-half thresholds `tau` of `cvar_reference`: [..., 2] with `split_vocab`, else [..., 1].
+
+    `d > tau` keeps exactly the entries above torch.quantile's threshold; the value returned
+    lies in the middle of the gap that this cut leaves (`_middle_of_cut`), not on an entry."""
     del q, mu
     v = d.shape[-1]
     if not split_vocab:
-        return _linear_quantile(d, jnp.ones(d.shape, bool), v, tail)[..., None]
+        return _cut(d, jnp.ones(d.shape, bool), v, tail)[..., None]
     first, second = v // 2, v - v // 2
+    if first == second:
+        # Even V: the halves are a free reshape, and one selection call serves both.
+        halves = d.reshape(*d.shape[:-1], 2, first)
+        return _linear_quantile(halves, jnp.ones(halves.shape, bool), first, tail)
     # [..., 2, second]: the first half padded by one entry when V is odd.
     pad = [(0, 0)] * (d.ndim - 1) + [(0, second - first)]
     halves = jnp.stack([jnp.pad(d[..., :first], pad), d[..., first:]], axis=-2)
     valid = jnp.broadcast_to(jnp.arange(second) < jnp.array([[first], [second]]), halves.shape)
     return jnp.stack(
         [
-            _linear_quantile(halves[..., 0, :], valid[..., 0, :], first, tail),
-            _linear_quantile(halves[..., 1, :], valid[..., 1, :], second, tail),
+            _cut(halves[..., 0, :], valid[..., 0, :], first, tail),
+            _cut(halves[..., 1, :], valid[..., 1, :], second, tail),
         ],
         axis=-1,
     )
@@ -121,10 +159,24 @@ def cvar_reference(d, q, *, mu, tail, split_vocab, threshold=None, logq=None):
     return jnp.sum(jnp.where(d_fixed > tau, q * d, 0.0), axis=-1)
 
 
+def _in_gap(low: jax.Array, high: jax.Array, fallback: jax.Array) -> jax.Array:
+    """The middle of (low, high) where a float lies in [low, high) there, else `fallback`."""
+    middle = low + 0.5 * (high - low)
+    return jnp.where(jnp.isfinite(middle) & (middle >= low) & (middle < high), middle, fallback)
+
+
 def cvar_threshold(d, q, *, mu, tail, split_vocab):
-    """The VaR atom `t*` of `cvar`: [...], one of the values of d."""
+    """Two cuts around the VaR atom `t*` of `cvar` (one of the values of d): [..., 2] =
+    (lower, upper) with `lower < d <= upper` exactly on the atom's entries, `d > upper` exactly
+    above it, each cut in the middle of its gap to the neighbouring values (see
+    `_middle_of_cut`: the fused head's backward compares a recomputed d with them, and cuts on
+    the atom itself would let an ulp of recomputation move the atom's q between the weights)."""
     del tail, split_vocab
-    return upper_tail_atom(d, jax.lax.stop_gradient(q), jnp.asarray(mu, jnp.float32))
+    atom = upper_tail_atom(d, jax.lax.stop_gradient(q), jnp.asarray(mu, jnp.float32))
+    a = atom[..., None]
+    below = jnp.max(jnp.where(d < a, d, -jnp.inf), axis=-1)
+    above = jnp.min(jnp.where(d > a, d, jnp.inf), axis=-1)
+    return jnp.stack([_in_gap(below, atom, below), _in_gap(atom, above, atom)], axis=-1)
 
 
 def cvar(d, q, *, mu, tail, split_vocab, threshold=None, logq=None):
@@ -142,9 +194,8 @@ def cvar(d, q, *, mu, tail, split_vocab, threshold=None, logq=None):
     d_fixed, q = jax.lax.stop_gradient(d), jax.lax.stop_gradient(q)
     if threshold is None:
         threshold = cvar_threshold(d_fixed, q, mu=mu, tail=tail, split_vocab=split_vocab)
-    atom = threshold[..., None]
-    above = d_fixed > atom
-    at = d_fixed == atom
+    above = d_fixed > threshold[..., 1:]
+    at = (d_fixed > threshold[..., :1]) & ~above
     mass_above = jnp.sum(jnp.where(above, q, 0.0), axis=-1, keepdims=True)
     mass_at = jnp.sum(jnp.where(at, q, 0.0), axis=-1, keepdims=True)
     atom_share = jnp.clip((mu - mass_above) / jnp.maximum(mass_at, 1e-30), 0.0, 1.0)

@@ -8,6 +8,9 @@ Stable API (the training code and the CLI rely on these names):
 - Every parameter has `logical_axes` metadata from `vocab`, `embed`, `heads`, `kv_heads`,
   `head_dim`, `mlp` (+ a leading `layers` when `scan_layers=True`); activations at block
   boundaries go through `constrain(x, ("batch", "length", "embed"))` when given.
+- Attention runs through `jax.nn.dot_product_attention`; `LlamaConfig.attention` (or
+  `load_hf(..., attention=)`) picks "auto" (cuDNN on a GPU in bf16/f16, else XLA), "xla" or
+  "cudnn" (`attention_implementation`).
 - `LlamaConfig.from_hf(dict)` / `.from_dir(path)` / `.to_hf()`; `tiny_config(**overrides)`, a
   2-layer D=64 V=256 random-init config for tests.
 - `load_hf(path, *, shardings=...)` reads a local HF directory tensor by tensor (optionally
@@ -27,10 +30,16 @@ Stable API (the training code and the CLI rely on these names):
 - Sampling with a KV cache lives in `rsa_jax.generate.generate`.
 """
 
-from rsa_jax.models._config import LlamaConfig, tiny_config
+from rsa_jax.models._config import ATTENTION_CHOICES, LlamaConfig, tiny_config
 from rsa_jax.models._export import parse_size
 from rsa_jax.models._gguf import bundled_smollm2_gguf, convert_gguf
-from rsa_jax.models._llama import REMAT_POLICIES, Llama, attention_allowed, rope_frequencies
+from rsa_jax.models._llama import (
+    REMAT_POLICIES,
+    Llama,
+    attention_allowed,
+    attention_implementation,
+    rope_frequencies,
+)
 from rsa_jax.models._local import check_model_dir, check_tokenizer_dir
 from rsa_jax.models._lora import (
     LoraConfig,
@@ -48,6 +57,7 @@ from rsa_jax.models._quant import STORAGES, error_bound, nf4_codes, store_weight
 from rsa_jax.models._weights import hf_name, load_hf, save_hf
 
 __all__ = [
+    "ATTENTION_CHOICES",
     "PROJECTIONS",
     "REMAT_POLICIES",
     "STORAGES",
@@ -69,6 +79,7 @@ __all__ = [
     "to_lora",
     "tree_bytes",
     "attention_allowed",
+    "attention_implementation",
     "bundled_smollm2_gguf",
     "check_model_dir",
     "check_tokenizer_dir",

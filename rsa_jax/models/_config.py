@@ -13,6 +13,7 @@ import os
 from typing import Any
 
 SUPPORTED = ("llama", "mistral", "qwen2")
+ATTENTION_CHOICES = ("auto", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +35,15 @@ class LlamaConfig:
     model_type: str = "llama"
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    # Attention kernel (not part of config.json): "auto" (cuDNN flash attention on a GPU in
+    # bfloat16/float16, XLA otherwise), "xla" or "cudnn" (see `models.attention_implementation`).
+    attention: str = "auto"
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(
+                f"attention {self.attention!r} is not one of {', '.join(ATTENTION_CHOICES)}"
+            )
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any], source: str = "config.json") -> LlamaConfig:

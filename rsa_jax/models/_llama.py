@@ -12,6 +12,7 @@ prompts and right-padded responses: `positions` give each token's RoPE position 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,21 @@ from flax import nnx
 from rsa_jax.models._config import LlamaConfig
 from rsa_jax.models._project import project
 
-_MASKED = -1e30  # finite, so fully masked (padding) rows stay NaN-free
+
+def attention_implementation(choice: str, dtype, head_dim: int) -> Literal["xla", "cudnn"]:
+    """The `jax.nn.dot_product_attention` implementation for `LlamaConfig.attention`.
+
+    "auto" takes cuDNN flash attention where it applies (the default backend is a GPU, the
+    compute dtype is bfloat16/float16, head_dim a multiple of 8 up to 128: cuDNN's fused kernel
+    constraints) and XLA's softmax(QK^T)V everywhere else (CPU, TPU, float32). "xla" and "cudnn"
+    force one; "cudnn" off a GPU fails inside jax with its own error. On cuDNN the padding mask
+    becomes an additive bias, which the fused kernel supports.
+    """
+    if choice == "xla" or choice == "cudnn":
+        return choice
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    fits = head_dim % 8 == 0 and head_dim <= 128
+    return "cudnn" if jax.default_backend() == "gpu" and half and fits else "xla"
 
 
 def _param(rngs: nnx.Rngs, shape, axes, dtype, scale=0.02) -> nnx.Param:
@@ -98,12 +113,15 @@ class Attention(nnx.Module):
     def attend(self, q, k, v, allowed, compute_dtype):
         """q [B, L, H, E], k/v [B, S, K, E], allowed [B, L, S] bool -> [B, L, D]."""
         b, length, h, e = q.shape
-        groups = h // k.shape[2]
-        q = q.reshape(b, length, k.shape[2], groups, e)  # [B, L, K, G, E]
-        scores = jnp.einsum("blkge,bske->bkgls", q, k).astype(jnp.float32) / math.sqrt(e)
-        scores = jnp.where(allowed[:, None, None], scores, _MASKED)
-        weights = jax.nn.softmax(scores, axis=-1).astype(compute_dtype)
-        out = jnp.einsum("bkgls,bske->blkge", weights, v).reshape(b, length, h, e)
+        # One mask for every padding layout (left-padded prompts, right-padded responses, a KV
+        # cache with S != L): `allowed` already holds causality and the real keys.
+        out = jax.nn.dot_product_attention(
+            q.astype(compute_dtype),
+            k.astype(compute_dtype),
+            v.astype(compute_dtype),
+            mask=allowed[:, None],  # [B, 1, L, S], broadcast over heads
+            implementation=attention_implementation(self.config.attention, compute_dtype, e),
+        )  # [B, L, H, E]
         return project(self, "o", "blhe,hed->bld", out, compute_dtype)
 
 

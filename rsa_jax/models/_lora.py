@@ -110,8 +110,8 @@ def to_lora(model: Llama, lora: LoraConfig, *, rngs: nnx.Rngs) -> Llama:
     lead_axes = ("layers",) if stacked else ()
     projections = set()
     for module, names in _projection_modules(model):
-        module.lora_scale = lora.scale
-        module.lora_dropout = lora.dropout
+        module.lora_scale = lora.scale  # pyright: ignore[reportAttributeAccessIssue]
+        module.lora_dropout = lora.dropout  # pyright: ignore[reportAttributeAccessIssue]
         for name in names:
             var = getattr(module, name)
             projections.add(id(var))
@@ -142,7 +142,7 @@ def to_lora(model: Llama, lora: LoraConfig, *, rngs: nnx.Rngs) -> Llama:
         if isinstance(node, nnx.Param) and not isinstance(node, nnx.LoRAParam):
             if id(node) not in projections:
                 node.set_value(node.get_value().astype(other))
-    model.lora = lora
+    model.lora = lora  # pyright: ignore[reportAttributeAccessIssue]
     return model
 
 
@@ -176,8 +176,8 @@ class LoraSpec:
 
     llama: LlamaConfig
     lora: LoraConfig
-    graphdef: object  # base + adapters
-    base_graphdef: object  # the same modules without adapters: the "adapters off" model
+    graphdef: nnx.GraphDef  # base + adapters
+    base_graphdef: nnx.GraphDef  # the same modules without adapters: the "adapters off" model
     base_axes: dict[str, tuple]  # flat key -> logical axes (a QArray's codes and scales share them)
     adapter_axes: dict[str, tuple]
 
@@ -199,7 +199,7 @@ class LoraSpec:
                 keys = jax.random.fold_in(dropout_key, i)
                 if layers:  # scanned: one key per layer, sliced by the layer scan
                     keys = jax.random.split(keys, layers[0])
-                module.lora_key = nnx.Variable(keys)
+                module.lora_key = nnx.Variable(keys)  # pyright: ignore[reportAttributeAccessIssue]
         return model
 
     def shardings(self, tree: dict, sharding: Callable) -> dict:

@@ -10,6 +10,7 @@ load(export(model)) is exact in float32.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Callable
@@ -130,6 +131,7 @@ def load_hf(
     remat: bool | str = False,
     scan_layers: bool = False,
     constrain=None,
+    attention: str | None = None,
 ) -> Llama:
     """Loads a local HF Llama-family directory into the NNX model.
 
@@ -138,10 +140,13 @@ def load_hf(
       param_dtype, compute_dtype: parameter storage and activation dtypes.
       shardings: optional (param path, logical axes) -> Sharding; each tensor is put straight on it.
       remat, scan_layers, constrain: passed to `Llama` (scanned layers are stacked on load).
+      attention: "auto", "xla" or "cudnn" (`LlamaConfig.attention`); None keeps "auto".
     Returns:
       The Llama module holding the loaded weights.
     """
     config = LlamaConfig.from_dir(path)
+    if attention is not None:
+        config = dataclasses.replace(config, attention=attention)
     tensors = _TensorIndex(path)
     abstract = nnx.eval_shape(
         lambda: Llama(

@@ -12,7 +12,9 @@ skipped on a rerun; an interrupted one resumes (the trainer resumes from its run
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import time
 
@@ -88,23 +90,52 @@ def describe(sweep: Sweep) -> str:
     return "\n".join(lines)
 
 
+class _VariantPrefix(logging.Filter):
+    def __init__(self, name: str):
+        super().__init__()
+        self.prefix = f"[{name}] "
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith(self.prefix):
+            record.msg = self.prefix + str(record.msg)
+        return True
+
+
+@contextlib.contextmanager
+def variant_log_lines(name: str):
+    """Every log line written while a variant trains starts with `[name]`."""
+    prefix = _VariantPrefix(name)
+    handlers = logging.getLogger().handlers
+    for handler in handlers:
+        handler.addFilter(prefix)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(prefix)
+
+
 def run_sequential(sweep: Sweep) -> dict[str, str]:
     """Trains every unfinished variant with the trainer, grouped by kernel; {name: status}."""
     from rsa_jax.training import train
 
     status = {}
     groups = grouped(sweep.variants)
+    n, k = len(sweep.variants), 0
     for g, group in enumerate(groups, 1):
         _say(f"kernel group {g}/{len(groups)} [{kernel_label(group[0].config)}]")
         for v in group:
+            k += 1
             if is_done(v):
-                _say(f"  {v.name}: finished earlier, skipped")
+                _say(f"  [{v.name}] ({k}/{n}) finished earlier, skipped")
                 status[v.name] = "skipped"
                 continue
+            _say(f"  [{v.name}] ({k}/{n}) training")
             t0 = time.perf_counter()
-            result = train(v.config)
+            with variant_log_lines(v.name):
+                result = train(v.config, label=v.name)
             status[v.name] = result.status
-            _say(f"  {v.name}: {result.status} in {time.perf_counter() - t0:.1f} s")
+            _say(f"  [{v.name}] ({k}/{n}) {result.status} in {time.perf_counter() - t0:.1f} s")
             if result.status != "done":  # preempted: stop here, a rerun resumes it
                 return status
     return status

@@ -148,11 +148,11 @@ def run_vmap(sweep: Sweep) -> dict[str, str]:
         if os.path.exists(stale):  # from an interrupted vmap run that saved nothing
             os.remove(stale)
         write_config(v.run_dir, to_json(absolute_paths(v.config)))
-        logs.append(MetricsLog(v.run_dir, progress=False))
+        logs.append(MetricsLog(v.run_dir, progress=False, label=v.name))
     global_step = 0
     t_start = time.perf_counter()
 
-    def on_step(stage: Stage, metrics, seconds) -> bool:
+    def on_step(stage: Stage, metrics, seconds, compile_seconds) -> bool:
         nonlocal global_step
         global_step += 1
         s = steps_done(stage.state)

@@ -123,6 +123,7 @@ class SafetyTask:
             key = getattr(e, "full_key", None) or "?"
             first = str(e).splitlines()[0]
             raise ConfigError(f"{source}: key {key}: {first}") from None
+        assert isinstance(values, dict)  # a structured config's container is a dict
         values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
         try:
             return cls(**values)

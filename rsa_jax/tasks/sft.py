@@ -114,7 +114,7 @@ def train_sft(
     )
     losses = []
     t0 = time.perf_counter()
-    engine.fit(stage, lambda stage, metrics, seconds: losses.append(float(metrics["loss"])))
+    engine.fit(stage, lambda stage, metrics, *_: losses.append(float(metrics["loss"])))
     params = stage.state.params
     save_hf(engine.model.module(params), out_dir, tokenizer=tokenizer)
     summary = dict(

@@ -164,7 +164,9 @@ def _all_processes(ok: bool) -> bool:
 def _os_error(error: BaseException) -> OSError | None:
     """The OSError behind an Orbax/TensorStore failure, if one can be found."""
     seen = set()
-    while error is not None and id(error) not in seen:
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        error = current
         seen.add(id(error))
         if isinstance(error, OSError) and error.errno is not None:
             return error
@@ -177,7 +179,7 @@ def _os_error(error: BaseException) -> OSError | None:
         ):
             if marker in text:
                 return OSError(code, os.strerror(code))
-        error = error.__cause__ or error.__context__
+        current = error.__cause__ or error.__context__
     return None
 
 
@@ -214,7 +216,9 @@ class Checkpoints:
 
     def _open(self):
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=self.keep,
+            # Read-only: nothing is ever saved or deleted (Orbax warns if these are given).
+            max_to_keep=None if self.read_only else self.keep,
+            save_interval_steps=0 if self.read_only else 1,
             enable_async_checkpointing=self.async_save,
             create=not self.read_only,
             read_only=self.read_only,
@@ -222,7 +226,14 @@ class Checkpoints:
             # Safe because one trainer owns a run directory (RunLock).
             cleanup_tmp_directories=not self.read_only,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        absl = logging.getLogger("absl")
+        level = absl.level
+        if self.read_only:  # Orbax warns that the directory is read-only: that is the point
+            absl.setLevel(logging.ERROR)
+        try:
+            self.manager = ocp.CheckpointManager(self.directory, options=options)
+        finally:
+            absl.setLevel(level)
 
     # ----------------------------------------------------------------------------- writing
 
@@ -289,8 +300,8 @@ class Checkpoints:
             raise RuntimeError(f"{self.directory}: opened read-only, cannot save step {step}")
         self._finish_pending()
         self._check_writable(step)
-        integrity = {"state": self._records(state)}
-        items = dict(
+        integrity: dict[str, Any] = {"state": self._records(state)}
+        items: dict[str, Any] = dict(
             state=ocp.args.StandardSave(state),
             data_iter=DataIterSave(data_iter),
         )
@@ -348,7 +359,7 @@ class Checkpoints:
                 meta = self._read_meta(step)[0]
             except Exception as e:  # noqa: BLE001 - any failure means unusable
                 error = e
-            if _all_processes(error is None):
+            if _all_processes(error is None) and meta is not None:
                 return step, meta
             self._set_aside(step, error or RuntimeError("another process could not read it"))
 
@@ -389,7 +400,7 @@ class Checkpoints:
         else:
             self._check_layout(step, integrity, targets)
 
-        items = {name: ocp.args.StandardRestore(t) for name, t in targets.items()}
+        items: dict[str, Any] = {name: ocp.args.StandardRestore(t) for name, t in targets.items()}
         if data_iter is not None:
             items["data_iter"] = DataIterRestore(data_iter)
         out, error = None, None
@@ -400,6 +411,7 @@ class Checkpoints:
         if not _all_processes(error is None):
             self._set_aside(step, error or RuntimeError("another process could not read it"))
             raise CorruptCheckpoint(step, "unreadable") from error
+        assert out is not None  # every process restored
         if integrity is not None:
             bad = [
                 f"{name}{path}"

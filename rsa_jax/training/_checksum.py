@@ -44,7 +44,7 @@ def _fmix32(h: jax.Array) -> jax.Array:
 
 def _words(x: jax.Array) -> jax.Array:
     """The elements of x as uint32 words: shape x.shape, or x.shape + (2,) for 8-byte dtypes."""
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
         x = jax.random.key_data(x)
     if x.dtype == jnp.bool_:
         return x.astype(jnp.uint32)

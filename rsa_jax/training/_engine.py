@@ -61,6 +61,23 @@ from rsa_jax.training._step import (
 
 log = logging.getLogger(__name__)
 
+# Seconds JAX spends tracing, lowering and compiling, summed from its monitoring events: the
+# loop subtracts them from a step's wall time, so throughput never counts compilation.
+_COMPILE_EVENTS = (
+    "/jax/core/compile/jaxpr_trace_duration",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "/jax/core/compile/backend_compile_duration",
+)
+_compile_seconds = [0.0]
+
+
+def _count_compile_time(event: str, duration_secs: float, **kwargs: str | int) -> None:
+    if event in _COMPILE_EVENTS:
+        _compile_seconds[0] += duration_secs
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile_time)
+
 # Jitted steps by everything that shapes the program (model, layout, objective, optimizer,
 # microbatching, vmap axes); hyperparameters are arguments, so runs that agree here share one
 # compiled program. Module-level so that several engines in one process (sweep variants,
@@ -262,6 +279,17 @@ class Engine:
     def stage_batches(self, i: int) -> tuple[Iterator[dict], int]:
         """(iterator over stage i's batches, the stage's number of steps). Raises ValueError
         when the data gives no full batch or fewer batches than the stage's `steps`."""
+        dataset, total, data = self._stage_dataset(i, report_to_log=True)
+        options = grain.ReadOptions(num_threads=data.read_threads)
+        return iter(dataset.to_iter_dataset(options)), total
+
+    def check_stage_data(self, first: int = 0) -> None:
+        """Reads and checks the data of stages `first`.. up front (files, schema, enough
+        batches), so a bad stage-2 file fails before stage 1 trains, not after."""
+        for i in range(first, len(self.config.stages)):
+            self._stage_dataset(i, report_to_log=False)
+
+    def _stage_dataset(self, i: int, *, report_to_log: bool):
         config, stage = self.config, self.config.stages[i]
         data = stage_data(config, stage)
         pairs, report = load_pairs(data)
@@ -283,11 +311,13 @@ class Engine:
                 f"{len(dataset)} batches of {data.batch_size} pairs over {data.epochs} epoch(s); "
                 "lower the stage's steps or raise data.epochs"
             )
-        left_out = report.dropped or report.skipped
-        (log.warning if left_out else log.info)("stage %r data: %s", stage.name, report.summary())
+        if report_to_log:
+            left_out = report.dropped or report.skipped
+            (log.warning if left_out else log.info)(
+                "stage %r data: %s", stage.name, report.summary()
+            )
         total = stage.steps if stage.steps > 0 else len(dataset)
-        options = grain.ReadOptions(num_threads=data.read_threads)
-        return iter(dataset.to_iter_dataset(options)), total
+        return dataset, total, data
 
     def stage(self, i: int, policy: dict) -> Stage:
         """Stage i starting from `policy`: data, reference, placed optimizer state, step, hyper."""
@@ -323,21 +353,26 @@ class Engine:
     def fit(self, stage: Stage, on_step: Callable | None = None, *, place=None) -> bool:
         """Runs `stage` from its current step to `stage.total`; True when it got there.
 
-        After each step, `on_step(stage, metrics, seconds)` runs with the device metrics (not
-        yet fetched) and the step's wall time; it returns True to stop early (a signal), and
-        then `fit` returns False. `place(batch)` puts a host batch on the devices (default:
-        this host's rows of the global batch on the layout's batch sharding).
+        After each step, `on_step(stage, metrics, seconds, compile_seconds)` runs with the
+        step's metrics (on the device, computed), its wall time without compilation, and the
+        seconds spent tracing and compiling during the step (0 once the program is compiled);
+        it returns True to stop early (a signal), and then `fit` returns False. `place(batch)`
+        puts a host batch on the devices (default: this host's rows of the global batch on the
+        layout's batch sharding).
         """
         if place is None:
             place = self.place
 
         while steps_done(stage.state) < stage.total:
             batch = next(stage.batches)
-            t0 = time.perf_counter()
+            t0, compiled0 = time.perf_counter(), _compile_seconds[0]
             stage.state, metrics = stage.step_fn(
                 stage.state, stage.reference, place(batch), stage.hyper
             )
-            if on_step is not None and on_step(stage, metrics, time.perf_counter() - t0):
+            jax.block_until_ready(metrics)  # the step's real time, not its dispatch
+            compile_s = _compile_seconds[0] - compiled0
+            seconds = time.perf_counter() - t0 - compile_s
+            if on_step is not None and on_step(stage, metrics, seconds, compile_s):
                 break
         return steps_done(stage.state) >= stage.total
 

@@ -13,7 +13,16 @@ log = logging.getLogger(__name__)
 
 
 class MetricsLog:
-    def __init__(self, run_dir: str, *, progress: bool = True, flops_per_token: float = 0.0):
+    def __init__(
+        self,
+        run_dir: str,
+        *,
+        progress: bool = True,
+        flops_per_token: float = 0.0,
+        label: str | None = None,
+    ):
+        # `label` (a sweep variant) prefixes the progress bar and the printed summary lines.
+        self.prefix = f"[{label}] " if label else ""
         # Model FLOPs per token over peak FLOP/s: policy fwd + bwd (6N), reference fwd (2N).
         self.flops_per_token = flops_per_token
         self.main = jax.process_index() == 0
@@ -34,7 +43,7 @@ class MetricsLog:
         if self.progress:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, initial=done, desc=f"stage {index} ({name})")
+            self._bar = tqdm(total=total, initial=done, desc=f"{self.prefix}stage {index} ({name})")
 
     def log(self, stage, step, global_step, metrics, tokens, pairs, seconds) -> None:
         record = {"stage": stage, "step": step, "global_step": global_step, **metrics}
@@ -70,9 +79,11 @@ class MetricsLog:
         if self._count:
             means = {k: v / self._count for k, v in self._sums.items()}
             text = ", ".join(f"{k} {v:.4f}" for k, v in means.items())
-            log.info("stage %d (%s) finished: means over logged steps: %s", *self._stage, text)
-            if self.main:
-                print(f"stage {self._stage[0]} ({self._stage[1]}) summary: {text}", flush=True)
+            line = f"{self.prefix}stage {self._stage[0]} ({self._stage[1]}) summary: {text}"
+            if log.isEnabledFor(logging.INFO):  # -v: the log has it; print it once, not twice
+                log.info("%s", line)
+            elif self.main:
+                print(line, flush=True)
 
     def close(self) -> None:
         if self._bar is not None:

@@ -260,8 +260,10 @@ def init_lora(model: ModelDef, config: ModelConfig) -> tuple[dict, dict]:
 
 def llama_config(config: ModelConfig, vocab_size: int | None = None) -> LlamaConfig:
     if config.path == "tiny":
-        return tiny_config(vocab_size=vocab_size or 256)
-    return LlamaConfig.from_dir(config.path)
+        llama = tiny_config(vocab_size=vocab_size or 256)
+    else:
+        llama = LlamaConfig.from_dir(config.path)
+    return dataclasses.replace(llama, attention=config.attention)
 
 
 def load_tokenizer(config: ModelConfig):

@@ -98,7 +98,8 @@ class RunLock:
         except OSError as e:
             raise RunDirError(
                 f"cannot use run directory {self.run_dir}: {e.strerror} "
-                f"({errno.errorcode.get(e.errno, e.errno)}); fix its permissions or free space, "
+                f"({errno.errorcode.get(e.errno or 0, e.errno)}); fix its permissions or free "
+                "space, "
                 "or use another train.run_dir"
             ) from e
         try:

@@ -42,7 +42,7 @@ class RunResult:
 class _RunDir:
     """The run directory's writers: checkpoints and the metrics log, and the global step."""
 
-    def __init__(self, engine: Engine, resolved: str):
+    def __init__(self, engine: Engine, resolved: str, label: str | None = None):
         config = engine.config
         self.engine, self.resolved = engine, resolved
         self.ckpt = Checkpoints(
@@ -57,6 +57,7 @@ class _RunDir:
             config.train.run_dir,
             progress=config.train.progress_bar,
             flops_per_token=8.0 * n_params / peak if peak else 0.0,
+            label=label,
         )
         self.global_step = 0
         self.rng = np.asarray(jax.random.key_data(jax.random.key(config.train.seed))).tolist()
@@ -123,7 +124,7 @@ class _RunDir:
         config = self.engine.config
         last_saved = None
 
-        def on_step(stage: Stage, metrics, seconds) -> bool:
+        def on_step(stage: Stage, metrics, seconds, compile_seconds) -> bool:
             nonlocal last_saved
             self.global_step += 1
             step = steps_done(stage.state)
@@ -134,8 +135,12 @@ class _RunDir:
                 step=step,
                 last_checkpoint=last_saved,
             )
+            if compile_seconds > 0:
+                log.info("stage %d step %d compiled in %.1f s", stage.index, step, compile_seconds)
             if step % config.train.log_every == 0 or step == stage.total:
                 metrics = {k: float(v) for k, v in metrics.items()}
+                if compile_seconds > 0:  # kept out of the step time and throughput
+                    metrics["compile_s"] = compile_seconds
                 tokens = metrics.pop("tokens")  # global, all hosts
                 pairs = config.data.batch_size  # global
                 self.metrics.log(
@@ -176,6 +181,7 @@ def train(
     tx: optax.GradientTransformation | None = None,
     layout: Layout | None = None,
     stop: StopSignal | None = None,
+    label: str | None = None,
 ) -> RunResult:
     """Runs (or resumes) every stage of `config` in its run directory.
 
@@ -186,16 +192,17 @@ def train(
     cleanly with status "preempted", unless they arrive during the last step (then "done").
 
     The run directory is locked for the run (a second trainer fails at once), and resumes only
-    with a matching config (`train.resume=force` resumes anyway; see `check_resume`).
+    with a matching config (`train.resume=force` resumes anyway; see `check_resume`). `label`
+    (a sweep variant's name) prefixes the printed summaries and the progress bar.
     """
     stop = StopSignal() if stop is None else stop
     with stop.installed():  # first: a signal during start-up is a clean stop too
         engine = Engine(absolute_paths(config), layout=layout, tx=tx)
         with lock_run_dir(engine.config.train.run_dir):
-            return _train_locked(engine, stop)
+            return _train_locked(engine, stop, label)
 
 
-def _train_locked(engine: Engine, stop: StopSignal) -> RunResult:
+def _train_locked(engine: Engine, stop: StopSignal, label: str | None) -> RunResult:
     config = engine.config
     run_dir = config.train.run_dir
     resolved = to_json(config)
@@ -206,9 +213,10 @@ def _train_locked(engine: Engine, stop: StopSignal) -> RunResult:
         multihost_utils.sync_global_devices("rsa_jax config checked")
     if jax.process_index() == 0:  # one writer when several processes share the run directory
         write_config(run_dir, resolved)
-    run = _RunDir(engine, resolved)
+    run = _RunDir(engine, resolved, label)
     try:
         first, policy, stage = run.starting_point()
+        engine.check_stage_data(first)  # every later stage's data, before anything trains
         if stop.should_stop():
             log.warning("stopped by %s during start-up", stop.raised)
             return RunResult("preempted", run.global_step, None)

@@ -26,7 +26,7 @@ def main(devices: int, prefix: str) -> None:
     from rsa_jax.eval import evaluate_model, response_logprob, sampling_bytes_per_row
     from rsa_jax.models import tiny_config
     from rsa_jax.tasks import TEMPLATE, OracleScorer, SafetyTask, make_tokenizer
-    from rsa_jax.training import build_spec, init_params, make_mesh
+    from rsa_jax.training import Layout, define_model, init_params, make_mesh
 
     task = SafetyTask()
     tok = make_tokenizer(task)
@@ -36,7 +36,7 @@ def main(devices: int, prefix: str) -> None:
 
     def build(seed):
         config = ModelConfig(compute_dtype="float32", remat=False, init_seed=seed)
-        spec = build_spec(config, llama, mesh, mesh_config.rules)
+        spec = define_model(config, llama, Layout(mesh, mesh_config.rules))
         return spec.module(init_params(spec, config))
 
     policy, reference = build(0), build(1)

@@ -31,7 +31,7 @@ from rsa_jax.eval import (  # noqa: E402
 )
 from rsa_jax.models import save_hf, tiny_config  # noqa: E402
 from rsa_jax.tasks import TEMPLATE, OracleScorer, SafetyTask, make_tokenizer  # noqa: E402
-from rsa_jax.training import build_spec, init_params, make_mesh  # noqa: E402
+from rsa_jax.training import Layout, define_model, init_params, make_mesh  # noqa: E402
 
 TASK = SafetyTask()
 TOK = make_tokenizer(TASK)
@@ -45,7 +45,7 @@ MODEL = ModelConfig(compute_dtype="float32", remat=False)
 def build(mesh_config, devices, *, seed=0, scan=False):
     mesh = make_mesh(mesh_config, devices)
     config = dataclasses.replace(MODEL, init_seed=seed, scan_layers=scan)
-    spec = build_spec(config, LLAMA, mesh, mesh_config.rules)
+    spec = define_model(config, LLAMA, Layout(mesh, mesh_config.rules))
     return spec.module(init_params(spec, config))
 
 

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from rsa_jax.cli import main, write_toy_data
+from rsa_jax.cli import main
 from rsa_jax.config import MeshConfig
+from rsa_jax.data import write_toy_data
 from rsa_jax.eval import load_model, mesh_from_text, placement_for, placement_of, read_samples
 from rsa_jax.models import Llama, tiny_config
 

@@ -19,7 +19,7 @@ from rsa_jax.config import MeshConfig, ModelConfig
 from rsa_jax.eval import evaluate_model, response_logprob
 from rsa_jax.models import tiny_config
 from rsa_jax.tasks import TEMPLATE, OracleScorer, SafetyTask, make_tokenizer
-from rsa_jax.training import build_spec, init_params, make_mesh
+from rsa_jax.training import Layout, define_model, init_params, make_mesh
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
@@ -111,7 +111,7 @@ def test_two_processes_evaluate_like_one_device(tmp_path):
 
     def build(seed):
         config = ModelConfig(compute_dtype="float32", remat=False, init_seed=seed)
-        spec = build_spec(config, LLAMA, mesh, MeshConfig().rules)
+        spec = define_model(config, LLAMA, Layout(mesh, MeshConfig().rules))
         return spec.module(init_params(spec, config))
 
     scores, samples = evaluate_model(

@@ -234,3 +234,64 @@ def test_finite_gradients_when_policy_equals_reference(risk):
     )
     np.testing.assert_allclose(per_pair, np.log(2.0), rtol=1e-6)
     assert np.isfinite(g_policy).all() and np.any(g_policy)
+
+
+@pytest.mark.parametrize("split_vocab,v", [(True, 462), (False, 463)])
+def test_cvar_reference_cut_survives_an_ulp_of_recomputation(split_vocab, v):
+    """The fused head's backward pass compares a recomputed d with its forward pass's thresholds,
+    and the recomputation may round d differently by an ulp. At an integer quantile rank (here
+    mu = 0.5 over 231 values: rank 0.5 * 230 = 115, lerp weight 0) torch's threshold *is* the
+    rank-k value, so a threshold placed on it would let that ulp decide whether the entry's
+    gradient q(v) counts. The threshold keeps torch's entries and sits in the middle of the gap."""
+    from rsa_jax.losses._risk import cvar_reference_threshold
+
+    rng = np.random.default_rng(0)
+    d = (0.01 * rng.normal(size=(64, v))).astype(np.float32)
+    q = np.asarray(jax.nn.softmax(jnp.asarray(rng.normal(size=(64, v)), jnp.float32)))
+    kw = dict(mu=0.5, tail=losses.quantile_tail(0.5), split_vocab=split_vocab)
+    tau = cvar_reference_threshold(jnp.asarray(d), jnp.asarray(q), **kw)
+    # torch's entries: everything strictly above the rank-k value of each half (weight 0).
+    halves = [slice(0, v // 2), slice(v // 2, v)] if split_vocab else [slice(0, v)]
+    want = np.zeros(d.shape, bool)
+    for part in halves:
+        n = part.stop - part.start
+        assert (n - 1) % 2 == 0  # an integer rank: the case under test
+        kth = np.sort(d[:, part], axis=-1)[:, (n - 1) // 2]
+        want[:, part] = d[:, part] > kth[:, None]
+
+    def mask(values):  # d(rho)/d(d) = q on the kept entries, 0 elsewhere
+        grad = jax.grad(lambda x: losses.cvar_reference(x, q, threshold=tau, **kw).sum())
+        return np.asarray(grad(jnp.asarray(values))) != 0
+
+    np.testing.assert_array_equal(mask(d), want)
+    for moved in (np.nextafter(d, np.float32(np.inf)), np.nextafter(d, np.float32(-np.inf))):
+        np.testing.assert_array_equal(mask(moved), want)
+    # The loss value is torch's: the same entries, with or without the precomputed threshold.
+    np.testing.assert_allclose(
+        losses.cvar_reference(jnp.asarray(d), q, **kw),
+        np.sum(np.where(want, q * d, 0.0), -1),
+        rtol=1e-6,
+        atol=1e-9,
+    )
+
+
+def test_cvar_cuts_survive_an_ulp_of_recomputation():
+    """Textbook `cvar` splits the mass of its VaR atom, one of the values of d; its weights in the
+    fused head's backward (a recomputed d against the forward's cuts) must not move by an ulp."""
+    from rsa_jax.losses._risk import cvar_threshold
+
+    rng = np.random.default_rng(1)
+    d = (0.01 * rng.normal(size=(64, 462))).astype(np.float32)
+    q = np.asarray(jax.nn.softmax(jnp.asarray(rng.normal(size=(64, 462)), jnp.float32)))
+    kw = dict(mu=0.4, tail=losses.quantile_tail(0.4), split_vocab=True)
+    cuts = cvar_threshold(jnp.asarray(d), jnp.asarray(q), **kw)
+
+    def weights(values):  # d(rho)/d(d) = w / mu
+        grad = jax.grad(lambda x: losses.cvar(x, q, threshold=cuts, **kw).sum())
+        return np.asarray(grad(jnp.asarray(values)))
+
+    want = weights(d)
+    assert np.all(np.sum(want > 0, axis=-1) >= 1)
+    np.testing.assert_allclose(want.sum(-1), 1.0, rtol=1e-5)  # w sums to mu: w / mu to 1
+    for moved in (np.nextafter(d, np.float32(np.inf)), np.nextafter(d, np.float32(-np.inf))):
+        np.testing.assert_array_equal(weights(moved), want)

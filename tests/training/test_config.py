@@ -83,6 +83,7 @@ def test_dotted_overrides_reach_nested_and_list_fields():
         (["mesh.rules.batch=[data,pipe]"], "unknown mesh axis 'pipe'"),
         (["data.view=harmless"], "view"),
         (["model.compute_dtype=float16"], "model.compute_dtype"),
+        (["model.attention=flash"], "model.attention"),
         (["noequals"], "dotted.key=value"),
     ],
 )
@@ -207,3 +208,14 @@ def test_missing_model_path_and_missing_tokenizer_files(tmp_path):
     (tmp_path / "empty" / "config.json").write_text("{}")
     with pytest.raises(FileNotFoundError, match="has no tokenizer files"):
         load_tokenizer(ModelConfig(path=str(tmp_path / "empty")))
+
+
+def test_the_attention_switch_reaches_the_model_definition():
+    from rsa_jax.training import llama_config
+
+    config = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), ["model.attention=xla"])
+    assert llama_config(config.model).attention == "xla"
+    assert (
+        llama_config(load_config(os.path.join(ROOT, "configs", "tiny.yaml")).model).attention
+        == "auto"
+    )

@@ -272,3 +272,50 @@ def test_stage_zero_export_is_the_stage_one_policy_and_merge_takes_any_policy(ba
         np.testing.assert_array_equal(merged_runs[k], merged[k], k)
     with pytest.raises(ValueError, match="stages are"):
         load_policy(run_dir, stage="nope")
+
+
+def test_every_stage_data_is_checked_before_the_first_stage_trains(data_path, tmp_path):
+    run_dir = tmp_path / "run"
+    missing = str(tmp_path / "no_such_safety_pairs.jsonl")
+    config = load_config(
+        TINY,
+        OVERRIDES
+        + [f"data.path={data_path}", f"train.run_dir={run_dir}", f"stages.1.data_path={missing}"],
+    )
+    with pytest.raises(Exception, match="no_such_safety_pairs"):
+        train(config)
+    metrics = run_dir / "metrics.jsonl"
+    assert not metrics.exists() or metrics.read_text() == ""  # stage 0 never took a step
+    ckpts = run_dir / "checkpoints"
+    assert not ckpts.exists() or not [d for d in os.listdir(ckpts) if d.isdigit()]
+
+
+def test_a_run_directory_stands_alone_from_any_working_directory(data_path, tmp_path, monkeypatch):
+    """A run trained from a relative model path loads (export, eval) from elsewhere: the run
+    directory stores the model and tokenizer location as an absolute path."""
+    from flax import nnx
+
+    from rsa_jax.data import train_bpe_tokenizer
+    from rsa_jax.eval import load_model
+    from rsa_jax.models import Llama, save_hf, tiny_config
+
+    tokenizer = train_bpe_tokenizer()
+    save_hf(
+        Llama(tiny_config(vocab_size=len(tokenizer)), rngs=nnx.Rngs(0)),
+        str(tmp_path / "models" / "sft"),
+        tokenizer=tokenizer,
+    )
+    monkeypatch.chdir(tmp_path)
+    overrides = [f"data.path={data_path}", "train.run_dir=run", "model.path=models/sft"]
+    overrides += ["stages.0.steps=1", "stages.1.steps=1", "checkpoint.every=0"]
+    result = train(load_config(TINY, overrides))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    with open(tmp_path / "run" / "config.json") as f:
+        assert json.load(f)["model"]["path"] == str(tmp_path / "models" / "sft")
+    _, params = load_policy(str(tmp_path / "run"))
+    for k, v in result.params.items():
+        np.testing.assert_array_equal(np.asarray(params[k]), np.asarray(v), k)
+    model, loaded_tokenizer = load_model(str(tmp_path / "run"))
+    assert len(loaded_tokenizer) == len(tokenizer) and model.config.vocab_size >= len(tokenizer)
