@@ -55,8 +55,39 @@ def _save_options(args) -> dict:
 def _cmd_export(args) -> int:
     from rsa_jax.training import load_source
 
+    if args.peft:
+        return _export_peft(args)
+    # A LoRA run's policy is merged (base dequantized + adapters) by load_source.
     source = args.run_dir if args.stage is None else f"{args.run_dir}@{args.stage}"
     _export(load_source(source), args.out, **_save_options(args))
+    return 0
+
+
+def _export_peft(args) -> int:
+    """A LoRA run's adapters alone, in PEFT's layout (adapter_config.json and
+    adapter_model.safetensors) for `peft.PeftModel.from_pretrained(base, OUT)`."""
+    from rsa_jax.models import save_peft
+    from rsa_jax.training import load_adapters
+
+    if not os.path.isfile(os.path.join(args.run_dir, "config.json")):
+        print(f"error: {args.run_dir}: not a run directory (no config.json)", file=sys.stderr)
+        return 2
+    engine, adapters = load_adapters(args.run_dir, stage=args.stage)
+    if engine.model.lora is None:
+        print(
+            f"error: --peft: {args.run_dir} is a full fine-tuning run (model.lora.rank is 0); "
+            "export it without --peft",
+            file=sys.stderr,
+        )
+        return 2
+    path = engine.config.model.path
+    save_peft(
+        engine.model.lora,
+        adapters,
+        args.out,
+        base_model_name_or_path=None if path == "tiny" else path,
+    )
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -304,6 +335,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", help="the train.run_dir of a trained run")
     p.add_argument("out", help="output directory")
     p.add_argument("--stage", help="the policy a stage ended with (index or name); default: last")
+    p.add_argument(
+        "--peft",
+        action="store_true",
+        help="LoRA runs: write the adapters alone in PEFT's layout instead of the merged model",
+    )
     _add_export_options(p)
     p.set_defaults(fn=_cmd_export)
 

@@ -22,7 +22,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from rsa_jax.data import DataConfig
 from rsa_jax.losses import DEFAULT_CHUNK_SIZE, DEFAULTS, Kernel, KernelError, check_mu
-from rsa_jax.models import ATTENTION_CHOICES
+from rsa_jax.models import ATTENTION_CHOICES, PROJECTIONS, STORAGES
 
 # A stage's reference model: the initial (SFT) model, or the frozen result of the stage before.
 INIT, PREVIOUS_STAGE = "init", "previous_stage"
@@ -35,6 +35,25 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 class ConfigError(ValueError):
     """A config that cannot run; the message names the dotted key and the problem."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSettings:
+    """`model.lora`: train low-rank adapters on a frozen base instead of every weight."""
+
+    # 0: full fine-tuning (every weight trained, float32 master weights); r >= 1: LoRA of rank r.
+    rank: int = 0
+    # The adapter delta is scaled by alpha / rank.
+    alpha: float = 16.0
+    # Projections that get adapters, among q, k, v, o, gate, up, down.
+    targets: list[str] = dataclasses.field(default_factory=lambda: list(PROJECTIONS))
+    # Dropout on each adapter's input (PEFT's lora_dropout); only 0 is accepted for now: the
+    # model implements it, the train step does not yet draw its PRNG keys.
+    dropout: float = 0.0
+    # Storage of the frozen base: float32 | bfloat16 | int8 | nf4 (QLoRA: nf4 + adapters).
+    base_storage: str = "bfloat16"
+    # Quantization block (entries per scale) of an int8/nf4 base.
+    block_size: int = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +72,12 @@ class ModelConfig:
     # Attention kernel: "auto" (cuDNN flash attention on a GPU in bfloat16, XLA otherwise),
     # "xla" or "cudnn" (jax.nn.dot_product_attention's implementations).
     attention: str = "auto"
+    # LoRA / QLoRA (null or rank 0: full fine-tuning).
+    lora: LoraSettings | None = dataclasses.field(default_factory=LoraSettings)
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.lora is not None and self.lora.rank > 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,6 +331,35 @@ def _fail(key: str, message: str) -> NoReturn:
     raise ConfigError(f"{key}: {message}")
 
 
+def _validate_lora(lora: LoraSettings) -> None:
+    if lora.rank < 0:
+        _fail("model.lora.rank", f"must be >= 0 (0: full fine-tuning), got {lora.rank}")
+    if lora.rank == 0:
+        return
+    if not lora.alpha > 0:
+        _fail("model.lora.alpha", f"must be > 0, got {lora.alpha}")
+    unknown = [t for t in lora.targets if t not in PROJECTIONS]
+    if unknown or not lora.targets or len(set(lora.targets)) != len(lora.targets):
+        _fail(
+            "model.lora.targets",
+            f"must be distinct names among {', '.join(PROJECTIONS)}, got {list(lora.targets)}",
+        )
+    if not 0 <= lora.dropout < 1:
+        _fail("model.lora.dropout", f"must lie in [0, 1), got {lora.dropout}")
+    if lora.dropout > 0:  # the model supports it; the train step does not draw its keys yet
+        _fail(
+            "model.lora.dropout",
+            f"adapter dropout is not wired into training yet; use 0, got {lora.dropout}",
+        )
+    if lora.base_storage not in STORAGES:
+        _fail(
+            "model.lora.base_storage",
+            f"must be one of {', '.join(STORAGES)}, got {lora.base_storage!r}",
+        )
+    if lora.block_size < 1:
+        _fail("model.lora.block_size", f"must be >= 1, got {lora.block_size}")
+
+
 def validate(config: Config, device_count: int | None = None) -> None:
     """Constraints beyond types. With `device_count`, also that the mesh fits the devices/batch."""
     m = config.model
@@ -313,6 +367,8 @@ def validate(config: Config, device_count: int | None = None) -> None:
         _fail("model.attention", f"must be one of {ATTENTION_CHOICES}, got {m.attention!r}")
     if m.compute_dtype not in DTYPES:
         _fail("model.compute_dtype", f"must be one of {DTYPES}, got {m.compute_dtype!r}")
+    if m.lora is not None:
+        _validate_lora(m.lora)
     if not config.stages:
         _fail("stages", "at least one stage is required")
     for i, s in enumerate(config.stages):

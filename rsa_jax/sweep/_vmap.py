@@ -175,7 +175,10 @@ def run_vmap(sweep: Sweep) -> dict[str, str]:
                 [Hyper.for_stage(v.config.stages[i], v.config.optim, total) for v in todo]
             )
             shared_ref = not stage_config.follows_previous
-            reference = initial if shared_ref else jax.tree.map(jnp.copy, policy)
+            if engine.model.lora is None:
+                reference = initial if shared_ref else jax.tree.map(jnp.copy, policy)
+            else:  # one frozen base for all K (not vmapped); adapters off, or stacked copies
+                reference = engine.frozen(None if shared_ref else jax.tree.map(jnp.copy, policy))
             state = TrainState(policy, jax.vmap(engine.tx.init)(policy), jnp.zeros((k,), jnp.int32))
             step_fn = engine.vmapped_step(engine.objective(stage_config), None if shared_ref else 0)
             stage = Stage(i, stage_config, state, reference, batches, total, step_fn, hyper)
@@ -186,7 +189,7 @@ def run_vmap(sweep: Sweep) -> dict[str, str]:
                 log_.end_stage()
             policy = stage.state.params
             if i == len(config.stages) - 1:
-                _save_finals(todo, stage, global_step)
+                _save_finals(todo, stage, engine.saved_reference(stage), global_step)
     finally:
         for log_ in logs:
             log_.close()
@@ -195,9 +198,10 @@ def run_vmap(sweep: Sweep) -> dict[str, str]:
     return status
 
 
-def _save_finals(variants: list[Variant], stage: Stage, global_step: int) -> None:
-    """Each variant's slice of the stacked final state as its run's final checkpoint."""
-    keep_ref = stage.config.follows_previous
+def _save_finals(variants: list[Variant], stage: Stage, reference, global_step: int) -> None:
+    """Each variant's slice of the stacked final state (and of the stacked trained
+    `reference`, if any) as its run's final checkpoint."""
+    keep_ref = reference is not None
     for j, v in enumerate(variants):
         one = jax.tree.map(lambda x, j=j: x[j], stage.state)
         ckpt = Checkpoints(v.run_dir, keep=v.config.checkpoint.keep, async_save=False)
@@ -207,7 +211,7 @@ def _save_finals(variants: list[Variant], stage: Stage, global_step: int) -> Non
                 one,
                 meta=_meta(v.config, stage.index, stage.total),
                 data_iter=stage.batches,
-                reference=jax.tree.map(lambda x, j=j: x[j], stage.reference) if keep_ref else None,
+                reference=jax.tree.map(lambda x, j=j: x[j], reference) if keep_ref else None,
             )
         finally:
             ckpt.close()

@@ -9,7 +9,8 @@
   owns the model definition, sharded parameters, optimizer, the cache of compiled steps, and
   the one training loop (`Engine.fit`). Preference stages, SFT and both sweep modes run on it.
 - `train(config)`: the stages of a config with checkpoints (exact resume), metrics and signals.
-- `load_policy(run_dir)`: the newest usable policy of a run directory.
+- `load_policy(run_dir)`: the newest usable policy of a run directory (LoRA: merged);
+  `load_adapters(run_dir)`: the trained parameters as saved (LoRA: the adapters).
 - Typed hyperparameters: `Hyper` (loss + optimizer, traced), the objectives `PairObjective`
   (a static `rsa_jax.losses.Kernel`) and `NextTokenObjective` (SFT).
 - Mesh and sharding: `Layout` (mesh + logical-axis rules), `make_mesh`, `place_batch`.
@@ -95,6 +96,7 @@ from rsa_jax.training._step import (
 )
 from rsa_jax.training._trainer import (
     RunResult,
+    load_adapters,
     load_policy,
     stage_index,
     stage_policy_dir,
@@ -152,6 +154,7 @@ __all__ = [
     "init_state",
     "learning_rate_at",
     "llama_config",
+    "load_adapters",
     "load_policy",
     "load_source",
     "load_tokenizer",

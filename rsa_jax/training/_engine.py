@@ -42,6 +42,7 @@ from rsa_jax.training._mesh import Layout, make_mesh, maybe_initialize_distribut
 from rsa_jax.training._model import (
     ModelDef,
     define_model,
+    init_lora,
     init_params,
     llama_config,
     load_tokenizer,
@@ -105,7 +106,9 @@ class Stage:
     index: int
     config: StageConfig
     state: TrainState  # policy, optimizer state, stage step (placed; donated by each step)
-    reference: Any  # frozen reference params (None for objectives without one)
+    # The step's frozen inputs: the reference params (None for objectives without one), or with
+    # LoRA {"base": the frozen base, "adapters": the reference adapters or None (adapters off)}.
+    reference: Any
     batches: Iterator[dict]
     total: int  # optimizer steps of the stage
     step_fn: Callable
@@ -144,14 +147,56 @@ class Engine:
         self.user_tx = tx
         self.tx = make_optimizer(config.optim) if tx is None else tx
         self._initial: dict | None = None
+        self._base: dict | None = None
 
     # -- parameters ---------------------------------------------------------------------------
     @property
     def initial(self) -> dict:
-        """The initial (SFT) parameters, loaded or randomly initialised once, placed sharded."""
+        """The initial (SFT) parameters, loaded or randomly initialised once, placed sharded
+        (with LoRA: the initial adapters, B = 0)."""
         if self._initial is None:
-            self._initial = init_params(self.model, self.config.model)
+            if self.model.lora is None:
+                self._initial = init_params(self.model, self.config.model)
+            else:
+                self._base, self._initial = init_lora(self.model, self.config.model)
         return self._initial
+
+    @property
+    def base(self) -> dict | None:
+        """The frozen base of a LoRA model (created or loaded once; never donated nor copied),
+        None for full fine-tuning."""
+        if self.model.lora is not None and self._base is None:
+            self.initial  # noqa: B018 - creates the base with the initial adapters
+        return self._base
+
+    def frozen(self, reference_adapters: dict | None) -> dict:
+        """The LoRA step's frozen inputs: the base, and the reference adapters (None: off)."""
+        return {"base": self.base, "adapters": reference_adapters}
+
+    def saved_reference(self, stage: Stage):
+        """What a checkpoint keeps of the stage's reference: the trained reference of a
+        `previous_stage` stage (with LoRA its adapters alone, the base being the model's), or
+        None."""
+        if not stage.config.follows_previous:
+            return None
+        return stage.reference if self.model.lora is None else stage.reference["adapters"]
+
+    def restore_reference(self, stage: Stage, restored) -> None:
+        """Puts a reference restored from a checkpoint (`saved_reference`'s tree) in `stage`."""
+        if restored is not None:
+            stage.reference = restored if self.model.lora is None else self.frozen(restored)
+
+    def merged(self, params: dict) -> dict:
+        """Full parameters of the policy `params`: themselves, or with LoRA the base
+        dequantized plus (alpha / r) A B (float32, for `model.module`, export and merging)."""
+        if self.model.lora is None:
+            return params
+        from rsa_jax.models import merged_params
+
+        merged = merged_params(self.model.lora, self.base, params)
+        full = self.model.full
+        assert full is not None
+        return {k: jax.device_put(v, full.shardings[k]) for k, v in merged.items()}
 
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and shardings of a TrainState (restore targets), without arrays."""
@@ -171,15 +216,26 @@ class Engine:
         train = self.config.train
         return PairObjective(stage.kernel, head=train.head, chunk_size=train.chunk_size)
 
-    def compiled_step(self, objective: Objective, state_sh: TrainState):
+    def compiled_step(
+        self, objective: Objective, state_sh: TrainState, *, reference_adapters: bool = False
+    ):
         """The jitted step of `objective` on this engine's model and optimizer, with explicit
         shardings (`state_sh`: the state's) and the state donated. Cached by everything that
-        shapes the program, so runs that differ only in hyperparameters share one compile."""
-        key = (self._program_key(objective), _sharding_key(state_sh), self.layout)
+        shapes the program, so runs that differ only in hyperparameters share one compile.
+        `reference_adapters` (LoRA): the reference has adapters of its own (stage 2), else it
+        is the base with adapters off."""
+        key = (
+            self._program_key(objective),
+            _sharding_key(state_sh),
+            self.layout,
+            reference_adapters,
+        )
         step = _STEP_CACHE.get(key)
         if step is None:
             rep = self.layout.replicated
-            ref_sh = self.model.shardings if objective.needs_reference else None
+            ref_sh = None
+            if objective.needs_reference:
+                ref_sh = self.model.frozen_shardings(reference_adapters)
             batch_sh = {k: self.layout.batch for k in BATCH_KEYS}
             step = _STEP_CACHE[key] = jax.jit(
                 self._step(objective),
@@ -192,11 +248,16 @@ class Engine:
     def vmapped_step(self, objective: Objective, reference_axis: int | None):
         """The same step under `jax.vmap` over K stacked states and hyperparameters, the batch
         shared: `reference_axis` 0 gives each variant its own reference (stacked), None one
-        shared reference. Jitted with the state donated; placement is left to XLA."""
+        shared reference. With LoRA the frozen base is always shared (passed once, not
+        vmapped) and `reference_axis` applies to the reference adapters. Jitted with the state
+        donated; placement is left to XLA."""
         key = (self._program_key(objective), ("vmap", reference_axis))
         step = _STEP_CACHE.get(key)
         if step is None:
-            vmapped = jax.vmap(self._step(objective), in_axes=(0, reference_axis, None, 0))
+            ref_axes = reference_axis
+            if self.model.lora is not None:
+                ref_axes = {"base": None, "adapters": reference_axis}
+            vmapped = jax.vmap(self._step(objective), in_axes=(0, ref_axes, None, 0))
             step = _STEP_CACHE[key] = jax.jit(vmapped, donate_argnums=(0,))
         return step
 
@@ -262,11 +323,18 @@ class Engine:
         """Stage i starting from `policy`: data, reference, placed optimizer state, step, hyper."""
         config = self.config.stages[i]
         batches, total = self.stage_batches(i)
-        reference = device_copy(policy) if config.follows_previous else self.initial
+        if self.model.lora is None:
+            reference = device_copy(policy) if config.follows_previous else self.initial
+        else:  # one base for both models; stage 2's reference: a copy of the adapters alone
+            reference = self.frozen(device_copy(policy) if config.follows_previous else None)
         if policy is self._initial:  # the step donates the state: never the reference's buffers
             policy = device_copy(policy)
         state = self.new_state(policy)
-        step_fn = self.compiled_step(self.objective(config), state_shardings(state))
+        step_fn = self.compiled_step(
+            self.objective(config),
+            state_shardings(state),
+            reference_adapters=config.follows_previous,
+        )
         return Stage(
             i, config, state, reference, batches, total, step_fn, self.hyper(config, total)
         )

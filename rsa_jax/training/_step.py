@@ -86,8 +86,8 @@ class PairObjective:
 
     def __call__(self, model: ModelDef, params, ref_params, mb, hyper: Hyper):
         """(sum of per-pair losses, (metric sums, pair count)) of one microbatch."""
-        policy = model.module(params)
-        reference = model.module(jax.lax.stop_gradient(ref_params))
+        policy = model.policy(params, ref_params)
+        reference = model.reference(ref_params)
         args = (mb["input_ids"], mb["positions"], mb["attention_mask"])
         hidden = policy(*args)  # [2b, L, D]
         ref_hidden = jax.lax.stop_gradient(reference(*args))

@@ -50,7 +50,8 @@ class _RunDir:
             keep=config.checkpoint.keep,
             async_save=config.checkpoint.async_save,
         )
-        n_params = sum(int(np.prod(v.shape)) for v in engine.model.abstract_params().values())
+        model = engine.model.full or engine.model  # FLOPs: every weight, frozen ones too
+        n_params = sum(int(np.prod(v.shape)) for v in model.abstract_params().values())
         peak = config.train.peak_tflops * 1e12 * engine.layout.mesh.size
         self.metrics = MetricsLog(
             config.train.run_dir,
@@ -78,7 +79,7 @@ class _RunDir:
             stage.state,
             meta=meta,
             data_iter=stage.batches,
-            reference=stage.reference if stage.config.follows_previous else None,
+            reference=self.engine.saved_reference(stage),
         )
 
     def starting_point(self) -> tuple[int, dict | None, Stage | None]:
@@ -100,18 +101,18 @@ class _RunDir:
                     log.info("resuming after stage %d (checkpoint %d)", meta["stage"], step_id)
                     return meta["stage"] + 1, state.params, None
                 stage = engine.stage(meta["stage"], engine.initial)
+                saved_reference = engine.saved_reference(stage)
                 stage.state, reference = self.ckpt.restore(
                     step_id,
                     abstract_like(stage.state),
                     data_iter=stage.batches,
                     abstract_reference=(
-                        abstract_like(stage.reference) if stage.config.follows_previous else None
+                        abstract_like(saved_reference) if saved_reference is not None else None
                     ),
                 )
             except CorruptCheckpoint:
                 continue
-            if reference is not None:
-                stage.reference = reference
+            engine.restore_reference(stage, reference)
             self.global_step = step_id
             log.info("resumed stage %d at step %d", stage.index, steps_done(stage.state))
             return stage.index, None, stage
@@ -268,13 +269,29 @@ def load_policy(
     layout: Layout | None = None,
 ):
     """(engine, flat policy params) of the newest usable checkpoint of a run directory, or,
-    with `stage` (index or name), the policy that stage ended with.
+    with `stage` (index or name), the policy that stage ended with. For a LoRA run these are
+    the merged parameters (the base dequantized plus (alpha / r) A B, float32), which
+    `engine.model.module(params)` builds; `load_adapters` gives the adapters themselves.
 
     The engine holds the model definition (`engine.model.module(params)` is the NNX model) and
     the tokenizer. The run's own mesh settings are replaced by data parallelism over every
     device, so a run trained on a pod slice loads on one machine; `layout` restores onto another
     mesh instead (evaluation on the training mesh).
     """
+    engine, params = load_adapters(run_dir, config, stage=stage, layout=layout)
+    return engine, engine.merged(params)
+
+
+def load_adapters(
+    run_dir: str,
+    config: Config | None = None,
+    *,
+    stage: str | int | None = None,
+    layout: Layout | None = None,
+):
+    """(engine, the trained parameters as checkpointed): `load_policy` without the merge, so
+    for a LoRA run the adapters (`engine.base` is the frozen base, `engine.model.lora` the
+    spec: what `save_merged_hf` and `save_peft` take)."""
     if config is None:
         with open(os.path.join(run_dir, "config.json")) as f:
             config = from_json(f.read())
