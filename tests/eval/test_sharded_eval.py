@@ -14,6 +14,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from rsa_jax.config import MeshConfig, ModelConfig
 from rsa_jax.eval import evaluate_model, response_logprob
@@ -72,6 +73,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two JAX processes (minutes on 2 cores), like the training multi-process tests
 def test_two_processes_evaluate_like_one_device(tmp_path):
     """Two JAX processes x 4 CPU devices (one 2x2x2 mesh, gloo): rows are placed per process and
     gathered back, and every process gets the single-device samples and log-probabilities."""
