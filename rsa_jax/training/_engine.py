@@ -193,9 +193,9 @@ class Engine:
             return params
         from rsa_jax.models import merged_params
 
-        merged = merged_params(self.model.lora, self.base, params)
-        full = self.model.full
-        assert full is not None
+        base, full = self.base, self.model.full
+        assert base is not None and full is not None  # a LoRA engine has both
+        merged = merged_params(self.model.lora, base, params)
         return {k: jax.device_put(v, full.shardings[k]) for k, v in merged.items()}
 
     def abstract_state(self) -> TrainState:
