@@ -175,7 +175,8 @@ def _assert_same_run(run_dir, out_dir, base_dir, base_out, label):
     stage 2's first margins, is rounding noise at its own scale)."""
     rec, base = _records(run_dir), _records(base_dir)
     assert sorted(rec) == sorted(base) and len(base) == TOTAL, (sorted(rec), sorted(base))
-    timing = {"tokens_per_s", "pairs_per_s", "step_time_s", "mfu", "stage", "step", "global_step"}
+    timing = {"tokens_per_s", "pairs_per_s", "step_time_s", "mfu", "compile_s"}
+    timing |= {"stage", "step", "global_step"}
     names = sorted(k for k in next(iter(base.values())) if k not in timing)
     assert "loss" in names and "rewards/margins" in names, names
     worst_metric = (0.0, "")
@@ -239,7 +240,14 @@ def test_two_processes_equal_one_process(runs):
     for step in range(1, TOTAL + 1):
         item = os.path.join(two_run, "checkpoints", str(step), "data_iter")
         files = [f for f in os.listdir(item) if f.startswith("process_")]
-        assert sorted(files) == ["process_0-of-2.json", "process_1-of-2.json"], (step, files)
+        assert sorted(f for f in files if f.endswith(".json")) == [  # each with its .sha256
+            "process_0-of-2.json",
+            "process_1-of-2.json",
+        ], (step, files)
+        assert sorted(f for f in files if f.endswith(".sha256")) == [
+            "process_0-of-2.sha256",
+            "process_1-of-2.sha256",
+        ], (step, files)
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """A tiny two-stage run: loss goes down, the stage-2 reference is the stage-1 policy, the step
 compiles once, and a run killed with SIGKILL then resumed equals the uninterrupted one bitwise."""
 
+import dataclasses
 import json
 import math
 import os
@@ -15,7 +16,7 @@ import pytest
 
 from rsa_jax.config import load_config
 from rsa_jax.data import write_toy_data
-from rsa_jax.training import load_policy, train
+from rsa_jax.training import EXIT_PREEMPTED, load_policy, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -115,7 +116,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_cleanly(data_path, tmp_path):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 0, err[-3000:]
+    assert proc.returncode == EXIT_PREEMPTED, err[-3000:]  # 75: stopped, saved, rerun resumes
     assert "preempted" in out
     logged = sum(1 for _ in open(metrics))
     steps = sorted(int(d) for d in os.listdir(os.path.join(run_dir, "checkpoints")) if d.isdigit())
@@ -179,7 +180,9 @@ def test_resume_between_stages_uses_the_finished_stage_as_reference(data_path, t
     first = load_config(TINY, OVERRIDES + common)
     only_stage_one = type(first)(**{**first.__dict__, "stages": first.stages[:1]})
     assert train(only_stage_one).global_step == 6
-    result = train(first)  # finds stage 0 done, starts stage 1 from its checkpoint
+    # A second stage is a changed config: resuming with it is asked for explicitly.
+    forced = dataclasses.replace(first, train=dataclasses.replace(first.train, resume="force"))
+    result = train(forced)  # finds stage 0 done, starts stage 1 from its checkpoint
     assert result.status == "done" and result.global_step == 9
     rec = _records(run_dir)
     assert rec[(1, 1)]["loss"] == pytest.approx(math.log(2), abs=1e-5)
