@@ -61,13 +61,20 @@ def _randomize_b(adapters, seed=3, scale=0.05):
     }
 
 
-def _logits(spec, base, adapters=None, dropout_key=None):
-    @jax.jit
-    def run(base, adapters, dropout_key):
-        model = spec.module(base, adapters, dropout_key=dropout_key)
-        return model.logits(model(jnp.asarray(IDS), jnp.asarray(POSITIONS), jnp.asarray(MASK)))
+_FORWARDS: dict = {}  # id(spec) -> (spec, jitted forward): one compile per spec and signature
 
-    return np.asarray(run(base, adapters, dropout_key))
+
+def _logits(spec, base, adapters=None, dropout_key=None):
+    if id(spec) not in _FORWARDS:
+
+        @jax.jit
+        def run(base, adapters, dropout_key):
+            model = spec.module(base, adapters, dropout_key=dropout_key)
+            hidden = model(jnp.asarray(IDS), jnp.asarray(POSITIONS), jnp.asarray(MASK))
+            return model.logits(hidden)
+
+        _FORWARDS[id(spec)] = (spec, run)  # holding spec keeps its id from being reused
+    return np.asarray(_FORWARDS[id(spec)][1](base, adapters, dropout_key))
 
 
 def test_lora_equations():
