@@ -159,7 +159,9 @@ def _flat(state) -> tuple[dict, dict]:
     return values, axes
 
 
-def _nested(flat: dict) -> dict:
+def nest_params(flat: dict) -> dict:
+    """{"layers/0/mlp/up": x} -> {"layers": {0: {"mlp": {"up": x}}}}: the nested state that
+    `nnx.merge` takes, from the flat string-keyed dicts that optimizers and checkpoints hold."""
     nested: dict = {}
     for key, value in flat.items():
         node = nested
@@ -191,8 +193,8 @@ class LoraSpec:
         """
         base = jax.tree.map(jax.lax.stop_gradient, base)
         if adapters is None:
-            return nnx.merge(self.base_graphdef, _nested(base))
-        model = nnx.merge(self.graphdef, _nested(base), _nested(adapters))
+            return nnx.merge(self.base_graphdef, nest_params(base))
+        model = nnx.merge(self.graphdef, nest_params(base), nest_params(adapters))
         if dropout_key is not None and self.lora.dropout > 0:
             layers = (self.llama.num_hidden_layers,) if model.scan_layers else ()
             for i, (module, _) in enumerate(_projection_modules(model)):
@@ -265,7 +267,9 @@ def save_merged_hf(
 ) -> None:
     """A Hugging Face directory of the merged model (`load_hf` / transformers read it)."""
     merged = merged_params(spec, base, adapters)
-    model = nnx.merge(spec.base_graphdef, _nested({k: jnp.asarray(v) for k, v in merged.items()}))
+    model = nnx.merge(
+        spec.base_graphdef, nest_params({k: jnp.asarray(v) for k, v in merged.items()})
+    )
     save_hf(model, path, tokenizer, dtype=dtype)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from flax import nnx
 
-from rsa_jax.models import Llama, LlamaConfig, load_hf
+from rsa_jax.models import Llama, LlamaConfig, load_hf, nest_params
 
 
 @dataclasses.dataclass
@@ -57,13 +57,7 @@ def load_source(source: str) -> Policy:
     params = {"/".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(state)}
 
     def build(flat: dict) -> Llama:
-        new = nnx.State.from_flat_path(
-            {
-                tuple(int(k) if k.isdigit() else k for k in key.split("/")): v
-                for key, v in flat.items()
-            }
-        )
-        return nnx.merge(graphdef, new)
+        return nnx.merge(graphdef, nest_params(flat))
 
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return Policy(params, build, tokenizer, model.config, source)

@@ -37,6 +37,7 @@ from rsa_jax.models import (
     LoraSpec,
     check_tokenizer_dir,
     load_hf,
+    nest_params,
     split_lora,
     tiny_config,
     to_lora,
@@ -98,14 +99,7 @@ class ModelDef:
         """The plain NNX Llama over full parameters (with LoRA: merged ones, see `merge`)."""
         if self.full is not None:
             return self.full.module(params)
-        nested: dict = {}
-        for key, value in params.items():
-            node = nested
-            parts = [int(p) if p.isdigit() else p for p in key.split("/")]
-            for p in parts[:-1]:
-                node = node.setdefault(p, {})
-            node[parts[-1]] = value
-        return nnx.merge(self.graphdef, nested)
+        return nnx.merge(self.graphdef, nest_params(params))
 
     def abstract_params(self) -> dict[str, jax.ShapeDtypeStruct]:
         """The trainable parameters' shapes, dtypes and shardings (with LoRA: the adapters)."""
