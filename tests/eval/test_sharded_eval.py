@@ -6,7 +6,6 @@ checkout first on the path. Tokens must be identical for the same seed (each row
 its own key, so neither the batch size nor the mesh changes them); log-probabilities (sums of
 up to 6 token log-probs of size ~5 each) and the policy/reference log-ratios agree to 1e-5."""
 
-import json
 import os
 import socket
 import subprocess
@@ -30,21 +29,8 @@ PROMPTS = ["ask topic0 style1 n2", "ask topic3 style5 n0", "ask topic7 style0 n9
 LLAMA = tiny_config(vocab_size=88, max_position_embeddings=64)  # as in the workers
 
 
-def test_sharded_sampling_and_scoring_equal_one_device():
-    env = dict(
-        os.environ,
-        XLA_FLAGS="--xla_force_host_platform_device_count=8",
-        PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
-    )
-    done = subprocess.run(
-        [sys.executable, os.path.join(HERE, "sharded_eval_check.py")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=1200,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+def test_sharded_sampling_and_scoring_equal_one_device(device_script):
+    out = device_script(os.path.join(HERE, "sharded_eval_check.py"), timeout=1200)
     assert out["distinct_rows"] > 1  # really sampled, not a constant
     cases = ("single_budget", "8x1x1", "2x2x2", "1x4x2", "2x2x2_budget", "2x2x2_scan", "hf_2x2x2")
     for name in cases:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -326,21 +324,8 @@ def test_targets_subset_only_adapts_those():
     assert spec.adapter_axes["layers/0/attention/v_lora_b"] == (None, "kv_heads", "head_dim")
 
 
-def test_sharded_lora_forward_equals_one_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    # this checkout's rsa_jax, whichever one is installed
-    env["PYTHONPATH"] = os.pathsep.join(
-        [os.path.dirname(os.path.dirname(HERE))] + [p for p in [env.get("PYTHONPATH")] if p]
-    )
-    done = subprocess.run(
-        [sys.executable, os.path.join(HERE, "lora_sharded_check.py")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+def test_sharded_lora_forward_equals_one_device(device_script):
+    out = device_script(os.path.join(HERE, "lora_sharded_check.py"))
     for case in ("float32", "nf4_scan"):
         assert out[case]["logits_diff"] <= 1e-5, out
         assert out[case]["grad_diff"] <= 1e-5, out

@@ -15,25 +15,13 @@ the smallest of ~1e5 gradient entries of RMS ~1e-4 is ~1e-9. With eps = 1e-6 (21
 have |g| < eps, the rest keep Adam's scale-free step) the same data give param_diff 1.1e-6
 (2x2x2), 6.7e-7 (1x4x2), 5.5e-7 (8x1x1), 3.3e-7 (micro4), nine times inside the 1e-5 bound."""
 
-import json
 import os
-import subprocess
-import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def test_meshes_and_microbatches_match_single_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    done = subprocess.run(
-        [sys.executable, os.path.join(HERE, "sharded_check.py")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+def test_meshes_and_microbatches_match_single_device(device_script):
+    out = device_script(os.path.join(HERE, "sharded_check.py"))
     assert out["single_compiles"] == 1
     for name in ("8x1x1", "2x2x2", "1x4x2", "micro4"):
         case = out[name]

@@ -1,0 +1,34 @@
+"""Shared test support: running a check script on simulated CPU devices.
+
+The multi-device checks run in a subprocess because XLA fixes the number of host devices when
+jax starts; each script prints one JSON object as its last line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_device_script(script: str, *args: str, devices: int = 8, timeout: int = 600) -> dict:
+    """Runs `python script args...` with `devices` simulated CPU devices and this checkout's
+    rsa_jax first on the path; returns the JSON object of its last output line."""
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in [env.get("PYTHONPATH")] if p])
+    done = subprocess.run(
+        [sys.executable, script, *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture
+def device_script():
+    """`run_device_script` as a fixture (conftest modules are not imported by tests)."""
+    return run_device_script
