@@ -73,7 +73,7 @@ def lora_run(tmp_path_factory, data_path):
         ("model.lora.targets=[q,qkv]", "model.lora.targets"),
         ("model.lora.targets=[q,q]", "model.lora.targets"),
         ("model.lora.dropout=1.0", "model.lora.dropout"),
-        ("model.lora.dropout=0.1", "model.lora.dropout"),
+        ("model.lora.dropout=-0.1", "model.lora.dropout"),
         ("model.lora.base_storage=fp8", "model.lora.base_storage"),
         ("model.lora.block_size=0", "model.lora.block_size"),
     ],
