@@ -235,7 +235,7 @@ class Engine:
         if step is None:
             rep = self.layout.replicated
             ref_sh = None
-            if objective.needs_reference:
+            if objective.needs_reference or self.model.lora is not None:  # LoRA: the base
                 ref_sh = self.model.frozen_shardings(reference_adapters)
             batch_sh = {k: self.layout.batch for k in BATCH_KEYS}
             step = _STEP_CACHE[key] = jax.jit(

@@ -164,14 +164,18 @@ class PairObjective:
 @dataclasses.dataclass(frozen=True)
 class NextTokenObjective:
     """Supervised fine-tuning: mean next-token cross-entropy over the loss-masked tokens of the
-    microbatch (no reference). With one microbatch this is the batch's token mean."""
+    microbatch (no reference). With one microbatch this is the batch's token mean.
+
+    Full fine-tuning: the model of `params` (the frozen argument is None). LoRA: the adapters
+    `params` on the frozen base, the step's frozen argument `{"base": base, "adapters": None}`
+    (`Engine.frozen(None)`), with adapter dropout when the step has a key."""
 
     needs_reference = False
     split = staticmethod(split_rows)
 
-    def __call__(self, model: ModelDef, params, ref_params, mb, hyper, dropout_key=None):
-        del ref_params, hyper, dropout_key
-        module = model.module(params)
+    def __call__(self, model: ModelDef, params, frozen, mb, hyper, dropout_key=None):
+        del hyper
+        module = model.policy(params, frozen, dropout_key=dropout_key)
         hidden = module(mb["input_ids"], mb["positions"], mb["attention_mask"])
         logp = jax.nn.log_softmax(module.logits(hidden), axis=-1)
         nll = -jnp.take_along_axis(logp, mb["labels"][..., None], axis=-1)[..., 0]
