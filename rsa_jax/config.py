@@ -47,8 +47,9 @@ class LoraSettings:
     alpha: float = 16.0
     # Projections that get adapters, among q, k, v, o, gate, up, down.
     targets: list[str] = dataclasses.field(default_factory=lambda: list(PROJECTIONS))
-    # Dropout on each adapter's input (PEFT's lora_dropout); only 0 is accepted for now: the
-    # model implements it, the train step does not yet draw its PRNG keys.
+    # Dropout on each adapter's input (PEFT's lora_dropout), in the policy's training steps
+    # only (never the reference, evaluation, sampling or export); its masks are drawn from
+    # train.seed, the stage and the step, so a resumed run draws the same ones.
     dropout: float = 0.0
     # Storage of the frozen base: float32 | bfloat16 | int8 | nf4 (QLoRA: nf4 + adapters).
     base_storage: str = "bfloat16"
@@ -170,6 +171,7 @@ class TrainConfig:
     # "auto": resume when the run directory's config matches (keys that do not change what is
     # trained aside), refuse otherwise; "force": resume even when it differs.
     resume: str = "auto"
+    # Seeds the masks of LoRA adapter dropout (model.lora.dropout); nothing else draws from it.
     seed: int = 0
     log_every: int = 1
     # Chunk of response tokens whose logits the fused loss head forms at once.
@@ -346,11 +348,6 @@ def _validate_lora(lora: LoraSettings) -> None:
         )
     if not 0 <= lora.dropout < 1:
         _fail("model.lora.dropout", f"must lie in [0, 1), got {lora.dropout}")
-    if lora.dropout > 0:  # the model supports it; the train step does not draw its keys yet
-        _fail(
-            "model.lora.dropout",
-            f"adapter dropout is not wired into training yet; use 0, got {lora.dropout}",
-        )
     if lora.base_storage not in STORAGES:
         _fail(
             "model.lora.base_storage",

@@ -43,6 +43,7 @@ from rsa_jax.training import (
     Stage,
     TrainState,
     absolute_paths,
+    stage_dropout_key,
     steps_done,
     write_config,
 )
@@ -51,7 +52,9 @@ from rsa_jax.training import (
 # (they become stacked arguments), and what does not touch the program.
 TRACED_STAGE_KEYS = TRACED_NAMES
 KERNEL_KEYS = tuple(f.name for f in dataclasses.fields(Kernel))
-_FREE = ("train.run_dir", "train.progress_bar", "train.peak_tflops", "checkpoint.")
+# train.seed only seeds LoRA adapter dropout, whose key is a traced (stacked) input: variants
+# with other seeds draw other masks in the same program.
+_FREE = ("train.run_dir", "train.progress_bar", "train.peak_tflops", "train.seed", "checkpoint.")
 
 
 def _flat(tree, prefix="") -> dict:
@@ -172,7 +175,12 @@ def run_vmap(sweep: Sweep) -> dict[str, str]:
         for i, stage_config in enumerate(config.stages):
             batches, total = engine.stage_batches(i)
             hyper = _stack(
-                [Hyper.for_stage(v.config.stages[i], v.config.optim, total) for v in todo]
+                [
+                    Hyper.for_stage(
+                        v.config.stages[i], v.config.optim, total, stage_dropout_key(v.config, i)
+                    )
+                    for v in todo
+                ]
             )
             shared_ref = not stage_config.follows_previous
             if engine.model.lora is None:

@@ -4,6 +4,11 @@ Hugging Face directory (config.json, model.safetensors, tokenizer) that every st
 Each step draws fresh (prompt, response) samples from the task's behaviour, so the model is fitted
 to the behaviour's distribution rather than to a finite set. Loss: mean next-token cross-entropy
 over response tokens (EOS included).
+
+Always full fine-tuning: the model starts from random weights, so there is no pretrained base
+for LoRA adapters to adapt (a random frozen base plus rank-r deltas cannot fit the behaviour).
+SFT with adapters on a pretrained base is `NextTokenObjective` on a LoRA `Engine`, the frozen
+argument being `engine.frozen(None)` (tested in tests/training/test_lora_train.py).
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@
 - `train(config)`: the stages of a config with checkpoints (exact resume), metrics and signals.
 - `load_policy(run_dir)`: the newest usable policy of a run directory (LoRA: merged);
   `load_adapters(run_dir)`: the trained parameters as saved (LoRA: the adapters).
-- Typed hyperparameters: `Hyper` (loss + optimizer, traced), the objectives `PairObjective`
-  (a static `rsa_jax.losses.Kernel`) and `NextTokenObjective` (SFT).
+- Typed hyperparameters: `Hyper` (loss + optimizer + LoRA dropout key, traced;
+  `stage_dropout_key` derives the key from `train.seed` and the stage), the objectives
+  `PairObjective` (a static `rsa_jax.losses.Kernel`) and `NextTokenObjective` (SFT).
 - Mesh and sharding: `Layout` (mesh + logical-axis rules), `make_mesh`, `place_batch`.
 """
 
@@ -90,8 +91,10 @@ from rsa_jax.training._step import (
     TrainState,
     init_state,
     make_train_step,
+    microbatch_dropout_keys,
     split_pairs,
     split_rows,
+    stage_dropout_key,
     state_shardings,
 )
 from rsa_jax.training._trainer import (
@@ -165,6 +168,7 @@ __all__ = [
     "make_train_step",
     "maybe_initialize_distributed",
     "merge_params",
+    "microbatch_dropout_keys",
     "merge_sources",
     "optax_update",
     "place_batch",
@@ -172,6 +176,7 @@ __all__ = [
     "split_pairs",
     "split_rows",
     "split_source",
+    "stage_dropout_key",
     "stage_index",
     "stage_policy_dir",
     "state_shardings",

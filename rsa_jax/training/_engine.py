@@ -56,6 +56,7 @@ from rsa_jax.training._step import (
     TrainState,
     init_state,
     make_train_step,
+    stage_dropout_key,
     state_shardings,
 )
 
@@ -234,7 +235,7 @@ class Engine:
         if step is None:
             rep = self.layout.replicated
             ref_sh = None
-            if objective.needs_reference:
+            if objective.needs_reference or self.model.lora is not None:  # LoRA: the base
                 ref_sh = self.model.frozen_shardings(reference_adapters)
             batch_sh = {k: self.layout.batch for k in BATCH_KEYS}
             step = _STEP_CACHE[key] = jax.jit(
@@ -336,14 +337,17 @@ class Engine:
             reference_adapters=config.follows_previous,
         )
         return Stage(
-            i, config, state, reference, batches, total, step_fn, self.hyper(config, total)
+            i, config, state, reference, batches, total, step_fn, self.hyper(config, total, i)
         )
 
-    def hyper(self, stage: StageConfig, total_steps: int) -> Hyper:
-        """The stage's traced hyperparameters, placed replicated (no optimizer part with a
-        user optax transformation, whose hyperparameters are its own)."""
+    def hyper(self, stage: StageConfig, total_steps: int, index: int = 0) -> Hyper:
+        """The traced hyperparameters of stage `index` (`stage`), placed replicated (no
+        optimizer part with a user optax transformation, whose hyperparameters are its own;
+        the dropout key of `stage_dropout_key` with LoRA dropout)."""
         optim = self.config.optim if self.user_tx is None else None
-        return jax.device_put(Hyper.for_stage(stage, optim, total_steps), self.layout.replicated)
+        key = stage_dropout_key(self.config, index)
+        hyper = Hyper.for_stage(stage, optim, total_steps, key)
+        return jax.device_put(hyper, self.layout.replicated)
 
     def place(self, batch: dict) -> dict:
         """This host's rows of a global batch, placed on the layout's batch sharding."""

@@ -73,11 +73,13 @@ class ModelDef:
     base_shardings: dict | None = None
     full: ModelDef | None = None
 
-    def policy(self, params: dict, frozen) -> Llama:
-        """The trained model: `params` (full model, or adapters on the frozen base)."""
+    def policy(self, params: dict, frozen, *, dropout_key=None) -> Llama:
+        """The trained model: `params` (full model, or adapters on the frozen base).
+        `dropout_key` turns on LoRA adapter dropout (training steps only; full fine-tuning has
+        no dropout and never gets a key)."""
         if self.lora is None:
             return self.module(params)
-        return self.lora.module(frozen["base"], params)
+        return self.lora.module(frozen["base"], params, dropout_key=dropout_key)
 
     def reference(self, frozen) -> Llama:
         """The frozen reference model, no gradient: `frozen` itself (full fine-tuning), or the

@@ -11,6 +11,15 @@ pairs give the same update as one batch of B pairs.
 
 The step is a pure function `step(state, reference, batch, hyper) -> (state, metrics)`; the
 engine jits it with shardings and donation, or vmaps it over K stacked variants.
+
+LoRA adapter dropout (`model.lora.dropout` > 0) needs random masks. They come from a key that is
+a pure function of `(train.seed, stage index, stage step, microbatch)`: the stage's key travels
+in `hyper.dropout_key` (traced, never donated, stacked over K in a vmap sweep), the step folds
+in its own `state.step` and splits one key per microbatch. Why not `nnx.Dropout` with an
+`nnx.Rngs` stream: the model is rebuilt from flat dicts inside the jitted step, so a stateful
+stream would have to be threaded in and out of the step and checkpointed to resume exactly; a
+key derived from the step counter is stateless, so the step stays pure, the donated state
+keeps its structure, and a resumed run draws the same masks as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rsa_jax.config import OptimConfig, StageConfig
+from rsa_jax.config import Config, OptimConfig, StageConfig
 from rsa_jax.losses import DEFAULT_CHUNK_SIZE, Kernel, LossHyper, fused_pair_loss, logits_pair_loss
 from rsa_jax.training._model import ModelDef
 from rsa_jax.training._optim import OptimHyper
@@ -39,20 +48,56 @@ class TrainState(NamedTuple):
 
 
 class Hyper(NamedTuple):
-    """Every traced hyperparameter of a stage: a pytree, so changing a value never recompiles
-    and a stack of K of them is vmapped over. `optim` is None with a user's optax optimizer."""
+    """Every traced input of a stage besides its state and batch: a pytree, so changing a value
+    never recompiles and a stack of K of them is vmapped over. `optim` is None with a user's
+    optax optimizer; `dropout_key` is the stage's PRNG key of LoRA adapter dropout
+    (`stage_dropout_key`), None without dropout (then the step draws nothing)."""
 
     loss: LossHyper
     optim: OptimHyper | None
+    dropout_key: jax.Array | None = None
 
     @classmethod
-    def for_stage(cls, stage: StageConfig, optim: OptimConfig | None, total_steps: int) -> Hyper:
+    def for_stage(
+        cls,
+        stage: StageConfig,
+        optim: OptimConfig | None,
+        total_steps: int,
+        dropout_key: jax.Array | None = None,
+    ) -> Hyper:
         return cls(
             LossHyper.create(
                 risk=stage.risk, beta=stage.beta, alpha=stage.alpha, mu=stage.mu, gamma=stage.gamma
             ),
             None if optim is None else OptimHyper.from_config(optim, total_steps),
+            dropout_key,
         )
+
+
+# A stream of its own for dropout, so its keys never repeat another use of `train.seed`.
+_DROPOUT_STREAM = 0xD209
+
+
+def stage_dropout_key(config: Config, stage_index: int) -> jax.Array | None:
+    """The PRNG key of stage `stage_index`'s adapter dropout: `fold_in(fold_in(key(train.seed),
+    stream), stage)`; None when the run has no dropout (full fine-tuning or `lora.dropout` 0).
+
+    Variants of a sweep with the same `train.seed` draw the same masks (common random numbers:
+    their differences are the hyperparameters', not the masks'); another `train.seed` gives
+    other masks."""
+    lora = config.model.lora
+    if not config.model.uses_lora or lora is None or lora.dropout == 0:
+        return None
+    key = jax.random.fold_in(jax.random.key(config.train.seed), _DROPOUT_STREAM)
+    return jax.random.fold_in(key, stage_index)
+
+
+def microbatch_dropout_keys(stage_key: jax.Array | None, step, microbatches: int):
+    """[K] keys, one per microbatch of stage step `step` (an int32 scalar): `split(fold_in(
+    stage_key, step), K)`; None when `stage_key` is None (no dropout)."""
+    if stage_key is None:
+        return None
+    return jax.random.split(jax.random.fold_in(stage_key, step), microbatches)
 
 
 def split_pairs(batch: dict, k: int) -> dict:
@@ -84,9 +129,10 @@ class PairObjective:
     needs_reference = True
     split = staticmethod(split_pairs)
 
-    def __call__(self, model: ModelDef, params, ref_params, mb, hyper: Hyper):
-        """(sum of per-pair losses, (metric sums, pair count)) of one microbatch."""
-        policy = model.policy(params, ref_params)
+    def __call__(self, model: ModelDef, params, ref_params, mb, hyper: Hyper, dropout_key=None):
+        """(sum of per-pair losses, (metric sums, pair count)) of one microbatch. `dropout_key`
+        (LoRA with dropout): the microbatch's key, for the policy's adapters only."""
+        policy = model.policy(params, ref_params, dropout_key=dropout_key)
         reference = model.reference(ref_params)
         args = (mb["input_ids"], mb["positions"], mb["attention_mask"])
         hidden = policy(*args)  # [2b, L, D]
@@ -118,14 +164,18 @@ class PairObjective:
 @dataclasses.dataclass(frozen=True)
 class NextTokenObjective:
     """Supervised fine-tuning: mean next-token cross-entropy over the loss-masked tokens of the
-    microbatch (no reference). With one microbatch this is the batch's token mean."""
+    microbatch (no reference). With one microbatch this is the batch's token mean.
+
+    Full fine-tuning: the model of `params` (the frozen argument is None). LoRA: the adapters
+    `params` on the frozen base, the step's frozen argument `{"base": base, "adapters": None}`
+    (`Engine.frozen(None)`), with adapter dropout when the step has a key."""
 
     needs_reference = False
     split = staticmethod(split_rows)
 
-    def __call__(self, model: ModelDef, params, ref_params, mb, hyper):
-        del ref_params, hyper
-        module = model.module(params)
+    def __call__(self, model: ModelDef, params, frozen, mb, hyper, dropout_key=None):
+        del hyper
+        module = model.policy(params, frozen, dropout_key=dropout_key)
         hidden = module(mb["input_ids"], mb["positions"], mb["attention_mask"])
         logp = jax.nn.log_softmax(module.logits(hidden), axis=-1)
         nll = -jnp.take_along_axis(logp, mb["labels"][..., None], axis=-1)[..., 0]
@@ -149,28 +199,30 @@ def make_train_step(
 ):
     """`step(state, reference, batch, hyper) -> (state, metrics)`, not yet jitted."""
 
-    def summed(params, ref_params, mb, hyper):
-        return objective(model, params, ref_params, mb, hyper)
+    def summed(params, ref_params, mb, hyper, key):
+        return objective(model, params, ref_params, mb, hyper, dropout_key=key)
 
     grad_fn = jax.value_and_grad(summed, has_aux=True)
 
     def step(state: TrainState, ref_params, batch, hyper: Hyper):
         micro = objective.split(batch, microbatches)
+        # [K] dropout keys, or None (no dropout: no leaf, the program of a run without it)
+        keys = microbatch_dropout_keys(hyper.dropout_key, state.step, microbatches)
         zeros = jax.tree.map(jnp.zeros_like, state.params)
 
-        def body(carry, mb):
+        def body(carry, xs):
+            mb, key = xs
             g_acc, l_acc, m_acc, n_acc = carry
-            (loss_sum, (m_sums, n)), g = grad_fn(state.params, ref_params, mb, hyper)
+            (loss_sum, (m_sums, n)), g = grad_fn(state.params, ref_params, mb, hyper, key)
             g_acc = jax.tree.map(jnp.add, g_acc, g)
             m_acc = jax.tree.map(jnp.add, m_acc, m_sums)
             return (g_acc, l_acc + loss_sum, m_acc, n_acc + n), None
 
-        shapes = jax.eval_shape(
-            lambda: grad_fn(state.params, ref_params, jax.tree.map(lambda x: x[0], micro), hyper)
-        )
+        mb0, key0 = jax.tree.map(lambda x: x[0], (micro, keys))
+        shapes = jax.eval_shape(lambda: grad_fn(state.params, ref_params, mb0, hyper, key0))
         m_zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes[0][1][0])
         init = (zeros, jnp.float32(0), m_zero, jnp.float32(0))
-        (g_sum, l_sum, m_sum, count), _ = jax.lax.scan(body, init, micro)
+        (g_sum, l_sum, m_sum, count), _ = jax.lax.scan(body, init, (micro, keys))
         grads = jax.tree.map(lambda g: g / count, g_sum)
         params, opt_state, grad_norm, lr = update(
             tx, grads, state.opt_state, state.params, state.step, hyper.optim

@@ -1,8 +1,13 @@
 """Run in a subprocess with 8 simulated CPU devices: the LoRA (nf4 base) train step on meshes
 8x1x1, 2x2x2, 1x4x2 equals the single-device step; the base and the adapters are partitioned
-by their logical axes. Prints one JSON line of max differences."""
+by their logical axes. Prints one JSON line of max differences.
+
+`python lora_sharded_check.py [DROPOUT]`: with a rate > 0 the step draws adapter-dropout masks,
+which must not depend on the mesh either (JAX's partitionable threefry draws the same bits for
+an array whatever its sharding)."""
 
 import os
+import sys
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -32,7 +37,8 @@ from rsa_jax.training import (  # noqa: E402
     state_shardings,
 )
 
-LORA = LoraSettings(rank=4, alpha=8.0, base_storage="nf4", block_size=16)
+DROPOUT = float(sys.argv[1]) if len(sys.argv) > 1 else 0.0
+LORA = LoraSettings(rank=4, alpha=8.0, base_storage="nf4", block_size=16, dropout=DROPOUT)
 MODEL = ModelConfig(compute_dtype="float32", remat=False, lora=LORA)
 STEPS = 2
 
@@ -69,6 +75,7 @@ def run(mesh_config, devices):
         engine.objective(STAGE), state_shardings(state), reference_adapters=True
     )
     hyper = engine.hyper(STAGE, 10)
+    assert (hyper.dropout_key is not None) == (DROPOUT > 0)
     losses = []
     for i in range(STEPS):
         batch = make_batch(i)

@@ -1,7 +1,7 @@
 """LoRA / QLoRA in the engine: the state holds only adapters, the frozen base is passed once and
 never donated or copied, step 1 of each stage is log 2 with zero KL and risk, a stopped and
-resumed LoRA run equals the uninterrupted one bitwise, and the export of a LoRA run (merged and
-PEFT) reloads to the adapter model's logits."""
+resumed LoRA run equals the uninterrupted one bitwise, SFT's objective trains adapters too, and
+the export of a LoRA run (merged and PEFT) reloads to the adapter model's logits."""
 
 import json
 import math
@@ -17,7 +17,16 @@ from rsa_jax.cli import main
 from rsa_jax.config import ConfigError, load_config
 from rsa_jax.data import write_toy_data
 from rsa_jax.models import load_hf
-from rsa_jax.training import Engine, StopSignal, load_adapters, load_policy, train
+from rsa_jax.training import (
+    Engine,
+    NextTokenObjective,
+    StopSignal,
+    device_copy,
+    load_adapters,
+    load_policy,
+    state_shardings,
+    train,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -73,7 +82,7 @@ def lora_run(tmp_path_factory, data_path):
         ("model.lora.targets=[q,qkv]", "model.lora.targets"),
         ("model.lora.targets=[q,q]", "model.lora.targets"),
         ("model.lora.dropout=1.0", "model.lora.dropout"),
-        ("model.lora.dropout=0.1", "model.lora.dropout"),
+        ("model.lora.dropout=-0.1", "model.lora.dropout"),
         ("model.lora.base_storage=fp8", "model.lora.base_storage"),
         ("model.lora.block_size=0", "model.lora.block_size"),
     ],
@@ -180,6 +189,37 @@ def test_stopped_and_resumed_lora_run_equals_uninterrupted_bitwise(
         assert a[key]["loss"] == b[key]["loss"], key
 
 
+def test_sft_objective_trains_adapters_on_the_frozen_base(data_path, tmp_path):
+    """`NextTokenObjective` on a LoRA engine (with adapter dropout): the state holds the
+    adapters, the base is the frozen argument and stays alive, step 1's loss is the base
+    model's cross-entropy (B = 0) computed by hand, and the loss falls."""
+    engine = Engine(
+        _config(data_path, str(tmp_path), ["model.lora.dropout=0.1"]), check_devices=False
+    )
+    batch = engine.place(next(engine.stage_batches(0)[0]))
+    state = engine.new_state(device_copy(engine.initial))
+    step = engine.compiled_step(NextTokenObjective(), state_shardings(state))
+    hyper = engine.hyper(engine.config.stages[0], 10)
+    assert hyper.dropout_key is not None
+    frozen = engine.frozen(None)
+
+    model = engine.model.module(engine.merged(engine.initial))  # the base itself: B = 0
+    hidden = model(batch["input_ids"], batch["positions"], batch["attention_mask"])
+    logp = jax.nn.log_softmax(model.logits(hidden), axis=-1)
+    nll = -jnp.take_along_axis(logp, batch["labels"][..., None], axis=-1)[..., 0]
+    mask = np.asarray(batch["loss_mask"])
+    expected = float(np.asarray(nll)[mask].mean())
+
+    losses = []
+    for _ in range(6):
+        state, metrics = step(state, frozen, batch, hyper)
+        losses.append(float(metrics["loss"]))
+    assert losses[0] == pytest.approx(expected, rel=1e-5)
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert all(k.endswith(ADAPTER_SUFFIXES) for k in state.params)
+    assert not any(x.is_deleted() for x in jax.tree.leaves(engine.base))
+
+
 def _adapter_logits(run_dir, input_ids):
     engine, adapters = load_adapters(run_dir)
     positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
@@ -279,17 +319,20 @@ def test_qlora_stage_on_smollm2_lowers_the_loss(data_path, tmp_path):
     assert losses[-1] < losses[0] - 0.1, losses
 
 
-def test_lora_step_on_8_simulated_devices_equals_one_device():
+# With dropout: another 3 minutes on 2 cores, so in the slow set.
+@pytest.mark.parametrize("dropout", [0.0, pytest.param(0.2, marks=pytest.mark.slow)])
+def test_lora_step_on_8_simulated_devices_equals_one_device(dropout):
     """`lora_sharded_check.py` in a subprocess (the device count is fixed per process): the LoRA
     step with an nf4 base on meshes 8x1x1, 2x2x2, 1x4x2 equals one device after two AdamW steps,
-    with the adapters and the base partitioned (tolerances as in test_sharded.py)."""
+    with the adapters and the base partitioned (tolerances as in test_sharded.py); with adapter
+    dropout too (the masks do not depend on the mesh)."""
     import subprocess
     import sys
 
     here = os.path.dirname(os.path.abspath(__file__))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     done = subprocess.run(
-        [sys.executable, os.path.join(here, "lora_sharded_check.py")],
+        [sys.executable, os.path.join(here, "lora_sharded_check.py"), str(dropout)],
         capture_output=True,
         text=True,
         env=env,

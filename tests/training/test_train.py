@@ -1,5 +1,6 @@
 """A tiny two-stage run: loss goes down, the stage-2 reference is the stage-1 policy, the step
-compiles once, and a run killed with SIGKILL then resumed equals the uninterrupted one bitwise."""
+compiles once, and a run killed with SIGKILL then resumed equals the uninterrupted one bitwise
+(full fine-tuning, and QLoRA with and without adapter dropout)."""
 
 import dataclasses
 import json
@@ -16,7 +17,7 @@ import pytest
 
 from rsa_jax.config import load_config
 from rsa_jax.data import write_toy_data
-from rsa_jax.training import EXIT_PREEMPTED, load_policy, train
+from rsa_jax.training import EXIT_PREEMPTED, Checkpoints, load_adapters, load_policy, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -98,6 +99,93 @@ def test_kill_and_resume_equals_uninterrupted(baseline, data_path, tmp_path):
     _, params = load_policy(run_dir)
     for k, v in base.params.items():
         np.testing.assert_array_equal(np.asarray(params[k]), np.asarray(jax.device_get(v)), k)
+
+
+# A QLoRA run (nf4 base, rank 4) of 3 + 5 steps, a checkpoint after every step.
+LORA_OVERRIDES = [
+    "stages.0.view=safety",
+    "stages.0.steps=3",
+    "stages.1.steps=5",
+    "checkpoint.every=1",
+    "optim.learning_rate=3e-3",
+    "model.lora.rank=4",
+    "model.lora.alpha=8",
+    "model.lora.base_storage=nf4",
+    "model.lora.block_size=16",
+]
+# What a metrics record holds besides the step's values: wall-clock timings.
+TIMING = {"tokens_per_s", "pairs_per_s", "step_time_s", "mfu", "compile_s"}
+
+
+def _final_checkpoint(run_dir):
+    """(TrainState, the stage-2 reference adapters) of a LoRA run's final checkpoint."""
+    engine, _ = load_adapters(run_dir)
+    ckpt = Checkpoints(run_dir, read_only=True)
+    try:
+        step_id, meta = ckpt.latest_meta()
+        assert meta["done"] and meta["stage"] == 1, meta
+        state, reference = ckpt.restore(
+            step_id,
+            engine.abstract_state(),
+            data_iter=None,
+            abstract_reference=engine.model.abstract_params(),
+        )
+    finally:
+        ckpt.close()
+    return jax.tree.map(np.asarray, jax.device_get((state, reference)))
+
+
+@pytest.mark.slow  # an in-process run and two subprocess runs per case (about 2 min on 2 cores)
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_lora_kill_and_resume_in_stage_two_equals_uninterrupted(data_path, tmp_path, dropout):
+    """SIGKILL in the middle of stage 2 (its reference adapters are in the checkpoint), then a
+    rerun: the adapters, their AdamW moments, the reference adapters and every logged value
+    equal the uninterrupted run bit for bit (with adapter dropout too: its masks depend on the
+    seed, stage and step only)."""
+    overrides = [*LORA_OVERRIDES, f"model.lora.dropout={dropout}", f"data.path={data_path}"]
+    base_dir = str(tmp_path / "uninterrupted")
+    assert train(load_config(TINY, overrides + [f"train.run_dir={base_dir}"])).status == "done"
+
+    run_dir = str(tmp_path / "killed")
+    cmd = [sys.executable, "-m", "rsa_jax", "train", TINY, *overrides, f"train.run_dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    deadline = time.time() + 240
+    # 6 records: stage 2's third step logged, so the checkpoint of its first step is complete
+    # (an async save waits for the one before it).
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 6:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = sum(1 for _ in open(metrics))
+    assert killed_at < 8
+    saved = [int(d) for d in os.listdir(os.path.join(run_dir, "checkpoints")) if d.isdigit()]
+    assert 3 < max(saved) < 8, saved  # the rerun resumes inside stage 2
+
+    done = subprocess.run([*cmd, "-v"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "done at global step 8" in done.stdout
+    assert "resumed stage 1 at step" in done.stderr, done.stderr[-3000:]
+
+    base_rec, rec = _records(base_dir), _records(run_dir)
+    assert sorted(rec) == sorted(base_rec)
+    for key, expected in base_rec.items():
+        values = {k: v for k, v in expected.items() if k not in TIMING}
+        assert {k: rec[key][k] for k in values} == values, key  # bitwise on the CPU
+    if dropout > 0:  # stage 2 step 1: the policy drops adapter inputs, its reference never
+        assert base_rec[(1, 1)]["loss"] != pytest.approx(math.log(2), abs=1e-6)
+    else:  # without dropout the policy starts equal to its reference
+        assert base_rec[(1, 1)]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    (state, reference), (expected_state, expected_reference) = (
+        _final_checkpoint(run_dir),
+        _final_checkpoint(base_dir),
+    )
+    assert set(state.params) == set(expected_state.params) == set(reference)
+    jax.tree.map(np.testing.assert_array_equal, state, expected_state)  # adapters, moments
+    jax.tree.map(np.testing.assert_array_equal, reference, expected_reference)
 
 
 @pytest.mark.slow
