@@ -321,25 +321,13 @@ def test_qlora_stage_on_smollm2_lowers_the_loss(data_path, tmp_path):
 
 # With dropout: another 3 minutes on 2 cores, so in the slow set.
 @pytest.mark.parametrize("dropout", [0.0, pytest.param(0.2, marks=pytest.mark.slow)])
-def test_lora_step_on_8_simulated_devices_equals_one_device(dropout):
+def test_lora_step_on_8_simulated_devices_equals_one_device(dropout, device_script):
     """`lora_sharded_check.py` in a subprocess (the device count is fixed per process): the LoRA
     step with an nf4 base on meshes 8x1x1, 2x2x2, 1x4x2 equals one device after two AdamW steps,
     with the adapters and the base partitioned (tolerances as in test_sharded.py); with adapter
     dropout too (the masks do not depend on the mesh)."""
-    import subprocess
-    import sys
-
     here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-    done = subprocess.run(
-        [sys.executable, os.path.join(here, "lora_sharded_check.py"), str(dropout)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out = device_script(os.path.join(here, "lora_sharded_check.py"), str(dropout))
     assert out["single_compiles"] == 1
     for name in ("8x1x1", "2x2x2", "1x4x2"):
         case = out[name]
