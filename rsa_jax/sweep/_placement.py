@@ -55,11 +55,6 @@ class VariantPlacement:
     def mesh(self) -> Mesh:
         return self.layout.mesh
 
-    @property
-    def groups(self) -> int:
-        """V: devices along the variant axis."""
-        return self.mesh.shape[VARIANT_AXIS]
-
     def describe(self) -> str:
         shape = ", ".join(f"{a}={n}" for a, n in self.mesh.shape.items())
         where = str(self.mesh.devices.flat[0]) if self.mesh.size == 1 else f"mesh {{{shape}}}"
