@@ -69,7 +69,7 @@ def _check_placement(out: dict, mesh: dict) -> None:
             assert [shape for _, shape in stage["base"]] == stage["base_shapes"]
             assert not any("variant" in spec for spec, _ in stage["base"])
             reference = stage["reference"]  # the reference adapters: off, then stacked copies
-            assert reference == [] if i == 0 else reference == stage["params"]
+            assert reference == ([] if i == 0 else stage["params"])
         elif i == 0:  # full fine-tuning, stage 1: the initial model, shared, not stacked
             assert [shape for _, shape in stage["reference"]] == stage["param_shapes"]
             assert not any("variant" in spec for spec, _ in stage["reference"])
