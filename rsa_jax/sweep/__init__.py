@@ -1,7 +1,8 @@
 """Sweeps over risk functionals and hyperparameters: a sweep file (base config, grid and/or
 explicit variants), run sequentially through the trainer (variants that share a kernel share one
-compiled step) or all at once under `jax.vmap` (small models, one device), then one results table
-and plot. `rsa-jax sweep FILE [--mode vmap|sequential] [--dry-run]`.
+compiled step) or all at once under `jax.vmap` (on one device, or with `variant_devices` split
+over a `variant` mesh axis), then one results table and plot.
+`rsa-jax sweep FILE [--mode vmap|sequential] [--dry-run]`.
 """
 
 from rsa_jax.sweep._file import (
@@ -14,15 +15,18 @@ from rsa_jax.sweep._file import (
     kernel_key,
     load_sweep,
 )
+from rsa_jax.sweep._placement import VARIANT_AXIS, VariantPlacement, variant_placement
 from rsa_jax.sweep._results import collect, last_records, sweep_table, write_sweep_results
 from rsa_jax.sweep._run import describe, is_done, run_sequential, run_sweep
 from rsa_jax.sweep._vmap import check_vmappable, run_vmap
 
 __all__ = [
     "MODES",
+    "VARIANT_AXIS",
     "Sweep",
     "SweepError",
     "Variant",
+    "VariantPlacement",
     "check_vmappable",
     "collect",
     "describe",
@@ -36,5 +40,6 @@ __all__ = [
     "run_sweep",
     "run_vmap",
     "sweep_table",
+    "variant_placement",
     "write_sweep_results",
 ]

@@ -9,7 +9,8 @@ grid:                                # cartesian product, in key order
   stages.1.beta: [0.1, 0.05]
 variants:                            # explicit list; crossed with the grid when both are given
   - {name: low_lr, overrides: [optim.learning_rate=1.0e-4]}
-mode: sequential                     # or vmap (small models, one device)
+mode: sequential                     # or vmap (K variants as one program)
+variant_devices: 4                   # vmap: spread K over 4 devices (absent: one device)
 run_dir: runs/sweep_tiny             # each variant trains in run_dir/<name>/
 eval: {task: safety, samples: 8}     # optional, see rsa_jax.sweep._eval
 ```
@@ -31,7 +32,7 @@ import yaml
 from rsa_jax.config import Config, ConfigError, load_config
 
 MODES = ("sequential", "vmap")
-TOP_KEYS = ("base", "overrides", "grid", "variants", "mode", "run_dir", "eval")
+TOP_KEYS = ("base", "overrides", "grid", "variants", "mode", "run_dir", "eval", "variant_devices")
 VARIANT_KEYS = ("name", "overrides")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=-]*$")
 
@@ -60,6 +61,10 @@ class Sweep:
     mode: str
     run_dir: str
     eval: dict | None  # the `eval:` mapping, None when absent
+    # vmap mode: devices along the `variant` mesh axis the K variants are split over, the
+    # config's mesh filling the rest (rsa_jax.sweep._placement); None: one device. Sequential
+    # mode ignores it.
+    variant_devices: int | None = None
 
 
 def format_value(value) -> str:
@@ -212,6 +217,18 @@ def load_sweep(
     if evaluation is not None and not isinstance(evaluation, dict):
         _fail(path, f"eval must be a mapping (see rsa_jax.sweep._eval), got {evaluation!r}")
 
+    variant_devices = raw.get("variant_devices")
+    if variant_devices is not None and (
+        isinstance(variant_devices, bool)
+        or not isinstance(variant_devices, int)
+        or variant_devices < 1
+    ):
+        _fail(
+            path,
+            "variant_devices must be a positive number of devices (the vmap mode's variant "
+            f"mesh axis), got {variant_devices!r}",
+        )
+
     variants, names = [], set()
     for (vname, vover), (gname, gover) in itertools.product(
         _explicit(path, raw.get("variants")), _grid_points(path, raw.get("grid"))
@@ -227,7 +244,13 @@ def load_sweep(
         except ConfigError as e:
             raise SweepError(f"{path}: variant {name!r} ({', '.join(own)}): {e}") from None
         variants.append(Variant(name, own, config))
-    return Sweep(path, base, shared, tuple(variants), mode, run_dir, evaluation)
+    if variant_devices is not None and len(variants) % variant_devices:
+        _fail(
+            path,
+            f"variant_devices: {variant_devices} does not divide the {len(variants)} variants "
+            "(each device group along the variant axis holds the same number; no padding)",
+        )
+    return Sweep(path, base, shared, tuple(variants), mode, run_dir, evaluation, variant_devices)
 
 
 def kernel_key(config: Config) -> tuple:

@@ -75,6 +75,10 @@ def describe(sweep: Sweep) -> str:
         f"sweep {sweep.path}: {len(sweep.variants)} variant(s), mode {sweep.mode}, "
         f"base {sweep.base}, run_dir {sweep.run_dir}"
     ]
+    if sweep.variant_devices is not None:
+        lines.append(
+            f"  vmap mode: variants over a variant mesh axis of {sweep.variant_devices} devices"
+        )
     if sweep.overrides:
         lines.append(f"  shared overrides: {' '.join(sweep.overrides)}")
     groups = grouped(sweep.variants)

@@ -11,8 +11,11 @@ the stage before, stacked (`in_axes=0`). Only traced hyperparameters may differ 
 variants; the kernel (loss, risk, version, split_vocab), the model, the data and every shape
 must agree.
 
-vmap mode runs on ONE device (the first of `jax.devices()`): the variants' mesh settings are not
-used, and the K copies of the parameters and AdamW moments must fit it. It writes each variant's
+By default vmap mode runs on ONE device (the first of `jax.devices()`): the variants' mesh
+settings are not used, and the K copies of the parameters and AdamW moments must fit it. With
+the sweep file's `variant_devices: V` the K axis is split over a `variant` mesh axis of V
+devices and each group of the remaining devices is laid out by the config's mesh, as a training
+run would be (`rsa_jax.sweep._placement`: what is stacked, what is shared). It writes each variant's
 run directory as the trainer does (`config.json`, `metrics.jsonl`, TensorBoard events, and a
 final checkpoint marked done that `rsa-jax export`, `eval` and a sweep rerun read); there are
 no checkpoints within a run, so an interrupted vmap sweep starts its unfinished variants afresh.
@@ -32,17 +35,17 @@ import numpy as np
 from rsa_jax.config import Config, to_json
 from rsa_jax.losses import TRACED_NAMES, Kernel
 from rsa_jax.sweep._file import Sweep, SweepError, Variant
+from rsa_jax.sweep._placement import VARIANT_AXIS, VariantPlacement, variant_placement
 from rsa_jax.training import (
-    BATCH_KEYS,
     TRACED_OPTIM_FIELDS,
     Checkpoints,
     Engine,
     Hyper,
-    Layout,
     MetricsLog,
     Stage,
     TrainState,
     absolute_paths,
+    device_copy,
     stage_dropout_key,
     steps_done,
     write_config,
@@ -138,11 +141,12 @@ def run_vmap(sweep: Sweep) -> dict[str, str]:
             )
     config = todo[0].config
     k = len(todo)
-    _say(f"vmap: {k} variant(s) in one program on {jax.devices()[0]}")
+    placement = variant_placement(config, k, sweep.variant_devices, where=sweep.path)
+    _say(f"vmap: {placement.describe()}")
 
-    engine = Engine(config, layout=Layout.single_device(config.mesh.rules), check_devices=False)
+    engine = Engine(config, layout=placement.layout, check_devices=False)
     initial = engine.initial
-    policy = jax.tree.map(lambda x: jnp.repeat(x[None], k, axis=0), initial)  # [K, ...]
+    policy = placement.stack(initial)  # [K, ...], K over the variant axis
 
     logs = []
     for v in todo:
@@ -168,36 +172,43 @@ def run_vmap(sweep: Sweep) -> dict[str, str]:
                 log_.log(stage.index, s, global_step, one, tokens, pairs, seconds)
         return False
 
-    def place(batch):
-        return {key: jnp.asarray(batch[key]) for key in BATCH_KEYS}
-
     try:
         for i, stage_config in enumerate(config.stages):
             batches, total = engine.stage_batches(i)
-            hyper = _stack(
-                [
-                    Hyper.for_stage(
-                        v.config.stages[i], v.config.optim, total, stage_dropout_key(v.config, i)
-                    )
-                    for v in todo
-                ]
+            hyper = placement.hyper(
+                _stack(
+                    [
+                        Hyper.for_stage(
+                            v.config.stages[i],
+                            v.config.optim,
+                            total,
+                            stage_dropout_key(v.config, i),
+                        )
+                        for v in todo
+                    ]
+                )
             )
             shared_ref = not stage_config.follows_previous
             if engine.model.lora is None:
-                reference = initial if shared_ref else jax.tree.map(jnp.copy, policy)
+                reference = initial if shared_ref else device_copy(policy)
             else:  # one frozen base for all K (not vmapped); adapters off, or stacked copies
-                reference = engine.frozen(None if shared_ref else jax.tree.map(jnp.copy, policy))
-            state = TrainState(policy, jax.vmap(engine.tx.init)(policy), jnp.zeros((k,), jnp.int32))
-            step_fn = engine.vmapped_step(engine.objective(stage_config), None if shared_ref else 0)
+                reference = engine.frozen(None if shared_ref else device_copy(policy))
+            state = TrainState(policy, placement.opt_state(engine, policy), placement.steps())
+            step_fn = engine.vmapped_step(
+                engine.objective(stage_config),
+                None if shared_ref else 0,
+                shardings=placement.step_shardings(engine, state, reference),
+                axis_name=VARIANT_AXIS,
+            )  # each variant's state on its group's devices; cached by the shardings: 1 compile
             stage = Stage(i, stage_config, state, reference, batches, total, step_fn, hyper)
             for log_ in logs:
                 log_.start_stage(i, stage_config.name, total, 0)
-            engine.fit(stage, on_step, place=place)
+            engine.fit(stage, on_step)  # the engine's batch placement: shared by all variants
             for log_ in logs:
                 log_.end_stage()
             policy = stage.state.params
             if i == len(config.stages) - 1:
-                _save_finals(todo, stage, engine.saved_reference(stage), global_step)
+                _save_finals(todo, placement, stage, engine.saved_reference(stage), global_step)
     finally:
         for log_ in logs:
             log_.close()
@@ -206,12 +217,14 @@ def run_vmap(sweep: Sweep) -> dict[str, str]:
     return status
 
 
-def _save_finals(variants: list[Variant], stage: Stage, reference, global_step: int) -> None:
+def _save_finals(
+    variants: list[Variant], placement: VariantPlacement, stage: Stage, reference, global_step: int
+) -> None:
     """Each variant's slice of the stacked final state (and of the stacked trained
-    `reference`, if any) as its run's final checkpoint."""
+    `reference`, if any), gathered from its variant group, as its run's final checkpoint."""
     keep_ref = reference is not None
     for j, v in enumerate(variants):
-        one = jax.tree.map(lambda x, j=j: x[j], stage.state)
+        one = placement.slice(stage.state, j)
         ckpt = Checkpoints(v.run_dir, keep=v.config.checkpoint.keep, async_save=False)
         try:
             ckpt.save(
@@ -219,7 +232,7 @@ def _save_finals(variants: list[Variant], stage: Stage, reference, global_step: 
                 one,
                 meta=_meta(v.config, stage.index, stage.total),
                 data_iter=stage.batches,
-                reference=jax.tree.map(lambda x, j=j: x[j], reference) if keep_ref else None,
+                reference=placement.slice(reference, j) if keep_ref else None,
             )
         finally:
             ckpt.close()

@@ -246,20 +246,39 @@ class Engine:
             )
         return step
 
-    def vmapped_step(self, objective: Objective, reference_axis: int | None):
+    def vmapped_step(
+        self,
+        objective: Objective,
+        reference_axis: int | None,
+        *,
+        shardings: tuple | None = None,
+        axis_name: str | None = None,
+    ):
         """The same step under `jax.vmap` over K stacked states and hyperparameters, the batch
         shared: `reference_axis` 0 gives each variant its own reference (stacked), None one
         shared reference. With LoRA the frozen base is always shared (passed once, not
         vmapped) and `reference_axis` applies to the reference adapters. Jitted with the state
-        donated; placement is left to XLA."""
-        key = (self._program_key(objective), ("vmap", reference_axis))
+        donated. `shardings`: (in_shardings, out_shardings) of the jit, with the K axis on the
+        mesh axis `axis_name` (also vmap's `spmd_axis_name`), as `rsa_jax.sweep` places the
+        variants; None leaves placement to XLA."""
+        key = (
+            self._program_key(objective),
+            ("vmap", reference_axis),
+            _sharding_key(shardings),
+            axis_name,
+        )
         step = _STEP_CACHE.get(key)
         if step is None:
             ref_axes = reference_axis
             if self.model.lora is not None:
                 ref_axes = {"base": None, "adapters": reference_axis}
-            vmapped = jax.vmap(self._step(objective), in_axes=(0, ref_axes, None, 0))
-            step = _STEP_CACHE[key] = jax.jit(vmapped, donate_argnums=(0,))
+            vmapped = jax.vmap(
+                self._step(objective), in_axes=(0, ref_axes, None, 0), spmd_axis_name=axis_name
+            )
+            placed = {}
+            if shardings is not None:
+                placed = dict(in_shardings=shardings[0], out_shardings=shardings[1])
+            step = _STEP_CACHE[key] = jax.jit(vmapped, donate_argnums=(0,), **placed)
         return step
 
     def _step(self, objective: Objective):
