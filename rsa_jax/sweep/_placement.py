@@ -18,6 +18,15 @@ name `variant`; so a group shards the model over fsdp/tensor and the batch over 
 on M devices would. Memory per device: the shared arrays / (their shards over M), plus K / V
 variants' stacked arrays / (their shards over M).
 
+What XLA makes of it (the compiled step's collectives, counted on 8 simulated CPU devices): with
+variant=4 x data=2 (LoRA), every collective stays within a variant group (13 per step, over
+data). With variant=2 x fsdp=2 x tensor=2 (full model) the arrays stay where they are placed, but
+the GSPMD partitioner of jax 0.10.2 also moves activations between groups (collective-permutes
+and 3 all-gathers per step, with "involuntary full rematerialization" warnings). The remedy, a
+`shard_map` manual over `variant` only, crashes that partitioner on the CPU
+(spmd_partitioner_util.cc:497), so it is not used; on accelerators, prefer groups laid out by
+data (and fsdp) until it is.
+
 K must be a multiple of V (no padding: a padded variant would train for nothing); the sweep
 file's check names `variant_devices` otherwise. Without `variant_devices` the sweep runs on one
 device (the first of `jax.devices()`), as it always did: a 1x1x1x1 mesh, the same code.

@@ -5,6 +5,7 @@ shardings the spied stages held, and the compile count of each step.
 
     python tests/sweep/placed_sweep_check.py lora   # K=4 over variant=4 x data=2, nf4 base
     python tests/sweep/placed_sweep_check.py full   # K=2 over variant=2 x fsdp=2 x tensor=2
+    ... lora --collectives   # also each placed step's collectives that cross variant groups
 """
 
 import os
@@ -15,6 +16,7 @@ os.environ["XLA_FLAGS"] = (
 
 import dataclasses  # noqa: E402
 import json  # noqa: E402
+import re  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 
@@ -74,12 +76,53 @@ def _specs(tree) -> list:
     ]
 
 
-def spy_on_stages(seen: list) -> None:
+# An instruction of one of these ops (tuple-shaped results and async -start forms included).
+_COLLECTIVE = re.compile(
+    r" (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(-start)?\("
+)
+
+
+def _device_groups(line: str) -> list[list[int]]:
+    """The device groups of one collective of XLA's HLO text: explicit `replica_groups={{..}}`,
+    the iota form `[G,S]<=[dims]T(perm)`, or a permute's source-target pairs."""
+    if m := re.search(r"replica_groups=\{(\{[0-9,{}]*\})\}", line):
+        return [[int(x) for x in g.split(",") if x] for g in re.findall(r"\{([0-9,]*)\}", m[1])]
+    if m := re.search(r"replica_groups=\[([0-9,]+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?", line):
+        shape, dims = [[int(x) for x in g.split(",")] for g in (m[1], m[2])]
+        ids = np.arange(int(np.prod(dims))).reshape(dims)
+        if m[3]:
+            ids = ids.transpose([int(x) for x in m[3].split(",")])
+        return ids.reshape(shape).tolist()
+    if m := re.search(r"source_target_pairs=\{([0-9,{}]*)\}", line):
+        return [[int(x) for x in p.split(",")] for p in re.findall(r"\{([0-9,]+)\}", m[1])]
+    return []
+
+
+def cross_group_collectives(engine, stage) -> tuple[int, list[str]]:
+    """(collectives in the stage's compiled step, those whose device groups span several
+    variant groups), from XLA's partitioned HLO (one extra compile)."""
+    batch = engine.place(next(engine.stage_batches(stage.index)[0]))
+    text = stage.step_fn.lower(stage.state, stage.reference, batch, stage.hyper).compile()
+    ids = np.asarray(engine.layout.mesh.device_ids)
+    group_of = {int(d): i for i in range(ids.shape[0]) for d in ids[i].ravel()}
+    lines = [line for line in text.as_text().splitlines() if _COLLECTIVE.search(line)]
+    cross = [
+        line.strip()[:160]
+        for line in lines
+        if any(len({group_of[d] for d in g}) > 1 for g in _device_groups(line))
+    ]
+    return len(lines), cross
+
+
+def spy_on_stages(seen: list, collectives: bool = False) -> None:
     """Records what each stage that `Engine.fit` ran held, after it ran: the placed state's and
     reference's shardings and shapes (the real run's arrays, nothing rebuilt)."""
     fit = Engine.fit
 
     def spied(self, stage, *args, **kwargs):
+        counted = None
+        if collectives and self.layout.mesh.size > 1:
+            counted = cross_group_collectives(self, stage)
         done = fit(self, stage, *args, **kwargs)
         ref = stage.reference
         seen.append(
@@ -89,6 +132,7 @@ def spy_on_stages(seen: list) -> None:
                 "opt_state": _specs(stage.state.opt_state),
                 "step": _specs(stage.state.step),
                 "hyper": _specs(stage.hyper),
+                "collectives": counted,
                 "base": _specs(ref["base"]) if self.model.lora is not None else None,
                 # The model definition's shapes: what one unstacked copy of the base has.
                 "base_shapes": [list(x.shape) for x in jax.tree.leaves(self.model.base_abstract)]
@@ -105,7 +149,7 @@ def spy_on_stages(seen: list) -> None:
     Engine.fit = spied
 
 
-def main(case: str) -> None:
+def main(case: str, collectives: bool = False) -> None:
     assert len(jax.devices()) == 8, jax.devices()
     spec = CASES[case]
     work = tempfile.mkdtemp(prefix="placed_sweep_")
@@ -122,7 +166,7 @@ def main(case: str) -> None:
     with open(path, "w") as f:
         yaml.safe_dump(doc, f)
     seen: list = []
-    spy_on_stages(seen)
+    spy_on_stages(seen, collectives)
 
     one = load_sweep(path)
     assert one.variant_devices is None
@@ -171,4 +215,4 @@ def main(case: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "lora")
+    main(sys.argv[1] if len(sys.argv) > 1 else "lora", "--collectives" in sys.argv)
