@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from rsa_jax import losses
-from rsa_jax.losses._row_blocks import block_rows, blocked_token_stats
+from rsa_jax.losses import blocked_token_stats
+from rsa_jax.losses._row_blocks import block_rows
 
 MU = {"cvar_reference": 0.9, "cvar": 0.4, "erm": 3.0, "kl": 0.5}
 WEIGHTS = (0.3, 0.7, -1.1, 1.3)  # a cotangent touching every statistic
