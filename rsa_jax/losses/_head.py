@@ -162,8 +162,9 @@ def _rows(x: jax.Array) -> jax.Array:
     return x.reshape(g, n // g, *x.shape[2:])
 
 
-# Rematerialised by hand: the forward pass keeps only the chunk's inputs and the risk thresholds
-# ([N, C, H] floats); the backward pass recomputes the chunk's [N, C, V] logits of both models
+# Rematerialised by hand: the forward pass keeps only the chunk's inputs and per-position scalars
+# (the risk thresholds and both log-softmaxes' shift and log-sum, [N, C, H + 4] floats); the
+# backward pass recomputes the chunk's [N, C, V] logits of both models
 # (the gradient needs p, q and the risk's mask at every entry) but not the selection behind the
 # thresholds. Between the matmuls, the statistics and their gradient go through
 # `rows_forward`/`rows_backward` a few rows at a time, so the chunk's logits are the only [N, C, V]
@@ -176,7 +177,7 @@ def _chunk_stats(h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_voca
 
 def _chunk_stats_fwd(h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_vocab):
     policy_logits, ref_logits = _chunk_logits(h_policy, w_policy, h_ref, w_ref)
-    stats, threshold = rows_forward(
+    stats, saved = rows_forward(
         _rows(policy_logits),
         _rows(ref_logits),
         _rows(y),
@@ -186,11 +187,11 @@ def _chunk_stats_fwd(h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_
         split_vocab=split_vocab,
     )
     stats = jax.tree.map(lambda x: x.reshape(y.shape), stats)  # [N, C] each
-    return stats, (h_policy, w_policy, h_ref, w_ref, y, mu, tail, threshold)
+    return stats, (h_policy, w_policy, h_ref, w_ref, y, mu, tail, saved)
 
 
 def _chunk_stats_bwd(risk, split_vocab, residuals, cotangents):
-    h_policy, w_policy, h_ref, w_ref, y, mu, tail, threshold = residuals
+    h_policy, w_policy, h_ref, w_ref, y, mu, tail, saved = residuals
     policy_logits, ref_logits = _chunk_logits(h_policy, w_policy, h_ref, w_ref)
     d_logits, d_mu, d_tail = rows_backward(
         _rows(policy_logits),
@@ -198,7 +199,7 @@ def _chunk_stats_bwd(risk, split_vocab, residuals, cotangents):
         _rows(y),
         mu,
         tail,
-        threshold,
+        saved,
         jax.tree.map(_rows, cotangents),
         risk=risk,
         split_vocab=split_vocab,

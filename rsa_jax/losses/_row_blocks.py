@@ -27,7 +27,8 @@ import math
 import jax
 import jax.numpy as jnp
 
-from rsa_jax.losses._token_stats import TokenStats, token_stats_and_threshold
+from rsa_jax.losses._risk import RISKS
+from rsa_jax.losses._token_stats import TokenStats, log_softmax_parts, stats_from_log_probs
 
 # Rows per block step: 8 rows of a 49152-entry vocabulary are 1.5 MiB per float32 temporary,
 # which the block's handful of temporaries keep in the L2/L3 caches; fewer rows make more loop
@@ -51,23 +52,36 @@ def _put(out: jax.Array, block: jax.Array, j) -> jax.Array:
     return jax.lax.dynamic_update_index_in_dim(out, block, j, axis=1)
 
 
+def _block_stats(policy, ref, labels, mu, tail, *, risk, split_vocab):
+    """One block's statistics [G], threshold [G, H] or None, and log-softmax parts [G, 4]."""
+    logp, p_shift, p_log_sum = log_softmax_parts(policy)
+    logq, q_shift, q_log_sum = log_softmax_parts(jax.lax.stop_gradient(ref))
+    stats, threshold = stats_from_log_probs(
+        logp, logq, labels, risk=risk, mu=mu, tail=tail, split_vocab=split_vocab
+    )
+    parts = jnp.concatenate([p_shift, p_log_sum, q_shift, q_log_sum], axis=-1)
+    return stats, (threshold, parts)
+
+
 def rows_forward(policy, ref, labels, mu, tail, *, risk, split_vocab):
-    """Statistics and thresholds of every row, block by block.
+    """Statistics of every row, block by block, and what `rows_backward` needs of them.
 
     Args:
       policy, ref: [G, S, V] logits (any float dtype); labels: [G, S] int; mu, tail: scalars.
     Returns:
-      (TokenStats of [G, S] float32 arrays, thresholds [G, S, H] float32 or None).
+      (TokenStats of [G, S] float32 arrays, saved): `saved` holds per-row scalars only, the
+      risk's thresholds [G, S, H] (None for erm and kl) and both log-softmaxes' shift and log-sum
+      [G, S, 4].
     """
 
     def block(j):
-        return token_stats_and_threshold(
+        return _block_stats(
             _pick(policy, j),
             _pick(ref, j),
             _pick(labels, j),
+            mu,
+            tail,
             risk=risk,
-            mu=mu,
-            tail=tail,
             split_vocab=split_vocab,
         )
 
@@ -81,39 +95,68 @@ def rows_forward(policy, ref, labels, mu, tail, *, risk, split_vocab):
     return jax.lax.fori_loop(0, s, step, empty)
 
 
-def rows_backward(policy, ref, labels, mu, tail, threshold, cotangent, *, risk, split_vocab):
+def _block_gradient(policy, ref, labels, mu, tail, saved, cotangent, *, risk, split_vocab):
+    """d<cotangent, stats>/d(policy logits) of one block [G, V], and d/d(mu).
+
+    With logp = z - lse(z), d = log q - log p and a = c_logp + c_g, s = c_kl q + d(c_rho rho)/dd
+    (the cotangent reaching d), the gradient with respect to the logits z is
+    `a onehot(y) - p (a - sum_v s) - s`: the statistics' own backward pass written out, so the
+    block is read once, with two exponentials per entry (p and q), instead of redoing the
+    log-softmaxes and differentiating through them. The log-softmaxes are recomputed from the
+    saved per-row parts with the forward's ops, so d (and the risk's mask against the saved
+    threshold) is bit for bit the forward's.
+    """
+    threshold, parts = saved
+    p_shift, p_log_sum, q_shift, q_log_sum = jnp.split(parts, 4, axis=-1)  # [G, 1] each
+    z = policy.astype(jnp.float32)
+    logp = (z - p_shift) - p_log_sum
+    logq = (jax.lax.stop_gradient(ref).astype(jnp.float32) - q_shift) - q_log_sum
+    q = jnp.exp(logq)
+    d = logq - logp
+
+    def rho(d, mu):
+        return RISKS[risk](
+            d, q, mu=mu, tail=tail, split_vocab=split_vocab, threshold=threshold, logq=logq
+        )
+
+    _, rho_vjp = jax.vjp(rho, d, mu)
+    d_rho, d_mu = rho_vjp(cotangent.rho)
+    s = cotangent.kl[:, None] * q + d_rho  # [G, V]
+    a = (cotangent.logp + cotangent.g)[:, None]  # [G, 1]
+    label = jnp.arange(z.shape[-1]) == labels[:, None].astype(jnp.int32)
+    grad = jnp.where(label, a, 0.0) - jnp.exp(logp) * (a - jnp.sum(s, -1, keepdims=True)) - s
+    return grad.astype(policy.dtype), d_mu
+
+
+def rows_backward(policy, ref, labels, mu, tail, saved, cotangent, *, risk, split_vocab):
     """Gradient of <cotangent, statistics> with respect to the policy logits, mu and tail.
 
     Args:
-      policy, ref, labels, mu, tail: as `rows_forward`; threshold: its thresholds (or None);
+      policy, ref, labels, mu, tail: as `rows_forward`; saved: its second output;
       cotangent: TokenStats of [G, S] float32 arrays.
     Returns:
-      (d_policy [G, S, V] in policy's dtype, d_mu, d_tail scalars).
+      (d_policy [G, S, V] in policy's dtype, d_mu, d_tail scalars). The thresholds are fixed
+      here, as they carry no gradient: tail's is zero.
     """
 
     def step(j, carry):
-        d_policy, d_mu, d_tail = carry
-        ref_j, labels_j = _pick(ref, j), _pick(labels, j)
-        threshold_j = None if threshold is None else _pick(threshold, j)
+        d_policy, d_mu = carry
+        d_block, d_mu_j = _block_gradient(
+            _pick(policy, j),
+            _pick(ref, j),
+            _pick(labels, j),
+            mu,
+            tail,
+            jax.tree.map(functools.partial(_pick, j=j), saved),
+            jax.tree.map(functools.partial(_pick, j=j), cotangent),
+            risk=risk,
+            split_vocab=split_vocab,
+        )
+        return _put(d_policy, d_block, j), d_mu + d_mu_j
 
-        def stats(policy_j, mu, tail):
-            return token_stats_and_threshold(
-                policy_j,
-                ref_j,
-                labels_j,
-                risk=risk,
-                mu=mu,
-                tail=tail,
-                split_vocab=split_vocab,
-                threshold=threshold_j,
-            )[0]
-
-        _, vjp = jax.vjp(stats, _pick(policy, j), mu, tail)
-        d_block, d_mu_j, d_tail_j = vjp(jax.tree.map(functools.partial(_pick, j=j), cotangent))
-        return _put(d_policy, d_block, j), d_mu + d_mu_j, d_tail + d_tail_j
-
-    zeros = (jnp.zeros_like(policy), jnp.zeros_like(mu), jnp.zeros_like(tail))
-    return jax.lax.fori_loop(0, labels.shape[1], step, zeros)
+    zeros = (jnp.zeros_like(policy), jnp.zeros_like(mu))
+    d_policy, d_mu = jax.lax.fori_loop(0, labels.shape[1], step, zeros)
+    return d_policy, d_mu, jnp.zeros_like(tail)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
@@ -122,16 +165,14 @@ def _blocked(policy, ref, labels, mu, tail, risk, split_vocab):
 
 
 def _blocked_fwd(policy, ref, labels, mu, tail, risk, split_vocab):
-    stats, threshold = rows_forward(
-        policy, ref, labels, mu, tail, risk=risk, split_vocab=split_vocab
-    )
-    return stats, (policy, ref, labels, mu, tail, threshold)
+    stats, saved = rows_forward(policy, ref, labels, mu, tail, risk=risk, split_vocab=split_vocab)
+    return stats, (policy, ref, labels, mu, tail, saved)
 
 
 def _blocked_bwd(risk, split_vocab, residuals, cotangent):
-    policy, ref, labels, mu, tail, threshold = residuals
+    policy, ref, labels, mu, tail, saved = residuals
     d_policy, d_mu, d_tail = rows_backward(
-        policy, ref, labels, mu, tail, threshold, cotangent, risk=risk, split_vocab=split_vocab
+        policy, ref, labels, mu, tail, saved, cotangent, risk=risk, split_vocab=split_vocab
     )
     # No gradient reaches the reference logits (they enter under stop_gradient) or the labels.
     return d_policy, None, None, d_mu, d_tail
