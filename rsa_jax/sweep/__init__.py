@@ -16,7 +16,7 @@ from rsa_jax.sweep._file import (
 )
 from rsa_jax.sweep._results import collect, last_records, sweep_table, write_sweep_results
 from rsa_jax.sweep._run import describe, is_done, run_sequential, run_sweep
-from rsa_jax.sweep._vmap import check_vmappable, run_vmap
+from rsa_jax.sweep._vmap import check_vmappable, run_vmap, shared_stages
 
 __all__ = [
     "MODES",
@@ -35,6 +35,7 @@ __all__ = [
     "run_sequential",
     "run_sweep",
     "run_vmap",
+    "shared_stages",
     "sweep_table",
     "write_sweep_results",
 ]

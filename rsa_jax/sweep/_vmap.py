@@ -11,11 +11,21 @@ the stage before, stacked (`in_axes=0`). Only traced hyperparameters may differ 
 variants; the kernel (loss, risk, version, split_vocab), the model, the data and every shape
 must agree.
 
+Shared stages (`shared_stages`): the leading stages on which every variant agrees (the same
+stage config, the same `optim`, hence the same data, start and program) are trained ONCE,
+un-vmapped, with the engine's own compiled step (the trainer's program), and their metrics are
+logged in every variant's run; the vmap starts at the first stage where the variants differ,
+from K copies of the shared policy. If that stage's reference is `previous_stage`, it is the
+shared policy passed once (`in_axes=None`), not K stacked copies. A two-stage sweep over the
+stage-2 beta thus costs one stage 1 plus one vmapped stage 2 (what `rsa-jax demo` runs).
+
 vmap mode runs on ONE device (the first of `jax.devices()`): the variants' mesh settings are not
 used, and the K copies of the parameters and AdamW moments must fit it. It writes each variant's
 run directory as the trainer does (`config.json`, `metrics.jsonl`, TensorBoard events, and a
-final checkpoint marked done that `rsa-jax export`, `eval` and a sweep rerun read); there are
-no checkpoints within a run, so an interrupted vmap sweep starts its unfinished variants afresh.
+final checkpoint marked done that `rsa-jax export`, `eval` and a sweep rerun read, and, like the
+trainer, the policy each non-final stage ended with in `stages/<i>`, so `RUN@0` sources work for
+RSA(P) merges); there are no checkpoints within a run, so an interrupted vmap sweep starts its
+unfinished variants afresh.
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ from rsa_jax.training import (
     Stage,
     TrainState,
     absolute_paths,
+    save_stage_policy,
     steps_done,
     write_config,
 )
@@ -101,6 +112,24 @@ def check_vmappable(variants: list[Variant]) -> None:
             )
 
 
+def shared_stages(variants: list[Variant]) -> int:
+    """How many leading stages all `variants` train identically, so the vmap may start after
+    them: stage i is shared when every variant has the same `stages[i]` config (kernel,
+    hyperparameters, data view, reference, steps) and all earlier stages are shared, and the
+    variants have the same `optim` (it applies to every stage). The last stage is never counted,
+    so each variant still gets its own final state (identical variants train it K times).
+    Everything else (model, data, seeds) must already agree (`check_vmappable`)."""
+    first = variants[0].config
+    if any(v.config.optim != first.optim for v in variants[1:]):
+        return 0
+    shared = 0
+    for i, stage in enumerate(first.stages[:-1]):
+        if any(v.config.stages[i] != stage for v in variants[1:]):
+            break
+        shared = i + 1
+    return shared
+
+
 def _stack(trees):
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
@@ -139,7 +168,6 @@ def run_vmap(sweep: Sweep) -> dict[str, str]:
 
     engine = Engine(config, layout=Layout.single_device(config.mesh.rules), check_devices=False)
     initial = engine.initial
-    policy = jax.tree.map(lambda x: jnp.repeat(x[None], k, axis=0), initial)  # [K, ...]
 
     logs = []
     for v in todo:
@@ -157,9 +185,9 @@ def run_vmap(sweep: Sweep) -> dict[str, str]:
         global_step += 1
         s = steps_done(stage.state)
         if s % config.train.log_every == 0 or s == stage.total:
-            metrics = jax.device_get(metrics)  # {name: [K]}
+            metrics = jax.device_get(metrics)  # {name: [K]}, or scalars in a shared stage
             for j, log_ in enumerate(logs):
-                one = {name: float(value[j]) for name, value in metrics.items()}
+                one = {name: _variant_value(value, j) for name, value in metrics.items()}
                 tokens = one.pop("tokens")  # the shared batch's real tokens
                 pairs = config.data.batch_size
                 log_.log(stage.index, s, global_step, one, tokens, pairs, seconds)
@@ -169,27 +197,48 @@ def run_vmap(sweep: Sweep) -> dict[str, str]:
         return {key: jnp.asarray(batch[key]) for key in BATCH_KEYS}
 
     try:
-        for i, stage_config in enumerate(config.stages):
+        first_vmapped = shared_stages(todo)
+        policy = initial
+        for i in range(first_vmapped):  # trained once for all K variants
+            _say(
+                f"vmap: stage {i} ({config.stages[i].name}) is the same in all {k} variant(s): "
+                "trained once"
+            )
+            stage = engine.stage(i, policy)
+            _fit_logged(engine, stage, on_step, logs)
+            policy = stage.state.params
+            for v in todo:
+                save_stage_policy(v.run_dir, i, policy)
+        shared_policy = policy  # [...]: the stage-`first_vmapped` reference, if it follows
+        policy = jax.tree.map(lambda x: jnp.repeat(x[None], k, axis=0), policy)  # [K, ...]
+        for i in range(first_vmapped, len(config.stages)):
+            stage_config = config.stages[i]
             batches, total = engine.stage_batches(i)
             hyper = _stack(
                 [Hyper.for_stage(v.config.stages[i], v.config.optim, total) for v in todo]
             )
-            shared_ref = not stage_config.follows_previous
+            # One reference for all K (in_axes=None): the initial model, or the shared policy
+            # of the stage before when every variant ended that stage alike; else K stacked.
+            if not stage_config.follows_previous:
+                ref_axis, ref = None, None
+            elif i == first_vmapped and first_vmapped > 0:
+                ref_axis, ref = None, shared_policy  # never donated: the state holds copies
+            else:
+                ref_axis, ref = 0, jax.tree.map(jnp.copy, policy)
             if engine.model.lora is None:
-                reference = initial if shared_ref else jax.tree.map(jnp.copy, policy)
-            else:  # one frozen base for all K (not vmapped); adapters off, or stacked copies
-                reference = engine.frozen(None if shared_ref else jax.tree.map(jnp.copy, policy))
+                reference = initial if ref is None else ref
+            else:  # one frozen base for all K (not vmapped); adapters off, shared or stacked
+                reference = engine.frozen(ref)
             state = TrainState(policy, jax.vmap(engine.tx.init)(policy), jnp.zeros((k,), jnp.int32))
-            step_fn = engine.vmapped_step(engine.objective(stage_config), None if shared_ref else 0)
+            step_fn = engine.vmapped_step(engine.objective(stage_config), ref_axis)
             stage = Stage(i, stage_config, state, reference, batches, total, step_fn, hyper)
-            for log_ in logs:
-                log_.start_stage(i, stage_config.name, total, 0)
-            engine.fit(stage, on_step, place=place)
-            for log_ in logs:
-                log_.end_stage()
+            _fit_logged(engine, stage, on_step, logs, place=place)
             policy = stage.state.params
             if i == len(config.stages) - 1:
-                _save_finals(todo, stage, engine.saved_reference(stage), global_step)
+                _save_finals(todo, stage, engine.saved_reference(stage), global_step, ref_axis)
+            else:
+                for j, v in enumerate(todo):
+                    save_stage_policy(v.run_dir, i, jax.tree.map(lambda x, j=j: x[j], policy))
     finally:
         for log_ in logs:
             log_.close()
@@ -198,9 +247,26 @@ def run_vmap(sweep: Sweep) -> dict[str, str]:
     return status
 
 
-def _save_finals(variants: list[Variant], stage: Stage, reference, global_step: int) -> None:
-    """Each variant's slice of the stacked final state (and of the stacked trained
-    `reference`, if any) as its run's final checkpoint."""
+def _variant_value(value, j: int) -> float:
+    """Variant j's metric: [K] in a vmapped stage, one scalar for all in a shared stage."""
+    value = np.asarray(value)
+    return float(value if value.ndim == 0 else value[j])
+
+
+def _fit_logged(engine: Engine, stage: Stage, on_step, logs, place=None) -> None:
+    for log_ in logs:
+        log_.start_stage(stage.index, stage.config.name, stage.total, 0)
+    engine.fit(stage, on_step, place=place)
+    for log_ in logs:
+        log_.end_stage()
+
+
+def _save_finals(
+    variants: list[Variant], stage: Stage, reference, global_step: int, ref_axis: int | None
+) -> None:
+    """Each variant's slice of the stacked final state (and of the trained `reference`, if
+    any: stacked, or with `ref_axis` None one reference shared by all) as its run's final
+    checkpoint."""
     keep_ref = reference is not None
     for j, v in enumerate(variants):
         one = jax.tree.map(lambda x, j=j: x[j], stage.state)
@@ -211,7 +277,11 @@ def _save_finals(variants: list[Variant], stage: Stage, reference, global_step: 
                 one,
                 meta=_meta(v.config, stage.index, stage.total),
                 data_iter=stage.batches,
-                reference=jax.tree.map(lambda x, j=j: x[j], reference) if keep_ref else None,
+                reference=None
+                if not keep_ref
+                else reference
+                if ref_axis is None
+                else jax.tree.map(lambda x, j=j: x[j], reference),
             )
         finally:
             ckpt.close()
