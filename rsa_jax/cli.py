@@ -196,7 +196,7 @@ def _cmd_frontier(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from rsa_jax.tasks.pipeline import DemoConfig, run_demo
+    from rsa_jax.demo import DemoConfig, run_demo
 
     if not os.path.isdir(args.configs):
         raise SystemExit(f"demo: {args.configs}/ not found (the method configs; see --configs)")

@@ -13,10 +13,10 @@ import os
 import numpy as np
 import pytest
 
+from rsa_jax import demo as demo_module
 from rsa_jax.cli import main
+from rsa_jax.demo import DemoConfig, default_constraints, run_demo
 from rsa_jax.eval import Estimate, load_frontier_inputs, read_results
-from rsa_jax.tasks import pipeline
-from rsa_jax.tasks.pipeline import DemoConfig, default_constraints, run_demo
 from rsa_jax.training import load_source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -160,7 +160,7 @@ def test_bad_demo_settings_fail_naming_the_field(field, value, words):
 
 def test_cli_demo_defaults_to_one_seed_and_quick_is_a_small_frontier(monkeypatch, tmp_path):
     seen = []
-    monkeypatch.setattr(pipeline, "run_demo", seen.append)
+    monkeypatch.setattr(demo_module, "run_demo", seen.append)
     configs = os.path.join(ROOT, "configs")
     assert main(["demo", "--out", str(tmp_path), "--configs", configs]) == 0
     assert seen[-1].seeds == (0,) and seen[-1] == DemoConfig(
