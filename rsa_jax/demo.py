@@ -12,13 +12,15 @@ learning rate and the swept beta are overridden):
     both stages, RSA-ERM): beta_2, the safety stage's beta, over `betas`. Stage 1 is the same for
     every beta_2, so `rsa_jax.sweep.run_vmap` trains it once and vmaps stage 2 only, with the
     stage-1 policy as the one shared reference;
-  * RSA(P) / P-SACPO, method `<method>(P)`: merges `theta_P = (1 - q) theta_1 + q theta_2` of the
-    stage-1 policy and the final policy at each beta_2 in `merge_betas`, q in `merge_qs`
-    (evaluated, not trained; each written as a Hugging Face directory);
+  * RSA(P) / P-SACPO: merges `theta_P = (1 - q) theta_1 + q theta_2` of the stage-1 policy and
+    the final policy at each beta_2 in `merge_betas`, q in `merge_qs` (evaluated, not trained;
+    each written as a Hugging Face directory). They are candidates of their method, as in
+    Algorithm 1 (docs/method.md: the candidates are the beta_2 values and the merge ratios), so
+    they join its frontier and its constrained choice as variants `(P) b2=... q=...`;
 
 -> evaluate the SFT model and every variant on the held-out prompts with N samples each (the same
 sampling seed for all, so variants differ by their policies, not by their draws) ->
-`seed<k>/results.json`, one row per variant (`SACPO b2=0.05`, `SACPO(P) b2=0.1 q=0.5`,
+`seed<k>/results.json`, one row per variant (`SACPO b2=0.05`, `SACPO (P) b2=0.1 q=0.5`,
 `DPO b1=0.1`: what `rsa_jax.eval.load_frontier_inputs` reads). After all seeds: the frontier
 report (`rsa_jax.eval.run_frontier`: frontiers per cost statistic and vs KL, reward gaps at equal
 cost, plots, the constrained optima) in `frontier/`, and the one-point-per-method table of earlier
@@ -59,7 +61,7 @@ METHODS = {
     "RSA-CVaR-v2": Method("rsa_cvar.yaml", ("stages.0.version=2", "stages.1.version=2")),
     "RSA-ERM": Method("rsa_erm.yaml"),
 }
-MERGED = "{}(P)"  # the method name of a method's merges
+MERGED = "(P)"  # the variant prefix of a method's merges: row "SACPO (P) b2=0.1 q=0.5"
 FRONTIER_DIR = "frontier"
 
 
@@ -368,9 +370,9 @@ def run_seed(demo: DemoConfig, seed: int) -> tuple[dict, dict]:
             clock = _Clock()
             merges = write_merges(demo, method, family, root)
             for name, directory in merges.items():
-                targets[f"{MERGED.format(method)} {name}"] = directory
+                targets[f"{method} {MERGED} {name}"] = directory
             timings[f"merge {method}"] = clock.seconds()
-            _say(f"[seed {seed}] {MERGED.format(method)}: {len(merges)} merge(s) written ({clock})")
+            _say(f"[seed {seed}] {method} {MERGED}: {len(merges)} merge(s) written ({clock})")
     reference = load_hf(sft_dir)
     scores, infos = {}, {}
     evaluation = _Clock()
@@ -508,10 +510,11 @@ def run_demo(demo: DemoConfig) -> dict:
         + "\n"
     )
     frontier_dir = os.path.join(demo.out_dir, FRONTIER_DIR)
-    methods = _frontier_methods(demo)
-    # This run's seeds only (the directory may hold other seeds from earlier runs).
+    # This run's seeds only (the directory may hold other seeds from earlier runs), and the
+    # trained methods (merges are among their variants); the SFT model, one point, is the
+    # constraints' yardstick rather than a competitor.
     files = [os.path.join(demo.out_dir, f"seed{seed}", "results.json") for seed in demo.seeds]
-    status = run_frontier(files, constraints, out=frontier_dir, methods=methods)
+    status = run_frontier(files, constraints, out=frontier_dir, methods=demo.methods)
     if status != 0:
         raise RuntimeError(f"demo: the frontier report failed (exit status {status}; see above)")
     with open(os.path.join(frontier_dir, "frontier.json")) as f:
@@ -522,14 +525,3 @@ def run_demo(demo: DemoConfig) -> dict:
         f"{demo.out_dir}/, every variant's metrics in {demo.out_dir}/seed*/results.json"
     )
     return {"points": points, "frontier": frontier, "constraints": list(constraints)}
-
-
-def _frontier_methods(demo: DemoConfig) -> list[str]:
-    """The methods of the frontier report: each trained method, and its merges if it has any
-    (the SFT model, one point, is the constraints' yardstick rather than a competitor)."""
-    out = []
-    for method in demo.methods:
-        out.append(method)
-        if _has_merges(demo, method):
-            out.append(MERGED.format(method))
-    return out

@@ -53,23 +53,23 @@ def test_every_variant_is_a_frontier_row_and_the_report_has_the_constrained_opti
     assert {m: sorted(v) for m, v in loaded.seeds["0"].items()} == {
         "SFT": ["SFT"],
         "DPO": ["b1=0.01", "b1=0.1"],
-        "RSA-CVaR": ["b2=0.01", "b2=0.1"],
-        "RSA-CVaR(P)": ["b2=0.01 q=0.5"],
+        "RSA-CVaR": ["(P) b2=0.01 q=0.5", "b2=0.01", "b2=0.1"],  # merges: candidates too
     }
     for variants in loaded.seeds["0"].values():
         for metrics in variants.values():
             for name in ("reward_mean", "catastrophic_rate", "cost_cvar_0.99", "kl"):
                 est = metrics[name]
                 assert est.low <= est.value <= est.high, (name, est)
-    # The report: frontiers of the three compared methods (not the SFT yardstick) and each
+    # The report: frontiers of the two compared methods (not the SFT yardstick) and each
     # constraint's choice for every method, from the SFT model's own numbers.
     frontier = result["frontier"]
     sft = read_results(os.path.join(out, "seed0", "points"))["SFT"]
     assert result["constraints"] == list(default_constraints(sft))
     assert set(frontier["choices"]) == set(result["constraints"])
     for choices in frontier["choices"].values():
-        assert set(choices) == {"DPO", "RSA-CVaR", "RSA-CVaR(P)"}
-    assert set(frontier["frontiers"]["kl"]) == {"DPO", "RSA-CVaR", "RSA-CVaR(P)"}
+        assert set(choices) == {"DPO", "RSA-CVaR"}
+    assert set(frontier["frontiers"]["kl"]) == {"DPO", "RSA-CVaR"}
+    assert [g["a"] + " - " + g["b"] for g in frontier["gaps"]][:1] == ["DPO - RSA-CVaR"]
     with open(os.path.join(out, "frontier", "frontier.md")) as f:
         report = f.read()
     assert report.count("## Constrained optimum") == 2
@@ -98,7 +98,7 @@ def test_single_points_keep_the_old_table_and_plots(demo):
     )
     with open(os.path.join(out, "seed0", "timings.json")) as f:
         timings = json.load(f)
-    for part in ("sft", "pairs", "train DPO", "train RSA-CVaR", "eval RSA-CVaR(P) b2=0.01 q=0.5"):
+    for part in ("sft", "pairs", "train DPO", "merge RSA-CVaR", "eval RSA-CVaR (P) b2=0.01 q=0.5"):
         assert timings[part]["wall_s"] >= 0 and timings[part]["cpu_s"] >= 0, part
 
 
