@@ -121,3 +121,42 @@ def test_shared_stage_trains_once_and_vmap_equals_sequential_runs(runs, capsys):
     # The variants did train apart in stage 2 (different betas, different final losses).
     finals = {v.name: _losses(v.run_dir)[(1, 2)] for v in vmap.variants}
     assert len({round(x, 7) for x in finals.values()}) == 3, finals
+
+
+def test_lora_shared_stage_vmap_equals_sequential_runs(tmp_path):
+    """With LoRA the shared stage-1 adapters are stage 2's one reference (the frozen nf4 base
+    shared as always): the same losses and merged final policies as the trainer."""
+    data = str(tmp_path / "pairs.jsonl")
+    write_toy_data(data, rows=32)
+    doc = dict(
+        overrides=[
+            f"data.path={data}",
+            "checkpoint.every=0",
+            "stages.0.steps=3",
+            "stages.1.steps=2",
+            "stages.1.risk=erm",
+            "stages.1.mu=0.5",
+            "optim.eps=1.0e-6",
+            "optim.learning_rate=3e-3",
+            "model.lora.rank=4",
+            "model.lora.base_storage=nf4",
+            "model.lora.block_size=16",
+        ],
+        grid={"stages.1.beta": [0.1, 0.02]},
+    )
+    path = _sweep_file(tmp_path, **doc)
+    sequential = load_sweep(path, mode="sequential", run_dir=str(tmp_path / "seq"))
+    run_sweep(sequential)
+    vmap = load_sweep(path, mode="vmap", run_dir=str(tmp_path / "vmap"))
+    assert shared_stages(list(vmap.variants)) == 1
+    assert [r["status"] for r in run_sweep(vmap)["variants"]] == ["done"] * 2
+    for a, b in zip(sequential.variants, vmap.variants, strict=True):
+        seq, vm = _losses(a.run_dir), _losses(b.run_dir)
+        assert seq.keys() == vm.keys() and len(seq) == 5
+        for key in seq:
+            assert vm[key] == pytest.approx(seq[key], abs=1e-5), (a.name, key)
+        pa, pb = load_policy(a.run_dir)[1], load_policy(b.run_dir)[1]
+        for k in pa:
+            np.testing.assert_allclose(
+                np.asarray(pb[k]), np.asarray(pa[k]), rtol=0, atol=1e-5, err_msg=f"{a.name} {k}"
+            )
