@@ -43,10 +43,15 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format rsa_jax tests bench
 	$(VENV)/bin/ruff check --fix rsa_jax tests bench
 
-# The main job end to end on the synthetic safety task: SFT, then DPO, SACPO, RSA-CVaR and
-# RSA-ERM from the same SFT model on the same pairs, evaluated with tail-risk metrics, 3 seeds.
-# Table and plots in runs/demo/. SEEDS="0" for one seed; DEMO_ARGS=--quick for a smoke run.
-SEEDS ?= 0 1 2
+# The main job end to end on the synthetic safety task, compared by frontiers: SFT, then DPO,
+# SACPO, RSA-CVaR, RSA-CVaR-v2 and RSA-ERM from the same SFT model on the same pairs, each as a
+# family of variants (5 betas, and RSA(P) merges of the two-stage methods) trained as vmap
+# sweeps, evaluated with tail-risk metrics; then the frontier report with Algorithm 1's
+# constrained optima (runs/demo/frontier/) and the one-point-per-method table (runs/demo/).
+# One seed by default (about 7 minutes on 2 idle cores); SEEDS="0 1 2" for three, with
+# intervals across seeds. DEMO_ARGS=--quick for a smoke run (about 2 minutes);
+# DEMO_ARGS="--task configs/tasks/high_catastrophe.yaml" for the second task setting.
+SEEDS ?= 0
 demo: $(STAMP)
 	$(PY) -m rsa_jax demo --out runs/demo --seeds $(SEEDS) $(DEMO_ARGS)
 

@@ -19,10 +19,10 @@ import itertools
 import os
 import time
 
+from rsa_jax.demo import DemoConfig, evaluate_dir, method_config
 from rsa_jax.eval import aggregate_seeds, results_table, seeds_interval, tail_metrics, write_results
 from rsa_jax.models import load_hf
 from rsa_jax.tasks import SafetyTask
-from rsa_jax.tasks.pipeline import DemoConfig, evaluate_dir, method_config
 
 
 def main():

@@ -196,16 +196,28 @@ def _cmd_frontier(args) -> int:
 
 
 def _cmd_demo(args) -> int:
-    from rsa_jax.tasks.pipeline import DemoConfig, run_demo
+    from rsa_jax.demo import DemoConfig, run_demo
 
     if not os.path.isdir(args.configs):
         raise SystemExit(f"demo: {args.configs}/ not found (the method configs; see --configs)")
     demo = DemoConfig(
-        out_dir=args.out, seeds=tuple(args.seeds), configs_dir=args.configs, task_file=args.task
+        out_dir=args.out,
+        seeds=tuple(args.seeds),
+        configs_dir=args.configs,
+        task_file=args.task,
+        constraints=tuple(args.constraint),
     )
-    if args.quick:
+    if args.quick:  # a smoke run: every part once, two betas, one merge per two-stage method
         demo = dataclasses.replace(
-            demo, sft_steps=150, pair_prompts=512, epochs=1, eval_samples=8, n_boot=200
+            demo,
+            sft_steps=150,
+            pair_prompts=512,
+            epochs=1,
+            betas=(0.1, 0.01),
+            merge_betas=(0.1,),
+            merge_qs=(0.5,),
+            eval_samples=8,
+            n_boot=200,
         )
     run_demo(demo)
     return 0
@@ -388,9 +400,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(fn=_cmd_frontier)
 
-    p = command("demo", "the synthetic safety task end to end (what make demo runs)")
+    p = command(
+        "demo", "the synthetic safety task end to end: methods compared by frontiers (make demo)"
+    )
     p.add_argument("--out", default="runs/demo")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="e.g. --seeds 0 1 2")
+    p.add_argument(
+        "--constraint",
+        action="append",
+        default=[],
+        metavar="STAT<=ZETA",
+        help="Algorithm 1's constraint (repeatable); default: the SFT model's own "
+        "catastrophic_rate and cost_cvar_0.9 (no worse than SFT)",
+    )
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     p.add_argument("--task", help="task settings YAML (configs/tasks/); default: the built-in task")
     p.add_argument("--configs", default="configs", help="directory of the method configs")

@@ -95,6 +95,7 @@ def write_results(
     per_sample: Mapping[str, SampleScores] | None = None,
     *,
     interval: str = BOOTSTRAP_INTERVAL,
+    plots: bool = True,
 ) -> dict[str, str]:
     """Write `results.json`, `results.md` and the plots into `out_dir` (created if needed).
 
@@ -109,6 +110,8 @@ def write_results(
       rows: {method: {metric: Estimate}}.
       per_sample: {method: SampleScores} of the same methods, or None.
       interval: what `low`/`high` are; `seeds_interval(S)` for `aggregate_seeds` results.
+      plots: False writes the two tables only (many variants, whose one-label-per-point plot
+        would be unreadable; `rsa-jax frontier` draws them as frontiers).
 
     Returns:
       {kind: path} of the files written; kinds `json`, `md`, `reward_cost`, `cost_tail`.
@@ -137,10 +140,10 @@ def write_results(
         f.write("\n")
     with open(paths["md"], "w") as f:
         f.write(f"# Results\n\nIntervals: {interval}.\n\n{results_table(rows)}")
-    if rows and all({"reward_mean", "cost_mean"} <= set(m) for m in rows.values()):
+    if plots and rows and all({"reward_mean", "cost_mean"} <= set(m) for m in rows.values()):
         paths["reward_cost"] = os.path.join(out_dir, REWARD_COST_PNG)
         plot_reward_cost(rows, paths["reward_cost"])
-    if per_sample:
+    if plots and per_sample:
         paths["cost_tail"] = os.path.join(out_dir, COST_TAIL_PNG)
         plot_cost_tail(per_sample, paths["cost_tail"])
     return paths

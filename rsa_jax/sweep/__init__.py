@@ -18,7 +18,7 @@ from rsa_jax.sweep._file import (
 from rsa_jax.sweep._placement import VARIANT_AXIS, VariantPlacement, variant_placement
 from rsa_jax.sweep._results import collect, last_records, sweep_table, write_sweep_results
 from rsa_jax.sweep._run import describe, is_done, run_sequential, run_sweep
-from rsa_jax.sweep._vmap import check_vmappable, run_vmap
+from rsa_jax.sweep._vmap import check_vmappable, run_vmap, shared_stages
 
 __all__ = [
     "MODES",
@@ -39,6 +39,7 @@ __all__ = [
     "run_sequential",
     "run_sweep",
     "run_vmap",
+    "shared_stages",
     "sweep_table",
     "variant_placement",
     "write_sweep_results",

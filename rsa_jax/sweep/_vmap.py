@@ -11,14 +11,24 @@ the stage before, stacked (`in_axes=0`). Only traced hyperparameters may differ 
 variants; the kernel (loss, risk, version, split_vocab), the model, the data and every shape
 must agree.
 
+Shared stages (`shared_stages`): the leading stages on which every variant agrees (the same
+stage config, the same `optim`, hence the same data, start and program) are trained ONCE,
+un-vmapped, with the engine's own compiled step (the trainer's program), and their metrics are
+logged in every variant's run; the vmap starts at the first stage where the variants differ,
+from K copies of the shared policy. If that stage's reference is `previous_stage`, it is the
+shared policy passed once (`in_axes=None`), not K stacked copies. A two-stage sweep over the
+stage-2 beta thus costs one stage 1 plus one vmapped stage 2 (what `rsa-jax demo` runs).
+
 By default vmap mode runs on ONE device (the first of `jax.devices()`): the variants' mesh
 settings are not used, and the K copies of the parameters and AdamW moments must fit it. With
 the sweep file's `variant_devices: V` the K axis is split over a `variant` mesh axis of V
 devices and each group of the remaining devices is laid out by the config's mesh, as a training
 run would be (`rsa_jax.sweep._placement`: what is stacked, what is shared). It writes each variant's
 run directory as the trainer does (`config.json`, `metrics.jsonl`, TensorBoard events, and a
-final checkpoint marked done that `rsa-jax export`, `eval` and a sweep rerun read); there are
-no checkpoints within a run, so an interrupted vmap sweep starts its unfinished variants afresh.
+final checkpoint marked done that `rsa-jax export`, `eval` and a sweep rerun read, and, like the
+trainer, the policy each non-final stage ended with in `stages/<i>`, so `RUN@0` sources work for
+RSA(P) merges); there are no checkpoints within a run, so an interrupted vmap sweep starts its
+unfinished variants afresh.
 """
 
 from __future__ import annotations
@@ -46,6 +56,7 @@ from rsa_jax.training import (
     TrainState,
     absolute_paths,
     device_copy,
+    save_stage_policy,
     stage_dropout_key,
     steps_done,
     write_config,
@@ -107,6 +118,29 @@ def check_vmappable(variants: list[Variant]) -> None:
             )
 
 
+def shared_stages(variants: list[Variant]) -> int:
+    """How many leading stages all `variants` train identically, so the vmap may start after
+    them: stage i is shared when every variant has the same `stages[i]` config (kernel,
+    hyperparameters, data view, reference, steps) and all earlier stages are shared, and the
+    variants have the same `optim` (it applies to every stage) and `train.seed` (it seeds LoRA
+    adapter dropout, the one thing `check_vmappable` lets differ besides hyperparameters). The
+    last stage is never counted, so each variant still gets its own final state (identical
+    variants train it K times). Everything else (model, data) must already agree
+    (`check_vmappable`)."""
+    first = variants[0].config
+    if any(
+        v.config.optim != first.optim or v.config.train.seed != first.train.seed
+        for v in variants[1:]
+    ):
+        return 0
+    shared = 0
+    for i, stage in enumerate(first.stages[:-1]):
+        if any(v.config.stages[i] != stage for v in variants[1:]):
+            break
+        shared = i + 1
+    return shared
+
+
 def _stack(trees):
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
@@ -146,7 +180,6 @@ def run_vmap(sweep: Sweep) -> dict[str, str]:
 
     engine = Engine(config, layout=placement.layout, check_devices=False)
     initial = engine.initial
-    policy = placement.stack(initial)  # [K, ...], K over the variant axis
 
     logs = []
     for v in todo:
@@ -164,16 +197,31 @@ def run_vmap(sweep: Sweep) -> dict[str, str]:
         global_step += 1
         s = steps_done(stage.state)
         if s % config.train.log_every == 0 or s == stage.total:
-            metrics = jax.device_get(metrics)  # {name: [K]}
+            metrics = jax.device_get(metrics)  # {name: [K]}, or scalars in a shared stage
             for j, log_ in enumerate(logs):
-                one = {name: float(value[j]) for name, value in metrics.items()}
+                one = {name: _variant_value(value, j) for name, value in metrics.items()}
                 tokens = one.pop("tokens")  # the shared batch's real tokens
                 pairs = config.data.batch_size
                 log_.log(stage.index, s, global_step, one, tokens, pairs, seconds)
         return False
 
     try:
-        for i, stage_config in enumerate(config.stages):
+        first_vmapped = shared_stages(todo)
+        policy = initial
+        for i in range(first_vmapped):  # trained once for all K variants
+            _say(
+                f"vmap: stage {i} ({config.stages[i].name}) is the same in all {k} variant(s): "
+                "trained once"
+            )
+            stage = engine.stage(i, policy)
+            _fit_logged(engine, stage, on_step, logs)
+            policy = stage.state.params
+            for v in todo:
+                save_stage_policy(v.run_dir, i, policy)
+        shared_policy = policy  # [...]: the stage-`first_vmapped` reference, if it follows
+        policy = placement.stack(policy)  # [K, ...], K over the variant axis
+        for i in range(first_vmapped, len(config.stages)):
+            stage_config = config.stages[i]
             batches, total = engine.stage_batches(i)
             hyper = placement.hyper(
                 _stack(
@@ -188,27 +236,35 @@ def run_vmap(sweep: Sweep) -> dict[str, str]:
                     ]
                 )
             )
-            shared_ref = not stage_config.follows_previous
+            # One reference for all K (in_axes=None): the initial model, or the shared policy
+            # of the stage before when every variant ended that stage alike; else K stacked.
+            if not stage_config.follows_previous:
+                ref_axis, ref = None, None
+            elif i == first_vmapped and first_vmapped > 0:
+                ref_axis, ref = None, shared_policy  # never donated: the state holds copies
+            else:
+                ref_axis, ref = 0, device_copy(policy)
             if engine.model.lora is None:
-                reference = initial if shared_ref else device_copy(policy)
-            else:  # one frozen base for all K (not vmapped); adapters off, or stacked copies
-                reference = engine.frozen(None if shared_ref else device_copy(policy))
+                reference = initial if ref is None else ref
+            else:  # one frozen base for all K (not vmapped); adapters off, shared or stacked
+                reference = engine.frozen(ref)
             state = TrainState(policy, placement.opt_state(engine, policy), placement.steps())
             step_fn = engine.vmapped_step(
                 engine.objective(stage_config),
-                None if shared_ref else 0,
+                ref_axis,
                 shardings=placement.step_shardings(engine, state, reference),
                 axis_name=VARIANT_AXIS,
             )  # each variant's state on its group's devices; cached by the shardings: 1 compile
             stage = Stage(i, stage_config, state, reference, batches, total, step_fn, hyper)
-            for log_ in logs:
-                log_.start_stage(i, stage_config.name, total, 0)
-            engine.fit(stage, on_step)  # the engine's batch placement: shared by all variants
-            for log_ in logs:
-                log_.end_stage()
+            _fit_logged(engine, stage, on_step, logs)  # the engine's batch placement: shared
             policy = stage.state.params
             if i == len(config.stages) - 1:
-                _save_finals(todo, placement, stage, engine.saved_reference(stage), global_step)
+                _save_finals(
+                    todo, placement, stage, engine.saved_reference(stage), global_step, ref_axis
+                )
+            else:
+                for j, v in enumerate(todo):
+                    save_stage_policy(v.run_dir, i, placement.slice(policy, j))
     finally:
         for log_ in logs:
             log_.close()
@@ -217,11 +273,31 @@ def run_vmap(sweep: Sweep) -> dict[str, str]:
     return status
 
 
+def _variant_value(value, j: int) -> float:
+    """Variant j's metric: [K] in a vmapped stage, one scalar for all in a shared stage."""
+    value = np.asarray(value)
+    return float(value if value.ndim == 0 else value[j])
+
+
+def _fit_logged(engine: Engine, stage: Stage, on_step, logs, place=None) -> None:
+    for log_ in logs:
+        log_.start_stage(stage.index, stage.config.name, stage.total, 0)
+    engine.fit(stage, on_step, place=place)
+    for log_ in logs:
+        log_.end_stage()
+
+
 def _save_finals(
-    variants: list[Variant], placement: VariantPlacement, stage: Stage, reference, global_step: int
+    variants: list[Variant],
+    placement: VariantPlacement,
+    stage: Stage,
+    reference,
+    global_step: int,
+    ref_axis: int | None,
 ) -> None:
-    """Each variant's slice of the stacked final state (and of the stacked trained
-    `reference`, if any), gathered from its variant group, as its run's final checkpoint."""
+    """Each variant's slice of the stacked final state (and of the trained `reference`, if
+    any: stacked, or with `ref_axis` None one reference shared by all), gathered from its
+    variant group, as its run's final checkpoint."""
     keep_ref = reference is not None
     for j, v in enumerate(variants):
         one = placement.slice(stage.state, j)
@@ -232,7 +308,11 @@ def _save_finals(
                 one,
                 meta=_meta(v.config, stage.index, stage.total),
                 data_iter=stage.batches,
-                reference=placement.slice(reference, j) if keep_ref else None,
+                reference=None
+                if not keep_ref
+                else reference
+                if ref_axis is None
+                else placement.slice(reference, j),
             )
         finally:
             ckpt.close()
