@@ -13,12 +13,17 @@ alternates them: repetition r runs `--steps` timed steps of every variant in tur
 untimed warm-up step each, so a load change on the shared machine hits both sides alike. Times are
 medians over every timed step. The last line is one JSON object with `dpo_ours_over_torch` (our
 DPO step time over PyTorch's), `radpo_over_dpo` (our Ra-DPO step over our DPO step) and
-`fused_over_logits` (our Ra-DPO step, fused head over logits head).
+`fused_over_logits` (our Ra-DPO step, fused head over logits head), each where both of its
+variants ran (`--ours`). `dpo_kl` (not run by default) is the DPO step whose `risk/*` metrics come
+from the KL instead of cvar_reference (`dpo_kl_over_dpo`: what the risk head costs a DPO stage).
+`--baseline DIR` adds a third worker that imports rsa_jax from DIR (another checkout) and
+alternates with the others: before/after numbers of a change in one run (`dpo_over_baseline`).
 
     pip install -e '.[bench]'            # torch==2.13.0, the CPU wheel (never needed by tests)
     python bench/vs_torch.py             # 4 pairs x 128 tokens, 3 repetitions x 3 steps
     python bench/vs_torch.py --pairs 2 --length 64 --repeats 2 --steps 1 --no-torch   # smoke
     python bench/vs_torch.py --ours dpo,radpo   # skip the fused head (the slowest to compile)
+    git archive HEAD~1 rsa_jax | tar -x -C /tmp/old && python bench/vs_torch.py --baseline /tmp/old
 
 torch may live outside the project's environment (it is never needed by the tests): the workers
 inherit the environment, so `PYTHONPATH=DIR` with `pip install --target DIR torch==2.13.0` works.
