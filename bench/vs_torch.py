@@ -13,11 +13,20 @@ alternates them: repetition r runs `--steps` timed steps of every variant in tur
 untimed warm-up step each, so a load change on the shared machine hits both sides alike. Times are
 medians over every timed step. The last line is one JSON object with `dpo_ours_over_torch` (our
 DPO step time over PyTorch's), `radpo_over_dpo` (our Ra-DPO step over our DPO step) and
-`fused_over_logits` (our Ra-DPO step, fused head over logits head).
+`fused_over_logits` (our Ra-DPO step, fused head over logits head), each where both of its
+variants ran (`--ours`). `dpo_kl` (not run by default) is the DPO step whose `risk/*` metrics come
+from the KL instead of cvar_reference (`dpo_kl_over_dpo`: what the risk head costs a DPO stage).
+`--baseline DIR` adds a third worker that imports rsa_jax from DIR (another checkout) and
+alternates with the others: before/after numbers of a change in one run (`dpo_over_baseline`).
 
     pip install -e '.[bench]'            # torch==2.13.0, the CPU wheel (never needed by tests)
     python bench/vs_torch.py             # 4 pairs x 128 tokens, 3 repetitions x 3 steps
     python bench/vs_torch.py --pairs 2 --length 64 --repeats 2 --steps 1 --no-torch   # smoke
+    python bench/vs_torch.py --ours dpo,radpo   # skip the fused head (the slowest to compile)
+    git archive HEAD~1 rsa_jax | tar -x -C /tmp/old && python bench/vs_torch.py --baseline /tmp/old
+
+torch may live outside the project's environment (it is never needed by the tests): the workers
+inherit the environment, so `PYTHONPATH=DIR` with `pip install --target DIR torch==2.13.0` works.
 """
 
 from __future__ import annotations
@@ -36,11 +45,15 @@ ARTIFACT = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "artifacts", "smollm2-135m"
 )
 # Our variants: (name, stage loss, risk, head). The optimizer and the batch are the same for all.
+# A DPO stage's loss ignores its risk, which only defines the `risk/*` metrics: `dpo` computes
+# them with cvar_reference (the selection over V included), `dpo_kl` with `kl` (no selection).
 OURS = (
     ("dpo", "dpo", "cvar_reference", "logits"),
     ("radpo", "ra_dpo", "cvar_reference", "logits"),
     ("radpo_fused", "ra_dpo", "cvar_reference", "fused"),
+    ("dpo_kl", "dpo", "kl", "logits"),
 )
+DEFAULT_OURS = "dpo,radpo,radpo_fused"
 BETA, LR, MAX_GRAD_NORM = 0.1, 2e-5, 1.0
 
 
@@ -136,6 +149,8 @@ def _jax_worker(args) -> dict:
     batch = place_batch(make_batch(args.pairs, args.length, vocab), engine.layout.batch)
     runs = {}
     for name, loss, risk, head in OURS:
+        if name not in args.ours.split(","):
+            continue
         stage = StageConfig(loss=loss, risk=risk, beta=BETA, mu=0.95, split_vocab=True)
         objective = PairObjective(stage.kernel, head=head, chunk_size=args.chunk)
         step = engine.compiled_step(objective, state_shardings(holder["state"]))
@@ -167,16 +182,22 @@ def worker_main(args) -> None:
 
 
 class Worker:
-    def __init__(self, side: str, args):
+    def __init__(self, side: str, args, import_path: str | None = None):
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", side]
         cmd += ["--model", args.model, "--pairs", str(args.pairs), "--length", str(args.length)]
-        cmd += ["--chunk", str(args.chunk)] + (["--remat"] if args.remat else [])
+        cmd += ["--chunk", str(args.chunk), "--ours", args.ours]
+        cmd += ["--remat"] if args.remat else []
         env = dict(os.environ)
         if side == "torch":
             # PyTorch's OpenMP threads spin while they wait; on a shared, oversubscribed machine
             # that made a SmolLM2 fwd+bwd at 2 x 32 tokens take 36-52 s instead of 3.3-3.9 s
             # (2 threads, load average about 13). Passive waiting is torch's best setting there.
             env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        # A baseline worker imports rsa_jax from another checkout; its variants are NAME@baseline.
+        self.suffix = ""
+        if import_path is not None:
+            env["PYTHONPATH"] = os.pathsep.join([import_path, env.get("PYTHONPATH", "")])
+            self.suffix = "@baseline"
         # Worker logs (compiles, warnings) go to the parent's stderr; stdout carries the protocol.
         self.proc = subprocess.Popen(
             cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
@@ -209,8 +230,23 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=64, help="fused-head token chunk")
     p.add_argument("--remat", action="store_true", help="ours: rematerialise every block")
     p.add_argument("--no-torch", action="store_true", help="ours only (no torch installed)")
+    p.add_argument(
+        "--ours",
+        default=DEFAULT_OURS,
+        help=f"our variants to run, comma-separated, of {[v[0] for v in OURS]} (default: "
+        f"{DEFAULT_OURS}); each ratio is printed where both its variants ran",
+    )
+    p.add_argument(
+        "--baseline",
+        metavar="DIR",
+        help="also run our variants with rsa_jax imported from DIR (e.g. a checkout of an older "
+        "commit), alternating with the rest: `NAME@baseline` times and `*_over_baseline` ratios",
+    )
     p.add_argument("--worker", choices=["torch", "jax"], help=argparse.SUPPRESS)
     args = p.parse_args()
+    unknown = set(args.ours.split(",")) - {v[0] for v in OURS}
+    if unknown:
+        p.error(f"--ours: unknown variant(s) {sorted(unknown)}; choose from {[v[0] for v in OURS]}")
     if args.worker:
         worker_main(args)
         return
@@ -221,6 +257,8 @@ def main() -> None:
         flush=True,
     )
     workers = [Worker("jax", args)]
+    if args.baseline:
+        workers.append(Worker("jax", args, import_path=os.path.abspath(args.baseline)))
     if not args.no_torch:
         workers.append(Worker("torch", args))
     times: dict[str, list[float]] = {}
@@ -233,28 +271,36 @@ def main() -> None:
             for w in order:
                 for name in w.names:
                     got = w.run(name, args.steps)
-                    times.setdefault(name, []).extend(got)
-                    print(f"rep {r}: {name:12s} " + " ".join(f"{t:.3f}" for t in got), flush=True)
+                    key = name + w.suffix
+                    times.setdefault(key, []).extend(got)
+                    print(f"rep {r}: {key:18s} " + " ".join(f"{t:.3f}" for t in got), flush=True)
     finally:
         for w in workers:
             w.close()
     med = {name: statistics.median(ts) for name, ts in times.items()}
     tokens = 2 * args.pairs * args.length
     for name, t in med.items():
-        print(f"{name:12s} median {t:.3f} s  {tokens / t:,.0f} tokens/s", flush=True)
+        print(f"{name:18s} median {t:.3f} s  {tokens / t:,.0f} tokens/s", flush=True)
     load1 = os.getloadavg()
     result = {
         "pairs": args.pairs,
         "length": args.length,
         "remat": args.remat,
         "step_s": {k: round(v, 4) for k, v in med.items()},
-        "radpo_over_dpo": round(med["radpo"] / med["dpo"], 3),
-        "fused_over_logits": round(med["radpo_fused"] / med["radpo"], 3),
         "load_average": [round(load0[0], 2), round(load1[0], 2)],
     }
-    if "torch_dpo" in med:
-        result["dpo_ours_over_torch"] = round(med["dpo"] / med["torch_dpo"], 3)
-        result["radpo_ours_over_torch_dpo"] = round(med["radpo"] / med["torch_dpo"], 3)
+    ratios = {  # name: (numerator, denominator), reported where both ran
+        "radpo_over_dpo": ("radpo", "dpo"),
+        "fused_over_logits": ("radpo_fused", "radpo"),
+        "dpo_ours_over_torch": ("dpo", "torch_dpo"),
+        "radpo_ours_over_torch_dpo": ("radpo", "torch_dpo"),
+        "dpo_kl_over_dpo": ("dpo_kl", "dpo"),
+    }
+    for name, _, _, _ in OURS:
+        ratios[f"{name}_over_baseline"] = (name, f"{name}@baseline")
+    for key, (num, den) in ratios.items():
+        if num in med and den in med:
+            result[key] = round(med[num] / med[den], 3)
     print(json.dumps(result))
 
 
