@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import time
 
 import jax
@@ -92,18 +93,27 @@ def bench_paths(args) -> None:
         "| logits peak MiB | fused peak MiB | fused mem / logits mem |"
     )
     print("|---|---|---|---|---|---|---|")
+    ratios = {}
     for risk in args.risks:
-        result = {}
-        for path, step in _steps(risk, args.chunk).items():
-            peak = _peak_bytes(step.lower(*inputs).compile())
-            seconds = _time(step, *inputs, repeats=args.repeats)
-            result[path] = (seconds, peak)
-        (t_l, m_l), (t_f, m_f) = result["logits"], result["fused"]
+        steps = _steps(risk, args.chunk)
+        peaks = {path: _peak_bytes(step.lower(*inputs).compile()) for path, step in steps.items()}
+        # Alternate the two paths so that a load change on a shared machine hits both alike.
+        times = {path: [] for path in steps}
+        for step in steps.values():
+            jax.block_until_ready(step(*inputs))  # compile outside the timing
+        for _ in range(args.repeats):
+            for path, step in steps.items():
+                times[path].append(_time(step, *inputs, repeats=1))
+        (t_l, m_l), (t_f, m_f) = (
+            (float(np.median(times[path])), peaks[path]) for path in ("logits", "fused")
+        )
+        ratios[f"fused_over_logits_{risk}"] = round(t_f / t_l, 3)
         print(
             f"| {risk} | {positions / t_l:,.0f} | {positions / t_f:,.0f} | {t_f / t_l:.2f} "
             f"| {m_l / 2**20:,.0f} | {m_f / 2**20:,.0f} | {m_f / m_l:.3f} |",
             flush=True,
         )
+    print("RESULT " + json.dumps(ratios), flush=True)
 
 
 @contextlib.contextmanager
@@ -120,6 +130,20 @@ def _bisection_selection():
         _risk.kth_smallest_pair = radix
 
 
+def _previous_head_loss(policy, ref, labels, mask):
+    """The risk head as it was before `blocked_token_stats`: `token_stats` over whole [P, V]
+    arrays, then the sequence sums and the Ra-DPO loss (`logits_pair_loss` without the blocks)."""
+    tail = losses.quantile_tail(0.95)
+    stats = losses.token_stats(
+        policy, ref, labels, risk="cvar_reference", mu=0.95, tail=tail, split_vocab=True
+    )
+    seq = losses.sequence_stats(stats, mask, 1.0)
+    b = labels.shape[0] // 2
+    chosen, rejected = (jax.tree.map(lambda x, s=s: x[s], seq) for s in (slice(b), slice(b, None)))
+    per_pair, _ = losses.ra_dpo(chosen, rejected, beta=0.1, alpha=0.5, version=1)
+    return per_pair.mean()
+
+
 def bench_risk_head(args) -> None:
     b, t, v = args.head_pairs, args.head_seq, args.vocab
     rng = np.random.default_rng(2)
@@ -134,27 +158,42 @@ def bench_risk_head(args) -> None:
         )
         return per_pair.mean()
 
-    new = jax.jit(jax.value_and_grad(loss)).lower(policy, ref).compile()
+    def previous(policy, ref):
+        return _previous_head_loss(policy, ref, labels, mask)
+
+    def compile_(fn):
+        return jax.jit(jax.value_and_grad(fn)).lower(policy, ref).compile()
+
+    heads = {"new": compile_(loss), "whole": compile_(previous)}
     with _bisection_selection():
-        old = jax.jit(jax.value_and_grad(loss)).lower(policy, ref).compile()
-    (v_new, g_new), (v_old, g_old) = new(policy, ref), old(policy, ref)
-    same = bool(v_new == v_old) and bool(jnp.all(g_new == g_old))
-    # Alternate the two so that a load change on a shared machine hits both alike.
-    times = {"old": [], "new": []}
+        heads["old"] = compile_(previous)
+    results = {name: fn(policy, ref) for name, fn in heads.items()}
+    (v_new, g_new), (v_old, g_old) = results["new"], results["old"]
+    same_value = float(jnp.abs(v_new - v_old))
+    same_grad = float(jnp.max(jnp.abs(g_new - g_old)))
+    whole_same = bool(results["whole"][0] == v_old) and bool(jnp.all(results["whole"][1] == g_old))
+    # Alternate so that a load change on a shared machine hits every head alike.
+    times = {name: [] for name in heads}
     for _ in range(args.repeats):
-        for name, fn in (("old", old), ("new", new)):
+        for name, fn in heads.items():
             times[name].append(_time(fn, policy, ref, repeats=1))
-    t_old, t_new = (float(np.median(times[k])) for k in ("old", "new"))
+    t_old, t_whole, t_new = (float(np.median(times[k])) for k in ("old", "whole", "new"))
     n = 2 * b * t
     print(
         f"\n## risk head: value and gradient from logits, {b} pairs x {t} x V={v}, "
         f"cvar_reference with split, {args.repeats} alternating calls each"
     )
-    print("| selection | positions/s | new / old speed |")
+    print("| head | positions/s | speed vs the bisection head |")
     print("|---|---|---|")
-    print(f"| bisection, 32 passes (old) | {n / t_old:,.0f} | 1.00 |")
-    print(f"| radix select (new) | {n / t_new:,.0f} | {t_old / t_new:.2f} |")
-    print(f"same loss and gradient bit for bit: {same}", flush=True)
+    print(f"| whole [P, V] arrays, bisection 32 passes (old) | {n / t_old:,.0f} | 1.00 |")
+    print(f"| whole [P, V] arrays, radix select | {n / t_whole:,.0f} | {t_old / t_whole:.2f} |")
+    print(f"| row blocks, radix select (new) | {n / t_new:,.0f} | {t_old / t_new:.2f} |")
+    print(f"radix and bisection heads equal bit for bit: {whole_same}")
+    print(f"new head vs old: |loss diff| {same_value:.2e}, max |grad diff| {same_grad:.2e}")
+    print(
+        "RESULT " + json.dumps({"risk_head_new_over_old_speed": round(t_old / t_new, 3)}),
+        flush=True,
+    )
 
 
 def _sort_quantile_halves(d, tail):

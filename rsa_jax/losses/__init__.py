@@ -27,6 +27,7 @@ from rsa_jax.losses._risk import (
     quantile_tail,
     torch_rank,
 )
+from rsa_jax.losses._row_blocks import blocked_token_stats
 from rsa_jax.losses._select import kth_smallest_pair, kth_smallest_pair_bisect, upper_tail_atom
 from rsa_jax.losses._token_stats import (
     SequenceStats,
@@ -51,6 +52,7 @@ __all__ = [
     "RISKS",
     "SequenceStats",
     "TokenStats",
+    "blocked_token_stats",
     "cvar",
     "cvar_reference",
     "dpo",

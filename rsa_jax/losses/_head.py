@@ -22,12 +22,13 @@ from jax.core import Tracer
 from rsa_jax.losses._kernel import DEFAULT_CHUNK_SIZE, DEFAULTS, Kernel, check_mu
 from rsa_jax.losses._preference import LOSSES, Metrics
 from rsa_jax.losses._risk import quantile_tail
-from rsa_jax.losses._token_stats import (
-    TokenStats,
-    sequence_stats,
-    token_stats,
-    token_stats_and_threshold,
+from rsa_jax.losses._row_blocks import (
+    block_rows,
+    blocked_token_stats,
+    rows_backward,
+    rows_forward,
 )
+from rsa_jax.losses._token_stats import TokenStats, sequence_stats
 
 _KERNEL = Kernel()  # the default kernel choice
 
@@ -121,7 +122,9 @@ def logits_pair_loss(
             f"must both be [2B, T, V] matching labels {labels.shape}"
         )
     _check_finite(where, policy_logits=policy_logits, ref_logits=ref_logits)
-    stats = token_stats(
+    # A few rows at a time (see `blocked_token_stats`): the same statistics as `token_stats`
+    # without [2B, T, V] temporaries.
+    stats = blocked_token_stats(
         policy_logits,
         ref_logits,
         labels,
@@ -152,10 +155,21 @@ def _chunk_logits(h_policy, w_policy, h_ref, w_ref):
     return policy, ref
 
 
-# Rematerialised by hand: the forward pass keeps only the chunk's inputs and the risk thresholds
-# ([N, C, H] floats); the backward pass recomputes the chunk's [N, C, V] logits but not the
-# selection behind the thresholds. (jax.checkpoint with a names policy saving the thresholds
-# made XLA keep O(N T V) selection buffers; plain jax.checkpoint redoes the selection.)
+def _rows(x: jax.Array) -> jax.Array:
+    """[N, C, ...] -> the [G, S, ...] row-block view of `rows_forward` (a free reshape)."""
+    n = x.shape[0] * x.shape[1]
+    g = block_rows(n)
+    return x.reshape(g, n // g, *x.shape[2:])
+
+
+# Rematerialised by hand: the forward pass keeps only the chunk's inputs and per-position scalars
+# (the risk thresholds and both log-softmaxes' shift and log-sum, [N, C, H + 4] floats); the
+# backward pass recomputes the chunk's [N, C, V] logits of both models
+# (the gradient needs p, q and the risk's mask at every entry) but not the selection behind the
+# thresholds. Between the matmuls, the statistics and their gradient go through
+# `rows_forward`/`rows_backward` a few rows at a time, so the chunk's logits are the only [N, C, V]
+# arrays (plus the gradient with respect to them). (jax.checkpoint with a names policy saving the
+# thresholds made XLA keep O(N T V) selection buffers; plain jax.checkpoint redoes the selection.)
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
 def _chunk_stats(h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_vocab):
     return _chunk_stats_fwd(h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_vocab)[0]
@@ -163,36 +177,42 @@ def _chunk_stats(h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_voca
 
 def _chunk_stats_fwd(h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_vocab):
     policy_logits, ref_logits = _chunk_logits(h_policy, w_policy, h_ref, w_ref)
-    stats, threshold = token_stats_and_threshold(
-        policy_logits, ref_logits, y, risk=risk, mu=mu, tail=tail, split_vocab=split_vocab
+    stats, saved = rows_forward(
+        _rows(policy_logits),
+        _rows(ref_logits),
+        _rows(y),
+        mu,
+        tail,
+        risk=risk,
+        split_vocab=split_vocab,
     )
-    return stats, (h_policy, w_policy, h_ref, w_ref, y, mu, tail, threshold)
+    stats = jax.tree.map(lambda x: x.reshape(y.shape), stats)  # [N, C] each
+    return stats, (h_policy, w_policy, h_ref, w_ref, y, mu, tail, saved)
 
 
 def _chunk_stats_bwd(risk, split_vocab, residuals, cotangents):
-    h_policy, w_policy, h_ref, w_ref, y, mu, tail, threshold = residuals
-
-    def policy_stats(h_policy, w_policy, mu, tail):
-        policy_logits, ref_logits = _chunk_logits(h_policy, w_policy, h_ref, w_ref)
-        stats, _ = token_stats_and_threshold(
-            policy_logits,
-            ref_logits,
-            y,
-            risk=risk,
-            mu=mu,
-            tail=tail,
-            split_vocab=split_vocab,
-            threshold=threshold,
-        )
-        return stats
-
-    _, vjp = jax.vjp(policy_stats, h_policy, w_policy, mu, tail)
-    d_hidden, d_unembed, d_mu, d_tail = vjp(cotangents)
+    h_policy, w_policy, h_ref, w_ref, y, mu, tail, saved = residuals
+    policy_logits, ref_logits = _chunk_logits(h_policy, w_policy, h_ref, w_ref)
+    d_logits, d_mu, d_tail = rows_backward(
+        _rows(policy_logits),
+        _rows(ref_logits),
+        _rows(y),
+        mu,
+        tail,
+        saved,
+        jax.tree.map(_rows, cotangents),
+        risk=risk,
+        split_vocab=split_vocab,
+    )
+    # The transposes of the head matmul, accumulated in f32 like the forward's.
+    d_logits = d_logits.reshape(policy_logits.shape).astype(h_policy.dtype)  # [N, C, V]
+    d_hidden = jnp.einsum("ncv,dv->ncd", d_logits, w_policy, preferred_element_type=jnp.float32)
+    d_unembed = jnp.einsum("ncd,ncv->dv", h_policy, d_logits, preferred_element_type=jnp.float32)
     # The reference gets no gradient; integer labels get float0 zeros. mu gets the same gradient
     # as on the logits path (the thresholds carry none there either).
     return (
-        d_hidden,
-        d_unembed,
+        d_hidden.astype(h_policy.dtype),
+        d_unembed.astype(w_policy.dtype),
         jnp.zeros_like(h_ref),
         jnp.zeros_like(w_ref),
         np.zeros(y.shape, jax.dtypes.float0),

@@ -89,35 +89,43 @@ def _bisect(keys: jax.Array, valid: jax.Array, predicate) -> jax.Array:
     return jnp.maximum(hi, smallest)
 
 
-def _radix_kth_key(keys: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The k-th smallest key (0-based, with multiplicity) of one row, by radix select.
+def _radix_kth_keys(keys: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The k-th smallest key (0-based, with multiplicity) of each row, by radix select.
 
     Args:
-      keys: [W] uint32, padding set to the largest key (it sorts last and k never reaches it).
-      k: [] int32, 0 <= k < number of valid keys.
+      keys: [G, W] uint32, padding set to the largest key (it sorts last and k never reaches it).
+      k: [G] int32, 0 <= k < number of valid keys of the row.
 
     Returns:
-      (key_k, rank_in_tie): [] uint32 the k-th key, and [] int32 how many keys equal to it come
-      before it in sorted order (so the (k+1)-th key is a tie of it iff rank_in_tie + 1 is less
-      than the multiplicity of key_k).
+      (key_k, rank_in_tie): [G] uint32 the k-th keys, and [G] int32 how many keys equal to each
+      come before it in sorted order (so the (k+1)-th key is a tie of it iff rank_in_tie + 1 is
+      less than the multiplicity of key_k).
     """
-    prefix = jnp.uint32(0)  # digits fixed so far, in place; the other bits zero
+    g = keys.shape[0]
+    prefix = jnp.zeros((g,), jnp.uint32)  # digits fixed so far, in place; the other bits zero
     fixed = np.uint32(0)  # mask of the bits fixed so far
     rank = k  # rank of the answer among the keys that share `prefix`
     shift = 32
     for bits in _DIGITS:
         shift -= bits
         bins = 1 << bits
-        digit = ((keys >> shift) & np.uint32(bins - 1)).astype(jnp.int32)  # [W]
+        digit = ((keys >> shift) & np.uint32(bins - 1)).astype(jnp.int32)  # [G, W]
+        # A scatter-add histogram (XLA has no histogram primitive): O(W), one pass. The G rows
+        # share one flat [G * R] array (row r's bins from r * R), and keys outside the row's
+        # current prefix group get an out-of-range index that the scatter drops. Measured on the
+        # CPU (8 rows of 24576 keys, in cache): 6.2 ns per key for the whole selection, against
+        # 7.0 ns for a scatter vmapped over rows with the outside keys counted in an extra bin
+        # (all of them hit that one counter, one after the other).
+        index = digit + (jnp.arange(g, dtype=jnp.int32) * bins)[:, None]
         if fixed:
-            # Keys outside the current prefix group count in an extra bin, dropped below.
-            digit = jnp.where((keys & fixed) == prefix, digit, bins)
-        # A scatter-add histogram (XLA has no histogram primitive): O(W), one pass.
-        counts = jnp.zeros((bins + 1,), jnp.int32).at[digit].add(1, mode="promise_in_bounds")
-        counts = counts[:bins]
-        through = jnp.cumsum(counts)  # [R] keys of the group with digit <= r
-        chosen = jnp.sum(through <= rank, dtype=jnp.int32)  # first bin holding rank
-        rank = rank - jnp.where(chosen > 0, through[jnp.maximum(chosen - 1, 0)], 0)
+            index = jnp.where((keys & fixed) == prefix[:, None], index, g * bins)
+        counts = jnp.zeros((g * bins,), jnp.int32)
+        counts = counts.at[index.reshape(-1)].add(1, mode="drop").reshape(g, bins)
+        through = jnp.cumsum(counts, axis=-1)  # [G, R] keys of the group with digit <= r
+        # The first bin holding rank.
+        chosen = jnp.sum(through <= rank[:, None], axis=-1, dtype=jnp.int32)
+        before = jnp.take_along_axis(through, jnp.maximum(chosen - 1, 0)[:, None], axis=-1)
+        rank = rank - jnp.where(chosen > 0, before[:, 0], 0)
         prefix = prefix | (chosen.astype(jnp.uint32) << np.uint32(shift))
         fixed = np.uint32(fixed | ((bins - 1) << shift))
     # After the last digit the group is the keys equal to key_k, and `rank` is k's place in it.
@@ -125,12 +133,12 @@ def _radix_kth_key(keys: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]
 
 
 def _kth_pair_keys(keys: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """[W] keys, [] rank -> the k-th and (k+1)-th smallest keys of the row."""
-    key_k, rank_in_tie = _radix_kth_key(keys, k)
-    ties = jnp.sum(keys == key_k, dtype=jnp.int32)
+    """[G, W] keys, [G] ranks -> the k-th and (k+1)-th smallest keys of each row."""
+    key_k, rank_in_tie = _radix_kth_keys(keys, k)
+    ties = jnp.sum(keys == key_k[:, None], axis=-1, dtype=jnp.int32)
     # The next order statistic is a tie of x_k, or else the smallest key above it (padding keys
     # are the largest key, so none above means k + 1 == n_valid: the last order statistic).
-    next_key = jnp.min(jnp.where(keys > key_k, keys, _ALL))
+    next_key = jnp.min(jnp.where(keys > key_k[:, None], keys, _ALL), axis=-1)
     key_k1 = jnp.where((rank_in_tie + 1 < ties) | (next_key == _ALL), key_k, next_key)
     return key_k, key_k1
 
@@ -161,11 +169,10 @@ def kth_smallest_pair(x: jax.Array, k: jax.Array, valid: jax.Array) -> tuple[jax
     # scan over a transposed [S, G, W] copy would move every key once more).
     keys = jnp.pad(keys, ((0, g * s - n), (0, 0)), constant_values=_ALL).reshape(g, s, w)
     k = jnp.pad(k, (0, g * s - n)).reshape(g, s)
-    rows = jax.vmap(_kth_pair_keys)
 
     def step(j, found):
         pick = functools.partial(jax.lax.dynamic_index_in_dim, index=j, axis=1, keepdims=False)
-        pair = rows(pick(keys), pick(k))  # ([G], [G])
+        pair = _kth_pair_keys(pick(keys), pick(k))  # ([G], [G])
         return tuple(
             jax.lax.dynamic_update_index_in_dim(out, new, j, axis=1)
             for out, new in zip(found, pair, strict=True)

@@ -40,6 +40,50 @@ class SequenceStats(NamedTuple):
     S: jax.Array  # nested risk value V_1
 
 
+def log_softmax_parts(logits: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`jax.nn.log_softmax` in float32 (the same ops, so the same bits) and its per-row parts.
+
+    Args:
+      logits: [..., V] any float dtype.
+    Returns:
+      (logp [..., V], shift [..., 1], log_sum [..., 1]) with `logp = (logits - shift) - log_sum`:
+      recomputing logp from the two saved scalars rounds exactly as the first time.
+    """
+    x = logits.astype(jnp.float32)
+    shift = jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True))
+    shifted = x - shift
+    log_sum = jnp.log(jnp.sum(jnp.exp(shifted), axis=-1, keepdims=True))
+    return shifted - log_sum, shift, log_sum
+
+
+def stats_from_log_probs(
+    logp: jax.Array,
+    logq: jax.Array,
+    labels: jax.Array,
+    *,
+    risk: str,
+    mu,
+    tail,
+    split_vocab: bool,
+    threshold=None,
+) -> tuple[TokenStats, jax.Array | None]:
+    """`token_stats_and_threshold` from the float32 log-softmaxes [..., V] of both models."""
+    labels = labels[..., None].astype(jnp.int32)
+    logp_y = jnp.take_along_axis(logp, labels, axis=-1)[..., 0]
+    logq_y = jnp.take_along_axis(logq, labels, axis=-1)[..., 0]
+    q = jnp.exp(logq)
+    d = logq - logp
+    kl_t = jnp.sum(q * d, axis=-1)
+    if threshold is None and risk in THRESHOLDS:
+        threshold = THRESHOLDS[risk](
+            jax.lax.stop_gradient(d), q, mu=mu, tail=tail, split_vocab=split_vocab
+        )
+    rho = RISKS[risk](
+        d, q, mu=mu, tail=tail, split_vocab=split_vocab, threshold=threshold, logq=logq
+    )
+    return TokenStats(logp=logp_y, g=logp_y - logq_y, kl=kl_t, rho=rho), threshold
+
+
 def token_stats_and_threshold(
     policy_logits: jax.Array,
     ref_logits: jax.Array,
@@ -65,22 +109,18 @@ def token_stats_and_threshold(
       (TokenStats of [...] float32 arrays, the threshold used or None for risks without one).
     """
     # log_softmax, never softmax().log(): the latter underflows to 0 * -inf = NaN in the KL.
-    logp = jax.nn.log_softmax(policy_logits.astype(jnp.float32), axis=-1)
-    logq = jax.nn.log_softmax(jax.lax.stop_gradient(ref_logits).astype(jnp.float32), axis=-1)
-    labels = labels[..., None].astype(jnp.int32)
-    logp_y = jnp.take_along_axis(logp, labels, axis=-1)[..., 0]
-    logq_y = jnp.take_along_axis(logq, labels, axis=-1)[..., 0]
-    q = jnp.exp(logq)
-    d = logq - logp
-    kl_t = jnp.sum(q * d, axis=-1)
-    if threshold is None and risk in THRESHOLDS:
-        threshold = THRESHOLDS[risk](
-            jax.lax.stop_gradient(d), q, mu=mu, tail=tail, split_vocab=split_vocab
-        )
-    rho = RISKS[risk](
-        d, q, mu=mu, tail=tail, split_vocab=split_vocab, threshold=threshold, logq=logq
+    logp, _, _ = log_softmax_parts(policy_logits)
+    logq, _, _ = log_softmax_parts(jax.lax.stop_gradient(ref_logits))
+    return stats_from_log_probs(
+        logp,
+        logq,
+        labels,
+        risk=risk,
+        mu=mu,
+        tail=tail,
+        split_vocab=split_vocab,
+        threshold=threshold,
     )
-    return TokenStats(logp=logp_y, g=logp_y - logq_y, kl=kl_t, rho=rho), threshold
 
 
 def token_stats(policy_logits, ref_logits, labels, *, risk, mu, tail, split_vocab) -> TokenStats:

@@ -1,0 +1,208 @@
+"""`token_stats` a few rows at a time, with a hand-written backward pass that saves per-row scalars.
+
+Dimension legend: P positions (rows: all leading axes flattened), V vocabulary, G rows per block
+step, S = P / G block steps, H thresholds per row (`THRESHOLDS[risk]`: 1 or 2, none for erm/kl).
+
+Why: written over whole [P, V] arrays, the statistics of `token_stats` and their gradient make XLA
+write about ten [P, V] float32 temporaries (the two log-softmaxes, q, d, the selection keys, the
+masked products, the backward's recomputations). On a CPU each one is a fresh buffer the size of
+the logits (400 MB at 2 x 512 x 49152): writing it costs page faults and memory bandwidth, and
+the arithmetic between them is cheap. Here a `fori_loop` hands G rows at a time to the same
+`token_stats_and_threshold`, so every temporary is a [G, V] block that stays in cache and is
+reused by the next step, and only the per-row statistics and risk thresholds ([P] and [P, H]) are
+written out. The backward pass walks the blocks again: for each one it recomputes the block's
+statistics with the saved thresholds (the selection is not redone) and writes the block of the
+gradient with respect to the policy logits into place; the reference logits get no gradient.
+
+The maths is `token_stats`' own, op for op, per row: only the order in which rows are visited
+changes. Rows sit in a [G, S, V] view (a free reshape) and step j takes rows j, S + j, 2S + j, ...:
+the G axis leads, so rows sharded over devices stay sharded and each device walks its own rows.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from rsa_jax.losses._risk import RISKS
+from rsa_jax.losses._token_stats import TokenStats, log_softmax_parts, stats_from_log_probs
+
+# Rows per block step: 8 rows of a 49152-entry vocabulary are 1.5 MiB per float32 temporary,
+# so the block's handful of temporaries stay in the L2/L3 caches; fewer rows make more loop steps
+# (a few microseconds of dispatch each), more rows spill to memory. The same 8 rows as the radix
+# select's groups (`_select._GROUP_ROWS`); other values have not been measured.
+BLOCK_ROWS = 8
+
+
+def block_rows(n: int, most: int = BLOCK_ROWS) -> int:
+    """The largest G <= `most` dividing n: the [G, S, V] view of n rows is then a free reshape
+    (padding rows would copy the logits)."""
+    return next(g for g in range(min(most, n), 0, -1) if n % g == 0)
+
+
+def _pick(x: jax.Array, j) -> jax.Array:
+    """Step j's block [G, ...] of a [G, S, ...] array."""
+    return jax.lax.dynamic_index_in_dim(x, j, axis=1, keepdims=False)
+
+
+def _put(out: jax.Array, block: jax.Array, j) -> jax.Array:
+    return jax.lax.dynamic_update_index_in_dim(out, block, j, axis=1)
+
+
+def _block_stats(policy, ref, labels, mu, tail, *, risk, split_vocab):
+    """One block's statistics [G], threshold [G, H] or None, and log-softmax parts [G, 4]."""
+    logp, p_shift, p_log_sum = log_softmax_parts(policy)
+    logq, q_shift, q_log_sum = log_softmax_parts(jax.lax.stop_gradient(ref))
+    stats, threshold = stats_from_log_probs(
+        logp, logq, labels, risk=risk, mu=mu, tail=tail, split_vocab=split_vocab
+    )
+    parts = jnp.concatenate([p_shift, p_log_sum, q_shift, q_log_sum], axis=-1)
+    return stats, (threshold, parts)
+
+
+def rows_forward(policy, ref, labels, mu, tail, *, risk, split_vocab):
+    """Statistics of every row, block by block, and what `rows_backward` needs of them.
+
+    Args:
+      policy, ref: [G, S, V] logits (any float dtype); labels: [G, S] int; mu, tail: scalars.
+    Returns:
+      (TokenStats of [G, S] float32 arrays, saved): `saved` holds per-row scalars only, the
+      risk's thresholds [G, S, H] (None for erm and kl) and both log-softmaxes' shift and log-sum
+      [G, S, 4].
+    """
+
+    def block(j):
+        return _block_stats(
+            _pick(policy, j),
+            _pick(ref, j),
+            _pick(labels, j),
+            mu,
+            tail,
+            risk=risk,
+            split_vocab=split_vocab,
+        )
+
+    g, s = labels.shape
+    shapes = jax.eval_shape(block, 0)
+    empty = jax.tree.map(lambda a: jnp.zeros((g, s, *a.shape[1:]), a.dtype), shapes)
+
+    def step(j, found):
+        return jax.tree.map(functools.partial(_put, j=j), found, block(j))
+
+    return jax.lax.fori_loop(0, s, step, empty)
+
+
+def _block_gradient(policy, ref, labels, mu, tail, saved, cotangent, *, risk, split_vocab):
+    """d<cotangent, stats>/d(policy logits) of one block [G, V], and d/d(mu).
+
+    With logp = z - lse(z), d = log q - log p and a = c_logp + c_g, s = c_kl q + d(c_rho rho)/dd
+    (the cotangent reaching d), the gradient with respect to the logits z is
+    `a onehot(y) - p (a - sum_v s) - s`: the statistics' own backward pass written out, so the
+    block is read once, with two exponentials per entry (p and q), instead of redoing the
+    log-softmaxes and differentiating through them. The log-softmaxes are recomputed from the
+    saved per-row parts with the forward's ops, so d (and the risk's mask against the saved
+    threshold) is bit for bit the forward's.
+    """
+    threshold, parts = saved
+    p_shift, p_log_sum, q_shift, q_log_sum = jnp.split(parts, 4, axis=-1)  # [G, 1] each
+    z = policy.astype(jnp.float32)
+    logp = (z - p_shift) - p_log_sum
+    logq = (jax.lax.stop_gradient(ref).astype(jnp.float32) - q_shift) - q_log_sum
+    q = jnp.exp(logq)
+    d = logq - logp
+
+    def rho(d, mu):
+        return RISKS[risk](
+            d, q, mu=mu, tail=tail, split_vocab=split_vocab, threshold=threshold, logq=logq
+        )
+
+    _, rho_vjp = jax.vjp(rho, d, mu)
+    d_rho, d_mu = rho_vjp(cotangent.rho)
+    s = cotangent.kl[:, None] * q + d_rho  # [G, V]
+    a = (cotangent.logp + cotangent.g)[:, None]  # [G, 1]
+    label = jnp.arange(z.shape[-1]) == labels[:, None].astype(jnp.int32)
+    grad = jnp.where(label, a, 0.0) - jnp.exp(logp) * (a - jnp.sum(s, -1, keepdims=True)) - s
+    return grad.astype(policy.dtype), d_mu
+
+
+def rows_backward(policy, ref, labels, mu, tail, saved, cotangent, *, risk, split_vocab):
+    """Gradient of <cotangent, statistics> with respect to the policy logits, mu and tail.
+
+    Args:
+      policy, ref, labels, mu, tail: as `rows_forward`; saved: its second output;
+      cotangent: TokenStats of [G, S] float32 arrays.
+    Returns:
+      (d_policy [G, S, V] in policy's dtype, d_mu, d_tail scalars). The thresholds are fixed
+      here, as they carry no gradient: tail's is zero.
+    """
+
+    def step(j, carry):
+        d_policy, d_mu = carry
+        d_block, d_mu_j = _block_gradient(
+            _pick(policy, j),
+            _pick(ref, j),
+            _pick(labels, j),
+            mu,
+            tail,
+            jax.tree.map(functools.partial(_pick, j=j), saved),
+            jax.tree.map(functools.partial(_pick, j=j), cotangent),
+            risk=risk,
+            split_vocab=split_vocab,
+        )
+        return _put(d_policy, d_block, j), d_mu + d_mu_j
+
+    zeros = (jnp.zeros_like(policy), jnp.zeros_like(mu))
+    d_policy, d_mu = jax.lax.fori_loop(0, labels.shape[1], step, zeros)
+    return d_policy, d_mu, jnp.zeros_like(tail)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _blocked(policy, ref, labels, mu, tail, risk, split_vocab):
+    return rows_forward(policy, ref, labels, mu, tail, risk=risk, split_vocab=split_vocab)[0]
+
+
+def _blocked_fwd(policy, ref, labels, mu, tail, risk, split_vocab):
+    stats, saved = rows_forward(policy, ref, labels, mu, tail, risk=risk, split_vocab=split_vocab)
+    return stats, (policy, ref, labels, mu, tail, saved)
+
+
+def _blocked_bwd(risk, split_vocab, residuals, cotangent):
+    policy, ref, labels, mu, tail, saved = residuals
+    d_policy, d_mu, d_tail = rows_backward(
+        policy, ref, labels, mu, tail, saved, cotangent, risk=risk, split_vocab=split_vocab
+    )
+    # No gradient reaches the reference logits (they enter under stop_gradient) or the labels.
+    return d_policy, None, None, d_mu, d_tail
+
+
+_blocked.defvjp(_blocked_fwd, _blocked_bwd)
+
+
+def blocked_token_stats(
+    policy_logits, ref_logits, labels, *, risk, mu, tail, split_vocab, rows=BLOCK_ROWS
+) -> TokenStats:
+    """`token_stats`, computed `rows` rows at a time, with the same values and gradients.
+
+    Args:
+      policy_logits: [..., V] any float dtype; ref_logits: [..., V] (no gradient flows into
+        them); labels: [...] int; risk, mu, tail, split_vocab: as `token_stats`.
+      rows: static upper bound on G, the rows per block step (`block_rows`).
+    Returns:
+      TokenStats of [...] float32 arrays.
+    """
+    lead, v = labels.shape, policy_logits.shape[-1]
+    g = block_rows(math.prod(lead), rows)
+    s = math.prod(lead) // g
+    stats = _blocked(
+        policy_logits.reshape(g, s, v),
+        jax.lax.stop_gradient(ref_logits).reshape(g, s, v),
+        labels.reshape(g, s),
+        jnp.asarray(mu, jnp.float32),
+        jnp.asarray(tail, jnp.float32),
+        risk,
+        split_vocab,
+    )
+    return jax.tree.map(lambda x: x.reshape(lead), stats)

@@ -1,0 +1,107 @@
+"""Token statistics a few rows at a time (`blocked_token_stats`) equal `token_stats` over whole
+arrays, in value and gradient, and keep no [P, V] temporaries."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rsa_jax import losses
+from rsa_jax.losses import blocked_token_stats
+from rsa_jax.losses._row_blocks import block_rows
+
+MU = {"cvar_reference": 0.9, "cvar": 0.4, "erm": 3.0, "kl": 0.5}
+WEIGHTS = (0.3, 0.7, -1.1, 1.3)  # a cotangent touching every statistic
+
+
+def _value_and_grad(stats_fn, policy, reference, labels, *, risk, split_vocab):
+    def total(policy, mu):
+        stats = stats_fn(
+            policy,
+            reference,
+            labels,
+            risk=risk,
+            mu=mu,
+            tail=1.0 - mu,
+            split_vocab=split_vocab,
+        )
+        weighted = sum(w * jnp.sum(s) for w, s in zip(WEIGHTS, stats, strict=True))
+        return weighted, stats
+
+    grad = jax.value_and_grad(total, argnums=(0, 1), has_aux=True)
+    return jax.jit(grad)(policy, jnp.float32(MU[risk]))
+
+
+def _case(shape, seed, dtype=jnp.float32):
+    rng = np.random.default_rng(seed)
+    policy = rng.normal(size=shape).astype(np.float32)
+    reference = (policy + 0.3 * rng.normal(size=shape)).astype(np.float32)
+    labels = rng.integers(0, shape[-1], size=shape[:-1]).astype(np.int32)
+    return jnp.asarray(policy, dtype), jnp.asarray(reference, dtype), jnp.asarray(labels)
+
+
+@pytest.mark.parametrize("risk", sorted(losses.RISKS))
+@pytest.mark.parametrize(
+    ("shape", "split_vocab"),
+    # 24 rows (3 blocks of 8), 7 rows (one block of 7), 13 rows (13 blocks of 1); odd and even V.
+    [((4, 6, 37), True), ((7, 64), False), ((13, 65), True), ((2, 3, 4, 1001), True)],
+)
+def test_blocked_equals_whole_arrays(risk, shape, split_vocab):
+    args = _case(shape, seed=shape[-1])
+    kw = dict(risk=risk, split_vocab=split_vocab)
+    (value_b, stats_b), (d_policy_b, d_mu_b) = _value_and_grad(blocked_token_stats, *args, **kw)
+    (value_w, stats_w), (d_policy_w, d_mu_w) = _value_and_grad(losses.token_stats, *args, **kw)
+    for got, want in zip(stats_b, stats_w, strict=True):
+        assert got.shape == shape[:-1]
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(value_b, value_w, rtol=1e-6, atol=1e-5)
+    assert np.any(d_policy_w)
+    np.testing.assert_allclose(d_policy_b, d_policy_w, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(d_mu_b, d_mu_w, rtol=1e-5, atol=1e-5)
+
+
+def test_blocked_bf16_logits_give_bf16_gradients():
+    args = _case((3, 8, 40), seed=1, dtype=jnp.bfloat16)
+    kw = dict(risk="cvar_reference", split_vocab=True)
+    (value_b, _), (d_policy_b, _) = _value_and_grad(blocked_token_stats, *args, **kw)
+    (value_w, _), (d_policy_w, _) = _value_and_grad(losses.token_stats, *args, **kw)
+    assert d_policy_b.dtype == jnp.bfloat16
+    np.testing.assert_allclose(value_b, value_w, rtol=1e-6)
+    np.testing.assert_array_equal(
+        np.asarray(d_policy_b, np.float32), np.asarray(d_policy_w, np.float32)
+    )
+
+
+def test_block_rows_divides_the_row_count():
+    assert [block_rows(n) for n in (1, 7, 8, 12, 13, 24, 2048)] == [1, 7, 8, 6, 1, 8, 8]
+    assert block_rows(12, most=4) == 4
+
+
+def test_logits_head_keeps_no_whole_vocabulary_temporaries():
+    """XLA's temporaries for value-and-grad of the logits head: a few [G, V] blocks, not the
+    [P, V] log-softmaxes, probabilities and selection keys of `token_stats` over whole arrays."""
+    p, v = 256, 4096
+    policy, reference, labels = _case((2, p // 2, v), seed=2)
+    mask = jnp.ones(labels.shape, bool)
+
+    def head(stats_fn):
+        def loss(policy):
+            stats = stats_fn(
+                policy,
+                reference,
+                labels,
+                risk="cvar_reference",
+                mu=0.95,
+                tail=losses.quantile_tail(0.95),
+                split_vocab=True,
+            )
+            return jnp.sum(losses.sequence_stats(stats, mask, 1.0).S)
+
+        compiled = jax.jit(jax.grad(loss)).lower(policy).compile()
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    one_array = p * v * 4  # one [P, V] float32 array
+    assert head(losses.token_stats) > 3 * one_array
+    assert head(blocked_token_stats) < one_array / 2
