@@ -10,9 +10,11 @@ the logits (400 MB at 2 x 512 x 49152): writing it costs page faults and memory 
 the arithmetic between them is cheap. Here a `fori_loop` hands G rows at a time to the same
 `token_stats_and_threshold`, so every temporary is a [G, V] block that stays in cache and is
 reused by the next step, and only the per-row statistics and risk thresholds ([P] and [P, H]) are
-written out. The backward pass walks the blocks again: for each one it recomputes the block's
-statistics with the saved thresholds (the selection is not redone) and writes the block of the
-gradient with respect to the policy logits into place; the reference logits get no gradient.
+written out. (The rows' log-softmax shift and log-sum are reduced over the whole array first, in
+one pass that writes [P] scalars: their bits must be `token_stats`' own, see `rows_forward`.)
+The backward pass walks the blocks again: for each one it recomputes the block's statistics with
+the saved thresholds (the selection is not redone) and writes the block of the gradient with
+respect to the policy logits into place; the reference logits get no gradient.
 
 The maths is `token_stats`' own, op for op, per row: only the order in which rows are visited
 changes. Rows sit in a [G, S, V] view (a free reshape) and step j takes rows j, S + j, 2S + j, ...:
@@ -52,15 +54,16 @@ def _put(out: jax.Array, block: jax.Array, j) -> jax.Array:
     return jax.lax.dynamic_update_index_in_dim(out, block, j, axis=1)
 
 
-def _block_stats(policy, ref, labels, mu, tail, *, risk, split_vocab):
-    """One block's statistics [G], threshold [G, H] or None, and log-softmax parts [G, 4]."""
-    logp, p_shift, p_log_sum = log_softmax_parts(policy)
-    logq, q_shift, q_log_sum = log_softmax_parts(jax.lax.stop_gradient(ref))
+def _block_stats(policy, ref, labels, parts, mu, tail, *, risk, split_vocab):
+    """One block's statistics [G] and threshold [G, H] or None, from the block's logits and its
+    rows' log-softmax parts [G, 4] (both models' shift and log-sum, see `rows_forward`)."""
+    p_shift, p_log_sum, q_shift, q_log_sum = jnp.split(parts, 4, axis=-1)  # [G, 1] each
+    logp = (policy.astype(jnp.float32) - p_shift) - p_log_sum
+    logq = (jax.lax.stop_gradient(ref).astype(jnp.float32) - q_shift) - q_log_sum
     stats, threshold = stats_from_log_probs(
         logp, logq, labels, risk=risk, mu=mu, tail=tail, split_vocab=split_vocab
     )
-    parts = jnp.concatenate([p_shift, p_log_sum, q_shift, q_log_sum], axis=-1)
-    return stats, (threshold, parts)
+    return stats, threshold
 
 
 def rows_forward(policy, ref, labels, mu, tail, *, risk, split_vocab):
@@ -73,12 +76,24 @@ def rows_forward(policy, ref, labels, mu, tail, *, risk, split_vocab):
       risk's thresholds [G, S, H] (None for erm and kl) and both log-softmaxes' shift and log-sum
       [G, S, 4].
     """
+    # The rows' shift and log-sum come from one reduction over all [G, S, V] rows, as in
+    # `token_stats`, not block by block: XLA orders the additions of a row's sum of exponentials
+    # by the shape reduced, so a [G, V] block's sums can differ from the whole array's in the last
+    # bit. That bit matters where the policy equals the reference up to rounding (the first step
+    # of a stage): every d(v) is then a few ulps around 0, `cvar_reference`'s cut falls among
+    # them, and an ulp moves whole sets of entries across it (the tiny config's first-step
+    # gradient norm moved by 3e-4). A max and an exp-sum reduction write only [G, S] outputs
+    # (XLA fuses the exp into the reduction), so no [P, V] temporary comes back.
+    _, p_shift, p_log_sum = log_softmax_parts(policy)
+    _, q_shift, q_log_sum = log_softmax_parts(jax.lax.stop_gradient(ref))
+    parts = jnp.concatenate([p_shift, p_log_sum, q_shift, q_log_sum], axis=-1)  # [G, S, 4]
 
     def block(j):
         return _block_stats(
             _pick(policy, j),
             _pick(ref, j),
             _pick(labels, j),
+            _pick(parts, j),
             mu,
             tail,
             risk=risk,
@@ -92,7 +107,8 @@ def rows_forward(policy, ref, labels, mu, tail, *, risk, split_vocab):
     def step(j, found):
         return jax.tree.map(functools.partial(_put, j=j), found, block(j))
 
-    return jax.lax.fori_loop(0, s, step, empty)
+    stats, threshold = jax.lax.fori_loop(0, s, step, empty)
+    return stats, (threshold, parts)
 
 
 def _block_gradient(policy, ref, labels, mu, tail, saved, cotangent, *, risk, split_vocab):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from rsa_jax import losses
-from rsa_jax.losses import blocked_token_stats
+from rsa_jax.losses import _head, blocked_token_stats
 from rsa_jax.losses._row_blocks import block_rows
 
 MU = {"cvar_reference": 0.9, "cvar": 0.4, "erm": 3.0, "kl": 0.5}
@@ -105,3 +105,58 @@ def test_logits_head_keeps_no_whole_vocabulary_temporaries():
     one_array = p * v * 4  # one [P, V] float32 array
     assert head(losses.token_stats) > 3 * one_array
     assert head(blocked_token_stats) < one_array / 2
+
+
+@pytest.mark.parametrize("head", ["logits", "fused"])
+def test_reference_equal_to_policy_up_to_rounding_gives_whole_array_grads(head, monkeypatch):
+    """The first step of a stage: the reference is the initial policy, so the two models' logits
+    differ by float rounding only and every log-ratio d(v) is a few ulps around 0. The
+    `cvar_reference` cut then falls among those ulps, and which entries it keeps depends on the
+    last bit of each log-softmax. Row sums of exponentials reduced block by block ([G, V])
+    rounded differently from the whole-array reduction, which moved the cut and changed the tiny
+    config's first-step gradient (its norm by 3e-4; generic inputs agreed to 1e-8). Both heads
+    must give the gradient of the pair loss over whole-array `token_stats`."""
+    n, t, d, v = 8, 32, 64, 462  # the tiny config's batch: 2B = 8 rows of 32 tokens, V = 462
+    rng = np.random.default_rng(0)
+    hidden = rng.normal(size=(n, t, d)).astype(np.float32)
+    unembed = (0.3 * rng.normal(size=(d, v))).astype(np.float32)
+    # The reference's hidden states: the policy's, off by an ulp here and there.
+    noise = np.float32(1e-7) * rng.integers(-1, 2, size=hidden.shape)
+    ref_hidden = jnp.asarray((hidden * (1 + noise)).astype(np.float32))
+    labels = jnp.asarray(rng.integers(0, v, size=(n, t)).astype(np.int32))
+    response = (np.arange(t) >= 12) & (np.arange(t) < 28)  # tokens 12..27 of every row
+    mask = jnp.broadcast_to(jnp.asarray(response), (n, t))
+
+    def logits_loss(hidden, unembed):
+        policy = jnp.einsum("ntd,dv->ntv", hidden, unembed)
+        reference = jnp.einsum("ntd,dv->ntv", ref_hidden, unembed)
+        out, _ = losses.logits_pair_loss(
+            policy, reference, labels, mask, loss="ra_dpo", risk="cvar_reference", mu=0.95
+        )
+        return jnp.sum(out)
+
+    def fused_loss(hidden, unembed):
+        out, _ = losses.fused_pair_loss(
+            hidden,
+            unembed,
+            ref_hidden,
+            unembed,
+            labels,
+            mask,
+            loss="ra_dpo",
+            risk="cvar_reference",
+            mu=0.95,
+            chunk_size=8,
+        )
+        return jnp.sum(out)
+
+    def grads(loss):
+        return jax.jit(jax.grad(loss, argnums=(0, 1)))(hidden, unembed)
+
+    got = grads(logits_loss if head == "logits" else fused_loss)
+    # The whole-array reference: the logits head with `token_stats` in place of the row blocks.
+    monkeypatch.setattr(_head, "blocked_token_stats", losses.token_stats)
+    want = grads(logits_loss)
+    assert np.any(want[1])
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
