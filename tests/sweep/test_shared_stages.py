@@ -123,6 +123,7 @@ def test_shared_stage_trains_once_and_vmap_equals_sequential_runs(runs, capsys):
     assert len({round(x, 7) for x in finals.values()}) == 3, finals
 
 
+@pytest.mark.slow  # two LoRA sweeps; the full-model case above runs by default
 def test_lora_shared_stage_vmap_equals_sequential_runs(tmp_path):
     """With LoRA the shared stage-1 adapters are stage 2's one reference (the frozen nf4 base
     shared as always): the same losses and merged final policies as the trainer."""

@@ -170,6 +170,7 @@ def test_masks_keep_one_minus_p_scaled_and_change_with_step_and_microbatch(rate)
         assert agree.mean() < 1 - rate * (1 - rate), agree.mean()
 
 
+@pytest.mark.slow  # compiles a vmapped LoRA step (the default suite is held to 15 min)
 def test_vmap_variants_with_other_seeds_draw_their_own_masks(engines, data_path, tmp_path):
     (_, _), (on, s_on), batches = engines
     configs = [_config_with_seed(on.config, seed) for seed in (0, 1)]

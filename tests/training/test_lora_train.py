@@ -189,6 +189,7 @@ def test_stopped_and_resumed_lora_run_equals_uninterrupted_bitwise(
         assert a[key]["loss"] == b[key]["loss"], key
 
 
+@pytest.mark.slow  # builds and compiles a LoRA SFT engine (about 1-2 min on 2 cores)
 def test_sft_objective_trains_adapters_on_the_frozen_base(data_path, tmp_path):
     """`NextTokenObjective` on a LoRA engine (with adapter dropout): the state holds the
     adapters, the base is the frozen argument and stays alive, step 1's loss is the base
