@@ -54,16 +54,30 @@ def _put(out: jax.Array, block: jax.Array, j) -> jax.Array:
     return jax.lax.dynamic_update_index_in_dim(out, block, j, axis=1)
 
 
+# Blocks of at least this many entries compute their rows' log-softmax shift and log-sum
+# themselves; smaller ones take them from one reduction over all rows. Measured on XLA's CPU
+# backend (jax 0.10.2): a row's sum of exponentials reduced in a [G, V] block has the whole
+# array's bits when the block holds 4096 entries or more (V = 512 x 8 rows), and differs in the
+# last bit for about half the rows below that (the tiny test config: V = 462). The margin is
+# ours. Why it matters, see `rows_forward`.
+PARTS_IN_BLOCK_MIN = 1 << 14
+
+
 def _block_stats(policy, ref, labels, parts, mu, tail, *, risk, split_vocab):
-    """One block's statistics [G] and threshold [G, H] or None, from the block's logits and its
-    rows' log-softmax parts [G, 4] (both models' shift and log-sum, see `rows_forward`)."""
-    p_shift, p_log_sum, q_shift, q_log_sum = jnp.split(parts, 4, axis=-1)  # [G, 1] each
-    logp = (policy.astype(jnp.float32) - p_shift) - p_log_sum
-    logq = (jax.lax.stop_gradient(ref).astype(jnp.float32) - q_shift) - q_log_sum
+    """One block's statistics [G], threshold [G, H] or None, and its rows' log-softmax parts
+    [G, 4] (both models' shift and log-sum): computed here when `parts` is None, else given."""
+    if parts is None:
+        logp, p_shift, p_log_sum = log_softmax_parts(policy)
+        logq, q_shift, q_log_sum = log_softmax_parts(jax.lax.stop_gradient(ref))
+        parts = jnp.concatenate([p_shift, p_log_sum, q_shift, q_log_sum], axis=-1)
+    else:
+        p_shift, p_log_sum, q_shift, q_log_sum = jnp.split(parts, 4, axis=-1)  # [G, 1] each
+        logp = (policy.astype(jnp.float32) - p_shift) - p_log_sum
+        logq = (jax.lax.stop_gradient(ref).astype(jnp.float32) - q_shift) - q_log_sum
     stats, threshold = stats_from_log_probs(
         logp, logq, labels, risk=risk, mu=mu, tail=tail, split_vocab=split_vocab
     )
-    return stats, threshold
+    return stats, threshold, parts
 
 
 def rows_forward(policy, ref, labels, mu, tail, *, risk, split_vocab):
@@ -76,38 +90,41 @@ def rows_forward(policy, ref, labels, mu, tail, *, risk, split_vocab):
       risk's thresholds [G, S, H] (None for erm and kl) and both log-softmaxes' shift and log-sum
       [G, S, 4].
     """
-    # The rows' shift and log-sum come from one reduction over all [G, S, V] rows, as in
-    # `token_stats`, not block by block: XLA orders the additions of a row's sum of exponentials
-    # by the shape reduced, so a [G, V] block's sums can differ from the whole array's in the last
-    # bit. That bit matters where the policy equals the reference up to rounding (the first step
-    # of a stage): every d(v) is then a few ulps around 0, `cvar_reference`'s cut falls among
-    # them, and an ulp moves whole sets of entries across it (the tiny config's first-step
-    # gradient norm moved by 3e-4). A max and an exp-sum reduction write only [G, S] outputs
-    # (XLA fuses the exp into the reduction), so no [P, V] temporary comes back.
-    _, p_shift, p_log_sum = log_softmax_parts(policy)
-    _, q_shift, q_log_sum = log_softmax_parts(jax.lax.stop_gradient(ref))
-    parts = jnp.concatenate([p_shift, p_log_sum, q_shift, q_log_sum], axis=-1)  # [G, S, 4]
+    # The rows' shift and log-sum must be `token_stats`' own bits. XLA orders the additions of a
+    # row's sum of exponentials by the shape it reduces, and for small blocks a [G, V] block's
+    # sums differ from the whole array's in the last bit (see `PARTS_IN_BLOCK_MIN`). That bit
+    # matters where the policy equals the reference up to rounding (the first step of a stage):
+    # every d(v) is then a few ulps around 0, `cvar_reference`'s cut falls among them, and an ulp
+    # moves whole sets of entries across it (the tiny config's first-step gradient norm moved by
+    # 3e-4). Small blocks therefore take them from one reduction over all [G, S, V] rows. Large
+    # blocks compute them in the block: the whole-array reduction reads both [P, V] logits twice
+    # more from memory, which cost 40% of the risk head at 2 x 512 x 49152 on the CPU.
+    g, s = labels.shape
+    whole = None
+    if g * policy.shape[-1] < PARTS_IN_BLOCK_MIN:
+        _, p_shift, p_log_sum = log_softmax_parts(policy)
+        _, q_shift, q_log_sum = log_softmax_parts(jax.lax.stop_gradient(ref))
+        whole = jnp.concatenate([p_shift, p_log_sum, q_shift, q_log_sum], axis=-1)  # [G, S, 4]
 
     def block(j):
         return _block_stats(
             _pick(policy, j),
             _pick(ref, j),
             _pick(labels, j),
-            _pick(parts, j),
+            None if whole is None else _pick(whole, j),
             mu,
             tail,
             risk=risk,
             split_vocab=split_vocab,
         )
 
-    g, s = labels.shape
     shapes = jax.eval_shape(block, 0)
     empty = jax.tree.map(lambda a: jnp.zeros((g, s, *a.shape[1:]), a.dtype), shapes)
 
     def step(j, found):
         return jax.tree.map(functools.partial(_put, j=j), found, block(j))
 
-    stats, threshold = jax.lax.fori_loop(0, s, step, empty)
+    stats, threshold, parts = jax.lax.fori_loop(0, s, step, empty)
     return stats, (threshold, parts)
 
 
