@@ -10,15 +10,16 @@ the logits (400 MB at 2 x 512 x 49152): writing it costs page faults and memory 
 the arithmetic between them is cheap. Here a `fori_loop` hands G rows at a time to the same
 `token_stats_and_threshold`, so every temporary is a [G, V] block that stays in cache and is
 reused by the next step, and only the per-row statistics and risk thresholds ([P] and [P, H]) are
-written out. (The rows' log-softmax shift and log-sum are reduced over the whole array first, in
-one pass that writes [P] scalars: their bits must be `token_stats`' own, see `rows_forward`.)
+written out. (Small blocks take the rows' log-softmax shift and log-sum from one reduction over
+the whole array, which writes [P] scalars: see `rows_forward` for why their bits matter.)
 The backward pass walks the blocks again: for each one it recomputes the block's statistics with
 the saved thresholds (the selection is not redone) and writes the block of the gradient with
 respect to the policy logits into place; the reference logits get no gradient.
 
 The maths is `token_stats`' own, op for op, per row: only the order in which rows are visited
-changes. Rows sit in a [G, S, V] view (a free reshape) and step j takes rows j, S + j, 2S + j, ...:
-the G axis leads, so rows sharded over devices stay sharded and each device walks its own rows.
+changes (and, in large blocks, the order of a row's sum of exponentials, within an ulp). Rows sit
+in a [G, S, V] view (a free reshape) and step j takes rows j, S + j, 2S + j, ...: the G axis
+leads, so rows sharded over devices stay sharded and each device walks its own rows.
 """
 
 from __future__ import annotations
@@ -55,11 +56,12 @@ def _put(out: jax.Array, block: jax.Array, j) -> jax.Array:
 
 
 # Blocks of at least this many entries compute their rows' log-softmax shift and log-sum
-# themselves; smaller ones take them from one reduction over all rows. Measured on XLA's CPU
-# backend (jax 0.10.2): a row's sum of exponentials reduced in a [G, V] block has the whole
-# array's bits when the block holds 4096 entries or more (V = 512 x 8 rows), and differs in the
-# last bit for about half the rows below that (the tiny test config: V = 462). The margin is
-# ours. Why it matters, see `rows_forward`.
+# themselves; smaller ones take them from one reduction over all rows. XLA orders the additions of
+# a row's sum of exponentials by the shape it reduces and the fusion around it. Measured on its
+# CPU backend (jax 0.10.2): below 4096 entries per block (V = 512 x 8 rows) a block's sums differed
+# in the last bit between a plain and a vmapped program for half the rows (the tiny test config,
+# V = 462), which broke sweeps' equality with sequential runs; from there on they agreed. The
+# margin is ours. Why one bit matters, see `rows_forward`.
 PARTS_IN_BLOCK_MIN = 1 << 14
 
 
@@ -90,15 +92,17 @@ def rows_forward(policy, ref, labels, mu, tail, *, risk, split_vocab):
       risk's thresholds [G, S, H] (None for erm and kl) and both log-softmaxes' shift and log-sum
       [G, S, 4].
     """
-    # The rows' shift and log-sum must be `token_stats`' own bits. XLA orders the additions of a
-    # row's sum of exponentials by the shape it reduces, and for small blocks a [G, V] block's
-    # sums differ from the whole array's in the last bit (see `PARTS_IN_BLOCK_MIN`). That bit
-    # matters where the policy equals the reference up to rounding (the first step of a stage):
-    # every d(v) is then a few ulps around 0, `cvar_reference`'s cut falls among them, and an ulp
-    # moves whole sets of entries across it (the tiny config's first-step gradient norm moved by
-    # 3e-4). Small blocks therefore take them from one reduction over all [G, S, V] rows. Large
-    # blocks compute them in the block: the whole-array reduction reads both [P, V] logits twice
-    # more from memory, which cost 40% of the risk head at 2 x 512 x 49152 on the CPU.
+    # Where the policy equals the reference up to rounding (the first step of a stage) every
+    # d(v) is a few ulps around 0, `cvar_reference`'s cut falls among them, and one ulp of a
+    # row's log-sum moves whole sets of entries across it (the tiny config's first-step gradient
+    # norm moved by 3e-4). So the parts must round alike in every program that should agree:
+    # small blocks take them from one reduction over all [G, S, V] rows, as `token_stats` does
+    # (XLA rounds a small [G, V] block's reduction differently in plain and vmapped programs,
+    # see `PARTS_IN_BLOCK_MIN`). Large blocks compute them in the block, which agrees across plain
+    # and vmapped programs and stays within an ulp of the whole-array reduction (tested): that
+    # reduction reads both [P, V] logits twice more from memory, 25% of the risk head's time at
+    # 2 x 512 x 49152 on the CPU. An ulp off the whole array only picks another tail set at a
+    # stage's first step, which rounding noise decides on any backend anyway (docs/method.md).
     g, s = labels.shape
     whole = None
     if g * policy.shape[-1] < PARTS_IN_BLOCK_MIN:

@@ -275,6 +275,39 @@ def test_cvar_reference_cut_survives_an_ulp_of_recomputation(split_vocab, v):
     )
 
 
+@pytest.mark.parametrize("w", [24, 25])
+def test_cvar_reference_cut_from_the_selected_pair_equals_the_masked_passes(w):
+    """`_cut` reads the gap around torch's threshold off the two selected order statistics and
+    runs the masked max/min passes only where the threshold lands on the upper one (ties at the
+    rank). Rows of both kinds, alone and mixed in one call, plain and vmapped, padded and not: the
+    same threshold, bit for bit, as `_middle_of_cut` over the row."""
+    from rsa_jax.losses._risk import _cut, _linear_quantile, _middle_of_cut
+
+    rng = np.random.default_rng(w)
+    n = 23  # valid entries per row: the last column is padding when w = 24
+    valid = jnp.asarray(np.broadcast_to(np.arange(w) < n, (6, w)))
+    generic = rng.normal(size=(6, w)).astype(np.float32)
+    tied = np.round(rng.normal(size=(6, w))).astype(np.float32)  # many ties at every rank
+    tied[0] = 0.5  # a constant row
+    tied[1, : n // 2] = -0.0  # zeros of both signs
+    tied[1, n // 2 :] = 0.0
+    mixed = np.concatenate([generic[:3], tied[:3]])
+    for mu in (0.95, 0.5, 0.7):  # rank 1.1, 11 (lerp weight 0), 6.6 over 23 values
+        tail = losses.quantile_tail(mu)
+
+        def both(x, tail=tail):
+            return _cut(x, valid, n, tail), _middle_of_cut(
+                x, valid, _linear_quantile(x, valid, n, tail)
+            )
+
+        for x in (generic, tied, mixed):
+            got, want = jax.jit(both)(jnp.asarray(x))
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        stacked = jnp.asarray(np.stack([generic, tied, mixed]))
+        got, want = jax.jit(jax.vmap(both))(stacked)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_cvar_cuts_survive_an_ulp_of_recomputation():
     """Textbook `cvar` splits the mass of its VaR atom, one of the values of d; its weights in the
     fused head's backward (a recomputed d against the forward's cuts) must not move by an ulp."""

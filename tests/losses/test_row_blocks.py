@@ -10,7 +10,8 @@ import pytest
 
 from rsa_jax import losses
 from rsa_jax.losses import _head, blocked_token_stats
-from rsa_jax.losses._row_blocks import block_rows
+from rsa_jax.losses._row_blocks import PARTS_IN_BLOCK_MIN, block_rows, rows_forward
+from rsa_jax.losses._token_stats import log_softmax_parts
 
 MU = {"cvar_reference": 0.9, "cvar": 0.4, "erm": 3.0, "kl": 0.5}
 WEIGHTS = (0.3, 0.7, -1.1, 1.3)  # a cotangent touching every statistic
@@ -46,7 +47,14 @@ def _case(shape, seed, dtype=jnp.float32):
 @pytest.mark.parametrize(
     ("shape", "split_vocab"),
     # 24 rows (3 blocks of 8), 7 rows (one block of 7), 13 rows (13 blocks of 1); odd and even V.
-    [((4, 6, 37), True), ((7, 64), False), ((13, 65), True), ((2, 3, 4, 1001), True)],
+    # (4, 8, 2048): blocks of 8 x 2048 entries, which compute their own log-softmax parts.
+    [
+        ((4, 6, 37), True),
+        ((7, 64), False),
+        ((13, 65), True),
+        ((2, 3, 4, 1001), True),
+        ((4, 8, 2048), True),
+    ],
 )
 def test_blocked_equals_whole_arrays(risk, shape, split_vocab):
     args = _case(shape, seed=shape[-1])
@@ -107,16 +115,49 @@ def test_logits_head_keeps_no_whole_vocabulary_temporaries():
     assert head(blocked_token_stats) < one_array / 2
 
 
+@pytest.mark.parametrize("v", [2048, 3001, 24576])
+def test_in_block_log_softmax_parts(v):
+    """Blocks of at least PARTS_IN_BLOCK_MIN entries reduce their rows' sums of exponentials
+    themselves (see `rows_forward`): within an ulp of one reduction over every row, and bit for
+    bit the same in a plain and a vmapped (sweep) program."""
+    g, s = 8, 6
+    assert g * v >= PARTS_IN_BLOCK_MIN  # the in-block path is the one under test
+    rng = np.random.default_rng(v)
+    policy = jnp.asarray(3.0 * rng.normal(size=(g, s, v)), jnp.float32)
+    reference = jnp.asarray(np.asarray(policy) + 0.1 * rng.normal(size=(g, s, v)), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, v, size=(g, s)), jnp.int32)
+
+    def parts(policy, reference):
+        _, (_, saved) = rows_forward(
+            policy, reference, labels, 0.9, losses.quantile_tail(0.9), risk="kl", split_vocab=False
+        )
+        return saved
+
+    def whole(policy, reference):
+        _, p_shift, p_log_sum = log_softmax_parts(policy)
+        _, q_shift, q_log_sum = log_softmax_parts(reference)
+        return jnp.concatenate([p_shift, p_log_sum, q_shift, q_log_sum], axis=-1)
+
+    got = jax.jit(parts)(policy, reference)
+    np.testing.assert_array_max_ulp(got, jax.jit(whole)(policy, reference), maxulp=1)
+    stacked = (jnp.stack([policy, 0.5 * policy]), jnp.stack([reference, 0.5 * reference]))
+    np.testing.assert_array_equal(jax.jit(jax.vmap(parts))(*stacked)[0], got)
+
+
+@pytest.mark.parametrize("v", [462, 4096])
 @pytest.mark.parametrize("head", ["logits", "fused"])
-def test_reference_equal_to_policy_up_to_rounding_gives_whole_array_grads(head, monkeypatch):
+def test_reference_equal_to_policy_up_to_rounding_gives_whole_array_grads(head, v, monkeypatch):
     """The first step of a stage: the reference is the initial policy, so the two models' logits
     differ by float rounding only and every log-ratio d(v) is a few ulps around 0. The
     `cvar_reference` cut then falls among those ulps, and which entries it keeps depends on the
     last bit of each log-softmax. Row sums of exponentials reduced block by block ([G, V])
     rounded differently from the whole-array reduction, which moved the cut and changed the tiny
     config's first-step gradient (its norm by 3e-4; generic inputs agreed to 1e-8). Both heads
-    must give the gradient of the pair loss over whole-array `token_stats`."""
-    n, t, d, v = 8, 32, 64, 462  # the tiny config's batch: 2B = 8 rows of 32 tokens, V = 462
+    must give the gradient of the pair loss over whole-array `token_stats` at the tiny config's
+    V = 462 (small blocks take their parts from the whole array). At V = 4096 the blocks reduce
+    their own parts, within an ulp of the whole array's (so the cut may differ from it there),
+    and what sweeps need must hold: a vmapped program gives each variant the plain gradient."""
+    n, t, d = 8, 32, 64  # the tiny config's batch: 2B = 8 rows of 32 tokens
     rng = np.random.default_rng(0)
     hidden = rng.normal(size=(n, t, d)).astype(np.float32)
     unembed = (0.3 * rng.normal(size=(d, v))).astype(np.float32)
@@ -153,7 +194,19 @@ def test_reference_equal_to_policy_up_to_rounding_gives_whole_array_grads(head, 
     def grads(loss):
         return jax.jit(jax.grad(loss, argnums=(0, 1)))(hidden, unembed)
 
-    got = grads(logits_loss if head == "logits" else fused_loss)
+    loss = logits_loss if head == "logits" else fused_loss
+    got = grads(loss)
+    if v > 462:
+        # Two sweep variants (the second with the policy scaled), vmapped, against plain calls.
+        stacked = jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1))))(
+            jnp.stack([hidden, 0.5 * hidden]), jnp.stack([unembed, unembed])
+        )
+        for g, w in zip(stacked, got, strict=True):
+            np.testing.assert_array_equal(g[0], w)
+        scaled = jax.jit(jax.grad(loss, argnums=(0, 1)))(0.5 * hidden, unembed)
+        for g, w in zip(stacked, scaled, strict=True):
+            np.testing.assert_array_equal(g[1], w)
+        return
     # The whole-array reference: the logits head with `token_stats` in place of the row blocks.
     monkeypatch.setattr(_head, "blocked_token_stats", losses.token_stats)
     want = grads(logits_loss)
