@@ -176,10 +176,15 @@ def rows_backward(policy, ref, labels, mu, tail, saved, cotangent, *, risk, spli
       here, as they carry no gradient: tail's is zero.
     """
 
+    # The gradient is written over the policy logits, block by block: step j reads block j of
+    # the carry (still the logits: no step writes a block before reading it) and writes block j
+    # of the gradient in its place. A zero-filled carry would be one more [P, V] buffer to fill,
+    # 18% of the risk head's time at 2 x 512 x 49152 on the CPU; where the logits die here (a
+    # train step: they are the head matmul's output) XLA writes in place, else it copies them.
     def step(j, carry):
         d_policy, d_mu = carry
         d_block, d_mu_j = _block_gradient(
-            _pick(policy, j),
+            _pick(d_policy, j),
             _pick(ref, j),
             _pick(labels, j),
             mu,
@@ -191,8 +196,7 @@ def rows_backward(policy, ref, labels, mu, tail, saved, cotangent, *, risk, spli
         )
         return _put(d_policy, d_block, j), d_mu + d_mu_j
 
-    zeros = (jnp.zeros_like(policy), jnp.zeros_like(mu))
-    d_policy, d_mu = jax.lax.fori_loop(0, labels.shape[1], step, zeros)
+    d_policy, d_mu = jax.lax.fori_loop(0, labels.shape[1], step, (policy, jnp.zeros_like(mu)))
     return d_policy, d_mu, jnp.zeros_like(tail)
 
 
