@@ -142,9 +142,9 @@ def _radix_kth_keys(keys: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array
       k: [G] int32, 0 <= k < number of valid keys of the row.
 
     Returns:
-      (key_k, rank_in_tie): [G] uint32 the k-th keys, and [G] int32 how many keys equal to each
-      come before it in sorted order (so the (k+1)-th key is a tie of it iff rank_in_tie + 1 is
-      less than the multiplicity of key_k).
+      (key_k, rank_in_tie, ties): [G] uint32 the k-th keys, [G] int32 how many keys equal to each
+      come before it in sorted order, and [G] int32 how many keys equal it (the last digit's bin:
+      all 32 bits are fixed there). So the (k+1)-th key is a tie of it iff rank_in_tie + 1 < ties.
     """
     g = keys.shape[0]
     prefix = jnp.zeros((g,), jnp.uint32)  # digits fixed so far, in place; the other bits zero
@@ -167,16 +167,16 @@ def _radix_kth_keys(keys: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array
         counts = jnp.zeros((g * bins,), jnp.int32)
         counts = counts.at[index.reshape(-1)].add(1, mode="drop").reshape(g, bins)
         chosen, rank = _bin_holding(counts, rank)
+        ties = jnp.take_along_axis(counts, chosen[:, None], axis=-1)[:, 0]
         prefix = prefix | (chosen.astype(jnp.uint32) << np.uint32(shift))
         fixed = np.uint32(fixed | ((bins - 1) << shift))
     # After the last digit the group is the keys equal to key_k, and `rank` is k's place in it.
-    return prefix, rank
+    return prefix, rank, ties
 
 
 def _kth_pair_keys(keys: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
     """[G, W] keys, [G] ranks -> the k-th and (k+1)-th smallest keys of each row."""
-    key_k, rank_in_tie = _radix_kth_keys(keys, k)
-    ties = jnp.sum(keys == key_k[:, None], axis=-1, dtype=jnp.int32)
+    key_k, rank_in_tie, ties = _radix_kth_keys(keys, k)
     # The next order statistic is a tie of x_k, or else the smallest key above it (padding keys
     # are the largest key, so none above means k + 1 == n_valid: the last order statistic).
     next_key = jnp.min(jnp.where(keys > key_k[:, None], keys, _ALL), axis=-1)
