@@ -125,7 +125,8 @@ def _cut(x: jax.Array, valid: jax.Array, n: int, tail: jax.Array) -> jax.Array:
     that rounds up) is the entry above the gap unknown; then, and only if some row of the call
     needs it, the two masked passes of `_middle_of_cut` run. They cost about 1.5 ns per entry on
     the CPU, a quarter of the selection, and a trained policy rarely has ties at the rank.
-    (Under `vmap` the `cond` becomes a `select`, which runs them every time, as before.)
+    (Under `vmap` the `cond` becomes a `select`, which runs them every time, as before. With the
+    rows sharded over devices its predicate is one boolean all-reduce per call.)
     """
     tau, x_k, x_k1 = _linear_quantile_pair(x, valid, n, tail)
     known = (x_k <= tau) & (tau < x_k1)
