@@ -213,3 +213,32 @@ def test_reference_equal_to_policy_up_to_rounding_gives_whole_array_grads(head, 
     assert np.any(want[1])
     for g, w in zip(got, want, strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
+
+
+def test_head_gradient_is_written_over_the_logits_in_a_train_step():
+    """Where the logits are made in the same program (a train step: the head matmul's output),
+    the row blocks' backward writes the gradient over them: XLA's optimised program has no
+    vocabulary-sized broadcast (a zero-filled gradient buffer) or copy (of the logits)."""
+    import re
+
+    n, t, d, v = 4, 64, 32, 4096
+    rng = np.random.default_rng(3)
+    hidden = jnp.asarray(rng.normal(size=(n, t, d)), jnp.float32)
+    unembed = jnp.asarray(rng.normal(size=(d, v)) / np.sqrt(d), jnp.float32)
+    labels = jnp.asarray(rng.integers(0, v, size=(n, t)), jnp.int32)
+    mask = jnp.ones((n, t), bool)
+
+    def logits(hidden, unembed):  # on one token axis, as the model's LM head computes them
+        return (hidden.reshape(n * t, d) @ unembed).reshape(n, t, v)
+
+    def loss(hidden, unembed):
+        policy, reference = logits(hidden, unembed), logits(hidden + 0.1, unembed)
+        out, _ = losses.logits_pair_loss(policy, reference, labels, mask, risk="cvar_reference")
+        return jnp.sum(out)
+
+    hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(hidden, unembed).compile().as_text()
+    whole = []  # broadcasts and copies with as many entries as all the logits
+    for shape, op in re.findall(r"= f32\[([\d,]+)\]\{[\d,]*\} (broadcast|copy)\(", hlo):
+        if np.prod([int(x) for x in shape.split(",")]) >= n * t * v:
+            whole.append((shape, op))
+    assert not whole, whole
