@@ -107,7 +107,6 @@ from rsa_jax.training._trainer import (
     stage_policy_dir,
     train,
 )
-from rsa_jax.training._xla_options import CPU_DOTS_ENV, step_compiler_options
 
 __all__ = [
     # run directory, checkpoints and how a run ends
@@ -134,7 +133,6 @@ __all__ = [
     "write_config",
     # engine, training, mesh, model, step
     "BATCH_KEYS",
-    "CPU_DOTS_ENV",
     "TRACED_OPTIM_FIELDS",
     "Checkpoints",
     "CorruptCheckpoint",
@@ -186,7 +184,6 @@ __all__ = [
     "save_stage_policy",
     "stage_policy_dir",
     "state_shardings",
-    "step_compiler_options",
     "steps_done",
     "train",
     "weight_decay_mask",

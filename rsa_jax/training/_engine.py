@@ -59,7 +59,6 @@ from rsa_jax.training._step import (
     stage_dropout_key,
     state_shardings,
 )
-from rsa_jax.training._xla_options import step_compiler_options
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +243,6 @@ class Engine:
                 in_shardings=(state_sh, ref_sh, batch_sh, rep),
                 out_shardings=(state_sh, rep),
                 donate_argnums=(0,),
-                compiler_options=self._compiler_options(),
             )
         return step
 
@@ -280,20 +278,13 @@ class Engine:
             placed = {}
             if shardings is not None:
                 placed = dict(in_shardings=shardings[0], out_shardings=shardings[1])
-            step = _STEP_CACHE[key] = jax.jit(
-                vmapped, donate_argnums=(0,), compiler_options=self._compiler_options(), **placed
-            )
+            step = _STEP_CACHE[key] = jax.jit(vmapped, donate_argnums=(0,), **placed)
         return step
 
     def _step(self, objective: Objective):
         update = apply_update if self.user_tx is None else optax_update
         microbatches = self.config.optim.microbatches
         return make_train_step(self.model, objective, self.tx, update, microbatches=microbatches)
-
-    def _compiler_options(self) -> dict[str, str]:
-        """XLA options of this engine's steps for its mesh's platform (`step_compiler_options`:
-        on the CPU, XLA's own dots instead of YNNPACK's)."""
-        return step_compiler_options(self.layout.mesh.devices.flat[0].platform)
 
     def _program_key(self, objective: Objective) -> tuple:
         return (self.model.key, objective, self._tx_key(), self.config.optim.microbatches)
