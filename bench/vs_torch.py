@@ -11,8 +11,11 @@ Each side runs in its own worker process (one process tree; both use every core;
 OMP_WAIT_POLICY=PASSIVE unless set, see `Worker`), and the parent
 alternates them: repetition r runs `--steps` timed steps of every variant in turn, after one
 untimed warm-up step each, so a load change on the shared machine hits both sides alike. Times are
-medians over every timed step. The last line is one JSON object with `dpo_ours_over_torch` (our
-DPO step time over PyTorch's), `radpo_over_dpo` (our Ra-DPO step over our DPO step) and
+medians over every timed step. Each step also records its process's CPU time and minor page
+faults (`getrusage`): `cores` (CPU over wall: how busy the step kept the cores), `cpu_s` (the
+work, which decides the time when another process holds a core) and `minor_faults_k`. The last
+line is one JSON object with `dpo_ours_over_torch` (our DPO step time over PyTorch's),
+`radpo_over_dpo` (our Ra-DPO step over our DPO step) and
 `fused_over_logits` (our Ra-DPO step, fused head over logits head), each where both of its
 variants ran (`--ours`). `dpo_kl` (not run by default) is the DPO step whose `risk/*` metrics come
 from the KL instead of cvar_reference (`dpo_kl_over_dpo`: what the risk head costs a DPO stage).
@@ -34,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -167,6 +171,16 @@ def _jax_worker(args) -> dict:
     return runs
 
 
+def _measured(run) -> list[float]:
+    """[wall s, CPU s (user + system, every thread of the process), minor page faults] of one
+    `run()`. CPU over wall is the cores the step kept busy: 2.0 on two idle cores."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    wall = run()
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return [wall, cpu, after.ru_minflt - before.ru_minflt]
+
+
 def worker_main(args) -> None:
     """Line protocol on stdin/stdout: `names` -> the variant names; `run NAME N` -> N timings."""
     runs = (_torch_worker if args.worker == "torch" else _jax_worker)(args)
@@ -174,8 +188,7 @@ def worker_main(args) -> None:
     print(json.dumps(sorted(runs)), file=out, flush=True)
     for line in sys.stdin:
         _, name, count = line.split()
-        times = [runs[name]() for _ in range(int(count))]
-        print(json.dumps(times), file=out, flush=True)
+        print(json.dumps([_measured(runs[name]) for _ in range(int(count))]), file=out, flush=True)
 
 
 # ---------------------------------------------------------------- the parent
@@ -210,7 +223,8 @@ class Worker:
             raise RuntimeError(f"worker {self.proc.args[-1]} exited (code {self.proc.wait()})")
         return line
 
-    def run(self, name: str, count: int) -> list[float]:
+    def run(self, name: str, count: int) -> list[list[float]]:
+        """`count` timed steps of `name`: [wall s, CPU s, minor page faults] each."""
         self.proc.stdin.write(f"run {name} {count}\n")
         self.proc.stdin.flush()
         return json.loads(self._readline())
@@ -262,6 +276,10 @@ def main() -> None:
     if not args.no_torch:
         workers.append(Worker("torch", args))
     times: dict[str, list[float]] = {}
+    # Per step: cores used (CPU s / wall s), CPU seconds, minor page faults (fresh memory).
+    cores: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
+    faults: dict[str, list[float]] = {}
     try:
         for w in workers:  # warm-up: one untimed step of every variant
             for name in w.names:
@@ -272,8 +290,12 @@ def main() -> None:
                 for name in w.names:
                     got = w.run(name, args.steps)
                     key = name + w.suffix
-                    times.setdefault(key, []).extend(got)
-                    print(f"rep {r}: {key:18s} " + " ".join(f"{t:.3f}" for t in got), flush=True)
+                    times.setdefault(key, []).extend(g[0] for g in got)
+                    cores.setdefault(key, []).extend(g[1] / g[0] for g in got)
+                    cpu.setdefault(key, []).extend(g[1] for g in got)
+                    faults.setdefault(key, []).extend(g[2] for g in got)
+                    steps = " ".join(f"{g[0]:.3f} ({g[1] / g[0]:.2f} cores)" for g in got)
+                    print(f"rep {r}: {key:18s} {steps}", flush=True)
     finally:
         for w in workers:
             w.close()
@@ -287,6 +309,9 @@ def main() -> None:
         "length": args.length,
         "remat": args.remat,
         "step_s": {k: round(v, 4) for k, v in med.items()},
+        "cores": {k: round(statistics.median(v), 2) for k, v in cores.items()},
+        "cpu_s": {k: round(statistics.median(v), 2) for k, v in cpu.items()},
+        "minor_faults_k": {k: round(statistics.median(v) / 1e3) for k, v in faults.items()},
         "load_average": [round(load0[0], 2), round(load1[0], 2)],
     }
     ratios = {  # name: (numerator, denominator), reported where both ran
