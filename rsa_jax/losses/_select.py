@@ -134,7 +134,7 @@ def _bin_holding(counts: jax.Array, rank: jax.Array) -> tuple[jax.Array, jax.Arr
     return chunk * _CHUNK_BINS + column, rank - before - before_in
 
 
-def _radix_kth_keys(keys: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _radix_kth_keys(keys: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The k-th smallest key (0-based, with multiplicity) of each row, by radix select.
 
     Args:
@@ -150,6 +150,7 @@ def _radix_kth_keys(keys: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array
     prefix = jnp.zeros((g,), jnp.uint32)  # digits fixed so far, in place; the other bits zero
     fixed = np.uint32(0)  # mask of the bits fixed so far
     rank = k  # rank of the answer among the keys that share `prefix`
+    ties = jnp.zeros((g,), jnp.int32)  # keys in the chosen bin of the last digit so far
     shift = 32
     for bits in _DIGITS:
         shift -= bits
