@@ -86,10 +86,12 @@ def test_apply_update_equals_optax_adamw_with_clipping_and_masked_decay():
     assert np.any(np.asarray(moved["w"]) != np.asarray(our_params["w"]))
 
 
-def _batch(seed, pairs=2, length=12, vocab=256):
+def _batch(seed, pairs=2, length=12, vocab=256, left_pad=False):
     rng = np.random.default_rng(seed)
     ids = rng.integers(4, vocab, (2 * pairs, length)).astype(np.int32)
     mask = np.ones_like(ids, bool)
+    if left_pad:
+        mask[1, :3] = False  # a left-padded prompt
     positions = np.broadcast_to(np.arange(length, dtype=np.int32), ids.shape).copy()
     labels = np.concatenate([ids[:, 1:], np.zeros((2 * pairs, 1), np.int32)], 1)
     loss_mask = np.zeros_like(mask)
@@ -131,3 +133,60 @@ def test_stages_differing_in_hyperparameters_share_one_compiled_step():
         PairObjective(Kernel(risk="erm"), chunk_size=4), state_shardings(fresh)
     )
     assert other is not steps[0]
+
+
+# How the step is compiled: one microbatch runs without the microbatch scan and gives the scan's
+# update.
+_PROGRAM_STAGE = StageConfig(loss="ra_dpo", risk="cvar_reference", beta=0.1, mu=0.9)
+
+
+def _one_step(microbatches: int, head: str = "logits"):
+    """(metrics, gradient, compiled HLO text) of one step of the tiny model. The optimizer is
+    plain SGD with rate 1, so the gradient is params before - params after (Adam's first step,
+    lr * g / (|g| + eps), would amplify rounding wherever |g| is tiny). The reference is another
+    init, so the policy's log-ratios are far from 0 (no tie at the cvar cut)."""
+    clear_step_cache()
+    model = ModelConfig(compute_dtype="float32", remat=False)
+    config = Config(
+        model=model,
+        optim=OptimConfig(learning_rate=1e-3, microbatches=microbatches),
+        train=TrainConfig(chunk_size=4, head=head),
+    )
+    layout = Layout.single_device(MeshConfig().rules)
+    engine = Engine(config, layout=layout, llama=tiny_config(), tx=optax.sgd(1.0))
+    reference = init_params(engine.model, dataclasses.replace(model, init_seed=1))
+    before = jax.device_get(engine.initial)
+    state = engine.new_state(device_copy(engine.initial))
+    arrays = _batch(0, pairs=4, left_pad=True)
+    batch = place_batch({k: v for k, v in arrays.items() if k in BATCH_KEYS}, engine.layout.batch)
+    step = engine.compiled_step(engine.objective(_PROGRAM_STAGE), state_shardings(state))
+    hyper = Hyper.for_stage(_PROGRAM_STAGE, config.optim, 10)
+    hyper = jax.device_put(hyper, engine.layout.replicated)
+    hlo = step.lower(state, reference, batch, hyper).compile().as_text()
+    state, metrics = step(state, reference, batch, hyper)
+    after = jax.device_get(state.params)
+    return jax.device_get(metrics), {k: before[k] - after[k] for k in before}, hlo
+
+
+def _assert_gradients_close(g1, g2):
+    """Equal to float32 rounding of sums: elementwise within 1e-4 relative, or 1e-5 of the
+    parameter's largest gradient entry (entries near 0 carry absolute, not relative, error)."""
+    assert set(g1) == set(g2)
+    for k in g1:
+        scale = float(np.max(np.abs(g2[k])))
+        assert scale > 0, k
+        np.testing.assert_allclose(g1[k], g2[k], rtol=1e-4, atol=1e-5 * scale, err_msg=k)
+
+
+@pytest.mark.parametrize("head", ["logits", "fused"])
+def test_one_microbatch_without_scan_equals_the_scan_over_two(head):
+    m1, p1, hlo1 = _one_step(1, head)
+    m2, p2, hlo2 = _one_step(2, head)
+    # The one-microbatch program has no loop over microbatches (the loss head's row blocks
+    # loop in both programs).
+    assert hlo1.count(" while(") < hlo2.count(" while(")
+    assert set(m1) == set(m2)
+    for k in m1:  # per-pair sums over 2 microbatches: the same pairs, another summation order
+        np.testing.assert_allclose(m1[k], m2[k], rtol=2e-5, atol=1e-7, err_msg=k)
+    _assert_gradients_close(p1, p2)
+    assert np.isfinite(m1["loss"]) and m1["grad_norm"] > 0
