@@ -67,17 +67,31 @@ def _put(out: jax.Array, block: jax.Array, j) -> jax.Array:
 PARTS_IN_BLOCK_MIN = 1 << 14
 
 
+def _log_probs_and_parts(policy, ref):
+    """Both models' float32 log-softmaxes [..., V] and their rows' parts [..., 4] (each model's
+    shift and log-sum, `log_softmax_parts`), which `_log_probs_from_parts` turns back into the
+    same log-softmaxes bit for bit."""
+    logp, p_shift, p_log_sum = log_softmax_parts(policy)
+    logq, q_shift, q_log_sum = log_softmax_parts(jax.lax.stop_gradient(ref))
+    return logp, logq, jnp.concatenate([p_shift, p_log_sum, q_shift, q_log_sum], axis=-1)
+
+
+def _log_probs_from_parts(policy, ref, parts):
+    """Both models' float32 log-softmaxes [..., V] from their logits and saved parts [..., 4],
+    with `log_softmax_parts`' own ops (so the same bits)."""
+    p_shift, p_log_sum, q_shift, q_log_sum = jnp.split(parts, 4, axis=-1)  # [..., 1] each
+    logp = (policy.astype(jnp.float32) - p_shift) - p_log_sum
+    logq = (jax.lax.stop_gradient(ref).astype(jnp.float32) - q_shift) - q_log_sum
+    return logp, logq
+
+
 def _block_stats(policy, ref, labels, parts, mu, tail, *, risk, split_vocab):
     """One block's statistics [G], threshold [G, H] or None, and its rows' log-softmax parts
     [G, 4] (both models' shift and log-sum): computed here when `parts` is None, else given."""
     if parts is None:
-        logp, p_shift, p_log_sum = log_softmax_parts(policy)
-        logq, q_shift, q_log_sum = log_softmax_parts(jax.lax.stop_gradient(ref))
-        parts = jnp.concatenate([p_shift, p_log_sum, q_shift, q_log_sum], axis=-1)
+        logp, logq, parts = _log_probs_and_parts(policy, ref)
     else:
-        p_shift, p_log_sum, q_shift, q_log_sum = jnp.split(parts, 4, axis=-1)  # [G, 1] each
-        logp = (policy.astype(jnp.float32) - p_shift) - p_log_sum
-        logq = (jax.lax.stop_gradient(ref).astype(jnp.float32) - q_shift) - q_log_sum
+        logp, logq = _log_probs_from_parts(policy, ref, parts)
     stats, threshold = stats_from_log_probs(
         logp, logq, labels, risk=risk, mu=mu, tail=tail, split_vocab=split_vocab
     )
@@ -108,9 +122,8 @@ def rows_forward(policy, ref, labels, mu, tail, *, risk, split_vocab):
     g, s = labels.shape
     whole = None
     if g * policy.shape[-1] < PARTS_IN_BLOCK_MIN:
-        _, p_shift, p_log_sum = log_softmax_parts(policy)
-        _, q_shift, q_log_sum = log_softmax_parts(jax.lax.stop_gradient(ref))
-        whole = jnp.concatenate([p_shift, p_log_sum, q_shift, q_log_sum], axis=-1)  # [G, S, 4]
+        # Only the [G, S, 4] parts are used: XLA drops the whole-array log-softmaxes.
+        whole = _log_probs_and_parts(policy, ref)[2]
 
     def block(j):
         return _block_stats(
@@ -146,10 +159,7 @@ def _block_gradient(policy, ref, labels, mu, tail, saved, cotangent, *, risk, sp
     threshold) is bit for bit the forward's.
     """
     threshold, parts = saved
-    p_shift, p_log_sum, q_shift, q_log_sum = jnp.split(parts, 4, axis=-1)  # [G, 1] each
-    z = policy.astype(jnp.float32)
-    logp = (z - p_shift) - p_log_sum
-    logq = (jax.lax.stop_gradient(ref).astype(jnp.float32) - q_shift) - q_log_sum
+    logp, logq = _log_probs_from_parts(policy, ref, parts)
     q = jnp.exp(logq)
     d = logq - logp
 
@@ -162,7 +172,7 @@ def _block_gradient(policy, ref, labels, mu, tail, saved, cotangent, *, risk, sp
     d_rho, d_mu = rho_vjp(cotangent.rho)
     s = cotangent.kl[:, None] * q + d_rho  # [G, V]
     a = (cotangent.logp + cotangent.g)[:, None]  # [G, 1]
-    label = jnp.arange(z.shape[-1]) == labels[:, None].astype(jnp.int32)
+    label = jnp.arange(policy.shape[-1]) == labels[:, None].astype(jnp.int32)
     grad = jnp.where(label, a, 0.0) - jnp.exp(logp) * (a - jnp.sum(s, -1, keepdims=True)) - s
     return grad.astype(policy.dtype), d_mu
 
