@@ -42,22 +42,10 @@ os.environ["XLA_FLAGS"] = (
 
 import jax  # noqa: E402
 from jax.profiler import ProfileData
-from vs_torch import ARTIFACT, BETA, LR, MAX_GRAD_NORM, make_batch  # noqa: E402
+from vs_torch import ARTIFACT, BETA, our_engine  # noqa: E402
 
-from rsa_jax.config import (  # noqa: E402
-    Config,
-    DataConfig,
-    ModelConfig,
-    OptimConfig,
-    StageConfig,
-)
-from rsa_jax.training import (  # noqa: E402
-    Engine,
-    PairObjective,
-    device_copy,
-    place_batch,
-    state_shardings,
-)
+from rsa_jax.config import StageConfig  # noqa: E402
+from rsa_jax.training import PairObjective, state_shardings  # noqa: E402
 
 # Trace events of XLA's CPU runtime that are bookkeeping, not an operation.
 _SKIP = re.compile(
@@ -68,20 +56,7 @@ _SKIP = re.compile(
 
 def build(args):
     """(compiled step, state, reference, batch, hyper) for the chosen loss and head."""
-    optim = OptimConfig(
-        learning_rate=LR, warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=MAX_GRAD_NORM
-    )
-    engine = Engine(
-        Config(
-            model=ModelConfig(path=args.model, compute_dtype="float32", remat=args.remat),
-            data=DataConfig(batch_size=args.pairs),
-            optim=optim,
-        )
-    )
-    reference = device_copy(engine.initial)
-    state = engine.new_state(engine.initial)
-    vocab = engine.model.llama.vocab_size
-    batch = place_batch(make_batch(args.pairs, args.length, vocab), engine.layout.batch)
+    engine, reference, state, batch = our_engine(args)
     stage = StageConfig(loss=args.loss, risk=args.risk, beta=BETA, mu=0.95, split_vocab=True)
     objective = PairObjective(stage.kernel, head=args.head, chunk_size=args.chunk)
     step = engine.compiled_step(objective, state_shardings(state))

@@ -128,12 +128,11 @@ def _torch_worker(args) -> dict:
     return {"torch_dpo": run}
 
 
-def _jax_worker(args) -> dict:
-    """`run()` per variant of OURS -> seconds of one of our steps (compiled before timing)."""
-    import jax
-
-    from rsa_jax.config import Config, DataConfig, ModelConfig, OptimConfig, StageConfig
-    from rsa_jax.training import Engine, PairObjective, device_copy, place_batch, state_shardings
+def our_engine(args):
+    """(engine, reference parameters, train state, placed batch) of our side: SmolLM2 from
+    `args.model` in float32 (`args.remat`), AdamW with clipping, `args.pairs` x `args.length`."""
+    from rsa_jax.config import Config, DataConfig, ModelConfig, OptimConfig
+    from rsa_jax.training import Engine, device_copy, place_batch
 
     optim = OptimConfig(
         learning_rate=LR, warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=MAX_GRAD_NORM
@@ -146,11 +145,22 @@ def _jax_worker(args) -> dict:
         )
     )
     reference = device_copy(engine.initial)
-    # One train state threads through every variant's step (same structure and shardings), so
-    # the process holds one copy of the weights and Adam moments whatever the variant count.
-    holder = {"state": engine.new_state(engine.initial)}
     vocab = engine.model.llama.vocab_size
     batch = place_batch(make_batch(args.pairs, args.length, vocab), engine.layout.batch)
+    return engine, reference, engine.new_state(engine.initial), batch
+
+
+def _jax_worker(args) -> dict:
+    """`run()` per variant of OURS -> seconds of one of our steps (compiled before timing)."""
+    import jax
+
+    from rsa_jax.config import StageConfig
+    from rsa_jax.training import PairObjective, state_shardings
+
+    engine, reference, state, batch = our_engine(args)
+    # One train state threads through every variant's step (same structure and shardings), so
+    # the process holds one copy of the weights and Adam moments whatever the variant count.
+    holder = {"state": state}
     runs = {}
     for name, loss, risk, head in OURS:
         if name not in args.ours.split(","):
