@@ -70,7 +70,12 @@ def runs(tmp_path_factory):
     Stage 2 uses ERM and Adam's eps is 1e-6 for the reasons in tests/sweep/test_sweep.py
     (`_run_sweep_file`): the vmapped and the trainer's programs sum in different orders, so
     stage 2 agrees to rounding, and those two choices keep rounding from being amplified."""
-    directory = tmp_path_factory.mktemp("shared")
+    return _sequential_and_vmap(tmp_path_factory.mktemp("shared"), [0.1, 0.05, 0.01])
+
+
+def _sequential_and_vmap(directory, betas, *overrides):
+    """A beta_2 sweep file (stage 1: 3 DPO steps; stage 2: 2 ERM steps, Adam's eps 1e-6), run
+    sequentially here; returns that sweep and the same file loaded in vmap mode (not run)."""
     data = str(directory / "pairs.jsonl")
     write_toy_data(data, rows=32)
     doc = dict(
@@ -82,14 +87,24 @@ def runs(tmp_path_factory):
             "stages.1.risk=erm",
             "stages.1.mu=0.5",
             "optim.eps=1.0e-6",
+            *overrides,
         ],
-        grid={"stages.1.beta": [0.1, 0.05, 0.01]},
+        grid={"stages.1.beta": betas},
     )
     path = _sweep_file(directory, **doc)
     sequential = load_sweep(path, mode="sequential", run_dir=str(directory / "seq"))
     run_sweep(sequential)
-    vmap = load_sweep(path, mode="vmap", run_dir=str(directory / "vmap"))
-    return sequential, vmap
+    return sequential, load_sweep(path, mode="vmap", run_dir=str(directory / "vmap"))
+
+
+def _assert_final_policies_close(a, b):
+    """The final policies of two runs of one variant agree within 1e-5 in every parameter."""
+    pa, pb = load_policy(a.run_dir)[1], load_policy(b.run_dir)[1]
+    assert pa.keys() == pb.keys()
+    for k in pa:
+        np.testing.assert_allclose(
+            np.asarray(pb[k]), np.asarray(pa[k]), rtol=0, atol=1e-5, err_msg=f"{a.name} {k}"
+        )
 
 
 def test_shared_stage_trains_once_and_vmap_equals_sequential_runs(runs, capsys):
@@ -112,12 +127,7 @@ def test_shared_stage_trains_once_and_vmap_equals_sequential_runs(runs, capsys):
         p0a, p0b = load_policy(a.run_dir, stage=0)[1], load_policy(b.run_dir, stage=0)[1]
         for k in p0a:
             np.testing.assert_array_equal(np.asarray(p0b[k]), np.asarray(p0a[k]), err_msg=k)
-        pa, pb = load_policy(a.run_dir)[1], load_policy(b.run_dir)[1]
-        assert pa.keys() == pb.keys()
-        for k in pa:
-            np.testing.assert_allclose(
-                np.asarray(pb[k]), np.asarray(pa[k]), rtol=0, atol=1e-5, err_msg=f"{a.name} {k}"
-            )
+        _assert_final_policies_close(a, b)
     # The variants did train apart in stage 2 (different betas, different final losses).
     finals = {v.name: _losses(v.run_dir)[(1, 2)] for v in vmap.variants}
     assert len({round(x, 7) for x in finals.values()}) == 3, finals
@@ -127,28 +137,14 @@ def test_shared_stage_trains_once_and_vmap_equals_sequential_runs(runs, capsys):
 def test_lora_shared_stage_vmap_equals_sequential_runs(tmp_path):
     """With LoRA the shared stage-1 adapters are stage 2's one reference (the frozen nf4 base
     shared as always): the same losses and merged final policies as the trainer."""
-    data = str(tmp_path / "pairs.jsonl")
-    write_toy_data(data, rows=32)
-    doc = dict(
-        overrides=[
-            f"data.path={data}",
-            "checkpoint.every=0",
-            "stages.0.steps=3",
-            "stages.1.steps=2",
-            "stages.1.risk=erm",
-            "stages.1.mu=0.5",
-            "optim.eps=1.0e-6",
-            "optim.learning_rate=3e-3",
-            "model.lora.rank=4",
-            "model.lora.base_storage=nf4",
-            "model.lora.block_size=16",
-        ],
-        grid={"stages.1.beta": [0.1, 0.02]},
+    sequential, vmap = _sequential_and_vmap(
+        tmp_path,
+        [0.1, 0.02],
+        "optim.learning_rate=3e-3",
+        "model.lora.rank=4",
+        "model.lora.base_storage=nf4",
+        "model.lora.block_size=16",
     )
-    path = _sweep_file(tmp_path, **doc)
-    sequential = load_sweep(path, mode="sequential", run_dir=str(tmp_path / "seq"))
-    run_sweep(sequential)
-    vmap = load_sweep(path, mode="vmap", run_dir=str(tmp_path / "vmap"))
     assert shared_stages(list(vmap.variants)) == 1
     assert [r["status"] for r in run_sweep(vmap)["variants"]] == ["done"] * 2
     for a, b in zip(sequential.variants, vmap.variants, strict=True):
@@ -156,8 +152,4 @@ def test_lora_shared_stage_vmap_equals_sequential_runs(tmp_path):
         assert seq.keys() == vm.keys() and len(seq) == 5
         for key in seq:
             assert vm[key] == pytest.approx(seq[key], abs=1e-5), (a.name, key)
-        pa, pb = load_policy(a.run_dir)[1], load_policy(b.run_dir)[1]
-        for k in pa:
-            np.testing.assert_allclose(
-                np.asarray(pb[k]), np.asarray(pa[k]), rtol=0, atol=1e-5, err_msg=f"{a.name} {k}"
-            )
+        _assert_final_policies_close(a, b)

@@ -71,6 +71,18 @@ def test_loss_goes_down_and_stage_two_starts_at_log_two(baseline):
     assert os.listdir(os.path.join(run_dir, "tensorboard"))
 
 
+def _wait_for_records(proc, run_dir, records):
+    """Waits (at most 240 s) until `proc` has logged `records` lines to the run's metrics.jsonl
+    or has exited; returns the path of that file."""
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= records:
+            break
+        time.sleep(0.05)
+    return metrics
+
+
 @pytest.mark.slow  # two more tiny runs in subprocesses (about 80 s on 2 cores)
 def test_kill_and_resume_equals_uninterrupted(baseline, data_path, tmp_path):
     base_dir, base = baseline
@@ -78,12 +90,7 @@ def test_kill_and_resume_equals_uninterrupted(baseline, data_path, tmp_path):
     cmd = [sys.executable, "-m", "rsa_jax", "train", TINY, *OVERRIDES]
     cmd += [f"data.path={data_path}", f"train.run_dir={run_dir}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    metrics = os.path.join(run_dir, "metrics.jsonl")
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 4:
-            break
-        time.sleep(0.05)
+    metrics = _wait_for_records(proc, run_dir, 4)
     assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -149,14 +156,9 @@ def test_lora_kill_and_resume_in_stage_two_equals_uninterrupted(data_path, tmp_p
     run_dir = str(tmp_path / "killed")
     cmd = [sys.executable, "-m", "rsa_jax", "train", TINY, *overrides, f"train.run_dir={run_dir}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    metrics = os.path.join(run_dir, "metrics.jsonl")
-    deadline = time.time() + 240
     # 6 records: stage 2's third step logged, so the checkpoint of its first step is complete
     # (an async save waits for the one before it).
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 6:
-            break
-        time.sleep(0.05)
+    metrics = _wait_for_records(proc, run_dir, 6)
     assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -196,12 +198,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_cleanly(data_path, tmp_path):
     proc = subprocess.Popen(
         cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
-    metrics = os.path.join(run_dir, "metrics.jsonl")
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 2:
-            break
-        time.sleep(0.05)
+    metrics = _wait_for_records(proc, run_dir, 2)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_PREEMPTED, err[-3000:]  # 75: stopped, saved, rerun resumes
