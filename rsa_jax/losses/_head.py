@@ -6,7 +6,8 @@ V vocabulary, D model width, C token chunk, K = ceil(T / C) chunks.
 `logits_pair_loss` takes the [N, T, V] logits of both models: simple, but the logits (and their
 softmax, log-ratio, ...) are O(N T V) floats. `fused_pair_loss` takes the final hidden states
 [N, T, D] and the unembedding matrices [D, V] instead and forms the logits of C tokens at a time
-inside a `lax.scan`, rematerialised in the backward pass, so at most O(N C V) of them are alive.
+inside a `lax.scan`, rematerialised in the backward pass (all but the last chunk's, which the
+backward pass starts with), so at most O(N C V) of them are alive.
 Both return the same `(losses [B], metrics)`; the per-pair loss functions are `LOSSES[name]`.
 """
 
@@ -175,8 +176,8 @@ def _chunk_stats(h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_voca
     return _chunk_stats_fwd(h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_vocab)[0]
 
 
-def _chunk_stats_fwd(h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_vocab):
-    policy_logits, ref_logits = _chunk_logits(h_policy, w_policy, h_ref, w_ref)
+def _stats_of_logits(policy_logits, ref_logits, y, mu, tail, risk, split_vocab):
+    """A chunk's statistics ([N, C] each) and `rows_forward`'s per-row saved scalars."""
     stats, saved = rows_forward(
         _rows(policy_logits),
         _rows(ref_logits),
@@ -186,13 +187,52 @@ def _chunk_stats_fwd(h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_
         risk=risk,
         split_vocab=split_vocab,
     )
-    stats = jax.tree.map(lambda x: x.reshape(y.shape), stats)  # [N, C] each
+    return jax.tree.map(lambda x: x.reshape(y.shape), stats), saved
+
+
+def _chunk_stats_fwd(h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_vocab):
+    policy_logits, ref_logits = _chunk_logits(h_policy, w_policy, h_ref, w_ref)
+    stats, saved = _stats_of_logits(policy_logits, ref_logits, y, mu, tail, risk, split_vocab)
     return stats, (h_policy, w_policy, h_ref, w_ref, y, mu, tail, saved)
 
 
 def _chunk_stats_bwd(risk, split_vocab, residuals, cotangents):
     h_policy, w_policy, h_ref, w_ref, y, mu, tail, saved = residuals
     policy_logits, ref_logits = _chunk_logits(h_policy, w_policy, h_ref, w_ref)
+    return _chunk_gradients(
+        policy_logits,
+        ref_logits,
+        h_policy,
+        w_policy,
+        h_ref,
+        w_ref,
+        y,
+        mu,
+        tail,
+        saved,
+        cotangents,
+        risk=risk,
+        split_vocab=split_vocab,
+    )
+
+
+def _chunk_gradients(
+    policy_logits,
+    ref_logits,
+    h_policy,
+    w_policy,
+    h_ref,
+    w_ref,
+    y,
+    mu,
+    tail,
+    saved,
+    cotangents,
+    *,
+    risk,
+    split_vocab,
+):
+    """The chunk's input cotangents from its logits of both models and the forward's scalars."""
     d_logits, d_mu, d_tail = rows_backward(
         _rows(policy_logits),
         _rows(ref_logits),
@@ -224,6 +264,29 @@ def _chunk_stats_bwd(risk, split_vocab, residuals, cotangents):
 _chunk_stats.defvjp(_chunk_stats_fwd, _chunk_stats_bwd)
 
 
+# The last chunk keeps its logits instead: the backward pass starts with it (it walks the chunks
+# in reverse), so its logits would be recomputed right after the forward made them, and they are
+# alive across that turn anyway (as the recomputed ones would be). Two of the head's matmuls saved
+# per step (of 4 + 2K for K chunks), with the same peak: the chunk's logits are the fused head's
+# largest arrays whichever way they are made.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _last_chunk_stats(h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_vocab):
+    return _chunk_stats_fwd(h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_vocab)[0]
+
+
+def _last_chunk_stats_fwd(h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_vocab):
+    policy_logits, ref_logits = _chunk_logits(h_policy, w_policy, h_ref, w_ref)
+    stats, saved = _stats_of_logits(policy_logits, ref_logits, y, mu, tail, risk, split_vocab)
+    return stats, (policy_logits, ref_logits, h_policy, w_policy, h_ref, w_ref, y, mu, tail, saved)
+
+
+def _last_chunk_stats_bwd(risk, split_vocab, residuals, cotangents):
+    return _chunk_gradients(*residuals, cotangents, risk=risk, split_vocab=split_vocab)
+
+
+_last_chunk_stats.defvjp(_last_chunk_stats_fwd, _last_chunk_stats_bwd)
+
+
 def fused_token_stats(
     policy_hidden,
     policy_unembed,
@@ -249,20 +312,29 @@ def fused_token_stats(
     ref_unembed = jax.lax.stop_gradient(ref_unembed)
     mu, tail = jnp.asarray(mu, jnp.float32), jnp.asarray(tail, jnp.float32)
 
-    def chunk_stats(h_policy, h_ref, y):
-        return _chunk_stats(
+    def body(carry, xs):
+        h_policy, h_ref, y = xs
+        stats = _chunk_stats(
             h_policy, policy_unembed, h_ref, ref_unembed, y, mu, tail, risk, split_vocab
         )
-
-    def body(carry, xs):
-        return carry, chunk_stats(*xs)
+        return carry, stats
 
     chunks = (
         _to_chunks(policy_hidden, chunk_size),  # [K, N, C, D]
         _to_chunks(ref_hidden, chunk_size),  # [K, N, C, D]
         _to_chunks(labels, chunk_size),  # [K, N, C]
     )
-    _, stats = jax.lax.scan(body, None, chunks)  # TokenStats of [K, N, C]
+    # Chunks 0 .. K-2 rematerialise their logits; the last one keeps them (`_last_chunk_stats`).
+    pieces = []
+    if chunks[0].shape[0] > 1:
+        _, stats = jax.lax.scan(body, None, jax.tree.map(lambda x: x[:-1], chunks))
+        pieces.append(stats)  # TokenStats of [K-1, N, C]
+    h_policy, h_ref, y = (x[-1] for x in chunks)
+    last = _last_chunk_stats(
+        h_policy, policy_unembed, h_ref, ref_unembed, y, mu, tail, risk, split_vocab
+    )
+    pieces.append(jax.tree.map(lambda x: x[None], last))  # TokenStats of [1, N, C]
+    stats = jax.tree.map(lambda *x: jnp.concatenate(x), *pieces)  # TokenStats of [K, N, C]
     return jax.tree.map(lambda s: jnp.moveaxis(s, 0, 1).reshape(n, -1)[:, :t], stats)
 
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend import core as jax_core
 
 from rsa_jax import losses
 from rsa_jax.testing.cases import make_mask
@@ -86,6 +87,40 @@ def test_fused_bf16_hidden_states():
     assert loss_bf.dtype == jnp.float32 and grads[0].dtype == jnp.bfloat16
     assert np.isfinite(loss_bf) and all(np.isfinite(np.asarray(g, np.float32)).all() for g in grads)
     np.testing.assert_allclose(loss_bf, loss_up, rtol=1e-5, atol=1e-5)
+
+
+def _head_matmuls(jaxpr, times=1) -> int:
+    """Head matmuls a jaxpr runs: `dot_general`s with a V-sized operand or output, each counted
+    once per run (a scan body `length` times)."""
+    count = 0
+    for eqn in jaxpr.eqns:
+        avals = [v.aval for v in (*eqn.invars, *eqn.outvars) if hasattr(v, "aval")]
+        if eqn.primitive.name == "dot_general" and any(V in a.shape for a in avals):
+            count += times
+        runs = times * eqn.params["length"] if eqn.primitive.name == "scan" else times
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                if isinstance(sub, jax_core.ClosedJaxpr):
+                    count += _head_matmuls(sub.jaxpr, runs)
+                elif isinstance(sub, jax_core.Jaxpr):
+                    count += _head_matmuls(sub, runs)
+    return count
+
+
+@pytest.mark.parametrize(("chunk_size", "chunks"), [(64, 1), (4, 3), (1, 11)])
+def test_fused_recomputes_all_chunks_but_the_last(chunk_size, chunks):
+    """Value and gradient run 6K - 2 head matmuls for K chunks: both models' logits per chunk, the
+    two transposes per chunk, and both models' recomputed logits for every chunk but the last
+    (the backward pass starts with it while its logits are still alive)."""
+    args = _inputs()
+
+    def loss(h_p, w_p, h_r, w_r):
+        return _fused_mean(
+            h_p, w_p, h_r, w_r, *args[4:], risk="cvar_reference", chunk_size=chunk_size
+        )[0]
+
+    jaxpr = jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1)))(*args[:4])
+    assert _head_matmuls(jaxpr.jaxpr) == 6 * chunks - 2
 
 
 def _peak_temp_bytes(fn, *args):
