@@ -163,19 +163,6 @@ def _rows(x: jax.Array) -> jax.Array:
     return x.reshape(g, n // g, *x.shape[2:])
 
 
-# Rematerialised by hand: the forward pass keeps only the chunk's inputs and per-position scalars
-# (the risk thresholds and both log-softmaxes' shift and log-sum, [N, C, H + 4] floats); the
-# backward pass recomputes the chunk's [N, C, V] logits of both models
-# (the gradient needs p, q and the risk's mask at every entry) but not the selection behind the
-# thresholds. Between the matmuls, the statistics and their gradient go through
-# `rows_forward`/`rows_backward` a few rows at a time, so the chunk's logits are the only [N, C, V]
-# arrays (plus the gradient with respect to them). (jax.checkpoint with a names policy saving the
-# thresholds made XLA keep O(N T V) selection buffers; plain jax.checkpoint redoes the selection.)
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _chunk_stats(h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_vocab):
-    return _chunk_stats_fwd(h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_vocab)[0]
-
-
 def _stats_of_logits(policy_logits, ref_logits, y, mu, tail, risk, split_vocab):
     """A chunk's statistics ([N, C] each) and `rows_forward`'s per-row saved scalars."""
     stats, saved = rows_forward(
@@ -190,57 +177,30 @@ def _stats_of_logits(policy_logits, ref_logits, y, mu, tail, risk, split_vocab):
     return jax.tree.map(lambda x: x.reshape(y.shape), stats), saved
 
 
-def _chunk_stats_fwd(h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_vocab):
-    policy_logits, ref_logits = _chunk_logits(h_policy, w_policy, h_ref, w_ref)
-    stats, saved = _stats_of_logits(policy_logits, ref_logits, y, mu, tail, risk, split_vocab)
-    return stats, (h_policy, w_policy, h_ref, w_ref, y, mu, tail, saved)
-
-
-def _chunk_stats_bwd(risk, split_vocab, residuals, cotangents):
-    h_policy, w_policy, h_ref, w_ref, y, mu, tail, saved = residuals
-    policy_logits, ref_logits = _chunk_logits(h_policy, w_policy, h_ref, w_ref)
-    return _chunk_gradients(
-        policy_logits,
-        ref_logits,
-        h_policy,
-        w_policy,
-        h_ref,
-        w_ref,
-        y,
-        mu,
-        tail,
-        saved,
-        cotangents,
-        risk=risk,
-        split_vocab=split_vocab,
-    )
-
-
-def _chunk_gradients(
+def _chunk_backward(
     policy_logits,
     ref_logits,
     h_policy,
     w_policy,
-    h_ref,
-    w_ref,
     y,
     mu,
     tail,
     saved,
-    cotangents,
+    cotangent,
     *,
     risk,
     split_vocab,
 ):
-    """The chunk's input cotangents from its logits of both models and the forward's scalars."""
-    d_logits, d_mu, d_tail = rows_backward(
+    """One chunk's gradients (d_hidden [N, C, D], d_unembed [D, V], d_mu) from its logits of both
+    models, the forward's saved scalars and the statistics' cotangent."""
+    d_logits, d_mu, _ = rows_backward(
         _rows(policy_logits),
         _rows(ref_logits),
         _rows(y),
         mu,
         tail,
         saved,
-        jax.tree.map(_rows, cotangents),
+        jax.tree.map(_rows, cotangent),
         risk=risk,
         split_vocab=split_vocab,
     )
@@ -248,8 +208,77 @@ def _chunk_gradients(
     d_logits = d_logits.reshape(policy_logits.shape).astype(h_policy.dtype)  # [N, C, V]
     d_hidden = jnp.einsum("ncv,dv->ncd", d_logits, w_policy, preferred_element_type=jnp.float32)
     d_unembed = jnp.einsum("ncd,ncv->dv", h_policy, d_logits, preferred_element_type=jnp.float32)
+    return d_hidden, d_unembed, d_mu
+
+
+# Rematerialised by hand, one custom VJP over all K chunks. The forward pass keeps each chunk's
+# inputs and per-position scalars (the risk thresholds and both log-softmaxes' shift and log-sum,
+# [N, C, H + 4] floats), and the last chunk's logits of both models. The backward pass starts with
+# that last chunk, whose logits it would otherwise recompute right after the forward pass made
+# them, then walks the other chunks in reverse, recomputing their [N, C, V] logits (the gradient
+# needs p, q and the risk's mask at every entry) but not the selection behind the thresholds. The
+# unembedding's gradient is summed in the loop's carry, starting from the last chunk's (no zeroed
+# [D, V] buffer), which also makes the loop wait for the last chunk: left to itself, XLA ran the
+# loop while the last chunk's [N, C, V] gradient waited for its matmuls (one more chunk-sized
+# array at the peak). Between the matmuls, the statistics and their gradient go through
+# `rows_forward`/`rows_backward` a few rows at a time, so a chunk's logits are the only [N, C, V]
+# arrays (plus the gradient with respect to them). (jax.checkpoint with a names policy saving the
+# thresholds made XLA keep O(N T V) selection buffers; plain jax.checkpoint redoes the selection.)
+# Peak memory as with every chunk recomputed (measured for K = 3, 4, 8), except at K = 2: XLA
+# inlines the one-step loops and then reuses chunk 0's forward logits for the backward pass
+# (common-subexpression elimination; `optimization_barrier`s did not stop it), so both chunks'
+# logits are held, as on the logits path, and no head matmul is redone.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _fused_stats(h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_vocab):
+    return _fused_stats_fwd(h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_vocab)[0]
+
+
+def _fused_stats_fwd(h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_vocab):
+    """Chunked inputs ([K, N, C, D] hidden states, [K, N, C] labels) -> TokenStats of [K, N, C]."""
+
+    def chunk(h_p, h_r, y):
+        policy_logits, ref_logits = _chunk_logits(h_p, w_policy, h_r, w_ref)
+        stats, saved = _stats_of_logits(policy_logits, ref_logits, y, mu, tail, risk, split_vocab)
+        return stats, saved, (policy_logits, ref_logits)
+
+    def body(carry, xs):
+        stats, saved, _ = chunk(*xs)
+        return carry, (stats, saved)
+
+    firsts = None
+    if h_policy.shape[0] > 1:
+        _, firsts = jax.lax.scan(body, None, (h_policy[:-1], h_ref[:-1], y[:-1]))
+    stats, saved, last_logits = chunk(h_policy[-1], h_ref[-1], y[-1])
+    stats, saved = jax.tree.map(lambda x: x[None], (stats, saved))
+    if firsts is not None:
+        stats, saved = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), firsts, (stats, saved))
+    return stats, (h_policy, w_policy, h_ref, w_ref, y, mu, tail, saved, last_logits)
+
+
+def _fused_stats_bwd(risk, split_vocab, residuals, cotangents):
+    h_policy, w_policy, h_ref, w_ref, y, mu, tail, saved, (policy_last, ref_last) = residuals
+    backward = functools.partial(_chunk_backward, risk=risk, split_vocab=split_vocab)
+    at = functools.partial(jax.tree.map, lambda x: x[-1])
+    d_hidden, d_unembed, d_mu = backward(
+        policy_last, ref_last, h_policy[-1], w_policy, y[-1], mu, tail, at(saved), at(cotangents)
+    )
+    d_hidden = d_hidden[None]
+    if h_policy.shape[0] > 1:
+
+        def body(carry, xs):
+            d_unembed, d_mu = carry
+            h_p, h_r, y, saved, cotangent = xs
+            policy_logits, ref_logits = _chunk_logits(h_p, w_policy, h_r, w_ref)
+            d_h, d_w, d_m = backward(
+                policy_logits, ref_logits, h_p, w_policy, y, mu, tail, saved, cotangent
+            )
+            return (d_unembed + d_w, d_mu + d_m), d_h
+
+        firsts = jax.tree.map(lambda x: x[:-1], (h_policy, h_ref, y, saved, cotangents))
+        (d_unembed, d_mu), d_first = jax.lax.scan(body, (d_unembed, d_mu), firsts, reverse=True)
+        d_hidden = jnp.concatenate([d_first, d_hidden])
     # The reference gets no gradient; integer labels get float0 zeros. mu gets the same gradient
-    # as on the logits path (the thresholds carry none there either).
+    # as on the logits path (the thresholds carry none there either), tail none.
     return (
         d_hidden.astype(h_policy.dtype),
         d_unembed.astype(w_policy.dtype),
@@ -257,34 +286,11 @@ def _chunk_gradients(
         jnp.zeros_like(w_ref),
         np.zeros(y.shape, jax.dtypes.float0),
         d_mu,
-        d_tail,
+        jnp.zeros_like(tail),
     )
 
 
-_chunk_stats.defvjp(_chunk_stats_fwd, _chunk_stats_bwd)
-
-
-# The last chunk keeps its logits instead: the backward pass starts with it (it walks the chunks
-# in reverse), so its logits would be recomputed right after the forward made them, and they are
-# alive across that turn anyway (as the recomputed ones would be). Two of the head's matmuls saved
-# per step (of 4 + 2K for K chunks), with the same peak: the chunk's logits are the fused head's
-# largest arrays whichever way they are made.
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _last_chunk_stats(h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_vocab):
-    return _chunk_stats_fwd(h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_vocab)[0]
-
-
-def _last_chunk_stats_fwd(h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_vocab):
-    policy_logits, ref_logits = _chunk_logits(h_policy, w_policy, h_ref, w_ref)
-    stats, saved = _stats_of_logits(policy_logits, ref_logits, y, mu, tail, risk, split_vocab)
-    return stats, (policy_logits, ref_logits, h_policy, w_policy, h_ref, w_ref, y, mu, tail, saved)
-
-
-def _last_chunk_stats_bwd(risk, split_vocab, residuals, cotangents):
-    return _chunk_gradients(*residuals, cotangents, risk=risk, split_vocab=split_vocab)
-
-
-_last_chunk_stats.defvjp(_last_chunk_stats_fwd, _last_chunk_stats_bwd)
+_fused_stats.defvjp(_fused_stats_fwd, _fused_stats_bwd)
 
 
 def fused_token_stats(
@@ -308,33 +314,17 @@ def fused_token_stats(
       TokenStats of [N, T] float32 arrays.
     """
     n, t, _ = policy_hidden.shape
-    ref_hidden = jax.lax.stop_gradient(ref_hidden)
-    ref_unembed = jax.lax.stop_gradient(ref_unembed)
-    mu, tail = jnp.asarray(mu, jnp.float32), jnp.asarray(tail, jnp.float32)
-
-    def body(carry, xs):
-        h_policy, h_ref, y = xs
-        stats = _chunk_stats(
-            h_policy, policy_unembed, h_ref, ref_unembed, y, mu, tail, risk, split_vocab
-        )
-        return carry, stats
-
-    chunks = (
+    stats = _fused_stats(
         _to_chunks(policy_hidden, chunk_size),  # [K, N, C, D]
-        _to_chunks(ref_hidden, chunk_size),  # [K, N, C, D]
+        policy_unembed,
+        _to_chunks(jax.lax.stop_gradient(ref_hidden), chunk_size),  # [K, N, C, D]
+        jax.lax.stop_gradient(ref_unembed),
         _to_chunks(labels, chunk_size),  # [K, N, C]
-    )
-    # Chunks 0 .. K-2 rematerialise their logits; the last one keeps them (`_last_chunk_stats`).
-    pieces = []
-    if chunks[0].shape[0] > 1:
-        _, stats = jax.lax.scan(body, None, jax.tree.map(lambda x: x[:-1], chunks))
-        pieces.append(stats)  # TokenStats of [K-1, N, C]
-    h_policy, h_ref, y = (x[-1] for x in chunks)
-    last = _last_chunk_stats(
-        h_policy, policy_unembed, h_ref, ref_unembed, y, mu, tail, risk, split_vocab
-    )
-    pieces.append(jax.tree.map(lambda x: x[None], last))  # TokenStats of [1, N, C]
-    stats = jax.tree.map(lambda *x: jnp.concatenate(x), *pieces)  # TokenStats of [K, N, C]
+        jnp.asarray(mu, jnp.float32),
+        jnp.asarray(tail, jnp.float32),
+        risk,
+        split_vocab,
+    )  # TokenStats of [K, N, C]
     return jax.tree.map(lambda s: jnp.moveaxis(s, 0, 1).reshape(n, -1)[:, :t], stats)
 
 
