@@ -224,10 +224,10 @@ def _chunk_backward(
 # `rows_forward`/`rows_backward` a few rows at a time, so a chunk's logits are the only [N, C, V]
 # arrays (plus the gradient with respect to them). (jax.checkpoint with a names policy saving the
 # thresholds made XLA keep O(N T V) selection buffers; plain jax.checkpoint redoes the selection.)
-# Peak memory as with every chunk recomputed (measured for K = 3, 4, 8), except at K = 2: XLA
-# inlines the one-step loops and then reuses chunk 0's forward logits for the backward pass
-# (common-subexpression elimination; `optimization_barrier`s did not stop it), so both chunks'
-# logits are held, as on the logits path, and no head matmul is redone.
+# The peak is then that of recomputing every chunk (measured at K = 3, 4, 8), except at K = 2,
+# where the backward pass's one-step loop is inlined and XLA schedules chunk 0's recomputation
+# first of all, before the forward loop: both chunks' logits are then alive at once, as on the
+# logits path (an ordering XLA chose; `optimization_barrier`s in the loop did not change it).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
 def _fused_stats(h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_vocab):
     return _fused_stats_fwd(h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_vocab)[0]
@@ -236,23 +236,20 @@ def _fused_stats(h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_voca
 def _fused_stats_fwd(h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_vocab):
     """Chunked inputs ([K, N, C, D] hidden states, [K, N, C] labels) -> TokenStats of [K, N, C]."""
 
-    def chunk(h_p, h_r, y):
-        policy_logits, ref_logits = _chunk_logits(h_p, w_policy, h_r, w_ref)
-        stats, saved = _stats_of_logits(policy_logits, ref_logits, y, mu, tail, risk, split_vocab)
-        return stats, saved, (policy_logits, ref_logits)
+    def body(_, xs):
+        h_p, h_r, y = xs
+        logits = _chunk_logits(h_p, w_policy, h_r, w_ref)
+        stats, saved = _stats_of_logits(*logits, y, mu, tail, risk, split_vocab)
+        # Each step's logits replace the previous step's in the carry (in place: nothing reads
+        # those), so after the loop it holds the last chunk's. (Computing the last chunk after
+        # the loop instead joins its statistics to the loop's with a concatenation, and XLA then
+        # summed them over tokens in another order in plain and vmapped programs.)
+        return logits, (stats, saved)
 
-    def body(carry, xs):
-        stats, saved, _ = chunk(*xs)
-        return carry, (stats, saved)
-
-    firsts = None
-    if h_policy.shape[0] > 1:
-        _, firsts = jax.lax.scan(body, None, (h_policy[:-1], h_ref[:-1], y[:-1]))
-    stats, saved, last_logits = chunk(h_policy[-1], h_ref[-1], y[-1])
-    stats, saved = jax.tree.map(lambda x: x[None], (stats, saved))
-    if firsts is not None:
-        stats, saved = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), firsts, (stats, saved))
-    return stats, (h_policy, w_policy, h_ref, w_ref, y, mu, tail, saved, last_logits)
+    _, n, c = y.shape
+    empty = jnp.zeros((n, c, w_policy.shape[-1]), jnp.float32)
+    kept, (stats, saved) = jax.lax.scan(body, (empty, empty), (h_policy, h_ref, y))
+    return stats, (h_policy, w_policy, h_ref, w_ref, y, mu, tail, saved, kept)
 
 
 def _fused_stats_bwd(risk, split_vocab, residuals, cotangents):
