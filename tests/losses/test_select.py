@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from rsa_jax.losses import kth_smallest_pair, kth_smallest_pair_bisect, upper_tail_atom
-from rsa_jax.losses._select import float_to_key, key_to_float
+from rsa_jax.losses._select import (
+    _leading_digits,
+    _pair_from_group,
+    _pair_from_last_digit,
+    float_to_key,
+    key_to_float,
+)
 
 _kth = jax.jit(kth_smallest_pair)
 _atom = jax.jit(upper_tail_atom)
@@ -144,3 +150,114 @@ def test_wide_rows_with_many_ties_match_the_bisection():
             np.testing.assert_array_equal(_bits(a), _bits(b))
         s = np.sort(x, -1)
         np.testing.assert_array_equal(np.asarray(got[0]), s[:, k])
+
+
+def _cluster_rows(rng, spec, w=64):
+    """Rows of spread values, each with a cluster of keys within one ulp-group of 1.0 (the keys
+    0x3F800000 + offset, offset < 1024, share their top 22 bits: one group of the radix select
+    after its leading digits). spec: one (offsets, r) per row; k puts x_k at place r of the
+    sorted cluster. Returns (x [R, w] float32, k [R] int32)."""
+    rows, ks = [], []
+    for offsets, r in spec:
+        spread = rng.normal(size=w - len(offsets)).astype(np.float32) * 4
+        spread = np.where(np.abs(spread - 1) < 0.01, spread + 0.5, spread).astype(np.float32)
+        cluster = (np.uint32(0x3F800000) + np.asarray(offsets, np.uint32)).view(np.float32)
+        rows.append(rng.permutation(np.concatenate([spread, cluster])))
+        ks.append(int(np.sum(spread < 1.0)) + r)
+    return np.stack(rows).astype(np.float32), np.asarray(ks, np.int32)
+
+
+# (offsets of the cluster, place r of x_k in it), and whether one fused pass over the group gives
+# x_k and x_(k+1): always for c <= 3 keys or all-equal keys, else only at the last place (x_(k+1)
+# is then the smallest key above the group).
+_CLUSTERS = [
+    (([5], 0), True),
+    (([9, 2], 0), True),
+    (([9, 2], 1), True),
+    (([7, 3, 700], 1), True),
+    (([7, 7, 3], 0), True),
+    (([4, 4, 4, 4, 4], 2), True),
+    (([1, 2, 3, 1023], 3), True),
+    (([1, 2, 3, 1023], 0), False),
+    (([1, 2, 3, 1023], 1), False),
+    (([0, 0, 0, 1], 1), False),
+    (([0, 0, 0, 1], 2), False),
+    (([8, 6, 6, 6, 9, 1], 5), True),
+    (([8, 6, 6, 6, 9, 1], 4), False),
+    (([10, 11, 12, 13, 14, 15], 0), False),
+    (([0, 1, 2, 3], 3), True),
+    (([3, 3], 1), True),
+]
+
+
+def test_one_fused_pass_reads_the_pair_off_small_or_tied_groups():
+    rng = np.random.default_rng(11)
+    x, k = _cluster_rows(rng, [spec for spec, _ in _CLUSTERS])
+    keys = float_to_key(jnp.asarray(x))
+    group = _leading_digits(keys, jnp.asarray(k))
+    key_k, key_k1, known, _ = jax.jit(_pair_from_group)(keys, group)
+    s = np.sort(x, axis=-1)
+    rows = np.arange(len(k))
+    np.testing.assert_array_equal(np.asarray(group.count), [len(o) for (o, _), _ in _CLUSTERS])
+    np.testing.assert_array_equal(np.asarray(known), [ok for _, ok in _CLUSTERS])
+    got = np.asarray(key_to_float(key_k)), np.asarray(key_to_float(key_k1))
+    for value, rank in zip(got, (k, k + 1), strict=True):
+        np.testing.assert_array_equal(_bits(value)[known], _bits(s[rows, rank])[known])
+
+
+def test_the_last_digit_pass_gives_the_pair_of_every_row():
+    rng = np.random.default_rng(12)
+    x, k = _cluster_rows(rng, [spec for spec, _ in _CLUSTERS])
+    keys = float_to_key(jnp.asarray(x))
+    group = _leading_digits(keys, jnp.asarray(k))
+    _, _, _, above = _pair_from_group(keys, group)
+    key_k, key_k1 = jax.jit(_pair_from_last_digit)(keys, group, above)
+    s = np.sort(x, axis=-1)
+    rows = np.arange(len(k))
+    np.testing.assert_array_equal(_bits(key_to_float(key_k)), _bits(s[rows, k]))
+    np.testing.assert_array_equal(_bits(key_to_float(key_k1)), _bits(s[rows, k + 1]))
+
+
+def test_steps_with_and_without_the_last_digit_pass_in_one_group():
+    # 16 rows (one loop step): at some ranks every row's group is small (the fused pass decides
+    # the step), at others one row's x_k sits inside a larger cluster (the last digit pass runs).
+    rng = np.random.default_rng(13)
+    x, _ = _cluster_rows(rng, [spec for spec, _ in _CLUSTERS])
+    keys = float_to_key(jnp.asarray(x))
+    pair_known = jax.jit(lambda keys, k: _pair_from_group(keys, _leading_digits(keys, k))[2])
+    steps = [bool(np.all(pair_known(keys, jnp.full((16,), k)))) for k in range(x.shape[1])]
+    assert any(steps) and not all(steps)
+    _check_all_ranks(x)
+
+
+def test_signed_zeros_and_subnormals_share_groups_at_the_cut():
+    # +0 shares its group with the smallest positive subnormals (keys 0x80000000 + n), -0 with
+    # the negative ones; the two groups are adjacent, so x_(k+1) crosses from one to the other.
+    tiny = np.float32(1e-45)
+    rows = np.array(
+        [
+            [-0.0, 0.0, 1.0, -1.0, 2.0, 3.0, -2.0, 5.0],
+            [-0.0, -0.0, -0.0, 0.0, 0.0, 1.0, 2.0, -1.0],
+            [-0.0, 0.0, tiny, 2 * tiny, 0.0, -tiny, -0.0, 1.0],
+            [0.0, tiny, tiny, 3 * tiny, -0.0, -tiny, -3 * tiny, -0.0],
+            [-0.0] * 4 + [0.0] * 4,
+        ],
+        np.float32,
+    )
+    _check_all_ranks(rows)
+
+
+def test_vmapped_selection_equals_the_plain_one_bit_for_bit():
+    # Under vmap the step's `cond` becomes a select (both ways run): same bits as the plain
+    # program, for a member whose steps all skip the last digit and one whose steps need it.
+    rng = np.random.default_rng(14)
+    fast = [([3], 0)] * 16
+    slow = [spec for spec, _ in _CLUSTERS]
+    members = [_cluster_rows(rng, specs) for specs in (fast, slow)]
+    x, k = (np.stack(parts) for parts in zip(*members, strict=True))
+    valid = jnp.ones(x.shape, bool)
+    batched = jax.jit(jax.vmap(kth_smallest_pair))(jnp.asarray(x), jnp.asarray(k), valid)
+    for member in range(2):
+        plain = _kth(jnp.asarray(x[member]), jnp.asarray(k[member]), valid[member])
+        for a, b in zip(batched, plain, strict=True):
+            np.testing.assert_array_equal(_bits(a[member]), _bits(b))
