@@ -49,6 +49,16 @@ _BISECTION_STEPS = 32
 _DIGITS = (11, 11, 10)
 # The bits that the histogram passes of all digits but the last one fix (the top 22).
 _LEADING_MASK = np.uint32(((1 << sum(_DIGITS[:-1])) - 1) << _DIGITS[-1])
+# The first digit's bin is guessed from every 16th key and checked by counting, over all keys,
+# those below each of the 5 bins around the guess (`_first_digit_from_sample`). Measured on
+# [16, 24576] blocks: 1.8 ns per key for the selection, against 2.3 with a full first histogram
+# pass (3 bins: 1.7; every 8th key: 1.9). The sample's rank error is about 4 sqrt(k) keys;
+# 5 bins cover it in every row of normal, Student-t (3 degrees), Cauchy and log-normal rows
+# tried, 3 bins in 50% to 100% of their 16-row steps. Where the true bin is farther off, as in a
+# two-scale mixture (90% of the values normal with std 1e-3, 10% with std 1), the full pass runs
+# after the guess: 2.6 ns per key there (1.8 without the guess; 3.0 before the fused pass).
+_SAMPLE_STRIDE = 16
+_FIRST_DIGIT_GUESSES = 5
 # Rows per loop step: 16 rows of a 49152-entry vocabulary half are 16 x 96 KiB of keys, which
 # stay in the caches (1 MiB L2 per core, 32 MiB L3 on the 2-core test machine) across the digit
 # passes. It is also what a row block of the risk head hands over (8 positions x 2 vocabulary
@@ -210,15 +220,68 @@ class _Group(NamedTuple):
     count: jax.Array  # int32 c
 
 
-def _leading_digits(keys: jax.Array, k: jax.Array) -> _Group:
-    """The histogram passes of all digits but the last one. keys: [G, W] uint32; k: [G] int32."""
+def _first_digit_from_sample(keys: jax.Array, k: jax.Array):
+    """The first digit of x_k (the top `_DIGITS[0]` bits) guessed from a sample and checked.
+
+    A histogram of every `_SAMPLE_STRIDE`-th key guesses the bin of x_k; one fused pass then
+    counts, over all keys, those below each of the `_FIRST_DIGIT_GUESSES` bins around the guess
+    and past them, which decides the bin where one of them holds rank k (exactly: the guess is
+    only where to look).
+
+    Args:
+      keys: [G, W] uint32; k: [G] int32.
+    Returns:
+      (prefix, rank, found): [G] each, the bin in place (uint32), k's rank among its keys
+      (int32) and whether it is one of the bins looked at (bool; elsewhere the rest is
+      meaningless).
+    """
     g = keys.shape[0]
-    prefix = jnp.zeros((g,), jnp.uint32)  # digits fixed so far, in place; the other bits zero
-    fixed = np.uint32(0)  # mask of the bits fixed so far
-    rank = k  # rank of the answer among the keys that share `prefix`
+    bits = _DIGITS[0]
+    shift = 32 - bits
+    sample = keys[:, ::_SAMPLE_STRIDE]
+    k_sample = jnp.minimum(k // _SAMPLE_STRIDE, sample.shape[1] - 1)
+    *_, guess = _digit_pass(
+        sample, jnp.zeros((g,), jnp.uint32), np.uint32(0), k_sample, shift, bits
+    )
+    # Bins may run past [0, 2^bits): below those, no key or all of them.
+    starts = [guess + (i - _FIRST_DIGIT_GUESSES // 2) for i in range(_FIRST_DIGIT_GUESSES + 1)]
+    digit = (keys >> shift).astype(jnp.int32)
+    below = _row_reductions(
+        tuple(jnp.where(digit < start[:, None], 1, 0) for start in starts),
+        (0,) * len(starts),
+        (jnp.add,) * len(starts),
+    )
+    found = jnp.zeros((g,), bool)
+    chosen, rank = guess, k
+    for start, before, through in zip(starts, below, below[1:], strict=False):
+        here = (before <= k) & (k < through)
+        chosen = jnp.where(here, start, chosen)
+        rank = jnp.where(here, k - before, rank)
+        found = found | here
+    return chosen.astype(jnp.uint32) << np.uint32(shift), rank, found
+
+
+def _leading_digits(keys: jax.Array, k: jax.Array) -> _Group:
+    """The histogram passes of all digits but the last one. keys: [G, W] uint32; k: [G] int32.
+
+    The first digit comes from `_first_digit_from_sample` where it finds every row's bin (a
+    histogram of a sixteenth of the keys and one fused counting pass cost about a third of a
+    histogram pass over all keys), else from a full histogram pass (`cond`).
+    """
+    g = keys.shape[0]
+    shift = 32 - _DIGITS[0]
+    prefix, rank, found = _first_digit_from_sample(keys, k)
+
+    def first_pass():
+        prefix, _, rank, _, _ = _digit_pass(
+            keys, jnp.zeros((g,), jnp.uint32), np.uint32(0), k, shift, _DIGITS[0]
+        )
+        return prefix, rank
+
+    prefix, rank = jax.lax.cond(jnp.all(found), lambda: (prefix, rank), first_pass)
+    fixed = np.uint32(((1 << _DIGITS[0]) - 1) << shift)  # mask of the bits fixed so far
     count = jnp.full((g,), keys.shape[1], jnp.int32)
-    shift = 32
-    for bits in _DIGITS[:-1]:
+    for bits in _DIGITS[1:-1]:
         shift -= bits
         prefix, fixed, rank, counts, chosen = _digit_pass(keys, prefix, fixed, rank, shift, bits)
         count = jnp.take_along_axis(counts, chosen[:, None], axis=-1)[:, 0]

@@ -9,6 +9,9 @@ import pytest
 
 from rsa_jax.losses import kth_smallest_pair, kth_smallest_pair_bisect, upper_tail_atom
 from rsa_jax.losses._select import (
+    _DIGITS,
+    _digit_pass,
+    _first_digit_from_sample,
     _leading_digits,
     _pair_from_group,
     _pair_from_last_digit,
@@ -261,3 +264,61 @@ def test_vmapped_selection_equals_the_plain_one_bit_for_bit():
         plain = _kth(jnp.asarray(x[member]), jnp.asarray(k[member]), valid[member])
         for a, b in zip(batched, plain, strict=True):
             np.testing.assert_array_equal(_bits(a[member]), _bits(b))
+
+
+def _first_pass(keys, k):
+    """The first digit's bin and rank by a full histogram pass (what the sample's guess saves)."""
+    prefix, _, rank, _, _ = _digit_pass(
+        keys, jnp.zeros(k.shape, jnp.uint32), np.uint32(0), k, 32 - _DIGITS[0], _DIGITS[0]
+    )
+    return prefix, rank
+
+
+def test_the_sampled_first_digit_is_checked_against_all_keys():
+    # Rows where every 16th entry (the sample) is typical of the row, and rows where it is not:
+    # there the sample's bin is far from x_k's, and the guess must say so, never answer wrongly.
+    rng = np.random.default_rng(15)
+    w = 4096
+    x = rng.normal(size=(8, w)).astype(np.float32)
+    x[4:, ::16] = 1e30  # the sample sees only huge values; x_k is an ordinary one
+    k = jnp.asarray(rng.integers(0, w - w // 16, size=8), jnp.int32)
+    keys = float_to_key(jnp.asarray(x))
+    prefix, rank, found = jax.jit(_first_digit_from_sample)(keys, k)
+    want_prefix, want_rank = _first_pass(keys, k)
+    np.testing.assert_array_equal(np.asarray(found), [True] * 4 + [False] * 4)
+    np.testing.assert_array_equal(np.asarray(prefix)[:4], np.asarray(want_prefix)[:4])
+    np.testing.assert_array_equal(np.asarray(rank)[:4], np.asarray(want_rank)[:4])
+
+
+def test_bins_looked_at_past_the_key_range_count_every_key():
+    # Padding keys (the largest key) sit in the last bin of the first digit: where the sample
+    # sees mostly padding, the bins around its guess run past the key range.
+    padding = np.uint32(0xFFFFFFFF)
+    inf = np.asarray(float_to_key(jnp.float32(np.inf)))
+    keys = np.full((2, 128), padding, np.uint32)
+    keys[0, :8] = inf  # the sample's first key is +inf: its bin, found
+    keys[1, 1:16] = inf  # the sample is all padding: x_2 = +inf is not in the bins looked at
+    k = jnp.asarray([7, 2], jnp.int32)
+    prefix, rank, found = jax.jit(_first_digit_from_sample)(jnp.asarray(keys), k)
+    want_prefix, want_rank = _first_pass(jnp.asarray(keys), k)
+    np.testing.assert_array_equal(np.asarray(found), [True, False])
+    assert prefix[0] == want_prefix[0] and rank[0] == want_rank[0] == 7
+
+
+def test_steps_with_a_misleading_sample_in_some_rows_match_the_bisection():
+    # One 16-row step where the sample's guess finds every row's bin and ranks where it does
+    # not for some rows (the full first pass runs): same bits as the bisection at those ranks.
+    rng = np.random.default_rng(16)
+    w = 1024
+    x = (0.1 * rng.normal(size=(16, w))).astype(np.float32)
+    x[::3, ::16] = -50.0  # these rows' samples put x_k far below where it is for k > w / 16
+    for k in (0, 10, 63, 64, 300, 700, w - 1):
+        kk = jnp.full((16,), k, jnp.int32)
+        valid = jnp.ones(x.shape, bool)
+        got = _kth(jnp.asarray(x), kk, valid)
+        want = _kth_bisect(jnp.asarray(x), kk, valid)
+        for a, b in zip(got, want, strict=True):
+            np.testing.assert_array_equal(_bits(a), _bits(b))
+    keys = float_to_key(jnp.asarray(x))
+    found = [np.asarray(_first_digit_from_sample(keys, jnp.full((16,), k))[2]) for k in (10, 300)]
+    assert np.all(found[0]) and not np.all(found[1])
