@@ -9,14 +9,16 @@ probability mass (the weighted quantile of textbook `cvar`). A float32 maps to a
 unsigned order is the float order, so both become searches over keys, exact by construction (the
 result is always one of the input values, with ties handled as a sort would):
 
-* `kth_smallest_pair` (the rank is an integer) is a radix select: two passes each fix the next
-  11-bit digit of the k-th key, from a histogram of that digit among the keys that share the
-  digits fixed so far. The 22 bits fixed then leave x_k in a group of one to three keys in
-  nearly every row, and one fused pass of minima, maxima and sums over the row reads x_k and
-  x_(k+1) off that group; only steps with a larger group at the rank run the last 10-bit
-  histogram pass (see `_kth_pair_keys`). The rows go G at a time through a `lax.fori_loop`, so
-  each step's G x W keys stay in cache across its passes (the vocabulary axis is far larger than
-  the cache, and a pass over all N x V keys at once is bound by memory bandwidth).
+* `kth_smallest_pair` (the rank is an integer) is a radix select: passes fix the next digit of
+  the k-th key (11, 11, then 10 bits) from a histogram of that digit among the keys that share
+  the digits fixed so far. Two shortcuts, each checked and exact: the first digit comes from a
+  histogram of every 16th key and one counting pass (`_first_digit_from_sample`), and after 22
+  bits x_k sits among one to three keys in nearly every row, which one fused pass of minima,
+  maxima and sums reads off (`_pair_from_group`) instead of the last histogram. Where a check
+  fails for some row of a step, that step runs the full pass. The rows go G at a time through
+  a `lax.fori_loop`, so each step's G x W keys stay in cache across its passes (the vocabulary
+  axis is far larger than the cache, and a pass over all N x V keys at once is bound by memory
+  bandwidth).
 * `upper_tail_atom` (the predicate is a float sum of weights) bisects on the key: 32 halvings of
   the key range, each one compare-and-reduce pass over V. Its sums are kept exactly as they are.
 
@@ -64,9 +66,8 @@ _FIRST_DIGIT_GUESSES = 5
 # passes. It is also what a row block of the risk head hands over (8 positions x 2 vocabulary
 # halves, `_row_blocks.BLOCK_ROWS`), so there the selection is one loop step: measured on those
 # blocks (three histogram passes), 4.8 ns per key against 8.2 ns with 8 rows (two steps); with the
-# last pass mostly skipped, 2.2 ns per key. The G axis is the leading one of
-# the [G, S, W] layout, so rows sharded over devices stay sharded (each device scans its own
-# rows).
+# shortcuts of `_kth_pair_keys`, 1.8 ns per key. The G axis is the leading one of the [G, S, W]
+# layout, so rows sharded over devices stay sharded (each device scans its own rows).
 _GROUP_ROWS = 16
 
 
@@ -359,8 +360,9 @@ def _kth_pair_keys(keys: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]
     Returns:
       (key_k, key_k1): [G] uint32 each; key_k1 = key_k when no key follows (k + 1 == n_valid).
 
-    Radix select: histogram passes fix the digits of `_DIGITS` from the most significant one.
-    After all but the last digit (22 bits: a float's value to about 1e-4 relative) the row's
+    Radix select: histogram passes fix the digits of `_DIGITS` from the most significant one,
+    the first one mostly guessed from a sample and checked (`_leading_digits`). After all but
+    the last digit (22 bits: a float's value to about 1e-4 relative) the row's
     group holding x_k has only one to three keys in 99.5% of the benchmark's rows, and one fused
     pass (`_pair_from_group`) reads x_k and x_(k+1) off it. Only where some row of the step needs
     more (a `cond`; 8% of the benchmark's 16-row steps) does the last histogram pass run. Both
