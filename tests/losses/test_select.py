@@ -251,19 +251,43 @@ def test_signed_zeros_and_subnormals_share_groups_at_the_cut():
 
 
 def test_vmapped_selection_equals_the_plain_one_bit_for_bit():
-    # Under vmap the step's `cond` becomes a select (both ways run): same bits as the plain
-    # program, for a member whose steps all skip the last digit and one whose steps need it.
+    # Under vmap the members' rows join one loop (the batching rule of `_kth_pair_rows`): same
+    # bits as the plain program, for a member whose steps all skip the last digit and one whose
+    # steps need it, with the mapped axis on any argument and vmaps nested.
     rng = np.random.default_rng(14)
     fast = [([3], 0)] * 16
     slow = [spec for spec, _ in _CLUSTERS]
     members = [_cluster_rows(rng, specs) for specs in (fast, slow)]
-    x, k = (np.stack(parts) for parts in zip(*members, strict=True))
+    x, k = (jnp.asarray(np.stack(parts)) for parts in zip(*members, strict=True))
     valid = jnp.ones(x.shape, bool)
-    batched = jax.jit(jax.vmap(kth_smallest_pair))(jnp.asarray(x), jnp.asarray(k), valid)
+    plain = [_kth(x[m], k[m], valid[m]) for m in range(2)]
+    batched = jax.jit(jax.vmap(kth_smallest_pair))(x, k, valid)
+    nested = jax.jit(jax.vmap(jax.vmap(kth_smallest_pair)))(x, k, valid)
     for member in range(2):
-        plain = _kth(jnp.asarray(x[member]), jnp.asarray(k[member]), valid[member])
-        for a, b in zip(batched, plain, strict=True):
+        for a, b, c in zip(batched, nested, plain[member], strict=True):
+            np.testing.assert_array_equal(_bits(a[member]), _bits(c))
+            np.testing.assert_array_equal(_bits(b[member]), _bits(c))
+    # One set of rows, a batch of ranks: the rows are shared by the members.
+    ranks = jax.jit(jax.vmap(kth_smallest_pair, in_axes=(None, 0, None)))(x[1], k, valid[1])
+    for member in range(2):
+        want = _kth(x[1], k[member], valid[1])
+        for a, b in zip(ranks, want, strict=True):
             np.testing.assert_array_equal(_bits(a[member]), _bits(b))
+
+
+def test_the_selection_passes_no_gradient_and_does_not_block_one():
+    # The order statistics are picked, not computed: zero derivative (as the bisection's), and
+    # a loss that uses them next to differentiable terms differentiates, plain and vmapped.
+    x = jnp.asarray(np.random.default_rng(17).normal(size=(3, 40)), jnp.float32)
+    k = jnp.asarray([0, 7, 39], jnp.int32)
+    valid = jnp.ones(x.shape, bool)
+
+    def loss(x, k):
+        lo, hi = kth_smallest_pair(x, k, valid[0])
+        return jnp.sum(lo + hi) + jnp.sum(x**2)
+
+    np.testing.assert_array_equal(jax.grad(lambda x: loss(x, k[0]))(x), 2 * x)
+    np.testing.assert_array_equal(jax.vmap(jax.grad(loss))(x, k), 2 * x)
 
 
 def _first_pass(keys, k):
