@@ -9,11 +9,16 @@ probability mass (the weighted quantile of textbook `cvar`). A float32 maps to a
 unsigned order is the float order, so both become searches over keys, exact by construction (the
 result is always one of the input values, with ties handled as a sort would):
 
-* `kth_smallest_pair` (the rank is an integer) is a radix select: a few passes each fix the next
-  digit of the k-th key (11, 11, then 10 bits), from a histogram of that digit among the keys that
-  share the digits fixed so far. The rows go G at a time through a `lax.fori_loop`, so each step's
-  G x W keys stay in cache across its passes (the vocabulary axis is far larger than the cache,
-  and a pass over all N x V keys at once is bound by memory bandwidth).
+* `kth_smallest_pair` (the rank is an integer) is a radix select: passes fix the next digit of
+  the k-th key (11, 11, then 10 bits) from a histogram of that digit among the keys that share
+  the digits fixed so far. Two shortcuts, each checked and exact: the first digit comes from a
+  histogram of every 16th key and one counting pass (`_first_digit_from_sample`), and after 22
+  bits x_k sits among one to three keys in nearly every row, which one fused pass of minima,
+  maxima and sums reads off (`_pair_from_group`) instead of the last histogram. Where a check
+  fails for some row of a step, that step runs the full pass. The rows go G at a time through
+  a `lax.fori_loop`, so each step's G x W keys stay in cache across its passes (the vocabulary
+  axis is far larger than the cache, and a pass over all N x V keys at once is bound by memory
+  bandwidth).
 * `upper_tail_atom` (the predicate is a float sum of weights) bisects on the key: 32 halvings of
   the key range, each one compare-and-reduce pass over V. Its sums are kept exactly as they are.
 
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,17 +43,31 @@ _SIGN = np.uint32(0x80000000)
 _ALL = np.uint32(0xFFFFFFFF)
 # 32 halvings exhaust any uint32 range.
 _BISECTION_STEPS = 32
-# Radix digits of the 32-bit key, most significant first: three histogram passes of at most
-# 2048 bins (measured on the 2-core CPU against four 8-bit passes: about the same speed, one pass
-# fewer over the keys, and the histograms stay small next to a W = 24576 row).
+# Radix digits of the 32-bit key, most significant first: histogram passes of at most 2048 bins
+# (measured on the 2-core CPU against four 8-bit passes: about the same speed, one pass fewer over
+# the keys, and the histograms stay small next to a W = 24576 row). The last one runs only where
+# the group left by the others is too large for `_pair_from_group`. Measured against (12, 10, 10)
+# and (12, 11, 9) with that skip: within the noise.
 _DIGITS = (11, 11, 10)
+# The bits that the histogram passes of all digits but the last one fix (the top 22).
+_LEADING_MASK = np.uint32(((1 << sum(_DIGITS[:-1])) - 1) << _DIGITS[-1])
+# The first digit's bin is guessed from every 16th key and checked by counting, over all keys,
+# those below each of the 5 bins around the guess (`_first_digit_from_sample`). Measured on
+# [16, 24576] blocks: 1.8 ns per key for the selection, against 2.3 with a full first histogram
+# pass (3 bins: 1.7; every 8th key: 1.9). The sample's rank error is about 4 sqrt(k) keys;
+# 5 bins cover it in every row of normal, Student-t (3 degrees), Cauchy and log-normal rows
+# tried, 3 bins in 50% to 100% of their 16-row steps. Where the true bin is farther off, as in a
+# two-scale mixture (90% of the values normal with std 1e-3, 10% with std 1), the full pass runs
+# after the guess: 2.6 ns per key there (1.8 without the guess; 3.0 before the fused pass).
+_SAMPLE_STRIDE = 16
+_FIRST_DIGIT_GUESSES = 5
 # Rows per loop step: 16 rows of a 49152-entry vocabulary half are 16 x 96 KiB of keys, which
 # stay in the caches (1 MiB L2 per core, 32 MiB L3 on the 2-core test machine) across the digit
 # passes. It is also what a row block of the risk head hands over (8 positions x 2 vocabulary
 # halves, `_row_blocks.BLOCK_ROWS`), so there the selection is one loop step: measured on those
-# blocks, 4.8 ns per key against 8.2 ns with 8 rows (two steps). The G axis is the leading one of
-# the [G, S, W] layout, so rows sharded over devices stay sharded (each device scans its own
-# rows).
+# blocks (three histogram passes), 4.8 ns per key against 8.2 ns with 8 rows (two steps); with the
+# shortcuts of `_kth_pair_keys`, 1.8 ns per key. The G axis is the leading one of the [G, S, W]
+# layout, so rows sharded over devices stay sharded (each device scans its own rows).
 _GROUP_ROWS = 16
 
 
@@ -134,55 +154,228 @@ def _bin_holding(counts: jax.Array, rank: jax.Array) -> tuple[jax.Array, jax.Arr
     return chunk * _CHUNK_BINS + column, rank - before - before_in
 
 
-def _radix_kth_keys(keys: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The k-th smallest key (0-based, with multiplicity) of each row, by radix select.
+def _row_reductions(operands, inits, combiners) -> tuple[jax.Array, ...]:
+    """Several reductions over the last axis of same-shaped [G, W] arrays, as one pass.
+
+    One variadic `lax.reduce` with elementwise combiners (min, max, add). Why not `jnp.min` etc.:
+    XLA's CPU backend (jax 0.10.2) rewrites a single-operand reduction over a long row into a
+    reduce-window tree and writes its masked input out first; measured on [16, 24576] uint32 keys
+    in cache, a masked minimum took 2.1 ns per key that way and 0.1 ns as a two-output variadic
+    reduce, which stays one fused loop (four outputs: 0.18 ns). Every output must be used: XLA
+    drops unused ones, and a lone survivor is rewritten again.
+    """
+    axis = operands[0].ndim - 1
+    inits = tuple(jnp.asarray(init, x.dtype) for init, x in zip(inits, operands, strict=True))
+    return tuple(
+        jax.lax.reduce(
+            tuple(operands),
+            inits,
+            lambda a, b: tuple(f(x, y) for f, x, y in zip(combiners, a, b, strict=True)),
+            (axis,),
+        )
+    )
+
+
+def _digit_pass(keys, prefix, fixed, rank, shift, bits):
+    """One radix pass: the histogram of the digit `(key >> shift) % 2^bits` among the keys of
+    each row that share the row's fixed bits, and the bin that holds the row's rank.
+
+    Args:
+      keys: [G, W] uint32; prefix: [G] uint32, the bits fixed so far in place (the others zero);
+      fixed: numpy uint32 mask of those bits; rank: [G] int32 rank of the answer among the keys
+      that share `prefix`; shift, bits: the digit's place and width.
+    Returns:
+      (prefix, fixed, rank, counts, chosen): the prefix and mask with the digit fixed, the rank
+      within the chosen bin, the [G, 2^bits] int32 histogram and the [G] int32 chosen bins.
+    """
+    g = keys.shape[0]
+    bins = 1 << bits
+    digit = ((keys >> shift) & np.uint32(bins - 1)).astype(jnp.int32)  # [G, W]
+    # A scatter-add histogram (XLA has no histogram primitive): O(W), one pass. The G rows share
+    # one flat [G * R] array (row r's bins from r * R), and keys outside the row's current prefix
+    # group get an out-of-range index that the scatter drops. Measured on the CPU (16 rows of 24576
+    # keys, in cache): 1.0-1.5 ns per key for one pass, against 2.3 ns for a scatter vmapped over
+    # rows (and, earlier, 6.2 against 7.0 ns for a whole selection with the outside keys counted
+    # in an extra bin: all of them hit that one counter, one after the other).
+    index = digit + (jnp.arange(g, dtype=jnp.int32) * bins)[:, None]
+    if fixed:
+        index = jnp.where((keys & fixed) == prefix[:, None], index, g * bins)
+    # The scatter adds an array of ones, which XLA would otherwise sink into the loop around this
+    # (`WhileLoopConstantSinking`) and write out at every step: the barrier keeps it one array
+    # made once (measured: 15% of a pass).
+    ones = jax.lax.optimization_barrier(jnp.ones((index.size,), jnp.int32))
+    counts = jnp.zeros((g * bins,), jnp.int32)
+    counts = counts.at[index.reshape(-1)].add(ones, mode="drop").reshape(g, bins)
+    chosen, rank = _bin_holding(counts, rank)
+    prefix = prefix | (chosen.astype(jnp.uint32) << np.uint32(shift))
+    return prefix, np.uint32(fixed | ((bins - 1) << shift)), rank, counts, chosen
+
+
+class _Group(NamedTuple):
+    """Where the radix select stands after all but the last digit: per row ([G] each), the keys
+    that share the bits fixed so far (`_LEADING_MASK`) form the row's group g_0 <= ... <= g_(c-1),
+    and x_k is g_r."""
+
+    prefix: jax.Array  # uint32, the fixed bits in place, the others zero
+    rank: jax.Array  # int32 r
+    count: jax.Array  # int32 c
+
+
+def _first_digit_from_sample(keys: jax.Array, k: jax.Array):
+    """The first digit of x_k (the top `_DIGITS[0]` bits) guessed from a sample and checked.
+
+    A histogram of every `_SAMPLE_STRIDE`-th key guesses the bin of x_k; one fused pass then
+    counts, over all keys, those below each of the `_FIRST_DIGIT_GUESSES` bins around the guess
+    and past them, which decides the bin where one of them holds rank k (exactly: the guess is
+    only where to look).
+
+    Args:
+      keys: [G, W] uint32; k: [G] int32.
+    Returns:
+      (prefix, rank, found): [G] each, the bin in place (uint32), k's rank among its keys
+      (int32) and whether it is one of the bins looked at (bool; elsewhere the rest is
+      meaningless).
+    """
+    g = keys.shape[0]
+    bits = _DIGITS[0]
+    shift = 32 - bits
+    sample = keys[:, ::_SAMPLE_STRIDE]
+    k_sample = jnp.minimum(k // _SAMPLE_STRIDE, sample.shape[1] - 1)
+    *_, guess = _digit_pass(
+        sample, jnp.zeros((g,), jnp.uint32), np.uint32(0), k_sample, shift, bits
+    )
+    # Bins may run past [0, 2^bits): below those, no key or all of them.
+    starts = [guess + (i - _FIRST_DIGIT_GUESSES // 2) for i in range(_FIRST_DIGIT_GUESSES + 1)]
+    digit = (keys >> shift).astype(jnp.int32)
+    below = _row_reductions(
+        tuple(jnp.where(digit < start[:, None], 1, 0) for start in starts),
+        (0,) * len(starts),
+        (jnp.add,) * len(starts),
+    )
+    found = jnp.zeros((g,), bool)
+    chosen, rank = guess, k
+    for start, before, through in zip(starts, below, below[1:], strict=False):
+        here = (before <= k) & (k < through)
+        chosen = jnp.where(here, start, chosen)
+        rank = jnp.where(here, k - before, rank)
+        found = found | here
+    return chosen.astype(jnp.uint32) << np.uint32(shift), rank, found
+
+
+def _leading_digits(keys: jax.Array, k: jax.Array) -> _Group:
+    """The histogram passes of all digits but the last one. keys: [G, W] uint32; k: [G] int32.
+
+    The first digit comes from `_first_digit_from_sample` where it finds every row's bin (a
+    histogram of a sixteenth of the keys and one fused counting pass cost about a third of a
+    histogram pass over all keys), else from a full histogram pass (`cond`).
+    """
+    g = keys.shape[0]
+    shift = 32 - _DIGITS[0]
+    prefix, rank, found = _first_digit_from_sample(keys, k)
+
+    def first_pass():
+        prefix, _, rank, _, _ = _digit_pass(
+            keys, jnp.zeros((g,), jnp.uint32), np.uint32(0), k, shift, _DIGITS[0]
+        )
+        return prefix, rank
+
+    prefix, rank = jax.lax.cond(jnp.all(found), lambda: (prefix, rank), first_pass)
+    fixed = np.uint32(((1 << _DIGITS[0]) - 1) << shift)  # mask of the bits fixed so far
+    count = jnp.full((g,), keys.shape[1], jnp.int32)
+    for bits in _DIGITS[1:-1]:
+        shift -= bits
+        prefix, fixed, rank, counts, chosen = _digit_pass(keys, prefix, fixed, rank, shift, bits)
+        count = jnp.take_along_axis(counts, chosen[:, None], axis=-1)[:, 0]
+    return _Group(prefix, rank, count)
+
+
+def _next_key(group: _Group, key_k, in_group, above) -> jax.Array:
+    """x_(k+1): g_(r+1) (`in_group`) while r + 1 < c, past the group's last key the smallest key
+    above the group (`above`); x_k itself where that is padding (the largest key: k + 1 ==
+    n_valid, the last order statistic)."""
+    following = jnp.where(group.rank + 1 < group.count, in_group, above)
+    return jnp.where(following == _ALL, key_k, following)
+
+
+def _pair_from_group(keys: jax.Array, group: _Group):
+    """x_k and x_(k+1) from one fused pass over the keys, where the group shows them.
+
+    The pass (`_row_reductions`) takes the group's smallest and largest key, the sum of their
+    low bits and the smallest key above the group. That gives g_0 and g_(c-1), the middle one
+    g_1 = sum - g_0 - g_2 when c = 3, and every g_i when the group's keys are all equal; x_(k+1)
+    past the group is the key above it.
+
+    Args:
+      keys: [G, W] uint32; group: after `_leading_digits`.
+    Returns:
+      (key_k, key_k1, known, above): [G] each; `known` (bool) marks the rows whose pair the pass
+      gives (elsewhere the keys are meaningless); `above` (uint32) is the smallest key above the
+      group, `_ALL` if none.
+    """
+    low = np.uint32(~_LEADING_MASK)  # the bits not fixed yet
+    in_group = (keys & _LEADING_MASK) == group.prefix[:, None]
+    offset = keys & low
+    zero = jnp.zeros_like(keys)
+    low_min, low_max, low_sum, above = _row_reductions(
+        (
+            jnp.where(in_group, offset, low),
+            jnp.where(in_group, offset, zero),
+            jnp.where(in_group, offset, zero),
+            jnp.where(keys > (group.prefix | low)[:, None], keys, _ALL),
+        ),
+        (low, 0, 0, _ALL),
+        (jnp.minimum, jnp.maximum, jnp.add, jnp.minimum),
+    )
+    count, rank = group.count, group.rank
+    same = low_min == low_max
+
+    def group_key(i):  # (g_i, whether the pass gives it) for 0 <= i < count
+        middle = low_sum - low_min - low_max  # g_1's low bits when count == 3
+        bits = jnp.where(i == 0, low_min, jnp.where(i == count - 1, low_max, middle))
+        known = (i == 0) | (i == count - 1) | (count == 3) | same
+        return group.prefix | jnp.where(same, low_min, bits), known
+
+    (key_k, known_k), (key_k1, known_k1) = group_key(rank), group_key(rank + 1)
+    known = (rank >= 0) & (rank < count) & known_k & (known_k1 | (rank + 1 == count))
+    return key_k, _next_key(group, key_k, key_k1, above), known, above
+
+
+def _pair_from_last_digit(keys: jax.Array, group: _Group, above: jax.Array):
+    """x_k and x_(k+1) from the last digit's histogram pass: its bins are whole keys, so the
+    bins holding ranks r and r + 1 of the group are g_r and g_(r+1) (shapes as in
+    `_pair_from_group`)."""
+    bits = _DIGITS[-1]
+    prefix_k, _, _, counts, _ = _digit_pass(keys, group.prefix, _LEADING_MASK, group.rank, 0, bits)
+    next_bin, _ = _bin_holding(counts, jnp.minimum(group.rank + 1, group.count - 1))
+    return prefix_k, _next_key(group, prefix_k, group.prefix | next_bin.astype(jnp.uint32), above)
+
+
+def _kth_pair_keys(keys: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The k-th and (k+1)-th smallest keys (0-based, with multiplicity) of each row.
 
     Args:
       keys: [G, W] uint32, padding set to the largest key (it sorts last and k never reaches it).
       k: [G] int32, 0 <= k < number of valid keys of the row.
 
     Returns:
-      (key_k, rank_in_tie, ties): [G] uint32 the k-th keys, [G] int32 how many keys equal to each
-      come before it in sorted order, and [G] int32 how many keys equal it (the last digit's bin:
-      all 32 bits are fixed there). So the (k+1)-th key is a tie of it iff rank_in_tie + 1 < ties.
+      (key_k, key_k1): [G] uint32 each; key_k1 = key_k when no key follows (k + 1 == n_valid).
+
+    Radix select: histogram passes fix the digits of `_DIGITS` from the most significant one,
+    the first one mostly guessed from a sample and checked (`_leading_digits`). After all but
+    the last digit (22 bits: a float's value to about 1e-4 relative) the row's group holding x_k
+    has only one to three keys in 99.5% of the benchmark's rows, and one fused pass
+    (`_pair_from_group`) reads x_k and x_(k+1) off it. Only where some row of the step needs more
+    (a `cond`; 8% of the benchmark's 16-row steps) does the last histogram pass run. Both ways are
+    exact. (This is never vmapped: `_kth_pair_rows_vmap` puts the members' rows in one loop, so
+    the `cond`s stay branches.)
     """
-    g = keys.shape[0]
-    prefix = jnp.zeros((g,), jnp.uint32)  # digits fixed so far, in place; the other bits zero
-    fixed = np.uint32(0)  # mask of the bits fixed so far
-    rank = k  # rank of the answer among the keys that share `prefix`
-    ties = jnp.zeros((g,), jnp.int32)  # keys in the chosen bin of the last digit so far
-    shift = 32
-    for bits in _DIGITS:
-        shift -= bits
-        bins = 1 << bits
-        digit = ((keys >> shift) & np.uint32(bins - 1)).astype(jnp.int32)  # [G, W]
-        # A scatter-add histogram (XLA has no histogram primitive): O(W), one pass. The G rows
-        # share one flat [G * R] array (row r's bins from r * R), and keys outside the row's
-        # current prefix group get an out-of-range index that the scatter drops. Measured on the
-        # CPU (8 rows of 24576 keys, in cache): 6.2 ns per key for the whole selection, against
-        # 7.0 ns for a scatter vmapped over rows with the outside keys counted in an extra bin
-        # (all of them hit that one counter, one after the other).
-        index = digit + (jnp.arange(g, dtype=jnp.int32) * bins)[:, None]
-        if fixed:
-            index = jnp.where((keys & fixed) == prefix[:, None], index, g * bins)
-        counts = jnp.zeros((g * bins,), jnp.int32)
-        counts = counts.at[index.reshape(-1)].add(1, mode="drop").reshape(g, bins)
-        chosen, rank = _bin_holding(counts, rank)
-        ties = jnp.take_along_axis(counts, chosen[:, None], axis=-1)[:, 0]
-        prefix = prefix | (chosen.astype(jnp.uint32) << np.uint32(shift))
-        fixed = np.uint32(fixed | ((bins - 1) << shift))
-    # After the last digit the group is the keys equal to key_k, and `rank` is k's place in it.
-    return prefix, rank, ties
-
-
-def _kth_pair_keys(keys: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """[G, W] keys, [G] ranks -> the k-th and (k+1)-th smallest keys of each row."""
-    key_k, rank_in_tie, ties = _radix_kth_keys(keys, k)
-    # The next order statistic is a tie of x_k, or else the smallest key above it (padding keys
-    # are the largest key, so none above means k + 1 == n_valid: the last order statistic).
-    next_key = jnp.min(jnp.where(keys > key_k[:, None], keys, _ALL), axis=-1)
-    key_k1 = jnp.where((rank_in_tie + 1 < ties) | (next_key == _ALL), key_k, next_key)
-    return key_k, key_k1
+    group = _leading_digits(keys, k)
+    key_k, key_k1, known, above = _pair_from_group(keys, group)
+    return jax.lax.cond(
+        jnp.all(known),
+        lambda: (key_k, key_k1),
+        lambda: _pair_from_last_digit(keys, group, above),
+    )
 
 
 def kth_smallest_pair(x: jax.Array, k: jax.Array, valid: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -198,12 +391,30 @@ def kth_smallest_pair(x: jax.Array, k: jax.Array, valid: jax.Array) -> tuple[jax
     Returns:
       (x_k, x_k1): [...] float32 each; x_k1 = x_k when k + 1 == n_valid (the last order statistic).
     """
-    lead, w = x.shape[:-1], x.shape[-1]
-    n = math.prod(lead)
-    keys = jnp.where(valid, float_to_key(x), _ALL).reshape(n, w)  # padding sorts after everything
+    lead = x.shape[:-1]
+    keys = jnp.where(valid, float_to_key(x), _ALL)  # padding sorts after everything
     # A rank past the valid entries gives the last one (as the bisection did), never padding.
     n_valid = jnp.sum(valid, axis=-1, dtype=jnp.int32)
-    k = jnp.minimum(jnp.broadcast_to(k.astype(jnp.int32), lead), n_valid - 1).reshape(n)
+    k = jnp.minimum(jnp.broadcast_to(k.astype(jnp.int32), lead), n_valid - 1)
+    key_k, key_k1 = _kth_pair_rows(keys, k)
+    return key_to_float(key_k), key_to_float(key_k1)
+
+
+@jax.custom_batching.custom_vmap
+def _kth_pair_rows(keys: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`_kth_pair_keys` of every row, G rows per loop step.
+
+    Args:
+      keys: [..., W] uint32, padding set to the largest key; k: [...] int32, 0 <= k < n_valid.
+    Returns:
+      (key_k, key_k1): [...] uint32 each.
+
+    Under `vmap` (`_kth_pair_rows_vmap`) the mapped axis joins the rows, so the steps' `cond`s
+    stay branches instead of becoming selects that run both ways.
+    """
+    lead, w = keys.shape[:-1], keys.shape[-1]
+    n = math.prod(lead)
+    keys, k = keys.reshape(n, w), k.reshape(n)
     g = min(_GROUP_ROWS, n)
     s = -(-n // g)
     # Pad the rows to G x S (padding rows select their 0-th key and are dropped) and view them as
@@ -222,8 +433,23 @@ def kth_smallest_pair(x: jax.Array, k: jax.Array, valid: jax.Array) -> tuple[jax
 
     empty = jnp.zeros((g, s), jnp.uint32)
     key_k, key_k1 = jax.lax.fori_loop(0, s, step, (empty, empty))  # [G, S] each
-    key_k, key_k1 = (key.reshape(g * s)[:n].reshape(lead) for key in (key_k, key_k1))
-    return key_to_float(key_k), key_to_float(key_k1)
+    return tuple(key.reshape(g * s)[:n].reshape(lead) for key in (key_k, key_k1))
+
+
+@_kth_pair_rows.def_vmap
+def _kth_pair_rows_vmap(axis_size, in_batched, keys, k):
+    """The batching rule of `_kth_pair_rows`: the mapped axis becomes a leading axis of rows.
+
+    A plain `vmap` would turn each step's `cond`s (the sampled first digit, the skipped last
+    digit) into selects that run both branches, and batch the scatters and dynamic slices:
+    measured on the risk head vmapped over 2 members (2 x 512 x 49152), 4.2 s per call that way
+    against 2.4 s with the members' rows in one loop. Both are exact, so the bits are the same.
+    """
+    keys, k = (
+        a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
+        for a, batched in zip((keys, k), in_batched, strict=True)
+    )
+    return _kth_pair_rows(keys, k), (True, True)
 
 
 def kth_smallest_pair_bisect(
