@@ -149,7 +149,12 @@ def spy_on_stages(seen: list, collectives: bool = False) -> None:
     Engine.fit = spied
 
 
-def main(case: str, collectives: bool = False) -> None:
+# `--cvar`: stage 1 on cvar_reference instead, so the risk head's selection runs vmapped under the
+# variant axis (its batching rule joins the members' rows in one loop).
+CVAR = ["stages.0.risk=cvar_reference", "stages.0.mu=0.9"]
+
+
+def main(case: str, collectives: bool = False, cvar: bool = False) -> None:
     assert len(jax.devices()) == 8, jax.devices()
     spec = CASES[case]
     work = tempfile.mkdtemp(prefix="placed_sweep_")
@@ -157,7 +162,7 @@ def main(case: str, collectives: bool = False) -> None:
     write_toy_data(data, rows=32)
     doc = {
         "base": TINY,
-        "overrides": [f"data.path={data}", *SHARED, *spec["overrides"]],
+        "overrides": [f"data.path={data}", *SHARED, *spec["overrides"], *(CVAR if cvar else [])],
         "variants": spec["variants"],
         "mode": "vmap",
         "run_dir": os.path.join(work, "one"),
@@ -215,4 +220,8 @@ def main(case: str, collectives: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "lora", "--collectives" in sys.argv)
+    main(
+        sys.argv[1] if len(sys.argv) > 1 else "lora",
+        "--collectives" in sys.argv,
+        "--cvar" in sys.argv,
+    )
