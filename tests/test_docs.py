@@ -48,3 +48,48 @@ def test_links_stay_inside_the_repository_and_resolve(page):
         if "../shared/" in line:
             problems.append(f"{page.relative_to(REPO)}:{number}: mentions ../shared/")
     assert not problems, "\n".join(problems)
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor of a Markdown heading: lower case, punctuation dropped, spaces to '-'."""
+    text = re.sub(r"[`*]", "", heading.strip().lower())
+    text = re.sub(r"[^\w\- ]", "", text)
+    return text.replace(" ", "-")
+
+
+def test_the_slug_matches_githubs_anchors():
+    assert _slug("LoRA and QLoRA: memory") == "lora-and-qlora-memory"
+    assert _slug("The demo: a safety task with exact oracles") == (
+        "the-demo-a-safety-task-with-exact-oracles"
+    )
+    assert _slug("### `bench/loss_head.py`".lstrip("# ")) == "benchloss_headpy"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(REPO)))
+def test_anchors_name_headings_of_their_page(page):
+    problems = []
+    for number, target in links(page.read_text(encoding="utf-8")):
+        path, sep, anchor = target.partition("#")
+        if not sep or not path.endswith(".md") and path:
+            continue
+        linked = (page.parent / path).resolve() if path else page
+        if not linked.exists():
+            continue  # reported by the test above
+        headings = {
+            _slug(line.lstrip("#"))
+            for line in linked.read_text(encoding="utf-8").splitlines()
+            if line.startswith("#")
+        }
+        if anchor not in headings:
+            problems.append(f"{page.relative_to(REPO)}:{number}: no heading for #{anchor}")
+    assert not problems, "\n".join(problems)
+
+
+def test_the_readme_is_a_front_door():
+    """At most about 250 lines: what and why, two commands, three screens, then links."""
+    lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines; move detail into docs/"
+    text = "\n".join(lines[:40])
+    assert "make demo" in text and "make test" in text, (
+        "the two commands belong on the first screen"
+    )

@@ -112,8 +112,14 @@ def logits_pair_loss(
       (losses [B], metrics: TRL-named dict of [B] arrays).
 
     Example:
-      >>> losses, metrics = logits_pair_loss(pl, rl, labels, mask, loss="ra_dpo", mu=0.95)
-      >>> loss = losses.mean()
+      >>> import jax, jax.numpy as jnp
+      >>> pl, rl = jax.random.normal(jax.random.key(0), (2, 4, 3, 16))  # [2B, T, V], B = 2
+      >>> labels, mask = jnp.ones((4, 3), jnp.int32), jnp.ones((4, 3), bool)
+      >>> kw = dict(loss="ra_dpo", risk="erm", mu=2.0)
+      >>> losses, metrics = logits_pair_loss(pl, rl, labels, mask, **kw)
+      >>> losses.shape, metrics["rewards/margins"].shape
+      ((2,), (2,))
+      >>> loss = losses.mean()  # the reduction belongs to the train step
     """
     where = "logits_pair_loss"
     _check_common(labels, loss_mask, loss=loss, risk=risk, mu=mu, version=version, where=where)
@@ -224,7 +230,7 @@ def _chunk_backward(
 # `rows_forward`/`rows_backward` a few rows at a time, so a chunk's logits are the only [N, C, V]
 # arrays (plus the gradient with respect to them). (jax.checkpoint with a names policy saving the
 # thresholds made XLA keep O(N T V) selection buffers; plain jax.checkpoint redoes the selection.)
-# The peak is then that of recomputing every chunk (measured at K = 3, 4, 8), except at K = 2,
+# The peak is then that of recomputing every chunk (XLA's buffers at K >= 3), except at K = 2,
 # where the backward pass's one-step loop is inlined and XLA schedules chunk 0's recomputation
 # first of all, before the forward loop: both chunks' logits are then alive at once, as on the
 # logits path (an ordering XLA chose; `optimization_barrier`s in the loop did not change it).

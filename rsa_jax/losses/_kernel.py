@@ -6,10 +6,16 @@ and checked against the registries `LOSSES` and `RISKS`, so it can key a cache o
 changing it never recompiles, and a stack of them can be vmapped over. Every default of a loss
 hyperparameter is written here once (`LossHyper()`); the kernels and the config read it.
 
-    >>> kernel = Kernel(loss="ra_dpo", risk="cvar", version=2)
-    >>> hyper = LossHyper.create(beta=0.05, mu=0.9)
+    >>> import jax, jax.numpy as jnp
+    >>> from rsa_jax.losses import Kernel, LossHyper, logits_pair_loss
+    >>> kernel = Kernel(loss="ra_dpo", risk="erm", version=2)
+    >>> hyper = LossHyper.create(beta=0.05, mu=2.0)
     >>> kw = {**kernel.kwargs(), **hyper.kwargs()}
+    >>> pl, rl = jax.random.normal(jax.random.key(0), (2, 2, 4, 8))  # [2B, T, V], B = 1
+    >>> labels, mask = jnp.zeros((2, 4), jnp.int32), jnp.ones((2, 4), bool)
     >>> losses, metrics = logits_pair_loss(pl, rl, labels, mask, **kw)
+    >>> losses.shape
+    (1,)
 """
 
 from __future__ import annotations

@@ -72,7 +72,13 @@ def ra_dpo(chosen: SequenceStats, rejected: SequenceStats, *, beta, alpha=0.5, v
     Returns:
       (losses [B], metrics dict of [B] arrays); `rewards/*` are `beta * (M + S)`.
     Example:
+      >>> import jax.numpy as jnp
+      >>> from rsa_jax.losses import SequenceStats
+      >>> stats_w = SequenceStats(*[jnp.array([0.5])] * 4)  # logp, M, K, S of the chosen
+      >>> stats_l = SequenceStats(*[jnp.array([0.0])] * 4)
       >>> losses, metrics = ra_dpo(stats_w, stats_l, beta=0.1, alpha=0.5, version=2)
+      >>> round(float(losses[0]), 4)  # -log sigmoid(0.1 (0.5 - 0.5 (0 - 0.5)))
+      0.6564
     """
     beta = jnp.asarray(beta, jnp.float32)
     margin = chosen.M - rejected.M

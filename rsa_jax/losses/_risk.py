@@ -123,8 +123,9 @@ def _cut(x: jax.Array, valid: jax.Array, n: int, tail: jax.Array) -> jax.Array:
     around tau is (x_k, x_k1) itself: every valid entry is at most x_k or at least x_k1 (they are
     consecutive order statistics). Only where tau lands on x_k1 (ties at the rank, or a weight
     that rounds up) is the entry above the gap unknown; then, and only if some row of the call
-    needs it, the two masked passes of `_middle_of_cut` run. They cost about 1.5 ns per entry on
-    the CPU, a quarter of the selection, and a trained policy rarely has ties at the rank.
+    needs it, the two masked passes of `_middle_of_cut` run. They are two full passes over the
+    row, a large fraction of the selection's cost, and a trained policy rarely has ties at the
+    rank.
     (Under `vmap` the `cond` becomes a `select`, which runs them every time, as before. With the
     rows sharded over devices its predicate is one boolean all-reduce per call.)
     """

@@ -44,29 +44,26 @@ _ALL = np.uint32(0xFFFFFFFF)
 # 32 halvings exhaust any uint32 range.
 _BISECTION_STEPS = 32
 # Radix digits of the 32-bit key, most significant first: histogram passes of at most 2048 bins
-# (measured on the 2-core CPU against four 8-bit passes: about the same speed, one pass fewer over
-# the keys, and the histograms stay small next to a W = 24576 row). The last one runs only where
-# the group left by the others is too large for `_pair_from_group`. Measured against (12, 10, 10)
-# and (12, 11, 9) with that skip: within the noise.
+# (one pass fewer over the keys than four 8-bit digits, at about the same speed, and the
+# histograms stay small next to a W = 24576 row). The last one runs only where the group left by
+# the others is too large for `_pair_from_group`. Other splits ((12, 10, 10), (12, 11, 9)) were no
+# faster (docs/benchmarks.md, "Design measurements").
 _DIGITS = (11, 11, 10)
 # The bits that the histogram passes of all digits but the last one fix (the top 22).
 _LEADING_MASK = np.uint32(((1 << sum(_DIGITS[:-1])) - 1) << _DIGITS[-1])
 # The first digit's bin is guessed from every 16th key and checked by counting, over all keys,
-# those below each of the 5 bins around the guess (`_first_digit_from_sample`). Measured on
-# [16, 24576] blocks: 1.8 ns per key for the selection, against 2.3 with a full first histogram
-# pass (3 bins: 1.7; every 8th key: 1.9). The sample's rank error is about 4 sqrt(k) keys;
-# 5 bins cover it in every row of normal, Student-t (3 degrees), Cauchy and log-normal rows
-# tried, 3 bins in 50% to 100% of their 16-row steps. Where the true bin is farther off, as in a
+# those below each of the 5 bins around the guess (`_first_digit_from_sample`): one counting pass
+# instead of a full first histogram pass. The sample's rank error is about 4 sqrt(k) keys; 5 bins
+# cover it in every row of normal, Student-t (3 degrees), Cauchy and log-normal rows tried, 3
+# bins in only 50% to 100% of their 16-row steps. Where the true bin is farther off, as in a
 # two-scale mixture (90% of the values normal with std 1e-3, 10% with std 1), the full pass runs
-# after the guess: 2.6 ns per key there (1.8 without the guess; 3.0 before the fused pass).
+# after the guess, so a wrong guess costs one pass and never the result.
 _SAMPLE_STRIDE = 16
 _FIRST_DIGIT_GUESSES = 5
 # Rows per loop step: 16 rows of a 49152-entry vocabulary half are 16 x 96 KiB of keys, which
-# stay in the caches (1 MiB L2 per core, 32 MiB L3 on the 2-core test machine) across the digit
-# passes. It is also what a row block of the risk head hands over (8 positions x 2 vocabulary
-# halves, `_row_blocks.BLOCK_ROWS`), so there the selection is one loop step: measured on those
-# blocks (three histogram passes), 4.8 ns per key against 8.2 ns with 8 rows (two steps); with the
-# shortcuts of `_kth_pair_keys`, 1.8 ns per key. The G axis is the leading one of the [G, S, W]
+# stay in a CPU's L2/L3 caches across the digit passes. It is also what a row block of the risk
+# head hands over (8 positions x 2 vocabulary halves, `_row_blocks.BLOCK_ROWS`), so there the
+# selection is one loop step instead of two. The G axis is the leading one of the [G, S, W]
 # layout, so rows sharded over devices stay sharded (each device scans its own rows).
 _GROUP_ROWS = 16
 
@@ -136,8 +133,8 @@ def _bin_holding(counts: jax.Array, rank: jax.Array) -> tuple[jax.Array, jax.Arr
       (bin, rank_in_bin): [G] int32 each, the first bin whose running count exceeds rank.
 
     In two levels, chunks of 32 bins then the bins of the chunk found: `jnp.cumsum` over all R
-    bins lowers to a reduce-window on XLA's CPU backend, which took 180 us per [16, 2048]
-    histogram (a fifth of the risk head's time) against 10 us for this.
+    bins lowers to a reduce-window on XLA's CPU backend, an order of magnitude slower than this
+    (docs/benchmarks.md, "Design measurements").
     """
     g, bins = counts.shape
     chunks = counts.reshape(g, bins // _CHUNK_BINS, _CHUNK_BINS)
@@ -159,10 +156,9 @@ def _row_reductions(operands, inits, combiners) -> tuple[jax.Array, ...]:
 
     One variadic `lax.reduce` with elementwise combiners (min, max, add). Why not `jnp.min` etc.:
     XLA's CPU backend (jax 0.10.2) rewrites a single-operand reduction over a long row into a
-    reduce-window tree and writes its masked input out first; measured on [16, 24576] uint32 keys
-    in cache, a masked minimum took 2.1 ns per key that way and 0.1 ns as a two-output variadic
-    reduce, which stays one fused loop (four outputs: 0.18 ns). Every output must be used: XLA
-    drops unused ones, and a lone survivor is rewritten again.
+    reduce-window tree and writes its masked input out first, many times slower than a variadic
+    reduce, which stays one fused loop. Every output must be used: XLA drops unused ones, and a
+    lone survivor is rewritten again.
     """
     axis = operands[0].ndim - 1
     inits = tuple(jnp.asarray(init, x.dtype) for init, x in zip(inits, operands, strict=True))
@@ -193,16 +189,15 @@ def _digit_pass(keys, prefix, fixed, rank, shift, bits):
     digit = ((keys >> shift) & np.uint32(bins - 1)).astype(jnp.int32)  # [G, W]
     # A scatter-add histogram (XLA has no histogram primitive): O(W), one pass. The G rows share
     # one flat [G * R] array (row r's bins from r * R), and keys outside the row's current prefix
-    # group get an out-of-range index that the scatter drops. Measured on the CPU (16 rows of 24576
-    # keys, in cache): 1.0-1.5 ns per key for one pass, against 2.3 ns for a scatter vmapped over
-    # rows (and, earlier, 6.2 against 7.0 ns for a whole selection with the outside keys counted
-    # in an extra bin: all of them hit that one counter, one after the other).
+    # group get an out-of-range index that the scatter drops: faster than a scatter vmapped over
+    # rows, and than counting the outside keys in an extra bin (all of them would hit that one
+    # counter, one after the other).
     index = digit + (jnp.arange(g, dtype=jnp.int32) * bins)[:, None]
     if fixed:
         index = jnp.where((keys & fixed) == prefix[:, None], index, g * bins)
     # The scatter adds an array of ones, which XLA would otherwise sink into the loop around this
     # (`WhileLoopConstantSinking`) and write out at every step: the barrier keeps it one array
-    # made once (measured: 15% of a pass).
+    # made once.
     ones = jax.lax.optimization_barrier(jnp.ones((index.size,), jnp.int32))
     counts = jnp.zeros((g * bins,), jnp.int32)
     counts = counts.at[index.reshape(-1)].add(ones, mode="drop").reshape(g, bins)
@@ -441,9 +436,8 @@ def _kth_pair_rows_vmap(axis_size, in_batched, keys, k):
     """The batching rule of `_kth_pair_rows`: the mapped axis becomes a leading axis of rows.
 
     A plain `vmap` would turn each step's `cond`s (the sampled first digit, the skipped last
-    digit) into selects that run both branches, and batch the scatters and dynamic slices:
-    measured on the risk head vmapped over 2 members (2 x 512 x 49152), 4.2 s per call that way
-    against 2.4 s with the members' rows in one loop. Both are exact, so the bits are the same.
+    digit) into selects that run both branches, and batch the scatters and dynamic slices, so
+    the shortcuts would cost instead of save. Both are exact, so the bits are the same.
     """
     keys, k = (
         a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))

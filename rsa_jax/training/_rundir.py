@@ -75,8 +75,8 @@ class ConfigMismatch(ConfigError):
 class RunLock:
     """Exclusive ownership of a run directory for the lifetime of a trainer.
 
-    >>> with RunLock("runs/rsa"):       # RunDirError at once if another trainer holds it
-    ...     train(...)
+        with RunLock("runs/rsa"):       # RunDirError at once if another trainer holds it
+            train(config)
 
     `enabled=False` (processes other than 0) makes it a no-op. Works on local filesystems and on
     NFS (Linux maps flock to NFS byte-range locks); on filesystems without locking (some FUSE

@@ -211,9 +211,8 @@ def make_train_step(
         if microbatches == 1:
             # One microbatch: no scan. Why: a scan carries a zero gradient tree that XLA
             # materialises, adds to and copies in and out of its loop, parameter by parameter
-            # (3% of a SmolLM2-135M DPO step's operation time on the CPU, measured by
-            # `bench/profile_step.py`), and the loop boundary keeps the optimizer update from
-            # fusing with the gradient. The sums are the scan's (0 + x = x).
+            # (`bench/profile_step.py` shows it), and the loop boundary keeps the optimizer
+            # update from fusing with the gradient. The sums are the scan's (0 + x = x).
             mb0, key0 = jax.tree.map(lambda x: x[0], (micro, keys))
             (l_sum, (m_sum, count)), g_sum = grad_fn(state.params, ref_params, mb0, hyper, key0)
         else:
