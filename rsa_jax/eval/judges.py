@@ -13,7 +13,8 @@ metrics and the frontier report work on them unchanged, per prompt category too.
   reward is 0 there either way (a keyword judge cannot tell a helpful harmful answer from a bad
   one). On a benign prompt, cost is 0 and reward is 1 for an answer, 0 for a refusal, so
   over-refusal lowers reward. Blind spots are listed in docs/judges.md.
-- `ScoreModelScorer` (JAX; imported on first use): safe-rlhf `LlamaForScore` and transformers
+- `ScoreModelScorer` (JAX; imported on first use, with `ScoreModel`, `ScoreHead`,
+  `read_score_head` and `score_forward`): safe-rlhf `LlamaForScore` and transformers
   `*ForSequenceClassification` reward and cost models from local directories.
 - `JudgePanel`: several judges side by side; reward from one, cost from another, catastrophic
   when any judge says so, and every judge's own columns kept under "<name>/<key>".
@@ -32,14 +33,24 @@ from rsa_jax.eval.prompt_sets import PromptItem
 from rsa_jax.eval.scorers import Scorer, scorer_name
 
 if TYPE_CHECKING:
-    from rsa_jax.eval._score_models import ScoreModelScorer
+    from rsa_jax.eval._score_models import (
+        ScoreHead,
+        ScoreModel,
+        ScoreModelScorer,
+        read_score_head,
+        score_forward,
+    )
 
 __all__ = [
     "JudgePanel",
     "RefusalJudge",
+    "ScoreHead",
+    "ScoreModel",
     "ScoreModelScorer",
     "is_refusal",
     "make_judge",
+    "read_score_head",
+    "score_forward",
 ]
 
 # Only the opening is searched: a refusal comes first, and a long helpful answer may quote
@@ -280,9 +291,18 @@ def make_judge(
     )
 
 
+_SCORE_MODEL_NAMES = (
+    "ScoreHead",
+    "ScoreModel",
+    "ScoreModelScorer",
+    "read_score_head",
+    "score_forward",
+)
+
+
 def __getattr__(name: str):
-    if name == "ScoreModelScorer":  # JAX and the model code load on first use
-        value = importlib.import_module("rsa_jax.eval._score_models").ScoreModelScorer
+    if name in _SCORE_MODEL_NAMES:  # JAX and the model code load on first use
+        value = getattr(importlib.import_module("rsa_jax.eval._score_models"), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'rsa_jax.eval.judges' has no attribute {name!r}")
