@@ -17,6 +17,7 @@ importing `rsa_jax.eval` for the metrics and reports does not import JAX.
 
 import importlib
 
+from rsa_jax.eval._categories import RecordingScorer, annotate, category_metrics
 from rsa_jax.eval._frontier import (
     FRONTIER_STATISTICS,
     Choice,
@@ -81,6 +82,7 @@ _LAZY = {
     "mesh_from_text": "rsa_jax.eval._placement",
     "placement_for": "rsa_jax.eval._placement",
     "placement_of": "rsa_jax.eval._placement",
+    "training_template": "rsa_jax.eval._placement",
     "default_memory_budget": "rsa_jax.eval._budget",
     "rows_per_batch": "rsa_jax.eval._budget",
     "sampling_bytes_per_row": "rsa_jax.eval._budget",
@@ -102,6 +104,9 @@ def __dir__():
 
 __all__ = [
     *_LAZY,
+    "RecordingScorer",
+    "annotate",
+    "category_metrics",
     "DEFAULT_LEVELS",
     "FRONTIER_STATISTICS",
     "SAMPLES_JSONL",
