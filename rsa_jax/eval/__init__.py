@@ -7,7 +7,9 @@ prompt-clustered bootstrap intervals (`tail_metrics`); `report` writes `results.
 compare methods through families of variants (Pareto frontiers of reward against each cost
 statistic, the paired reward gap at equal cost, Algorithm 1's constrained choice, and
 `run_frontier`, the `rsa-jax frontier` command). `write_samples` writes each sample's text
-with its scores as JSON Lines. All NumPy.
+with its scores as JSON Lines. All NumPy. `prompt_sets` loads the shipped real prompt
+sets, `judges` the refusal judge and (with JAX, on first use) the score models; both are
+imported as submodules (`rsa_jax.eval.judges`).
 
 The driver that produces the per-sample arrays (`load_model`, `sample`, `response_logprob`,
 `evaluate_model`, on one device or a mesh: `Placement`, `placement_for`; batch sizes from a memory

@@ -77,3 +77,26 @@ def test_training_template_is_the_runs_own(tmp_path):
     hf.mkdir()
     (hf / "config.json").write_text(json.dumps({"model_type": "llama"}))
     assert training_template(str(hf)) == (False, None)
+
+
+@pytest.mark.slow
+def test_eval_of_a_tiny_run_uses_its_training_template(tmp_path, capsys):
+    from rsa_jax.data import write_toy_data
+    from rsa_jax.training import train
+
+    data = str(tmp_path / "pairs.jsonl")
+    write_toy_data(data, rows=16)
+    template = "USER: {prompt} ASSISTANT:"
+    overrides = [f"data.path={data}", f"train.run_dir={tmp_path / 'run'}"]
+    overrides += ["stages.0.steps=1", "stages.1.steps=1", "checkpoint.every=1"]
+    overrides += [f"data.template={template}"]
+    assert train(load_config(os.path.join(ROOT, "configs", "tiny.yaml"), overrides)).status == (
+        "done"
+    )
+    out = tmp_path / "eval"
+    argv = ["eval", str(tmp_path / "run"), "--prompts", "benign", "--judge", "refusal"]
+    argv += ["--prompt-limit", "3", "--samples", "2", "--max-new-tokens", "4", "--n-boot", "10"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert f"template {template}" in capsys.readouterr().out
+    rows = read_samples(out)
+    assert len(rows) == 6 and {r["source"] for r in rows} == {"benign"}
