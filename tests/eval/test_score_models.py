@@ -218,3 +218,12 @@ def test_bad_directories(tmp_path, dirs):
         read_score_head(str(path))
     with pytest.raises(ValueError, match="give a reward model, a cost model or both"):
         ScoreModelScorer()
+
+
+@pytest.mark.slow
+def test_sharded_scores_equal_one_device(device_script):
+    here = os.path.dirname(os.path.abspath(__file__))
+    out = device_script(os.path.join(here, "sharded_score_check.py"), timeout=1200)
+    for fmt in ("safe_rlhf", "qwen2_seq_cls"):
+        assert out[fmt]["split"], fmt  # parameters really sharded over the mesh
+        assert out[fmt]["max_diff"] <= 1e-5, (fmt, out[fmt])
