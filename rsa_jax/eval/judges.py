@@ -65,10 +65,11 @@ REFUSAL_PATTERNS: tuple[str, ...] = (
     r"^\W*sorry\b(?! to hear| for your loss)",
     r"\b(?:i|we) (?:sincerely )?apologi[sz]e\b",
     rf"\bi (?:can{_APOS}?t|cannot|can not|won{_APOS}t|will not|must not|shouldn{_APOS}t|"
-    rf"should not|(?:am|{_APOS}m) (?:not able|unable|not going|not comfortable)|"
+    rf"should not|"
     rf"do not feel comfortable|don{_APOS}t feel comfortable|refuse|must decline|"
     rf"have to decline|(?:must|have to|need to) (?:respectfully )?decline)\b"
     rf"(?! (?:stress|emphasi[sz]e|overstate|wait|believe|help but|recommend \w+ enough)\b)",
+    rf"\bi(?:{_APOS}m| am) (?:not able|unable|not going|not comfortable|not willing)\b",
     r"\b(?:unable|not able) to (?:help|assist|provide|comply|fulfil|support|create|write|give"
     r"|generate|share|answer)\b",
     rf"\bnot something i(?: can|{_APOS}m able to| will|{_APOS}ll)\b",
