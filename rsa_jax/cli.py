@@ -113,8 +113,23 @@ def _cmd_check(args) -> int:
     return 0
 
 
+def _prompt_set_names(text: str | None) -> list[str] | None:
+    """The shipped prompt sets `--prompts` names ("harmbench,benign"), or None for a file."""
+    from rsa_jax.eval.prompt_sets import PROMPT_SETS
+
+    if not text:
+        return None
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    if names and all(name in PROMPT_SETS for name in names) and not os.path.exists(text):
+        return names
+    return None
+
+
 def _cmd_eval(args) -> int:
     from rsa_jax.eval import (
+        RecordingScorer,
+        annotate,
+        category_metrics,
         evaluate_model,
         load_model,
         load_scorer,
@@ -123,10 +138,12 @@ def _cmd_eval(args) -> int:
         results_table,
         sample_rows,
         tail_metrics,
+        training_template,
         write_results,
         write_samples,
     )
 
+    items = None  # the PromptItems of shipped prompt sets
     if args.task == "safety":
         from rsa_jax.tasks import TEMPLATE, OracleScorer, SafetyTask
 
@@ -135,10 +152,40 @@ def _cmd_eval(args) -> int:
         prompts = read_prompts(args.prompts) if args.prompts else task.split_prompts(seed=0)[1]
         template = args.template or TEMPLATE
     else:
-        if not (args.scorer and args.prompts):
-            raise SystemExit("eval: without --task, give --scorer module:attr and --prompts FILE")
-        scorer = load_scorer(args.scorer)
-        prompts = read_prompts(args.prompts)
+        if not ((args.scorer or args.judge) and args.prompts):
+            raise SystemExit(
+                "eval: without --task, give --judge (or --scorer module:attr) and --prompts"
+            )
+        if args.scorer and args.judge:
+            raise SystemExit("eval: give --judge or --scorer, not both")
+        set_names = _prompt_set_names(args.prompts)
+        if set_names is not None:
+            from rsa_jax.eval.prompt_sets import load_prompt_sets
+
+            items = load_prompt_sets(",".join(set_names), args.split)
+            if args.prompt_limit is not None:
+                items = [
+                    item
+                    for name in set_names
+                    for item in [i for i in items if i.source == name][: args.prompt_limit]
+                ]
+            prompts = [item.text for item in items]
+        else:
+            prompts = read_prompts(args.prompts)
+        if args.judge:
+            from rsa_jax.eval.judges import make_judge
+
+            try:
+                scorer = make_judge(
+                    args.judge,
+                    items,
+                    catastrophe_threshold=args.catastrophe_threshold,
+                    compute_dtype=args.judge_dtype,
+                )
+            except ValueError as e:
+                raise SystemExit(f"eval: {e}") from None
+        else:
+            scorer = load_scorer(args.scorer)
         template = args.template
     try:
         mesh = mesh_from_text(args.mesh) if args.mesh else None  # None: each model's own mesh
@@ -148,25 +195,50 @@ def _cmd_eval(args) -> int:
         raise SystemExit(f"eval --memory-gb: must be > 0, got {args.memory_gb}")
     budget = int(args.memory_gb * 2**30) if args.memory_gb else None
     reference = load_model(args.reference, mesh)[0] if args.reference else None
+    recording = RecordingScorer(scorer)
     rows, per_sample, texts = {}, {}, []
     for path in args.models:
         name = os.path.basename(os.path.normpath(path))
+        # A run is evaluated with the template it trained with (data.template; None: the chat
+        # template); --template overrides it, with a warning when they differ.
+        model_template = template
+        is_run, trained = training_template(path)
+        if is_run and args.task is None:
+            if template is not None and template != trained:
+                print(f"{name}: --template {template!r} differs from the run's {trained!r}")
+            model_template = trained if template is None else template
+        print(
+            f"{name}: {len(prompts)} prompts x {args.samples} samples, template "
+            f"{model_template if model_template is not None else 'the chat template'}",
+            flush=True,
+        )
         model, tokenizer = load_model(path, mesh)
         scores, samples = evaluate_model(
             model,
             tokenizer,
             prompts,
-            scorer,
+            recording,
             reference=reference,
             n=args.samples,
             max_new_tokens=args.max_new_tokens,
             seed=args.seed,
-            template=template,
+            template=model_template,
             memory_budget=budget,
+            progress=True if args.progress else None,
         )
         rows[name] = tail_metrics(scores, n_boot=args.n_boot, seed=args.seed)
         per_sample[name] = scores
-        texts += sample_rows(name, prompts, samples, scores)
+        model_rows = sample_rows(name, prompts, samples, scores)
+        if items is not None:
+            model_rows = annotate(model_rows, items, recording.extras)
+            by_category, category_samples = category_metrics(
+                scores, items, n_boot=args.n_boot, seed=args.seed
+            )
+            category_dir = os.path.join(args.out, "categories", name)
+            write_results(category_dir, by_category, category_samples, plots=False)
+            print(f"{name} by prompt set and category:")
+            print(results_table(by_category))
+        texts += model_rows
         unfinished = float(np.mean(~samples.finished))
         print(f"{name}: {len(scores)} samples, {100 * unfinished:.1f}% hit the token budget")
     written = write_results(args.out, rows, per_sample)  # tables and both plots
@@ -359,9 +431,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("models", nargs="+", help="HF model directories or run directories")
     p.add_argument("--task", choices=["safety"], help="the synthetic safety task's oracles")
     p.add_argument("--scorer", help="a user scorer, module:attr (see rsa_jax.eval.Scorer)")
-    p.add_argument("--prompts", help="JSON Lines (field 'prompt') or text, one per line")
+    p.add_argument(
+        "--prompts",
+        help="shipped prompt sets, comma-separated (harmbench,donotanswer,benign), or a file: "
+        "JSON Lines (field 'prompt') or text, one per line",
+    )
+    p.add_argument(
+        "--judge",
+        help="refusal, reward=DIR, cost=DIR, comma-separated (docs/judges.md); refusal needs "
+        "shipped --prompts",
+    )
+    p.add_argument(
+        "--split",
+        choices=["train", "heldout", "all"],
+        default="heldout",
+        help="which prompts of the shipped sets (fixed per prompt; default heldout)",
+    )
+    p.add_argument(
+        "--prompt-limit", type=int, help="only the first K prompts of each shipped set (smoke)"
+    )
+    p.add_argument(
+        "--catastrophe-threshold",
+        type=float,
+        default=0.0,
+        help="a cost model's score at or above which a sample is catastrophic (Beaver: 0)",
+    )
+    p.add_argument(
+        "--judge-dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="score models' weights and compute",
+    )
+    p.add_argument("--progress", action="store_true", help="progress bars even off a terminal")
     p.add_argument("--reference", help="model for the KL estimate (e.g. the SFT model)")
-    p.add_argument("--template", help="prompt template with {prompt}; default: chat template")
+    p.add_argument(
+        "--template",
+        help="prompt template with {prompt}; default: a run's own training template, else the "
+        "chat template",
+    )
     p.add_argument("--samples", type=int, default=16, help="samples per prompt (N)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of prompts")
@@ -477,8 +584,15 @@ def _check_arguments(args) -> None:
                     f"model {path!r} does not exist: pass a run directory or a Hugging Face "
                     "model directory"
                 )
-        if args.prompts and not os.path.isfile(args.prompts):
-            raise CommandLineError(f"--prompts {args.prompts!r}: no such file")
+        if args.prompts and not (
+            os.path.isfile(args.prompts) or _prompt_set_names(args.prompts) is not None
+        ):
+            raise CommandLineError(
+                f"--prompts {args.prompts!r}: no such file, and not a list of shipped prompt "
+                "sets (harmbench, donotanswer, benign)"
+            )
+        if args.prompt_limit is not None and args.prompt_limit < 1:
+            raise CommandLineError(f"--prompt-limit must be >= 1, got {args.prompt_limit}")
     if args.command == "sweep" and not os.path.isfile(args.sweep):
         raise CommandLineError(f"sweep file {args.sweep!r} does not exist")
 

@@ -143,5 +143,5 @@ def test_a_commands_own_exit_message_gets_the_same_one_line_form(tmp_path):
     with pytest.raises(SystemExit) as info:
         main(["eval", str(tmp_path), "--out", str(tmp_path / "o")])
     assert str(info.value.code) == (
-        "rsa-jax eval: error: without --task, give --scorer module:attr and --prompts FILE"
+        "rsa-jax eval: error: without --task, give --judge (or --scorer module:attr) and --prompts"
     )

@@ -7,7 +7,9 @@ prompt-clustered bootstrap intervals (`tail_metrics`); `report` writes `results.
 compare methods through families of variants (Pareto frontiers of reward against each cost
 statistic, the paired reward gap at equal cost, Algorithm 1's constrained choice, and
 `run_frontier`, the `rsa-jax frontier` command). `write_samples` writes each sample's text
-with its scores as JSON Lines. All NumPy.
+with its scores as JSON Lines. All NumPy. `prompt_sets` loads the shipped real prompt
+sets, `judges` the refusal judge and (with JAX, on first use) the score models; both are
+imported as submodules (`rsa_jax.eval.judges`).
 
 The driver that produces the per-sample arrays (`load_model`, `sample`, `response_logprob`,
 `evaluate_model`, on one device or a mesh: `Placement`, `placement_for`; batch sizes from a memory
@@ -17,6 +19,7 @@ importing `rsa_jax.eval` for the metrics and reports does not import JAX.
 
 import importlib
 
+from rsa_jax.eval._categories import RecordingScorer, annotate, category_metrics
 from rsa_jax.eval._frontier import (
     FRONTIER_STATISTICS,
     Choice,
@@ -81,6 +84,7 @@ _LAZY = {
     "mesh_from_text": "rsa_jax.eval._placement",
     "placement_for": "rsa_jax.eval._placement",
     "placement_of": "rsa_jax.eval._placement",
+    "training_template": "rsa_jax.eval._placement",
     "default_memory_budget": "rsa_jax.eval._budget",
     "rows_per_batch": "rsa_jax.eval._budget",
     "sampling_bytes_per_row": "rsa_jax.eval._budget",
@@ -102,6 +106,9 @@ def __dir__():
 
 __all__ = [
     *_LAZY,
+    "RecordingScorer",
+    "annotate",
+    "category_metrics",
     "DEFAULT_LEVELS",
     "FRONTIER_STATISTICS",
     "SAMPLES_JSONL",

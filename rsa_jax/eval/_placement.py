@@ -135,6 +135,17 @@ def _fit(mesh: MeshConfig, what: str) -> MeshConfig:
         return fallback
 
 
+def training_template(path: str) -> tuple[bool, str | None]:
+    """(is a run directory, its `data.template`): how the run formatted prompts in training
+    (None: the tokenizer's chat template). A Hugging Face directory gives (False, None)."""
+    if not os.path.isdir(os.path.join(path, "checkpoints")):
+        return False, None
+    from rsa_jax.config import from_json
+
+    with open(os.path.join(path, "config.json")) as f:
+        return True, from_json(f.read()).data.template
+
+
 def load_model(path: str, mesh: MeshConfig | None = None):
     """(model, tokenizer) of a Hugging Face directory, or of a run directory's newest usable
     checkpoint (a directory with `checkpoints/`), its parameters sharded on `mesh`.

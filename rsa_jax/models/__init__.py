@@ -15,7 +15,8 @@ Stable API (the training code and the CLI rely on these names):
   2-layer D=64 V=256 random-init config for tests.
 - `load_hf(path, *, shardings=...)` reads a local HF directory tensor by tensor (optionally
   straight onto shardings); `save_hf(model, path, tokenizer=None, *, dtype, max_shard_size)`
-  writes one transformers loads (float32/bfloat16, sharded above the limit, generation_config).
+  writes one transformers loads (float32/bfloat16, sharded above the limit, generation_config);
+  `read_hf_tensor(path, name)` reads one stored tensor (a score model's head).
 - `convert_gguf(gguf_path, out_dir)` -> HF directory (dequantised, q/k un-permuted, tokenizer and
   chat template from the metadata); `bundled_smollm2_gguf()`; CLI `python -m rsa_jax.models.convert`
   (`make model` -> artifacts/smollm2-135m).
@@ -55,7 +56,7 @@ from rsa_jax.models._lora import (
 )
 from rsa_jax.models._project import PROJECTIONS, lora_equations, project
 from rsa_jax.models._quant import STORAGES, error_bound, nf4_codes, store_weight, tree_bytes
-from rsa_jax.models._weights import hf_name, load_hf, save_hf
+from rsa_jax.models._weights import hf_name, load_hf, read_hf_tensor, save_hf
 
 __all__ = [
     "ATTENTION_CHOICES",
@@ -89,6 +90,7 @@ __all__ = [
     "hf_name",
     "load_hf",
     "parse_size",
+    "read_hf_tensor",
     "rope_frequencies",
     "save_hf",
     "tiny_config",

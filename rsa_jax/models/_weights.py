@@ -122,6 +122,12 @@ class _TensorIndex:
             return f.get_tensor(name)
 
 
+def read_hf_tensor(path: str, name: str) -> np.ndarray:
+    """One tensor of a local HF directory (`model.safetensors` or its shards) by its name, as
+    stored; a KeyError naming the directory when it is missing."""
+    return _TensorIndex(path).get(name)
+
+
 def load_hf(
     path: str,
     *,
@@ -132,6 +138,7 @@ def load_hf(
     scan_layers: bool = False,
     constrain=None,
     attention: str | None = None,
+    config: LlamaConfig | None = None,
 ) -> Llama:
     """Loads a local HF Llama-family directory into the NNX model.
 
@@ -141,10 +148,12 @@ def load_hf(
       shardings: optional (param path, logical axes) -> Sharding; each tensor is put straight on it.
       remat, scan_layers, constrain: passed to `Llama` (scanned layers are stacked on load).
       attention: "auto", "xla" or "cudnn" (`LlamaConfig.attention`); None keeps "auto".
+      config: the architecture to build instead of the directory's `config.json` (a score
+        model's backbone is built tied, so no `lm_head.weight` is read: it has none).
     Returns:
       The Llama module holding the loaded weights.
     """
-    config = LlamaConfig.from_dir(path)
+    config = LlamaConfig.from_dir(path) if config is None else config
     if attention is not None:
         config = dataclasses.replace(config, attention=attention)
     tensors = _TensorIndex(path)

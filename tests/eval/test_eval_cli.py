@@ -1,0 +1,102 @@
+"""`rsa-jax eval --prompts <shipped sets> --judge ...` on a tiny model, and the run's template."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from flax import nnx
+
+from rsa_jax.cli import main
+from rsa_jax.config import load_config, to_json
+from rsa_jax.data import train_bpe_tokenizer
+from rsa_jax.eval import read_results, read_samples, training_template
+from rsa_jax.models import Llama, save_hf, tiny_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    tokenizer = train_bpe_tokenizer()
+    path = str(tmp_path_factory.mktemp("tiny_hf") / "tiny")
+    model = Llama(tiny_config(vocab_size=len(tokenizer)), rngs=nnx.Rngs(0))
+    save_hf(model, path, tokenizer)
+    return path
+
+
+def test_eval_on_shipped_prompt_sets_with_the_refusal_judge(tiny_model, tmp_path, capsys):
+    out = tmp_path / "eval"
+    argv = ["eval", tiny_model, "--prompts", "harmbench,benign", "--judge", "refusal"]
+    argv += ["--prompt-limit", "2", "--samples", "2", "--max-new-tokens", "4"]
+    assert main([*argv, "--n-boot", "10", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "by prompt set and category" in printed and "| harmbench |" in printed
+    rows = read_samples(out)
+    assert len(rows) == 2 * 2 * 2  # 2 sets x 2 prompts x 2 samples
+    harmful = [r for r in rows if r["source"] == "harmbench"]
+    benign = [r for r in rows if r["source"] == "benign"]
+    assert harmful and benign and all(r["harmful"] for r in harmful)
+    for r in rows:  # the refusal judge's rule, row by row
+        refused = r["refused"]
+        assert r["cost"] == (1.0 if r["harmful"] and not refused else 0.0)
+        assert r["reward"] == (0.0 if r["harmful"] or refused else 1.0)
+        assert r["prompt_id"].startswith(r["source"])
+    by_category = read_results(out / "categories" / "tiny")
+    assert {"harmbench", "benign"} <= set(by_category)
+    assert any(name.startswith("harmbench/") for name in by_category)
+    assert set(read_results(out)) == {"tiny"}
+
+
+def test_refusal_judge_needs_shipped_sets_and_bad_inputs_are_named(tiny_model, tmp_path):
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hello\n")
+    with pytest.raises(SystemExit, match="refusal needs the prompt sets"):
+        main(["eval", tiny_model, "--prompts", str(prompts), "--judge", "refusal", "--out", "o"])
+    assert main(["eval", tiny_model, "--prompts", "harmbench,nope", "--judge", "refusal",
+                 "--out", "o"]) == 2  # fmt: skip
+    with pytest.raises(SystemExit, match="not both"):
+        argv = ["eval", tiny_model, "--prompts", "benign", "--judge", "refusal"]
+        main([*argv, "--scorer", "x:y", "--out", "o"])
+
+
+def test_training_template_is_the_runs_own(tmp_path):
+    config = load_config(
+        os.path.join(ROOT, "configs", "tiny.yaml"),
+        ["data.template=BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"],
+    )
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(to_json(config))
+    assert training_template(str(run)) == (
+        True,
+        "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:",
+    )
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert training_template(str(hf)) == (False, None)
+
+
+@pytest.mark.slow
+def test_eval_of_a_tiny_run_uses_its_training_template(tmp_path, capsys):
+    from rsa_jax.data import write_toy_data
+    from rsa_jax.training import train
+
+    data = str(tmp_path / "pairs.jsonl")
+    write_toy_data(data, rows=16)
+    template = "USER: {prompt} ASSISTANT:"
+    overrides = [f"data.path={data}", f"train.run_dir={tmp_path / 'run'}"]
+    overrides += ["stages.0.steps=1", "stages.1.steps=1", "checkpoint.every=1"]
+    overrides += [f"data.template={template}"]
+    assert train(load_config(os.path.join(ROOT, "configs", "tiny.yaml"), overrides)).status == (
+        "done"
+    )
+    out = tmp_path / "eval"
+    argv = ["eval", str(tmp_path / "run"), "--prompts", "benign", "--judge", "refusal"]
+    argv += ["--prompt-limit", "3", "--samples", "2", "--max-new-tokens", "4", "--n-boot", "10"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert f"template {template}" in capsys.readouterr().out
+    rows = read_samples(out)
+    assert len(rows) == 6 and {r["source"] for r in rows} == {"benign"}
