@@ -12,6 +12,7 @@ libtpu compiles for them (ahead-of-time), nothing runs on them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 from rsa_jax.config import ConfigError
@@ -111,10 +112,16 @@ def tpu_slice(name: str) -> TpuSlice:
 
 
 def topology_devices(name: str, slices: int = 1) -> list:
-    """The devices of `slices` slices of `name` for ahead-of-time compilation (libtpu)."""
+    """The devices of `slices` slices of `name` for ahead-of-time compilation (libtpu); the
+    same device objects on every call, so programs compiled for them stay in jax's caches."""
     tpu = tpu_slice(name)
     if slices < 1:
         raise TopologyError(f"--slices must be >= 1, got {slices}")
+    return list(_devices(tpu, slices))
+
+
+@functools.cache
+def _devices(tpu: TpuSlice, slices: int) -> tuple:
     try:
         from jax.experimental import topologies
     except ImportError as e:  # pragma: no cover - part of jax
@@ -132,10 +139,10 @@ def topology_devices(name: str, slices: int = 1) -> list:
     except Exception as e:  # noqa: BLE001 - libtpu missing or refusing: one line, what to do
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise TopologyError(
-            f"cannot build the {name} topology with libtpu ({first}); install the compiler "
+            f"cannot build the {tpu.name} topology with libtpu ({first}); install the compiler "
             "with `pip install 'rsa_jax[tpu-compile]'`"
         ) from None
-    return list(desc.devices)
+    return tuple(desc.devices)
 
 
 def libtpu_available() -> bool:
