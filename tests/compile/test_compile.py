@@ -14,6 +14,7 @@ import pytest
 from rsa_jax.cli import main
 from rsa_jax.compile import (
     TPU_SLICES,
+    collectives,
     compile_config,
     libtpu_available,
     materialised_bytes,
@@ -195,3 +196,66 @@ def test_analytic_flops_match_an_unrolled_compile(overrides, tolerance):
     # The loops left are the loss head's row blocks (elementwise, no matmul): every dot is
     # outside a loop, so cost_analysis counts each matmul exactly once per step.
     assert abs(analytic / cost["flops"] - 1) < tolerance, (analytic, cost["flops"])
+
+
+_ALL_REDUCE = (
+    "  %all-reduce.1 = f32[8]{0} all-reduce(%v), channel_id=1, "
+    "replica_groups=mesh['axis_0'=2,'axis_1'=2] {'axis_1'}, use_global_device_ids=true, "
+    "to_apply=%add"
+)
+_ALL_GATHER = (
+    "  %all-gather.2 = bf16[16]{0} all-gather(%b), channel_id=2, "
+    "replica_groups=[2,2]<=[2,2]T(1,0), dimensions={0}"
+)
+_HLO = f"""HloModule m
+
+%add (x: f32[], y: f32[]) -> f32[] {{
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %sum = f32[] add(%x, %y)
+}}
+
+%body (p: (s32[], f32[8])) -> (s32[], f32[8]) {{
+  %p = (s32[], f32[8]) parameter(0)
+  %v = f32[8]{{0}} get-tuple-element(%p), index=1
+{_ALL_REDUCE}
+  ROOT %t = (s32[], f32[8]) tuple(%i, %all-reduce.1)
+}}
+
+%cond (p: (s32[], f32[8])) -> pred[] {{
+  %p = (s32[], f32[8]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %constant.1 = s32[] constant(5)
+  ROOT %compare = pred[] compare(%i, %constant.1), direction=LT
+}}
+
+ENTRY %main (a: f32[8], /*index=1*/b: bf16[4]) -> f32[8] {{
+  %a = f32[8]{{0}} parameter(0)
+  %while.1 = (s32[], f32[8]) while(%tuple), condition=%cond, body=%body
+{_ALL_GATHER}
+  ROOT %r = f32[8]{{0}} get-tuple-element(%while.1), index=1
+}}
+"""
+
+
+def test_collectives_are_counted_by_mesh_axis_and_loop_trip_count():
+    found = collectives(_HLO, {"data": 2, "fsdp": 2})
+    # inside a 5-trip loop, over the second mesh axis: 8 floats x 5
+    assert found.ops[("all-reduce", "fsdp")] == 1
+    assert found.bytes[("all-reduce", "fsdp")] == 8 * 4 * 5
+    # iota groups transposed: devices {0, 2} and {1, 3} vary along the first axis
+    assert found.bytes[("all-gather", "data")] == 16 * 2
+    assert found.unknown_loops == 0
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_qlora_and_the_vmap_sweep_compile_for_a_slice():
+    qlora = ["model.lora.rank=4", "model.lora.base_storage=nf4", "model.lora.block_size=16"]
+    code, out, err = _run(["compile", TINY, "--topology", "v5e-4", *qlora])
+    assert code == 0, err
+    assert "frozen base + reference" in out
+    sweep = ["--sweep", "2", "--variant-devices", "2"]
+    code, out, err = _run(["compile", TINY, "--topology", "v5e-4", *sweep, *ONE_PROGRAM])
+    assert code == 0, err
+    assert "compiled vmap sweep step (K=2) of stages 0 (helpfulness), 1 (safety) in " in out
