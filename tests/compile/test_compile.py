@@ -259,3 +259,26 @@ def test_qlora_and_the_vmap_sweep_compile_for_a_slice():
     code, out, err = _run(["compile", TINY, "--topology", "v5e-4", *sweep, *ONE_PROGRAM])
     assert code == 0, err
     assert "compiled vmap sweep step (K=2) of stages 0 (helpfulness), 1 (safety) in " in out
+
+
+@needs_libtpu
+def test_collective_axes_are_read_right_from_tpu_hlo():
+    """Two reductions of an (a=2, b=2)-sharded array on a v5e-4, one per mesh axis: XLA:TPU's
+    replica groups must map back to the axis each one reduces over."""
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from rsa_jax.compile import topology_devices
+
+    mesh = Mesh(np.asarray(topology_devices("v5e-4")).reshape(2, 2), ("a", "b"))
+    x = jax.ShapeDtypeStruct(
+        (256, 512), jax.numpy.float32, sharding=NamedSharding(mesh, P("a", "b"))
+    )
+    out = (NamedSharding(mesh, P("b")), NamedSharding(mesh, P("a")))
+    both = jax.jit(lambda x: (x.sum(0), x.sum(1)), out_shardings=out)
+    found = collectives(both.lower(x).compile().as_text(), dict(mesh.shape))
+    # sum(0): each device's [256] partial column sums (its 256 columns) summed over a
+    assert found.bytes[("all-reduce", "a")] == 256 * 4
+    # sum(1): each device's [128] partial row sums summed over b
+    assert found.bytes[("all-reduce", "b")] == 128 * 4
