@@ -109,7 +109,7 @@ def use_compilation_cache(setting: str) -> None:
     """Points JAX's persistent compilation cache at `setting`'s directory (nothing when off),
     so a repeated or resumed run on the same devices loads its compiled steps."""
     path = compilation_cache_dir(setting)
-    if path is None or jax.config.jax_compilation_cache_dir == path:
+    if path is None or getattr(jax.config, "jax_compilation_cache_dir", None) == path:
         return
     from jax.experimental.compilation_cache import compilation_cache
 
