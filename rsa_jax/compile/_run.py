@@ -15,6 +15,8 @@ import re
 import time
 from collections.abc import Callable
 
+import jax
+
 from rsa_jax.compile._presets import architecture
 from rsa_jax.compile._programs import Program, sweep_programs, train_programs
 from rsa_jax.compile._report import (
@@ -28,6 +30,18 @@ from rsa_jax.compile._report import (
 from rsa_jax.compile._topology import TpuSlice, topology_devices, tpu_slice
 from rsa_jax.config import Config, ConfigError, mesh_shape, validate
 from rsa_jax.models import LlamaConfig
+
+# Programs loaded from JAX's persistent compilation cache (`train.compilation_cache_dir`): a
+# repeated compile of the same program loads it, and its compile time is then the load's.
+_cache_hits = [0]
+
+
+def _count_cache_hits(event: str, **kwargs: str | int) -> None:
+    if event == "/jax/compilation_cache/cache_hits":
+        _cache_hits[0] += 1
+
+
+jax.monitoring.register_event_listener(_count_cache_hits)
 
 _HBM_OOM = re.compile(r"Used\s+([0-9.]+)([KMGT]?)\s+of\s+([0-9.]+)([KMGT]?)\s+hbm", re.I)
 _UNIT = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
@@ -45,6 +59,7 @@ class ProgramReport:
     memory: Memory | None  # None when the compiler itself ran out of HBM
     collectives: Collectives | None
     needed_bytes: int  # per chip
+    from_cache: bool = False  # loaded from the persistent compilation cache, not compiled
 
     @property
     def hbm(self) -> int:
@@ -96,9 +111,10 @@ class ProgramReport:
                     f"    ({self.collectives.unknown_loops} while loop(s) without a known trip "
                     "count: their bodies counted once)"
                 )
+        backend = "loading it from the compilation cache" if self.from_cache else "XLA:TPU"
         out.append(
             f"  compile time: {self.lower_seconds:.1f} s tracing and lowering + "
-            f"{self.compile_seconds:.1f} s XLA:TPU"
+            f"{self.compile_seconds:.1f} s {backend}"
         )
         return out
 
@@ -165,7 +181,7 @@ def compile_config(
         t0 = time.perf_counter()
         lowered = program.lower()
         t1 = time.perf_counter()
-        compiled, error = None, None
+        compiled, error, hits = None, None, _cache_hits[0]
         try:
             compiled = lowered.compile()
         except Exception as e:  # noqa: BLE001 - only the out-of-HBM error is a result
@@ -173,7 +189,9 @@ def compile_config(
                 raise
             error = e
         t2 = time.perf_counter()
-        say(f"compiled {program.name} in {t2 - t0:.1f} s")
+        from_cache = _cache_hits[0] > hits
+        how = "loaded from the compilation cache" if from_cache else "compiled"
+        say(f"{how} {program.name} in {t2 - t0:.1f} s")
         if compiled is None:
             assert error is not None
             needed = _out_of_memory(error) or 0
@@ -194,6 +212,7 @@ def compile_config(
                 memory,
                 colls,
                 needed,
+                from_cache,
             )
         )
     return reports
