@@ -42,6 +42,20 @@ def _cmd_train(args) -> int:
     return exit_code(result.status)
 
 
+def _cmd_compile(args) -> int:
+    from rsa_jax.compile import run_compile
+    from rsa_jax.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    return run_compile(
+        config,
+        args.topology,
+        slices=args.slices,
+        sweep=args.sweep,
+        variant_devices=args.variant_devices,
+    )
+
+
 def _export(policy, out: str, **save_options) -> None:
     from rsa_jax.models import save_hf
 
@@ -112,20 +126,6 @@ def _cmd_check(args) -> int:
 
     print(to_json(load_config(args.config, args.overrides)))
     return 0
-
-
-def _cmd_compile(args) -> int:
-    from rsa_jax.compile import run_compile
-    from rsa_jax.config import load_config
-
-    config = load_config(args.config, args.overrides)
-    return run_compile(
-        config,
-        args.topology,
-        slices=args.slices,
-        sweep=args.sweep,
-        variant_devices=args.variant_devices,
-    )
 
 
 def _cmd_eval(args) -> int:
