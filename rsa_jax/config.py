@@ -181,6 +181,10 @@ class TrainConfig:
     progress_bar: bool = True
     # Peak dense TFLOP/s of one device, for the MFU estimate in the metrics; 0: MFU not logged.
     peak_tflops: float = 0.0
+    # JAX's persistent compilation cache: a repeated or resumed run on the same devices loads
+    # its compiled steps instead of compiling again. "auto": $XDG_CACHE_HOME/rsa_jax/jax_cache
+    # (~/.cache/rsa_jax/jax_cache); "": off. Changes nothing trained (ignored on resume).
+    compilation_cache_dir: str = "auto"
 
 
 @dataclasses.dataclass(frozen=True)

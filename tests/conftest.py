@@ -32,3 +32,14 @@ def run_device_script(script: str, *args: str, devices: int = 8, timeout: int = 
 def device_script():
     """`run_device_script` as a fixture (conftest modules are not imported by tests)."""
     return run_device_script
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_compilation_cache(tmp_path_factory):
+    """Runs write JAX's persistent compilation cache under $XDG_CACHE_HOME (the
+    `train.compilation_cache_dir: auto` default): the suite's goes to a temporary directory, so
+    it neither fills nor reads the user's (and a second run of the suite compiles as the first).
+    Matplotlib's font cache stays where it was."""
+    home_cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
+    os.environ.setdefault("MPLCONFIGDIR", os.path.join(home_cache, "matplotlib"))
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))

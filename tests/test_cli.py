@@ -14,6 +14,7 @@ from rsa_jax.cli import _EXAMPLES, EXIT_ERROR, EXIT_USAGE, build_parser, main
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COMMANDS = [
     "train",
+    "compile",
     "check-config",
     "merge",
     "export",

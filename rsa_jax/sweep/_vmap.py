@@ -68,7 +68,14 @@ TRACED_STAGE_KEYS = TRACED_NAMES
 KERNEL_KEYS = tuple(f.name for f in dataclasses.fields(Kernel))
 # train.seed only seeds LoRA adapter dropout, whose key is a traced (stacked) input: variants
 # with other seeds draw other masks in the same program.
-_FREE = ("train.run_dir", "train.progress_bar", "train.peak_tflops", "train.seed", "checkpoint.")
+_FREE = (
+    "train.run_dir",
+    "train.progress_bar",
+    "train.peak_tflops",
+    "train.compilation_cache_dir",
+    "train.seed",
+    "checkpoint.",
+)
 
 
 def _flat(tree, prefix="") -> dict:

@@ -39,6 +39,7 @@ from rsa_jax.training._engine import (
     Stage,
     cached_steps,
     clear_step_cache,
+    compilation_cache_dir,
     device_copy,
     steps_done,
 )
@@ -152,6 +153,7 @@ __all__ = [
     "batch_sharding",
     "cached_steps",
     "clear_step_cache",
+    "compilation_cache_dir",
     "define_model",
     "device_copy",
     "distributed_request",

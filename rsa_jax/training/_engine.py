@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -78,6 +80,47 @@ def _count_compile_time(event: str, duration_secs: float, **kwargs: str | int) -
 
 
 jax.monitoring.register_event_duration_secs_listener(_count_compile_time)
+
+# Programs loaded from JAX's persistent compilation cache (`train.compilation_cache_dir`).
+_CACHE_HIT = "/jax/compilation_cache/cache_hits"
+_cache_hits = [0]
+
+
+def _count_cache_hits(event: str, **kwargs: str | int) -> None:
+    if event == _CACHE_HIT:
+        _cache_hits[0] += 1
+
+
+jax.monitoring.register_event_listener(_count_cache_hits)
+
+
+def compilation_cache_dir(setting: str) -> str | None:
+    """The directory `train.compilation_cache_dir` names: "auto" is
+    $XDG_CACHE_HOME/rsa_jax/jax_cache (~/.cache/... without it), "" is None (off)."""
+    if not setting:
+        return None
+    if setting == "auto":
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        return os.path.join(base, "rsa_jax", "jax_cache")
+    return os.path.expanduser(setting)
+
+
+def use_compilation_cache(setting: str) -> None:
+    """Points JAX's persistent compilation cache at `setting`'s directory (nothing when off),
+    so a repeated or resumed run on the same devices loads its compiled steps."""
+    path = compilation_cache_dir(setting)
+    if path is None or getattr(jax.config, "jax_compilation_cache_dir", None) == path:
+        return
+    from jax.experimental.compilation_cache import compilation_cache
+
+    # JAX's own thresholds stay (programs that took 1 s or more to compile, any size: the
+    # steps, not small helpers); JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS changes them.
+    jax.config.update("jax_compilation_cache_dir", path)
+    compilation_cache.reset_cache()  # a cache opened on another directory reopens on this one
+
+
+# (step function id, batch shapes) whose program `fit` has compiled or loaded in this process.
+_compiled_programs: set = set()
 
 # Jitted steps by everything that shapes the program (model, layout, objective, optimizer,
 # microbatching, vmap axes); hyperparameters are arguments, so runs that agree here share one
@@ -136,6 +179,7 @@ class Engine:
         `check_devices=False` (loading a policy for export or evaluation, vmap sweeps on one
         device) skips the check that the config's batch and mesh fit the devices."""
         maybe_initialize_distributed()
+        use_compilation_cache(config.train.compilation_cache_dir)
         self.config = config
         if layout is None:
             layout = Layout(make_mesh(config.mesh), config.mesh.rules)
@@ -388,16 +432,29 @@ class Engine:
 
         while steps_done(stage.state) < stage.total:
             batch = next(stage.batches)
-            t0, compiled0 = time.perf_counter(), _compile_seconds[0]
-            stage.state, metrics = stage.step_fn(
-                stage.state, stage.reference, place(batch), stage.hyper
-            )
+            t0, compiled0, hits0 = time.perf_counter(), _compile_seconds[0], _cache_hits[0]
+            placed = place(batch)
+            program = (id(stage.step_fn), tuple(np.shape(v) for v in placed.values()))
+            what = f"the step of stage {stage.index} ({stage.config.name})"
+            new_program = program not in _compiled_programs
+            if new_program:  # compiling takes minutes for big models: say so before and after
+                shape = "x".join(str(n) for n in np.shape(placed["input_ids"]))
+                _say(f"compiling {what} for batches of {shape} tokens ...")
+            stage.state, metrics = stage.step_fn(stage.state, stage.reference, placed, stage.hyper)
             jax.block_until_ready(metrics)  # the step's real time, not its dispatch
             compile_s = _compile_seconds[0] - compiled0
+            if new_program:
+                _compiled_programs.add(program)
+                how = "loaded from the compilation cache" if _cache_hits[0] > hits0 else "compiled"
+                _say(f"{how} {what} in {compile_s:.1f} s")
             seconds = time.perf_counter() - t0 - compile_s
             if on_step is not None and on_step(stage, metrics, seconds, compile_s):
                 break
         return steps_done(stage.state) >= stage.total
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def steps_done(state: TrainState) -> int:

@@ -49,6 +49,7 @@ RESUME_IGNORED: tuple[str, ...] = (
     "train.progress_bar",
     "train.log_every",
     "train.peak_tflops",
+    "train.compilation_cache_dir",
     "checkpoint.every",
     "checkpoint.keep",
     "checkpoint.async_save",
