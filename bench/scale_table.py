@@ -72,7 +72,6 @@ BY_NAME = {r.name: r for r in RECIPES}
 def measure(recipe: Recipe) -> dict:
     """Compiles the recipe's programs; the numbers of each, as docs/scale.json keeps them."""
     from rsa_jax.compile import compile_config
-
     from rsa_jax.config import load_config
 
     config = load_config(os.path.join(ROOT, recipe.config))
@@ -212,7 +211,16 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--recipe", action="append", choices=sorted(BY_NAME), help="only these")
     p.add_argument("--render", action="store_true", help="no compiles: rewrite doc and headers")
+    p.add_argument(
+        "--cache",
+        default=os.path.join(os.path.expanduser("~"), ".cache", "rsa_jax", "scale_table"),
+        help="JAX's persistent compilation cache: a rerun of an unchanged program loads it",
+    )
     args = p.parse_args()
+    if not args.render:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", args.cache)
     data = load()
     if not args.render:
         for name in args.recipe or [r.name for r in RECIPES]:

@@ -2,7 +2,9 @@
 train step compiled by the TPU compiler for two v5p-8 slices (mesh data=2 across the slices,
 fsdp=4 inside each), and the compiled HLO's communication split into collectives inside a slice
 (by kind) and transfers across slices over the DCN (by kind, with element counts per dtype).
-Prints one JSON line. `RSA_JAX_HLO_OUT=path` also writes the compiled HLO text there."""
+Prints one JSON line. `RSA_JAX_HLO_OUT=path` also writes the compiled HLO text there;
+`--select sort` compiles the head with `losses.kth_smallest_pair_sort` in place of the radix
+select (what docs/scale.md compares)."""
 
 import os
 
@@ -11,6 +13,7 @@ os.environ.setdefault("TPU_ACCELERATOR_TYPE", "v5p-8")  # quiets libtpu's enviro
 
 import json  # noqa: E402
 import re  # noqa: E402
+import sys  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -69,6 +72,11 @@ def groups_of(line: str) -> list[list[int]]:
 
 
 def main():
+    if sys.argv[1:] == ["--select", "sort"]:
+        from rsa_jax import losses
+        from rsa_jax.losses import _risk
+
+        _risk.kth_smallest_pair = losses.kth_smallest_pair_sort
     topo = topologies.get_topology_desc(
         platform="tpu",
         topology_name="v5p:2x2x1",
