@@ -9,8 +9,8 @@ import re
 import sys
 
 import pytest
-from rsa_jax.compile import tpu_slice
 
+from rsa_jax.compile import tpu_slice
 from rsa_jax.config import config_files, load_config, validate
 from rsa_jax.sweep import load_sweep
 
