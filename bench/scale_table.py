@@ -11,6 +11,8 @@ file, so the doc, the configs and the JSON always agree.
     python bench/scale_table.py --render                 # rewrite the doc and headers only
 
 Compiles take minutes each on a small host (a 70B program: more); run it in the background.
+JAX's persistent compilation cache does not help here: an executable compiled for topology
+devices cannot be loaded back without a TPU client (jax 0.10.2 warns and compiles again).
 """
 
 from __future__ import annotations
@@ -211,16 +213,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--recipe", action="append", choices=sorted(BY_NAME), help="only these")
     p.add_argument("--render", action="store_true", help="no compiles: rewrite doc and headers")
-    p.add_argument(
-        "--cache",
-        default=os.path.join(os.path.expanduser("~"), ".cache", "rsa_jax", "scale_table"),
-        help="JAX's persistent compilation cache: a rerun of an unchanged program loads it",
-    )
     args = p.parse_args()
-    if not args.render:
-        import jax
-
-        jax.config.update("jax_compilation_cache_dir", args.cache)
     data = load()
     if not args.render:
         for name in args.recipe or [r.name for r in RECIPES]:
