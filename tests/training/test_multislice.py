@@ -82,3 +82,11 @@ def test_only_gradient_reductions_cross_slices_in_the_tpu_compile(device_script)
     assert set(gathered) <= {"s32", "u32"}, gathered  # no float (parameter) gather over DCN
     other_bytes = sum(v["bytes"] for v in other.values())
     assert other_bytes <= 0.1 * reduce["bytes"], (other_bytes, reduce["bytes"])
+
+
+def test_vmap_sweeps_refuse_a_multislice_mesh():
+    from rsa_jax.sweep import SweepError, variant_placement
+
+    config = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), ["mesh.slices=2"])
+    with pytest.raises(SweepError, match="sweep.yaml: mesh.slices: vmap sweeps run on one slice"):
+        variant_placement(config, 8, None, where="sweep.yaml")
