@@ -171,7 +171,7 @@ def _wrap_comment(line: str, width: int = 100) -> list[str]:
     for w in line[2:].split(" "):
         if len(cur) + 1 + len(w) > width and cur.strip("# "):
             out.append(cur)
-            cur = CONTINUED.rstrip()
+            cur = CONTINUED[:-1]  # the joining space completes the indent
         cur += " " + w
     return out + [cur]
 
