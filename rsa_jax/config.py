@@ -139,6 +139,11 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    # TPU slices of a multislice run (joined by the data-centre network, DCN, which is much
+    # slower than the chips' ICI links): the `data` axis spans them, every other axis stays
+    # inside one slice, so only data parallelism (the gradient all-reduce) crosses slices, as
+    # MaxText's `dcn_data_parallelism`. `data` must be a multiple of it; 1 = one slice.
+    slices: int = 1
     # Logical axis -> mesh axes (a list; empty = replicated). Code names logical axes only.
     rules: dict[str, list[str]] = dataclasses.field(
         default_factory=lambda: {
@@ -424,6 +429,8 @@ def validate(config: Config, device_count: int | None = None) -> None:
         _fail("mesh", f"at most one axis may be -1, got data/fsdp/tensor = {sizes}")
     if any(s == 0 or s < -1 for s in sizes):
         _fail("mesh", f"axis sizes must be >= 1 or -1, got data/fsdp/tensor = {sizes}")
+    if config.mesh.slices < 1:
+        _fail("mesh.slices", f"must be >= 1 (1: one slice), got {config.mesh.slices}")
     for logical, axes in config.mesh.rules.items():
         for a in axes:
             if a not in MESH_AXES:
@@ -487,6 +494,12 @@ def mesh_shape(mesh: MeshConfig, device_count: int) -> tuple[int, int, int]:
         sizes[sizes.index(-1)] = device_count // known
     if sizes[0] * sizes[1] * sizes[2] != device_count:
         _fail("mesh", f"data*fsdp*tensor = {sizes} does not use the {device_count} devices")
+    if mesh.slices > 1 and sizes[0] % mesh.slices:
+        _fail(
+            "mesh.slices",
+            f"the data axis ({sizes[0]} of data/fsdp/tensor = {sizes} on {device_count} devices) "
+            f"is not a multiple of the {mesh.slices} slices it must span",
+        )
     return sizes[0], sizes[1], sizes[2]
 
 

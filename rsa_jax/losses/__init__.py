@@ -28,7 +28,12 @@ from rsa_jax.losses._risk import (
     torch_rank,
 )
 from rsa_jax.losses._row_blocks import blocked_token_stats
-from rsa_jax.losses._select import kth_smallest_pair, kth_smallest_pair_bisect, upper_tail_atom
+from rsa_jax.losses._select import (
+    kth_smallest_pair,
+    kth_smallest_pair_bisect,
+    kth_smallest_pair_sort,
+    upper_tail_atom,
+)
 from rsa_jax.losses._token_stats import (
     SequenceStats,
     TokenStats,
@@ -62,6 +67,7 @@ __all__ = [
     "kl",
     "kth_smallest_pair",
     "kth_smallest_pair_bisect",
+    "kth_smallest_pair_sort",
     "logits_pair_loss",
     "nested_risk_value",
     "nested_risk_value_dense",

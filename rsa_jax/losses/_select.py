@@ -474,6 +474,25 @@ def kth_smallest_pair_bisect(
     return key_to_float(key_k), key_to_float(key_k1)
 
 
+def kth_smallest_pair_sort(
+    x: jax.Array, k: jax.Array, valid: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """`kth_smallest_pair` by sorting each row's keys: no loop and no scatter, so no data-dependent
+    control flow and nothing that crosses the rows' shards; O(V log V) work per row.
+
+    Args and returns as `kth_smallest_pair` (the same keys, so the same bits, ties included).
+    """
+    keys = jnp.sort(jnp.where(valid, float_to_key(x), _ALL), axis=-1)  # padding sorts last
+    n_valid = jnp.sum(valid, axis=-1, dtype=jnp.int32)
+    k = jnp.minimum(jnp.broadcast_to(k.astype(jnp.int32), x.shape[:-1]), n_valid - 1)
+    k1 = jnp.minimum(k + 1, n_valid - 1)
+
+    def at(i):
+        return jnp.take_along_axis(keys, i[..., None], axis=-1)[..., 0]
+
+    return key_to_float(at(k)), key_to_float(at(k1))
+
+
 def upper_tail_atom(x: jax.Array, weights: jax.Array, mass: jax.Array) -> jax.Array:
     """Smallest value t among the entries with sum(weights[x > t]) <= mass (the upper VaR atom).
 

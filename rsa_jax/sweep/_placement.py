@@ -133,6 +133,9 @@ def variant_placement(
     Raises SweepError (prefixed by `where`, the sweep file) naming `variant_devices` or the
     config key when the devices, the variants or the batch do not divide.
     """
+    if config.mesh.slices > 1:
+        # The variant axis would have to cross the DCN; a sweep of K variants fits one slice.
+        raise SweepError(f"{where}: mesh.slices: vmap sweeps run on one slice (set it to 1)")
     if variant_devices is None:
         device = jax.devices()[0] if devices is None else devices[0]
         grid = np.asarray([device]).reshape((1,) * (1 + len(MESH_AXES)))

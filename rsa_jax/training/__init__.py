@@ -14,7 +14,8 @@
 - Typed hyperparameters: `Hyper` (loss + optimizer + LoRA dropout key, traced;
   `stage_dropout_key` derives the key from `train.seed` and the stage), the objectives
   `PairObjective` (a static `rsa_jax.losses.Kernel`) and `NextTokenObjective` (SFT).
-- Mesh and sharding: `Layout` (mesh + logical-axis rules), `make_mesh`, `place_batch`.
+- Mesh and sharding: `Layout` (mesh + logical-axis rules), `make_mesh` (with
+  `slice_groups`: multislice meshes), `place_batch`.
 """
 
 from rsa_jax.training._checkpoint import (
@@ -54,6 +55,7 @@ from rsa_jax.training._mesh import (
     maybe_initialize_distributed,
     place_batch,
     replicated,
+    slice_groups,
 )
 from rsa_jax.training._model import (
     ModelDef,
@@ -167,6 +169,7 @@ __all__ = [
     "load_tokenizer",
     "logical_spec",
     "make_mesh",
+    "slice_groups",
     "make_optimizer",
     "make_schedule",
     "make_train_step",

@@ -1,5 +1,8 @@
 """One device mesh (`data`, `fsdp`, `tensor`) and the logical-axis rules that place arrays on it.
 
+A multislice run (`mesh.slices` > 1) keeps the same three axes: `data` spans the slices (the
+DCN), `fsdp` and `tensor` stay inside one (the ICI), as MaxText's hybrid `dcn_*` meshes do.
+
 Code names logical axes only (`batch`, `vocab`, `embed`, `heads`, ...); the rules table in the
 config maps each to mesh axes. A dimension that the mapped axes do not divide is replicated
 (e.g. 3 KV heads on a tensor axis of 2), so any mesh runs any model.
@@ -16,7 +19,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from rsa_jax.config import MESH_AXES, MeshConfig, mesh_shape
+from rsa_jax.config import MESH_AXES, ConfigError, MeshConfig, mesh_shape
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +89,46 @@ def maybe_initialize_distributed() -> None:
 
 
 def make_mesh(config: MeshConfig, devices=None) -> Mesh:
-    """The (data, fsdp, tensor) mesh, the -1 axis filled, Auto axis types (GSPMD propagation)."""
-    devices = jax.devices() if devices is None else devices
+    """The (data, fsdp, tensor) mesh, the -1 axis filled, Auto axis types (GSPMD propagation).
+
+    With `config.slices` > 1 the data axis is slice-major: its first data/slices rows are the
+    first slice's devices, and so on, so fsdp and tensor groups (and data groups within a
+    slice) never leave a slice; only the data axis's reductions cross the DCN.
+    """
+    devices = jax.devices() if devices is None else list(devices)
     shape = mesh_shape(config, len(devices))
-    grid = np.asarray(devices).reshape(shape)
+    groups = slice_groups(devices, config.slices)
+    per_slice = (shape[0] // config.slices, shape[1], shape[2])
+    grid = np.concatenate([np.asarray(g, dtype=object).reshape(per_slice) for g in groups], axis=0)
     return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def slice_groups(devices, slices: int) -> list[list]:
+    """The devices split into `slices` slices, each in the given order.
+
+    TPU devices of a multislice run carry `slice_index`: grouped by it, and the count of slices
+    must be `slices`. Devices without it (CPU, GPU, simulated devices) are cut into `slices`
+    consecutive runs, which is how a test lays out a multislice mesh on one host.
+    """
+    indices = [getattr(d, "slice_index", None) for d in devices]
+    if any(i is None for i in indices):
+        if len(devices) % slices:
+            raise ConfigError(
+                f"mesh.slices: {slices} slices do not divide the {len(devices)} devices"
+            )
+        n = len(devices) // slices
+        return [list(devices[i * n : (i + 1) * n]) for i in range(slices)]
+    found = sorted({int(i) for i in indices if i is not None})
+    if len(found) != slices:
+        raise ConfigError(
+            f"mesh.slices: the config says {slices} slice(s) but the {len(devices)} devices lie "
+            f"in {len(found)} (slice_index {found}); set mesh.slices={len(found)}"
+        )
+    groups = [[d for d, i in zip(devices, indices, strict=True) if i == s] for s in found]
+    if len({len(g) for g in groups}) != 1:
+        sizes = [len(g) for g in groups]
+        raise ConfigError(f"mesh.slices: the slices hold different device counts {sizes}")
+    return groups
 
 
 def logical_spec(

@@ -7,7 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rsa_jax.losses import kth_smallest_pair, kth_smallest_pair_bisect, upper_tail_atom
+from rsa_jax.losses import (
+    kth_smallest_pair,
+    kth_smallest_pair_bisect,
+    kth_smallest_pair_sort,
+    upper_tail_atom,
+)
 from rsa_jax.losses._select import (
     _DIGITS,
     _digit_pass,
@@ -70,6 +75,7 @@ def test_upper_tail_atom_matches_brute_force():
 
 
 _kth_bisect = jax.jit(kth_smallest_pair_bisect)
+_kth_sort = jax.jit(kth_smallest_pair_sort)
 
 
 def _bits(x):
@@ -77,7 +83,8 @@ def _bits(x):
 
 
 def _check_all_ranks(x, valid=None):
-    """Radix select == the bisection (bit for bit) == a sort (by value) at every rank."""
+    """Radix select == the bisection == the key sort (bit for bit) == a sort (by value) at every
+    rank."""
     valid = np.ones(x.shape, bool) if valid is None else valid
     n = x.shape[-1]
     for k in range(n):
@@ -86,6 +93,9 @@ def _check_all_ranks(x, valid=None):
         lo_b, hi_b = _kth_bisect(jnp.asarray(x), kk, jnp.asarray(valid))
         np.testing.assert_array_equal(_bits(lo), _bits(lo_b))
         np.testing.assert_array_equal(_bits(hi), _bits(hi_b))
+        lo_s, hi_s = _kth_sort(jnp.asarray(x), kk, jnp.asarray(valid))
+        np.testing.assert_array_equal(_bits(lo), _bits(lo_s))
+        np.testing.assert_array_equal(_bits(hi), _bits(hi_s))
         s = np.sort(np.where(valid, x, np.inf), axis=-1)
         n_valid = valid.sum(-1)
         np.testing.assert_array_equal(
@@ -137,6 +147,9 @@ def test_leading_shapes_and_row_counts_off_the_group_size(lead):
     assert lo.shape == hi.shape == lead
     np.testing.assert_array_equal(_bits(lo), _bits(lo_b))
     np.testing.assert_array_equal(_bits(hi), _bits(hi_b))
+    lo_s, hi_s = _kth_sort(jnp.asarray(x), jnp.asarray(k), jnp.asarray(valid))
+    np.testing.assert_array_equal(_bits(lo), _bits(lo_s))
+    np.testing.assert_array_equal(_bits(hi), _bits(hi_s))
 
 
 def test_wide_rows_with_many_ties_match_the_bisection():
