@@ -237,7 +237,9 @@ class LlamaConfig:
         if gemma:
             out["hidden_activation"] = self.hidden_act
             out["rope_local_base_freq"] = self.rope_local_theta
-            out["query_pre_attn_scalar"] = self.query_pre_attn_scalar
+            scalar = self.query_pre_attn_scalar
+            # transformers' strict config wants an int here (it is one in every Gemma 3).
+            out["query_pre_attn_scalar"] = int(scalar) if scalar == int(scalar) else scalar
             out["attn_logit_softcapping"] = self.attn_logit_softcapping
             out["final_logit_softcapping"] = self.final_logit_softcapping
         return out
@@ -302,8 +304,36 @@ def _layer_types(hf: dict, model_type: str, layers: int, source: str):
     return None, None
 
 
+# What `tiny_config(model_type=...)` adds for each family, so that every feature is exercised
+# by a 2-layer model: head_dim differs from D / H, one sliding and one global layer with a
+# window of 3 tokens, a linear-scaled global RoPE.
+TINY_FAMILIES: dict[str, dict[str, Any]] = {
+    "qwen3": dict(qk_norm=True, head_dim=24, tie_word_embeddings=False, rms_norm_eps=1e-6),
+    "gemma3_text": dict(
+        qk_norm=True,
+        norm_offset=1.0,
+        sandwich_norms=True,
+        embed_scale=True,
+        hidden_act="gelu_pytorch_tanh",
+        head_dim=24,
+        rms_norm_eps=1e-6,
+        layer_types=("sliding_attention", "full_attention"),
+        sliding_window=3,
+        rope_theta=1_000_000.0,
+        rope_local_theta=10000.0,
+        rope_linear_factor=8.0,
+        query_pre_attn_scalar=32.0,
+    ),
+    "mistral": dict(layer_types=("sliding_attention", "sliding_attention"), sliding_window=3),
+}
+
+
 def tiny_config(**overrides) -> LlamaConfig:
-    """A tiny random-init Llama for tests: 2 layers, D=64, 4 heads / 2 KV heads, V=256."""
+    """A tiny random-init Llama for tests: 2 layers, D=64, 4 heads / 2 KV heads, V=256.
+
+    With `model_type` in TINY_FAMILIES, that family's features are switched on first (any
+    other override still wins).
+    """
     base: dict[str, Any] = dict(
         vocab_size=256,
         hidden_size=64,
@@ -316,5 +346,6 @@ def tiny_config(**overrides) -> LlamaConfig:
         tie_word_embeddings=True,
         max_position_embeddings=512,
     )
+    base.update(TINY_FAMILIES.get(overrides.get("model_type", "llama"), {}))
     base.update(overrides)
     return LlamaConfig(**base)
