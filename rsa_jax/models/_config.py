@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from typing import Any
 
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
@@ -61,7 +62,9 @@ class LlamaConfig:
     rope_local_theta: float | None = None  # sliding layers' RoPE base; None: rope_theta
     # Attention scores are scaled by query_pre_attn_scalar ** -0.5 (None: head_dim ** -0.5).
     query_pre_attn_scalar: float | None = None
-    attn_logit_softcapping: float | None = None  # scores -> c tanh(scores / c)
+    # scores -> c tanh(scores / c) (Gemma 2 style). `from_hf` drops it for gemma3_text with a
+    # warning: Gemma 3 checkpoints set none and transformers' Gemma3 ignores it.
+    attn_logit_softcapping: float | None = None
     final_logit_softcapping: float | None = None  # logits -> c tanh(logits / c)
 
     def __post_init__(self):
@@ -148,6 +151,16 @@ class LlamaConfig:
         if gemma and hf.get("use_bidirectional_attention"):
             raise ValueError(f"{source}: use_bidirectional_attention=true is not supported")
         pre_attn = hf.get("query_pre_attn_scalar", 256 if gemma else None)
+        attn_cap = _optional_float(hf.get("attn_logit_softcapping"))
+        if gemma and attn_cap is not None:
+            # transformers' Gemma3Attention never passes it to its attention function; applying
+            # it would make this model differ from the one the checkpoint was trained as.
+            warnings.warn(
+                f"{source}: attn_logit_softcapping={attn_cap} is ignored, as transformers' "
+                "Gemma3ForCausalLM ignores it",
+                stacklevel=2,
+            )
+            attn_cap = None
         return cls(
             vocab_size=int(need("vocab_size")),
             hidden_size=hidden,
@@ -175,7 +188,7 @@ class LlamaConfig:
             sliding_window=window,
             rope_local_theta=None if local_theta is None else float(local_theta),
             query_pre_attn_scalar=None if pre_attn is None else float(pre_attn),
-            attn_logit_softcapping=_optional_float(hf.get("attn_logit_softcapping")),
+            attn_logit_softcapping=attn_cap,
             final_logit_softcapping=_optional_float(hf.get("final_logit_softcapping")),
         )
 
@@ -239,9 +252,12 @@ class LlamaConfig:
             out["rope_local_base_freq"] = self.rope_local_theta
             scalar = self.query_pre_attn_scalar
             # transformers' strict config wants an int here (it is one in every Gemma 3).
-            out["query_pre_attn_scalar"] = int(scalar) if scalar == int(scalar) else scalar
-            out["attn_logit_softcapping"] = self.attn_logit_softcapping
+            if scalar is not None and scalar == int(scalar):
+                scalar = int(scalar)
+            out["query_pre_attn_scalar"] = scalar
             out["final_logit_softcapping"] = self.final_logit_softcapping
+        if self.attn_logit_softcapping is not None:
+            out["attn_logit_softcapping"] = self.attn_logit_softcapping
         return out
 
 

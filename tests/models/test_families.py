@@ -179,6 +179,10 @@ def test_config_errors_name_the_field():
         LlamaConfig.from_hf(_gemma_hf(hidden_activation="relu"))
     with pytest.raises(ValueError, match="rope_scaling type 'yarn'"):
         LlamaConfig.from_hf(_gemma_hf(rope_scaling={"rope_type": "yarn", "factor": 2.0}))
+    with pytest.warns(UserWarning, match="attn_logit_softcapping=50.0 is ignored"):
+        assert (
+            LlamaConfig.from_hf(_gemma_hf(attn_logit_softcapping=50)).attn_logit_softcapping is None
+        )
     with pytest.raises(ValueError, match="sliding_window must be a positive integer"):
         tiny_config(model_type="gemma3_text", sliding_window=None)
 
