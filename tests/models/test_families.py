@@ -4,6 +4,7 @@ parsing; export round trip; KV cache equals the full forward; scanned equals unr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 
 import jax
@@ -14,7 +15,19 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from rsa_jax.generate import generate
-from rsa_jax.models import Llama, LlamaConfig, load_hf, save_hf, tiny_config, window_allowed
+from rsa_jax.losses import fused_pair_loss, logits_pair_loss
+from rsa_jax.models import (
+    Llama,
+    LlamaConfig,
+    LoraConfig,
+    load_hf,
+    save_hf,
+    save_merged_hf,
+    split_lora,
+    tiny_config,
+    to_lora,
+    window_allowed,
+)
 from rsa_jax.testing import llama_reference
 
 # Padding on both sides (left-padded prompt, right-padded response) and rows longer than the
@@ -223,3 +236,106 @@ def test_scanned_and_rematerialised_equal_unrolled():
             else:
                 var.set_value(flat[path][...])
         np.testing.assert_allclose(np.asarray(other(*args)), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("storage", ["float32", "nf4"])
+def test_lora_on_gemma3_merges_and_exports(tmp_path, storage):
+    """LoRA/QLoRA reach Gemma 3's projections (q/k norms and the four norms stay frozen base
+    parameters); the merged export reloads to the LoRA model's logits."""
+    config = CONFIGS["gemma3"]
+    model = to_lora(
+        _random_model(config), LoraConfig(rank=4, base_storage=storage), rngs=nnx.Rngs(1)
+    )
+    spec, base, adapters = split_lora(model)
+    assert "layers/0/attention/q_norm/weight" in base
+    assert "layers/1/pre_feedforward_norm/weight" in base
+    rng = np.random.default_rng(0)
+    adapters = {
+        k: jnp.asarray(rng.normal(size=v.shape) * 0.1, jnp.float32) if k.endswith("_lora_b") else v
+        for k, v in adapters.items()
+    }
+    args = (
+        jnp.asarray(rng.integers(0, 256, MASK.shape)),
+        jnp.asarray(POSITIONS),
+        jnp.asarray(MASK),
+    )
+
+    def logits(module):
+        return np.asarray(module.logits(module(*args)))
+
+    want = logits(spec.module(base, adapters))
+    assert np.abs(want - logits(spec.module(base)))[MASK].max() > 1e-2  # the adapters matter
+    save_merged_hf(spec, base, adapters, str(tmp_path))
+    reloaded = load_hf(str(tmp_path))
+    assert reloaded.config == config
+    np.testing.assert_allclose(logits(reloaded)[MASK], want[MASK], rtol=1e-4, atol=1e-4)
+
+
+def _peak_bytes(fn, *args) -> int:
+    m = jax.jit(fn).lower(*args).compile().memory_analysis()
+    return m.temp_size_in_bytes + m.argument_size_in_bytes + m.output_size_in_bytes
+
+
+@pytest.mark.slow  # a 262,144-token vocabulary: two compiles of each head's gradient
+def test_fused_head_on_gemma3_vocabulary():
+    """Gemma 3's 262,144-token vocabulary with a small width: the fused head gives the logits
+    path's loss and gradients from the model's own hidden states and tied unembedding, with a
+    fraction of its compiled peak memory (the [2B, T, V] logits are never formed). Risk `kl`:
+    the quantile risks select a vocabulary tail, whose edge is a near-tie among 262,144 almost
+    equal logits of a random model, which the two paths may break differently."""
+    config = tiny_config(
+        model_type="gemma3_text",
+        vocab_size=262_144,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+    )
+    model = Llama(config, rngs=nnx.Rngs(0))
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, size=(2, 16))
+    mask = np.ones(ids.shape, bool)
+    positions = np.cumsum(mask, axis=1) - 1
+    hidden = model(jnp.asarray(ids), jnp.asarray(positions), jnp.asarray(mask))
+    w = model.unembedding()  # [D, V]: the embedding transposed (tied)
+    ref_hidden, ref_w = hidden * 1.01, w * 0.99
+    labels = jnp.asarray(np.roll(ids, -1, axis=1), jnp.int32)
+    loss_mask = jnp.asarray(np.arange(16)[None].repeat(2, 0) >= 4)
+
+    kw = dict(loss="ra_dpo", risk="kl")
+
+    def fused(h, w, rh, rw, y, m):
+        return fused_pair_loss(h, w, rh, rw, y, m, chunk_size=4, **kw)[0].sum()
+
+    def logits(h, w, rh, rw, y, m):
+        lp, lr = (jnp.einsum("btd,dv->btv", a, b) for a, b in ((h, w), (rh, rw)))
+        return logits_pair_loss(lp, lr, y, m, **kw)[0].sum()
+
+    args = (hidden, w, ref_hidden, ref_w, labels, loss_mask)
+    grad = functools.partial(jax.value_and_grad, argnums=(0, 1))
+    (want, (want_dh, want_dw)), (got, (got_dh, got_dw)) = (
+        jax.jit(grad(f))(*args) for f in (logits, fused)
+    )
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5, atol=1e-6)
+    # Each hidden gradient is a float32 sum over V = 262,144 terms, accumulated in a different
+    # order by each path: compare relative to the gradient's norm, not element by element.
+    for a, b in ((got_dh, want_dh), (got_dw, want_dw)):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b)
+    # Memory at training-like shapes (4 sequences x 256 tokens), compiled only, never run.
+    n, t, d, v = 4, 256, config.hidden_size, config.vocab_size
+    shapes = [
+        jax.ShapeDtypeStruct(s, dtype)
+        for s, dtype in (
+            ((n, t, d), jnp.float32),
+            ((d, v), jnp.float32),
+            ((n, t, d), jnp.float32),
+            ((d, v), jnp.float32),
+            ((n, t), jnp.int32),
+            ((n, t), jnp.bool_),
+        )
+    ]
+    fused_peak = _peak_bytes(grad(fused), *shapes)
+    logits_peak = _peak_bytes(grad(logits), *shapes)
+    assert fused_peak < logits_peak / 8, (fused_peak, logits_peak)
