@@ -365,6 +365,7 @@ class Llama(nnx.Module):
         inv_freq = rope_frequencies(config)
         if not any(flags):
             return (allowed, None), (inv_freq, None), (False,) * len(flags)
+        assert config.sliding_window is not None  # LlamaConfig checks it with sliding layers
         local_allowed = window_allowed(allowed, query_pos, key_pos, config.sliding_window)
         local_freq = rope_frequencies(config, local=True)
         return (allowed, local_allowed), (inv_freq, local_freq), flags

@@ -97,7 +97,7 @@ def forward(tensors: dict, config: dict, input_ids, positions, attention_mask) -
     softcap = config.get("attn_logit_softcapping")
     act = config.get("hidden_activation") or config.get("hidden_act") or "silu"
     layer_types = _layer_types(config)
-    window = config.get("sliding_window")
+    window = config.get("sliding_window") or 0
     b_size, length = np.shape(input_ids)
     out = np.zeros((b_size, length, config["hidden_size"]))
     for b in range(b_size):
