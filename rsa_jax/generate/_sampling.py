@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from rsa_jax.models import Llama, rope_frequencies
+from rsa_jax.models import Llama, pick_layer_value
 
 
 class Shardings(NamedTuple):
@@ -55,35 +55,40 @@ def _cached_forward(model: Llama, cache: Cache, ids, positions, start):
     """Runs `ids` [B, T] at cache slots [start, start + T); returns (hidden [B, T, D], cache).
 
     `cache.valid` must already mark the new slots. Query slot start + i attends to the valid
-    slots up to and including itself.
+    slots up to and including itself; on sliding layers (Gemma 3, Mistral, ...) only to the last
+    `sliding_window` of them. Real tokens fill consecutive slots (left-padded prompt, then one
+    token per step), so slot distance is position distance and the cache stays full-length for
+    every layer: the window is a mask over it, not a ring buffer.
     """
     dtype = model.compute_dtype
-    inv_freq = rope_frequencies(model.config)
     t, s = ids.shape[1], cache.valid.shape[1]
     query_slot = start + jnp.arange(t)  # [T]
     allowed = (jnp.arange(s)[None, :] <= query_slot[:, None])[None] & cache.valid[:, None, :]
-    x = jnp.take(model.embed[...], ids, axis=0).astype(dtype)  # [B, T, D]
+    masks, freqs, flags = model.layer_inputs(allowed, query_slot, jnp.arange(s))
+    x = model.embed_tokens(ids)  # [B, T, D]
 
-    def layer(x, block, layer_keys, layer_values):
-        q, k, v = block.attention.project(block.input_norm(x), positions, inv_freq, dtype)
+    def layer(x, block, local, layer_keys, layer_values):
+        allowed = pick_layer_value(local, masks)
+        inv_freq = pick_layer_value(local, freqs)
+        q, k, v = block.qkv(x, positions, inv_freq, dtype)
         k_all = jax.lax.dynamic_update_slice_in_dim(layer_keys, k.astype(dtype), start, 1)
         v_all = jax.lax.dynamic_update_slice_in_dim(layer_values, v.astype(dtype), start, 1)
-        x = x + block.attention.attend(q, k_all, v_all, allowed, dtype).astype(x.dtype)
-        x = x + block.mlp(block.post_attention_norm(x), dtype).astype(x.dtype)
+        x = block.finish(x, q, k_all, v_all, allowed, dtype)
         return x, (k_all, v_all)
 
     if model.scan_layers:
         graphdef, stacked = nnx.split(model.blocks)
 
         def body(x, xs):
-            layer_state, layer_keys, layer_values = xs
-            return layer(x, nnx.merge(graphdef, layer_state), layer_keys, layer_values)
+            layer_state, local, layer_keys, layer_values = xs
+            return layer(x, nnx.merge(graphdef, layer_state), local, layer_keys, layer_values)
 
-        x, (keys, values) = jax.lax.scan(body, x, (stacked, cache.keys, cache.values))
+        xs = (stacked, jnp.asarray(flags, bool), cache.keys, cache.values)
+        x, (keys, values) = jax.lax.scan(body, x, xs)
     else:
         keys, values = [], []
-        for i, block in enumerate(model.layers):
-            x, (k_all, v_all) = layer(x, block, cache.keys[i], cache.values[i])
+        for i, (block, local) in enumerate(zip(model.layers, flags, strict=True)):
+            x, (k_all, v_all) = layer(x, block, local, cache.keys[i], cache.values[i])
             keys.append(k_all)
             values.append(v_all)
         keys, values = jnp.stack(keys), jnp.stack(values)

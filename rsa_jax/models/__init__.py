@@ -1,4 +1,5 @@
-"""Flax NNX Llama-family models, Hugging Face safetensors and GGUF weight IO.
+"""Flax NNX Llama-family models (Llama, Mistral, Qwen2, Qwen3, Gemma 3 text), Hugging Face
+safetensors and GGUF weight IO.
 
 Stable API (the training code and the CLI rely on these names):
 - `Llama(config, rngs=..., param_dtype, compute_dtype, remat, scan_layers, constrain)`;
@@ -11,6 +12,9 @@ Stable API (the training code and the CLI rely on these names):
 - Attention runs through `jax.nn.dot_product_attention`; `LlamaConfig.attention` (or
   `load_hf(..., attention=)`) picks "auto" (cuDNN on a GPU in bf16/f16, else XLA), "xla" or
   "cudnn" (`attention_implementation`).
+- `SUPPORTED`: the config.json `model_type`s read; Qwen3's q/k norms, Gemma 3's sliding layers,
+  norms, GeGLU and soft-capping and Mistral's sliding window are `LlamaConfig` fields
+  (docs/models.md); `window_allowed(allowed, query_pos, key_pos, window)` is the sliding mask.
 - `LlamaConfig.from_hf(dict)` / `.from_dir(path)` / `.to_hf()`; `tiny_config(**overrides)`, a
   2-layer D=64 V=256 random-init config for tests.
 - `load_hf(path, *, shardings=...)` reads a local HF directory tensor by tensor (optionally
@@ -31,7 +35,7 @@ Stable API (the training code and the CLI rely on these names):
 - Sampling with a KV cache lives in `rsa_jax.generate.generate`.
 """
 
-from rsa_jax.models._config import ATTENTION_CHOICES, LlamaConfig, tiny_config
+from rsa_jax.models._config import ATTENTION_CHOICES, SUPPORTED, LlamaConfig, tiny_config
 from rsa_jax.models._export import parse_size
 from rsa_jax.models._gguf import bundled_smollm2_gguf, convert_gguf
 from rsa_jax.models._llama import (
@@ -39,7 +43,9 @@ from rsa_jax.models._llama import (
     Llama,
     attention_allowed,
     attention_implementation,
+    pick_layer_value,
     rope_frequencies,
+    window_allowed,
 )
 from rsa_jax.models._local import check_model_dir, check_tokenizer_dir
 from rsa_jax.models._lora import (
@@ -63,6 +69,7 @@ __all__ = [
     "PROJECTIONS",
     "REMAT_POLICIES",
     "STORAGES",
+    "SUPPORTED",
     "Llama",
     "LlamaConfig",
     "LoraConfig",
@@ -89,9 +96,11 @@ __all__ = [
     "convert_gguf",
     "hf_name",
     "load_hf",
+    "pick_layer_value",
     "parse_size",
     "read_hf_tensor",
     "rope_frequencies",
     "save_hf",
     "tiny_config",
+    "window_allowed",
 ]

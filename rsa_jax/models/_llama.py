@@ -1,7 +1,16 @@
 """A Llama-family decoder in Flax NNX: RMSNorm, RoPE (llama3 scaling), GQA attention, SwiGLU.
 
+The same modules run Qwen3 (per-head q/k RMSNorm before RoPE) and Gemma 3 text (interleaved
+sliding-window and global layers with their own RoPE bases, q/k norms, four `1 + weight`
+RMSNorms per block, GeGLU, embeddings scaled by sqrt(D), optional logit soft-capping), switched
+by `LlamaConfig` fields, so LoRA, sharding rules, the fused head and generation see one model.
+
 Dimension legend: B batch, L tokens, D model width, H query heads, K key/value heads, E head dim,
 F MLP width, V vocabulary.
+
+Sliding layers: a query at position i sees keys at positions i - W + 1 .. i (W =
+`sliding_window`), as transformers' `sliding_window_overlay`. Under `scan_layers` every layer
+runs the same body, so a per-layer flag picks the mask and the RoPE frequencies.
 
 Every parameter carries `logical_axes` metadata (`vocab`, `embed`, `heads`, `kv_heads`,
 `head_dim`, `mlp`) so that one rules table maps it onto a mesh. The forward takes left-padded
@@ -55,21 +64,32 @@ def _param(rngs: nnx.Rngs, shape, axes, dtype, scale=0.02) -> nnx.Param:
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, dim: int, eps: float, dtype):
-        self.weight = nnx.Param(jnp.ones((dim,), dtype), logical_axes=("embed",))
+    """x / rms(x) * (offset + weight); offset 1 is Gemma's (its weights are stored around 0)."""
+
+    def __init__(self, dim: int, eps: float, dtype, offset: float = 0.0, axis: str = "embed"):
+        self.weight = nnx.Param(jnp.full((dim,), 1.0 - offset, dtype), logical_axes=(axis,))
         self.eps = eps
+        self.offset = offset
 
     def __call__(self, x):
         x32 = x.astype(jnp.float32)
         # Normalise in float32 whatever the compute dtype (bf16 variance underflows).
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-        return (normed * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+        return (normed * (self.offset + self.weight[...].astype(jnp.float32))).astype(x.dtype)
 
 
-def rope_frequencies(config: LlamaConfig) -> jax.Array:
-    """[E/2] inverse frequencies, with the llama3 long-context scaling when configured."""
+def rope_frequencies(config: LlamaConfig, local: bool = False) -> jax.Array:
+    """[E/2] inverse frequencies, with the llama3 or linear scaling when configured.
+
+    `local=True`: the sliding layers' frequencies (base `rope_local_theta` when set, unscaled,
+    as Gemma 3; without `rope_local_theta` the global ones).
+    """
     e = config.head_dim
+    if local and config.rope_local_theta is not None:
+        return 1.0 / (config.rope_local_theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
     inv = 1.0 / (config.rope_theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
+    if config.rope_linear_factor is not None:
+        return inv / config.rope_linear_factor
     if config.rope_llama3 is None:
         return inv
     factor, low, high, original = config.rope_llama3
@@ -91,6 +111,17 @@ def apply_rope(x, positions, inv_freq):
     return (x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin).astype(x.dtype)
 
 
+def pick_layer_value(local, values):
+    """values = (global, sliding): the sliding one where `local` (a Python bool, or a traced
+    scalar under scan); the global one when there is no sliding value (None)."""
+    global_value, local_value = values
+    if local_value is None:
+        return global_value
+    if isinstance(local, bool):
+        return local_value if local else global_value
+    return jnp.where(local, local_value, global_value)
+
+
 class Attention(nnx.Module):
     def __init__(self, config: LlamaConfig, rngs: nnx.Rngs, dtype):
         d, h, k, e = (
@@ -107,6 +138,10 @@ class Attention(nnx.Module):
             self.q_bias = nnx.Param(jnp.zeros((h, e), dtype), logical_axes=("heads", "head_dim"))
             self.k_bias = nnx.Param(jnp.zeros((k, e), dtype), logical_axes=("kv_heads", "head_dim"))
             self.v_bias = nnx.Param(jnp.zeros((k, e), dtype), logical_axes=("kv_heads", "head_dim"))
+        if config.qk_norm:
+            eps, offset = config.rms_norm_eps, config.norm_offset
+            self.q_norm = RMSNorm(e, eps, dtype, offset, axis="head_dim")
+            self.k_norm = RMSNorm(e, eps, dtype, offset, axis="head_dim")
         self.config = config
 
     def project(self, x, positions, inv_freq, compute_dtype):
@@ -125,22 +160,47 @@ class Attention(nnx.Module):
             q = q + self.q_bias[...].astype(compute_dtype)
             k = k + self.k_bias[...].astype(compute_dtype)
             v = v + self.v_bias[...].astype(compute_dtype)
+        if self.config.qk_norm:  # per head, over E, before RoPE (Qwen3, Gemma 3)
+            q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq), v
 
     def attend(self, q, k, v, allowed, compute_dtype):
         """q [B, L, H, E], k/v [B, S, K, E], allowed [B, L, S] bool -> [B, L, D]."""
         b, length, h, e = q.shape
-        # One mask for every padding layout (left-padded prompts, right-padded responses, a KV
-        # cache with S != L): `allowed` already holds causality and the real keys.
-        out = jax.nn.dot_product_attention(
-            q.astype(compute_dtype),
-            k.astype(compute_dtype),
-            v.astype(compute_dtype),
-            mask=allowed[:, None],  # [B, 1, L, S], broadcast over heads
-            implementation=attention_implementation(self.config.attention, compute_dtype, e),
-        )  # [B, L, H, E]
+        c = self.config
+        scale = None if c.query_pre_attn_scalar is None else c.query_pre_attn_scalar**-0.5
+        q, k, v = (t.astype(compute_dtype) for t in (q, k, v))
+        if c.attn_logit_softcapping is not None:
+            # jax.nn.dot_product_attention has no soft-capping: the plain XLA form.
+            out = _softcapped_attention(q, k, v, allowed, scale, c.attn_logit_softcapping)
+        else:
+            # One mask for every padding layout (left-padded prompts, right-padded responses, a
+            # KV cache with S != L, a sliding window): `allowed` holds causality, the window and
+            # the real keys.
+            out = jax.nn.dot_product_attention(
+                q,
+                k,
+                v,
+                mask=allowed[:, None],  # [B, 1, L, S], broadcast over heads
+                scale=scale,
+                implementation=attention_implementation(c.attention, compute_dtype, e),
+            )  # [B, L, H, E]
         y = project(self, "o", "nhe,hed->nd", _tokens(out), compute_dtype)  # [N, D]
         return y.reshape(b, length, y.shape[-1])
+
+
+def _softcapped_attention(q, k, v, allowed, scale, cap):
+    """softmax(cap tanh(scale q.k / cap)) v over allowed keys, in float32; GQA by grouping."""
+    b, length, h, e = q.shape
+    kv = k.shape[2]
+    scale = e**-0.5 if scale is None else scale
+    q = q.reshape(b, length, kv, h // kv, e)  # [B, L, K, G, E]
+    scores = jnp.einsum("blkge,bske->bkgls", q, k, preferred_element_type=jnp.float32) * scale
+    scores = cap * jnp.tanh(scores / cap)
+    scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    weights = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgls,bske->blkge", weights, v)
+    return out.reshape(b, length, h, e)
 
 
 class MLP(nnx.Module):
@@ -149,26 +209,54 @@ class MLP(nnx.Module):
         self.gate = _param(rngs, (d, f), ("embed", "mlp"), dtype)
         self.up = _param(rngs, (d, f), ("embed", "mlp"), dtype)
         self.down = _param(rngs, (f, d), ("mlp", "embed"), dtype)
+        self.hidden_act = config.hidden_act
 
     def __call__(self, x, compute_dtype):
         flat = _tokens(x.astype(compute_dtype))  # [N, D]
         gate = project(self, "gate", "nd,df->nf", flat, compute_dtype)
         up = project(self, "up", "nd,df->nf", flat, compute_dtype)
-        y = project(self, "down", "nf,fd->nd", jax.nn.silu(gate) * up, compute_dtype)
+        if self.hidden_act == "silu":
+            act = jax.nn.silu(gate)
+        else:  # gelu_pytorch_tanh: the tanh approximation of GELU (GeGLU)
+            act = jax.nn.gelu(gate, approximate=True)
+        y = project(self, "down", "nf,fd->nd", act * up, compute_dtype)
         return y.reshape(x.shape[:-1] + y.shape[-1:])
 
 
 class Block(nnx.Module):
+    """Pre-norm block; with `sandwich_norms` (Gemma) also the attention and MLP outputs are
+    normed before their residual adds (`post_attention_norm`, `post_feedforward_norm`) and the
+    MLP input goes through `pre_feedforward_norm`; otherwise `post_attention_norm` is the MLP's
+    input norm (Hugging Face's `post_attention_layernorm` in both cases)."""
+
     def __init__(self, config: LlamaConfig, rngs: nnx.Rngs, dtype):
-        self.input_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        d, eps, offset = config.hidden_size, config.rms_norm_eps, config.norm_offset
+        self.input_norm = RMSNorm(d, eps, dtype, offset)
         self.attention = Attention(config, rngs, dtype)
-        self.post_attention_norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.post_attention_norm = RMSNorm(d, eps, dtype, offset)
+        if config.sandwich_norms:
+            self.pre_feedforward_norm = RMSNorm(d, eps, dtype, offset)
+            self.post_feedforward_norm = RMSNorm(d, eps, dtype, offset)
         self.mlp = MLP(config, rngs, dtype)
+        self.sandwich = config.sandwich_norms
+
+    def qkv(self, x, positions, inv_freq, compute_dtype):
+        """The attention's queries, keys and values of the block input x [B, L, D]."""
+        return self.attention.project(self.input_norm(x), positions, inv_freq, compute_dtype)
+
+    def finish(self, x, q, k, v, allowed, compute_dtype):
+        """Attention over keys/values k, v [B, S, K, E] and the MLP, with both residuals."""
+        attended = self.attention.attend(q, k, v, allowed, compute_dtype)
+        if self.sandwich:
+            x = x + self.post_attention_norm(attended).astype(x.dtype)
+            y = self.mlp(self.pre_feedforward_norm(x), compute_dtype)
+            return x + self.post_feedforward_norm(y).astype(x.dtype)
+        x = x + attended.astype(x.dtype)
+        return x + self.mlp(self.post_attention_norm(x), compute_dtype).astype(x.dtype)
 
     def __call__(self, x, positions, allowed, inv_freq, compute_dtype):
-        q, k, v = self.attention.project(self.input_norm(x), positions, inv_freq, compute_dtype)
-        x = x + self.attention.attend(q, k, v, allowed, compute_dtype).astype(x.dtype)
-        return x + self.mlp(self.post_attention_norm(x), compute_dtype).astype(x.dtype)
+        q, k, v = self.qkv(x, positions, inv_freq, compute_dtype)
+        return self.finish(x, q, k, v, allowed, compute_dtype)
 
 
 def attention_allowed(attention_mask: jax.Array) -> jax.Array:
@@ -176,6 +264,18 @@ def attention_allowed(attention_mask: jax.Array) -> jax.Array:
     length = attention_mask.shape[-1]
     causal = jnp.tril(jnp.ones((length, length), bool))
     return causal[None] & attention_mask[:, None, :] & attention_mask[:, :, None]
+
+
+def window_allowed(allowed: jax.Array, query_pos, key_pos, window: int) -> jax.Array:
+    """`allowed` [B, L, S] restricted to keys less than `window` positions behind the query.
+
+    query_pos [B, L] / key_pos [B, S] (or unbatched [L] / [S]) are positions along one row, so
+    that the key at query_pos - window + 1 is the oldest one seen (transformers'
+    `kv_idx > q_idx - sliding_window`).
+    """
+    query_pos, key_pos = jnp.asarray(query_pos), jnp.asarray(key_pos)
+    distance = query_pos[..., :, None] - key_pos[..., None, :]  # [(B,) L, S]
+    return allowed & (distance < window)
 
 
 REMAT_POLICIES = {
@@ -240,36 +340,66 @@ class Llama(nnx.Module):
             self.layers = nnx.List(
                 [Block(config, rngs, param_dtype) for _ in range(config.num_hidden_layers)]
             )
-        self.norm = RMSNorm(d, config.rms_norm_eps, param_dtype)
+        self.norm = RMSNorm(d, config.rms_norm_eps, param_dtype, config.norm_offset)
         if not config.tie_word_embeddings:
             self.lm_head = _param(rngs, (d, v), ("embed", "vocab"), param_dtype)
 
     def _boundary(self, x):
         return x if self.constrain is None else self.constrain(x, ("batch", "length", "embed"))
 
+    def embed_tokens(self, input_ids) -> jax.Array:
+        """[B, L] ids -> [B, L, D] embeddings in the compute dtype (times sqrt(D) for Gemma)."""
+        x = jnp.take(self.embed[...], input_ids, axis=0)
+        if self.config.embed_scale:  # the scale in the weights' dtype, as transformers
+            x = x * jnp.asarray(math.sqrt(self.config.hidden_size), x.dtype)
+        return x.astype(self.compute_dtype)
+
+    def layer_inputs(self, allowed, query_pos, key_pos):
+        """(global and sliding masks, global and sliding RoPE frequencies, per-layer flags).
+
+        The flags are a tuple of Python bools for unrolled layers and a [layers] bool array
+        for the scan; sliding values are None on models without sliding layers.
+        """
+        config = self.config
+        flags = config.sliding_layers()
+        inv_freq = rope_frequencies(config)
+        if not any(flags):
+            return (allowed, None), (inv_freq, None), (False,) * len(flags)
+        assert config.sliding_window is not None  # LlamaConfig checks it with sliding layers
+        local_allowed = window_allowed(allowed, query_pos, key_pos, config.sliding_window)
+        local_freq = rope_frequencies(config, local=True)
+        return (allowed, local_allowed), (inv_freq, local_freq), flags
+
     def __call__(self, input_ids, positions, attention_mask):
         """input_ids, positions [B, L] int; attention_mask [B, L] bool -> final hidden [B, L, D]."""
-        inv_freq = rope_frequencies(self.config)
-        allowed = attention_allowed(attention_mask)
-        x = jnp.take(self.embed[...], input_ids, axis=0).astype(self.compute_dtype)
-        x = self._boundary(x)
+        masks, freqs, flags = self.layer_inputs(
+            attention_allowed(attention_mask), positions, positions
+        )
+        x = self._boundary(self.embed_tokens(input_ids))
         use_remat, policy = _remat_policy(self.remat)
 
-        def run(block, x):
-            return self._boundary(block(x, positions, allowed, inv_freq, self.compute_dtype))
+        def run(block, x, local):
+            allowed = pick_layer_value(local, masks)
+            inv_freq = pick_layer_value(local, freqs)
+            out = block(x, positions, allowed, inv_freq, self.compute_dtype)
+            return self._boundary(out)
 
         if self.scan_layers:
             graphdef, stacked = nnx.split(self.blocks)
 
-            def body(x, layer_state):
-                return run(nnx.merge(graphdef, layer_state), x), None
+            def body(x, xs):
+                layer_state, local = xs
+                return run(nnx.merge(graphdef, layer_state), x, local), None
 
             if use_remat:
                 body = jax.checkpoint(body, policy=policy, prevent_cse=False)
-            x, _ = jax.lax.scan(body, x, stacked)
+            x, _ = jax.lax.scan(body, x, (stacked, jnp.asarray(flags, bool)))
         else:
-            for block in self.layers:
-                x = nnx.remat(run, policy=policy)(block, x) if use_remat else run(block, x)
+            for block, local in zip(self.layers, flags, strict=True):
+                if use_remat:
+                    x = nnx.remat(run, policy=policy, static_argnums=(2,))(block, x, local)
+                else:
+                    x = run(block, x, local)
         return self.norm(x)
 
     def unembedding(self) -> jax.Array:
@@ -285,4 +415,7 @@ class Llama(nnx.Module):
         # largest of them (V x D from [N, V] logits' gradients).
         flat = hidden.reshape(-1, hidden.shape[-1])
         logits = jnp.einsum("nd,dv->nv", flat, w, preferred_element_type=jnp.float32)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = cap * jnp.tanh(logits / cap)
         return logits.reshape(hidden.shape[:-1] + logits.shape[-1:])

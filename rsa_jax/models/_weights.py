@@ -76,6 +76,19 @@ def _layer_table(c: LlamaConfig) -> dict[tuple, Convert]:
             lambda w: w,
             lambda w: w,
         ),
+        # Qwen3 / Gemma 3: per-head q/k norms [E]; Gemma 3's norms around the MLP.
+        ("attention", "q_norm", "weight"): ("self_attn.q_norm.weight", lambda w: w, lambda w: w),
+        ("attention", "k_norm", "weight"): ("self_attn.k_norm.weight", lambda w: w, lambda w: w),
+        ("pre_feedforward_norm", "weight"): (
+            "pre_feedforward_layernorm.weight",
+            lambda w: w,
+            lambda w: w,
+        ),
+        ("post_feedforward_norm", "weight"): (
+            "post_feedforward_layernorm.weight",
+            lambda w: w,
+            lambda w: w,
+        ),
     }
     return table
 

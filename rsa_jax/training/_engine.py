@@ -188,6 +188,12 @@ class Engine:
         self.tokenizer = load_tokenizer(config.model) if tokenizer is None else tokenizer
         if llama is None:
             llama = llama_config(config.model, len(self.tokenizer))
+        if llama.final_logit_softcapping is not None and config.train.head == "fused":
+            # The fused head forms logits chunk by chunk from the unembedding alone.
+            raise ValueError(
+                f"{config.model.path}: final_logit_softcapping={llama.final_logit_softcapping} "
+                "is not applied by train.head=fused; set train.head=logits"
+            )
         self.model: ModelDef = define_model(config.model, llama, layout)
         self.user_tx = tx
         self.tx = make_optimizer(config.optim) if tx is None else tx
