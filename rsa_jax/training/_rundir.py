@@ -61,7 +61,13 @@ class RunDir:
     LOCK = ".lock"
 
     def __init__(self, path: str):
-        self.path = os.path.abspath(os.path.expanduser(str(path)))
+        text = str(path)
+        if "://" in text:  # never a local folder named "gs:"
+            raise RunDirError(
+                f"run directory {text}: object storage (gs://, s3://) is not supported yet; "
+                "use a local or NFS path (docs/run_directory.md)"
+            )
+        self.path = os.path.abspath(os.path.expanduser(text))
 
     def __repr__(self) -> str:
         return f"RunDir({self.path!r})"

@@ -156,3 +156,13 @@ def test_resolver_errors_say_what_the_path_is(tmp_path, text, hf_ok, error, word
     with pytest.raises(error) as info:
         resolve_source(text.replace("{tmp}", str(tmp_path)), hf_ok=hf_ok)
     assert words in str(info.value)
+
+
+@pytest.mark.parametrize("url", ["gs://bucket/run", "s3://bucket/run"])
+def test_object_storage_is_refused_clearly_not_made_a_local_folder(tmp_path, monkeypatch, url):
+    from rsa_jax.training import RunDirError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RunDirError, match="object storage"):
+        RunDir(url)
+    assert os.listdir(tmp_path) == []
