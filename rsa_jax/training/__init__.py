@@ -8,7 +8,11 @@
 - `Engine`: built from a `Config` (and optionally a mesh layout and an optax transformation);
   owns the model definition, sharded parameters, optimizer, the cache of compiled steps, and
   the one training loop (`Engine.fit`). Preference stages, SFT and both sweep modes run on it.
-- `train(config)`: the stages of a config with checkpoints (exact resume), metrics and signals.
+- `train(config)`: the stages of a config with checkpoints (exact resume), metrics and signals,
+  added around `Engine.fit` as hooks (`Hooks`, `StepInfo`; `Run` builds a run's hooks).
+- `RunDir`: the layout of a run directory (every name spelled once), its lock and config.json;
+  `CheckpointMeta` the typed checkpoint record; `resolve_source` reads `RUN`, `RUN@STAGE` and
+  Hugging Face directories for every command.
 - `load_policy(run_dir)`: the newest usable policy of a run directory (LoRA: merged);
   `load_adapters(run_dir)`: the trained parameters as saved (LoRA: the adapters).
 - Typed hyperparameters: `Hyper` (loss + optimizer + LoRA dropout key, traced;
@@ -44,8 +48,9 @@ from rsa_jax.training._engine import (
     device_copy,
     steps_done,
 )
+from rsa_jax.training._hooks import Hooks, StepInfo, all_finite
 from rsa_jax.training._logging import MetricsLog
-from rsa_jax.training._merge import Policy, load_source, merge_params, merge_sources, split_source
+from rsa_jax.training._merge import Policy, load_source, merge_params, merge_sources
 from rsa_jax.training._mesh import (
     Layout,
     batch_sharding,
@@ -74,16 +79,23 @@ from rsa_jax.training._optim import (
     optax_update,
     weight_decay_mask,
 )
+from rsa_jax.training._run import Run
 from rsa_jax.training._rundir import (
     RESUME_IGNORED,
+    CheckpointMeta,
     ConfigMismatch,
+    RunDir,
     RunDirError,
     RunLock,
+    Source,
+    SourceError,
     absolute_paths,
     check_resume,
     config_diff,
     lock_run_dir,
+    resolve_source,
     saved_config,
+    split_source,
     write_config,
 )
 from rsa_jax.training._step import (
@@ -105,6 +117,7 @@ from rsa_jax.training._trainer import (
     RunResult,
     load_adapters,
     load_policy,
+    run_config,
     save_stage_policy,
     stage_index,
     stage_policy_dir,
@@ -122,7 +135,13 @@ __all__ = [
     "EXIT_PREEMPTED",
     "NonFiniteError",
     "RESUME_IGNORED",
+    "CheckpointMeta",
+    "RunDir",
     "RunDirError",
+    "Source",
+    "SourceError",
+    "resolve_source",
+    "run_config",
     "RunLock",
     "StopSignal",
     "absolute_paths",
@@ -140,6 +159,7 @@ __all__ = [
     "Checkpoints",
     "CorruptCheckpoint",
     "Engine",
+    "Hooks",
     "Hyper",
     "Layout",
     "MetricsLog",
@@ -148,9 +168,12 @@ __all__ = [
     "OptimHyper",
     "Policy",
     "PairObjective",
+    "Run",
     "RunResult",
     "Stage",
+    "StepInfo",
     "TrainState",
+    "all_finite",
     "apply_update",
     "batch_sharding",
     "cached_steps",

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 import jax
+
+from rsa_jax.training._rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +28,13 @@ class MetricsLog:
         self.flops_per_token = flops_per_token
         self.main = jax.process_index() == 0
         self.progress = progress and self.main
-        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a") if self.main else None
+        layout = RunDir(run_dir)
+        self._jsonl = open(layout.metrics_file, "a") if self.main else None
         self._tb = None
         if self.main:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            self._tb = SummaryWriter(layout.tensorboard)
         self._bar = None
         self._sums: dict[str, float] = {}
         self._count = 0
