@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import string
 import types
@@ -333,6 +334,39 @@ def _fail(key: str, message: str) -> NoReturn:
     raise ConfigError(f"{key}: {message}")
 
 
+# No float setting of the library means anything beyond this magnitude, and float32 products of
+# such a value with a log-ratio or a gradient (beta * margin, the squared gradient norm) overflow.
+MAX_MAGNITUDE = 1e6
+
+
+def check_finite(node: Any, prefix: str = "") -> None:
+    """ConfigError naming the dotted key of the first float of `node` (a config dataclass, list,
+    tuple or dict, walked recursively) that is NaN, infinite or of magnitude above MAX_MAGNITUDE.
+
+    NaN slips through every `x < 0` check (all comparisons with NaN are false), so the
+    range checks alone cannot catch it.
+    """
+    if isinstance(node, bool):
+        return
+    if isinstance(node, float):
+        key = prefix or "value"
+        if not math.isfinite(node):
+            _fail(key, f"must be a finite number, got {node}")
+        if abs(node) > MAX_MAGNITUDE:
+            _fail(key, f"must have magnitude <= {MAX_MAGNITUDE:g}, got {node:g}")
+        return
+    dot = f"{prefix}." if prefix else ""
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        for field in dataclasses.fields(node):
+            check_finite(getattr(node, field.name), f"{dot}{field.name}")
+    elif isinstance(node, list | tuple):
+        for i, item in enumerate(node):
+            check_finite(item, f"{dot}{i}")
+    elif isinstance(node, dict):
+        for name, item in node.items():
+            check_finite(item, f"{dot}{name}")
+
+
 def _validate_lora(lora: LoraSettings) -> None:
     if lora.rank < 0:
         _fail("model.lora.rank", f"must be >= 0 (0: full fine-tuning), got {lora.rank}")
@@ -359,6 +393,7 @@ def _validate_lora(lora: LoraSettings) -> None:
 
 def validate(config: Config, device_count: int | None = None) -> None:
     """Constraints beyond types. With `device_count`, also that the mesh fits the devices/batch."""
+    check_finite(config)
     m = config.model
     if m.attention not in ATTENTION_CHOICES:
         _fail("model.attention", f"must be one of {ATTENTION_CHOICES}, got {m.attention!r}")

@@ -40,6 +40,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
+from rsa_jax.models import _export
 from rsa_jax.models._config import LlamaConfig
 from rsa_jax.models._llama import Llama
 from rsa_jax.models._project import INPUT_DIMS, PROJECTIONS, dense_weight
@@ -319,7 +320,9 @@ def save_peft(
     `peft.PeftModel.from_pretrained(base, path)` loads onto the Hugging Face base model."""
     os.makedirs(path, exist_ok=True)
     tensors = peft_tensors(spec, adapters)
-    save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+    _export.check_finite(tensors, path)
+    weights = os.path.join(path, "adapter_model.safetensors")
+    save_file(tensors, weights, metadata={"format": "pt"})
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -343,3 +346,4 @@ def save_peft(
     }
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)
+    _export.publish(weights)  # safetensors creates its file readable by the owner only
