@@ -137,7 +137,13 @@ def _sweep_eval(path: str, run_dir: str | None, name: str) -> dict | None:
     for candidate in candidates:
         if os.path.exists(candidate):
             with open(candidate) as f:
-                saved = json.load(f)
+                try:
+                    saved = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise FrontierInputError(
+                        f"{candidate}: not JSON ({e.msg}, line {e.lineno}); rerun the sweep to "
+                        "recompute it"
+                    ) from None
             if isinstance(saved, dict) and isinstance(saved.get("metrics"), dict):
                 return saved["metrics"]
     return None

@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 from typing import Any
 
 from rsa_jax.sweep._file import SweepError, Variant
+
+log = logging.getLogger(__name__)
 
 OPTIONS = (
     "task",
@@ -116,11 +119,9 @@ def _values(metrics: dict) -> dict[str, float]:
 def cached_evaluation(options: dict, variant: Variant, evaluate=None) -> dict[str, float]:
     """The variant's eval metrics (values), computed once per set of options (eval.json)."""
     path = os.path.join(variant.run_dir, "eval.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
-        if saved.get("options") == options:
-            return _values(saved["metrics"])
+    saved = _read_cache(path)
+    if saved is not None and saved.get("options") == options:
+        return _values(saved["metrics"])
     if evaluate is None and "fn" in options:
         fn = _load(options["fn"])
         rest = {k: v for k, v in options.items() if k != "fn"}
@@ -135,6 +136,30 @@ def cached_evaluation(options: dict, variant: Variant, evaluate=None) -> dict[st
         else float(v)
         for k, v in metrics.items()
     }
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp-{os.getpid()}"  # complete or absent: a kill never leaves half a file
+    with open(tmp, "w") as f:
         json.dump({"options": options, "metrics": metrics}, f, indent=2)
+    os.replace(tmp, path)
     return _values(metrics)
+
+
+def _read_cache(path: str) -> dict | None:
+    """The saved evaluation of `path`, or None when absent or unreadable (a torn or edited
+    file is recomputed, with a warning, rather than failing the sweep)."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        log.warning("%s: unreadable (%s); evaluating again", path, e)
+        return None
+    metrics = saved.get("metrics") if isinstance(saved, dict) else None
+    try:
+        if isinstance(metrics, dict):
+            _values(metrics)
+            return saved
+    except (KeyError, TypeError, ValueError):
+        pass
+    log.warning("%s: not an evaluation cache (no metrics); evaluating again", path)
+    return None

@@ -12,6 +12,7 @@ import json
 import os
 
 from rsa_jax.sweep._file import Sweep
+from rsa_jax.training import METRICS_FILE, read_metrics
 
 # Training metrics reported per variant (TRL names, as logged by the trainer).
 TRAIN_METRICS = (
@@ -27,17 +28,15 @@ TRAIN_METRICS = (
 
 def last_records(run_dir: str) -> dict[int, dict]:
     """{stage: last logged record of that stage} from `run_dir/metrics.jsonl` ({} if absent)."""
-    path = os.path.join(run_dir, "metrics.jsonl")
+    path = os.path.join(run_dir, METRICS_FILE)
     out: dict[int, dict] = {}
-    if not os.path.exists(path):
-        return out
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                record = json.loads(line)
-                stage = int(record["stage"])
-                if stage not in out or record["step"] >= out[stage]["step"]:
-                    out[stage] = record
+    for number, record in enumerate(read_metrics(path), start=1):
+        try:
+            stage, step = int(record["stage"]), int(record["step"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: record {number} has no integer stage and step") from None
+        if stage not in out or step >= out[stage]["step"]:
+            out[stage] = record
     return out
 
 

@@ -42,7 +42,7 @@ from rsa_jax.training._engine import (
     device_copy,
     steps_done,
 )
-from rsa_jax.training._logging import MetricsLog
+from rsa_jax.training._logging import METRICS_FILE, MetricsLog, drop_torn_tail, read_metrics
 from rsa_jax.training._merge import Policy, load_source, merge_params, merge_sources, split_source
 from rsa_jax.training._mesh import (
     Layout,
@@ -139,7 +139,10 @@ __all__ = [
     "Engine",
     "Hyper",
     "Layout",
+    "METRICS_FILE",
     "MetricsLog",
+    "drop_torn_tail",
+    "read_metrics",
     "ModelDef",
     "NextTokenObjective",
     "OptimHyper",

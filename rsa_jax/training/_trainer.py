@@ -21,13 +21,19 @@ import optax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from rsa_jax.config import Config, from_json, to_json
+from rsa_jax.config import Config, ConfigError, load_config_dict, to_json
 from rsa_jax.training._checkpoint import Checkpoints, CorruptCheckpoint, abstract_like
 from rsa_jax.training._control import StopSignal, check_finite
 from rsa_jax.training._engine import Engine, Stage, steps_done
 from rsa_jax.training._logging import MetricsLog
 from rsa_jax.training._mesh import Layout, make_mesh
-from rsa_jax.training._rundir import absolute_paths, check_resume, lock_run_dir, write_config
+from rsa_jax.training._rundir import (
+    absolute_paths,
+    check_resume,
+    lock_run_dir,
+    saved_config,
+    write_config,
+)
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +288,18 @@ def load_policy(
     return engine, engine.merged(params)
 
 
+def _run_config(run_dir: str) -> Config:
+    """The config a run directory was trained with; errors name its config.json."""
+    path = os.path.join(run_dir, "config.json")
+    saved = saved_config(run_dir)  # RunDirError naming the file when it is not JSON
+    if saved is None:
+        raise FileNotFoundError(f"{run_dir}: not a run directory (no config.json)")
+    try:
+        return load_config_dict(saved)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
 def load_adapters(
     run_dir: str,
     config: Config | None = None,
@@ -293,8 +311,7 @@ def load_adapters(
     for a LoRA run the adapters (`engine.base` is the frozen base, `engine.model.lora` the
     spec: what `save_merged_hf` and `save_peft` take)."""
     if config is None:
-        with open(os.path.join(run_dir, "config.json")) as f:
-            config = from_json(f.read())
+        config = _run_config(run_dir)
     if layout is None:
         mesh = make_mesh(dataclasses.replace(config.mesh, data=-1, fsdp=1, tensor=1))
         layout = Layout(mesh, config.mesh.rules)

@@ -25,6 +25,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 
 
+def _constant_model(value: float = 0.01) -> Llama:
+    """A tiny Llama with every weight `value`: built from shapes, without the seconds of
+    random initialisation (one compile per parameter on a loaded machine)."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Llama(tiny_config(), rngs=nnx.Rngs(0))))
+    return nnx.merge(graphdef, jax.tree.map(lambda s: jnp.full(s.shape, value, s.dtype), state))
+
+
 @pytest.mark.parametrize(
     "override, key",
     [
@@ -86,7 +93,7 @@ def test_demo_settings_reject_non_finite():
 
 
 def test_export_refuses_nan_weights_and_writes_nothing(tmp_path):
-    model = Llama(tiny_config(), rngs=nnx.Rngs(0))
+    model = _constant_model()
     state = nnx.state(model, nnx.Param)
     flat = nnx.to_flat_state(state)
     _, variable = flat[0]
@@ -99,7 +106,7 @@ def test_export_refuses_nan_weights_and_writes_nothing(tmp_path):
 
 
 def test_peft_export_refuses_nan_adapters_and_is_readable_by_others(tmp_path):
-    model = to_lora(Llama(tiny_config(), rngs=nnx.Rngs(0)), LoraConfig(rank=2), rngs=nnx.Rngs(1))
+    model = to_lora(_constant_model(), LoraConfig(rank=2), rngs=nnx.Rngs(1))
     spec, _, adapters = split_lora(model)
     out = tmp_path / "peft"
     save_peft(spec, adapters, str(out))
