@@ -177,14 +177,24 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from rsa_jax.sweep import describe, load_sweep, run_sweep
+    import signal
+
+    # Signals during the imports below (seconds) are kept for the sweep's StopSignal.
+    pending: list[str] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: pending.append(signal.Signals(signum).name))
+    from rsa_jax.sweep import check_sweep, describe, load_sweep, run_sweep
+    from rsa_jax.training import EXIT_PREEMPTED, StopSignal
 
     sweep = load_sweep(args.sweep, mode=args.mode, run_dir=args.run_dir, overrides=args.overrides)
     if args.dry_run:
+        check_sweep(sweep)
         print(describe(sweep))
         return 0
-    results = run_sweep(sweep)
-    return 0 if "variants" in results else 1
+    results = run_sweep(sweep, stop=StopSignal(pending))
+    if "variants" in results:
+        return 0
+    return EXIT_PREEMPTED  # a signal stopped it (state saved); the rerun resumes
 
 
 def _cmd_frontier(args) -> int:
@@ -240,7 +250,7 @@ exit codes:
   0    done
   1    an error (one line on stderr naming what is wrong; add -v for the traceback)
   2    bad command line or config (nothing was run)
-  75   train: stopped by SIGTERM/SIGINT, state saved (rerun the same command to resume)
+  75   train, sweep: stopped by SIGTERM/SIGINT, state saved (rerun the same command to resume)
   130  interrupted (Ctrl-C) outside training
 """
 # One example per subcommand, shown under its --help.
@@ -502,6 +512,9 @@ def _hint(error: BaseException) -> str:
         if error.line:
             return "fix the row, or set data.on_error=skip to skip and count bad rows"
         return ""  # the file itself: the message says what is wrong with it
+    training = sys.modules.get("rsa_jax.training")  # loaded when a checkpoint was written
+    if training is not None and isinstance(error, training.CheckpointWriteError):
+        return ""  # the message says what to do
     if isinstance(error, PermissionError):
         return "check the permissions of the named path"
     if isinstance(error, OSError) and error.errno == 28:  # ENOSPC
@@ -524,7 +537,10 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every file it writes
+    # Orbax logs every file it writes (INFO), and a failed write as ERROR records with the
+    # traceback of each of its background threads; that failure reaches this thread as the
+    # exception reported below in one line, so without -v those records are noise.
+    logging.getLogger("absl").setLevel(logging.WARNING if verbose else logging.CRITICAL)
     prefix = f"rsa-jax {args.command}"
     try:
         _check_arguments(args)

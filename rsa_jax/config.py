@@ -199,6 +199,7 @@ def _field_type(key: str) -> Any:
     """The declared type of a dotted key of `Config` (list items by index), or None if unknown."""
     node: Any = Config
     for part in key.split("."):
+        node = _unwrap_optional(node)
         origin = typing.get_origin(node)
         if origin in (list, tuple) and part.isdigit():
             node = typing.get_args(node)[0]
@@ -210,6 +211,35 @@ def _field_type(key: str) -> Any:
         else:
             return None
     return node
+
+
+def _unwrap_optional(kind: Any) -> Any:
+    """`X | None` -> X (a dataclass that may be null, such as `model.lora`); others as they are."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if len(args) == 1 and dataclasses.is_dataclass(args[0]):
+            return args[0]
+    return kind
+
+
+def _check_text_fields(values: Any, where: str, prefix: str = "") -> None:
+    """A YAML number or bool where the config wants text (`run_dir: 5`) is an error, not
+    silently the text "5": a typo there would otherwise name a directory or a file."""
+    if isinstance(values, list):
+        for i, item in enumerate(values):
+            _check_text_fields(item, where, f"{prefix}{i}.")
+        return
+    if not isinstance(values, dict):
+        return
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, dict | list):
+            _check_text_fields(value, where, f"{key}.")
+        elif value is not None and not isinstance(value, str) and _is_text(_field_type(key)):
+            raise ConfigError(
+                f"{where}{key}: expected text, got {type(value).__name__} {value!r} "
+                f"(quote it, e.g. {name}: '{value}', if that is meant)"
+            )
 
 
 def _is_text(kind: Any) -> bool:
@@ -282,7 +312,9 @@ def load_config(
     try:
         merged = schema
         if path is not None:
-            merged = OmegaConf.merge(schema, _read_yaml(path))
+            raw = _read_yaml(path)
+            _check_text_fields(raw, where)
+            merged = OmegaConf.merge(schema, raw)
         if overrides:
             where = "override: "
             values = cast(dict, OmegaConf.to_container(merged))

@@ -45,24 +45,36 @@ OPTIONS = (
 
 
 def _load(spec: str) -> Any:
-    module, _, attr = spec.partition(":")
+    module, _, attr = spec.partition(":") if isinstance(spec, str) else ("", "", "")
     if not module or not attr:
         raise SweepError(f"eval.fn: {spec!r} is not of the form package.module:attr")
-    target = importlib.import_module(module)
-    for part in attr.split("."):
-        target = getattr(target, part)
+    try:
+        target = importlib.import_module(module)
+        for part in attr.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as e:
+        raise SweepError(f"eval.fn: {spec!r} cannot be imported ({e})") from None
     return target
 
 
-def evaluate_variant(options: dict, variant: Variant) -> dict:
-    """{metric: {value, low, high}} of the variant's final policy (`rsa_jax.eval`)."""
-    import numpy as np
+# Integer options and their least value.
+_COUNTS = {"samples": 1, "max_new_tokens": 1, "seed": 0, "n_boot": 1}
 
-    from rsa_jax.eval import evaluate_model, load_model, load_scorer, read_prompts, tail_metrics
+
+def _inputs(options: dict) -> tuple[Any, list[str], str | None]:
+    """(scorer, prompts, template) of the options; SweepError naming the eval key otherwise."""
+    from rsa_jax.eval import load_scorer, read_prompts
 
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise SweepError(f"eval: unknown option(s) {unknown} (allowed: {OPTIONS} or fn)")
+    for key, least in _COUNTS.items():
+        value = options.get(key, least)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise SweepError(f"eval.{key}: must be an integer >= {least}, got {value!r}")
+    reference = options.get("reference")
+    if reference is not None and not (isinstance(reference, str) and os.path.isdir(reference)):
+        raise SweepError(f"eval.reference: {reference!r} is not a directory (a run or HF model)")
     if options.get("task") == "safety":
         from rsa_jax.tasks import TEMPLATE, OracleScorer, SafetyTask
 
@@ -75,13 +87,41 @@ def evaluate_variant(options: dict, variant: Variant) -> dict:
     else:
         if not (options.get("scorer") and options.get("prompts")):
             raise SweepError("eval: give task: safety, or scorer: module:attr and prompts: FILE")
-        scorer = load_scorer(options["scorer"])
+        try:
+            scorer = load_scorer(str(options["scorer"]))
+        except (ImportError, AttributeError, TypeError, ValueError) as e:
+            raise SweepError(f"eval.scorer: {e}") from None
         template = options.get("template")
     if options.get("prompts"):
         try:
-            prompts = read_prompts(options["prompts"])
+            prompts = read_prompts(str(options["prompts"]))
         except (OSError, ValueError) as e:
             raise SweepError(f"eval.prompts: {e}") from None
+    return scorer, prompts, template
+
+
+def check_eval(options: dict | None, where: str) -> None:
+    """Everything the `eval:` hook needs (its options, the scorer's import, the prompt file,
+    the reference), checked before the first variant trains and by `--dry-run`; SweepError
+    naming `where` (the sweep file) and the eval key otherwise."""
+    if options is None:
+        return
+    try:
+        if "fn" in options:
+            _load(options["fn"])
+        else:
+            _inputs(options)
+    except SweepError as e:
+        raise SweepError(f"{where}: {e}") from None
+
+
+def evaluate_variant(options: dict, variant: Variant) -> dict:
+    """{metric: {value, low, high}} of the variant's final policy (`rsa_jax.eval`)."""
+    import numpy as np
+
+    from rsa_jax.eval import evaluate_model, load_model, tail_metrics
+
+    scorer, prompts, template = _inputs(options)
     model, tokenizer = load_model(variant.run_dir)
     reference = load_model(options["reference"])[0] if options.get("reference") else None
     seed = int(options.get("seed", 0))

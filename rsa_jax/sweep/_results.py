@@ -56,6 +56,7 @@ def collect(sweep: Sweep, status: dict[str, str], evaluations: dict[str, dict]) 
         rows.append(
             dict(
                 name=v.name,
+                label=v.label,
                 overrides=list(v.overrides),
                 run_dir=v.run_dir,
                 status=status.get(v.name, "not run"),

@@ -18,7 +18,7 @@ import logging
 import os
 import time
 
-from rsa_jax.config import to_json
+from rsa_jax.config import ConfigError, to_json
 from rsa_jax.sweep._file import Sweep, SweepError, Variant, grouped, kernel_label
 
 
@@ -67,6 +67,29 @@ def check_data(sweep: Sweep) -> None:
             if not os.path.exists(path):
                 key = f"stages.{i}.data_path" if stage.data_path else "data.path"
                 raise SweepError(f"{sweep.path}: variant {v.name!r}: {key} {path!r} does not exist")
+
+
+def check_sweep(sweep: Sweep) -> None:
+    """What must hold before the first variant trains (`--dry-run` checks it too): every
+    variant's data files exist, and the `eval:` hook's scorer imports, its prompt file reads
+    and its options are valid; in vmap mode, the variants differ only in traced
+    hyperparameters. Every variant's config was validated by `load_sweep`."""
+    from rsa_jax.sweep._eval import check_eval
+
+    check_data(sweep)
+    if sweep.mode == "vmap":  # one program for all: only traced hyperparameters may differ
+        from rsa_jax.sweep._vmap import check_vmappable
+
+        try:
+            check_vmappable(list(sweep.variants))
+        except SweepError as e:
+            raise SweepError(f"{sweep.path}: {e}") from None
+    check_eval(sweep.eval, sweep.path)
+
+
+class SweepEvalError(RuntimeError):
+    """The evaluation failed after the variants trained (their checkpoints are kept: a rerun
+    skips them and evaluates again). Not a config error: work was done."""
 
 
 def describe(sweep: Sweep) -> str:
@@ -119,10 +142,13 @@ def variant_log_lines(name: str):
             handler.removeFilter(prefix)
 
 
-def run_sequential(sweep: Sweep) -> dict[str, str]:
-    """Trains every unfinished variant with the trainer, grouped by kernel; {name: status}."""
-    from rsa_jax.training import train
+def run_sequential(sweep: Sweep, stop=None) -> dict[str, str]:
+    """Trains every unfinished variant with the trainer, grouped by kernel; {name: status}.
+    `stop` (a `StopSignal`): a signal ends the variant training now (saved, "preempted") and
+    the sweep after it."""
+    from rsa_jax.training import StopSignal, train
 
+    stop = StopSignal() if stop is None else stop
     status = {}
     groups = grouped(sweep.variants)
     n, k = len(sweep.variants), 0
@@ -134,10 +160,13 @@ def run_sequential(sweep: Sweep) -> dict[str, str]:
                 _say(f"  [{v.name}] ({k}/{n}) finished earlier, skipped")
                 status[v.name] = "skipped"
                 continue
+            if stop.should_stop():
+                status[v.name] = "preempted"
+                return status
             _say(f"  [{v.name}] ({k}/{n}) training")
             t0 = time.perf_counter()
             with variant_log_lines(v.name):
-                result = train(v.config, label=v.name)
+                result = train(v.config, label=v.name, stop=stop)
             status[v.name] = result.status
             _say(f"  [{v.name}] ({k}/{n}) {result.status} in {time.perf_counter() - t0:.1f} s")
             if result.status != "done":  # preempted: stop here, a rerun resumes it
@@ -145,23 +174,28 @@ def run_sequential(sweep: Sweep) -> dict[str, str]:
     return status
 
 
-def run_sweep(sweep: Sweep, *, evaluate=None) -> dict:
+def run_sweep(sweep: Sweep, *, evaluate=None, stop=None) -> dict:
     """Trains (skipping finished variants), evaluates when `eval:` is set, writes
     `results.md`, `results.json` and `results.png` to the sweep's run_dir; returns the results.
 
     `evaluate(options, variant) -> {metric: float}` replaces the `eval:` hook's default
-    (`rsa_jax.sweep._eval.evaluate_variant`).
+    (`rsa_jax.sweep._eval.evaluate_variant`). `stop`: the `StopSignal` (the CLI passes one
+    that saw signals during its imports); SIGTERM/SIGINT end the sweep with
+    `{"status": {...}}` and a "preempted" variant, whose rerun resumes.
     """
     from rsa_jax.sweep._results import collect, write_sweep_results
+    from rsa_jax.training import StopSignal
 
-    check_data(sweep)
-    os.makedirs(sweep.run_dir, exist_ok=True)
-    if sweep.mode == "vmap":
-        from rsa_jax.sweep._vmap import run_vmap
+    stop = StopSignal() if stop is None else stop
+    check_sweep(sweep)
+    with stop.installed():
+        os.makedirs(sweep.run_dir, exist_ok=True)
+        if sweep.mode == "vmap":
+            from rsa_jax.sweep._vmap import run_vmap
 
-        status = run_vmap(sweep)
-    else:
-        status = run_sequential(sweep)
+            status = run_vmap(sweep, stop=stop)
+        else:
+            status = run_sequential(sweep, stop=stop)
     if any(s == "preempted" for s in status.values()):
         _say("sweep interrupted; rerun the same command to resume")
         return {"status": status}
@@ -170,7 +204,13 @@ def run_sweep(sweep: Sweep, *, evaluate=None) -> dict:
         from rsa_jax.sweep._eval import cached_evaluation
 
         for v in sweep.variants:
-            evaluations[v.name] = cached_evaluation(sweep.eval, v, evaluate)
+            try:
+                evaluations[v.name] = cached_evaluation(sweep.eval, v, evaluate)
+            except ConfigError as e:
+                raise SweepEvalError(
+                    f"{e} (evaluating variant {v.name!r}; every variant trained and is saved: "
+                    "fix eval: and rerun, training is skipped)"
+                ) from None
     results = collect(sweep, status, evaluations)
     written = write_sweep_results(sweep.run_dir, results)
     _say(f"wrote {', '.join(sorted(os.path.basename(p) for p in written))} to {sweep.run_dir}")

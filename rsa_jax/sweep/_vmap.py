@@ -156,9 +156,14 @@ def _meta(config: Config, stage: int, stage_step: int) -> dict:
     )
 
 
-def run_vmap(sweep: Sweep) -> dict[str, str]:
-    """Trains every unfinished variant of `sweep` at once; {name: "done" | "skipped"}."""
+def run_vmap(sweep: Sweep, stop=None) -> dict[str, str]:
+    """Trains every unfinished variant of `sweep` at once; {name: "done" | "skipped" |
+    "preempted"}. A signal seen by `stop` (a `StopSignal`) ends the training after the
+    current step: the unfinished variants are "preempted" (started afresh by a rerun)."""
     from rsa_jax.sweep._run import _say, has_checkpoints, is_done
+    from rsa_jax.training import StopSignal
+
+    stop = StopSignal() if stop is None else stop
 
     status = {v.name: "skipped" for v in sweep.variants if is_done(v)}
     todo = [v for v in sweep.variants if v.name not in status]
@@ -203,7 +208,7 @@ def run_vmap(sweep: Sweep) -> dict[str, str]:
                 tokens = one.pop("tokens")  # the shared batch's real tokens
                 pairs = config.data.batch_size
                 log_.log(stage.index, s, global_step, one, tokens, pairs, seconds)
-        return False
+        return stop.should_stop()
 
     try:
         first_vmapped = shared_stages(todo)
@@ -214,7 +219,8 @@ def run_vmap(sweep: Sweep) -> dict[str, str]:
                 "trained once"
             )
             stage = engine.stage(i, policy)
-            _fit_logged(engine, stage, on_step, logs)
+            if not _fit_logged(engine, stage, on_step, logs):
+                return _stopped(status, todo, stop, stage)
             policy = stage.state.params
             for v in todo:
                 save_stage_policy(v.run_dir, i, policy)
@@ -256,7 +262,9 @@ def run_vmap(sweep: Sweep) -> dict[str, str]:
                 axis_name=VARIANT_AXIS,
             )  # each variant's state on its group's devices; cached by the shardings: 1 compile
             stage = Stage(i, stage_config, state, reference, batches, total, step_fn, hyper)
-            _fit_logged(engine, stage, on_step, logs)  # the engine's batch placement: shared
+            # the engine's batch placement: shared
+            if not _fit_logged(engine, stage, on_step, logs):
+                return _stopped(status, todo, stop, stage)
             policy = stage.state.params
             if i == len(config.stages) - 1:
                 _save_finals(
@@ -279,12 +287,26 @@ def _variant_value(value, j: int) -> float:
     return float(value if value.ndim == 0 else value[j])
 
 
-def _fit_logged(engine: Engine, stage: Stage, on_step, logs, place=None) -> None:
+def _fit_logged(engine: Engine, stage: Stage, on_step, logs, place=None) -> bool:
+    """Fits `stage` with every variant's log; False when a stop signal ended it early."""
     for log_ in logs:
         log_.start_stage(stage.index, stage.config.name, stage.total, 0)
-    engine.fit(stage, on_step, place=place)
+    finished = engine.fit(stage, on_step, place=place)
     for log_ in logs:
         log_.end_stage()
+    return finished
+
+
+def _stopped(status: dict[str, str], todo: list[Variant], stop, stage: Stage) -> dict[str, str]:
+    from rsa_jax.sweep._run import _say
+
+    _say(
+        f"vmap: stopped by {stop.raised} at stage {stage.index} step {steps_done(stage.state)}; "
+        f"vmap mode keeps no checkpoint within a run, so a rerun trains the {len(todo)} "
+        "unfinished variant(s) afresh"
+    )
+    status.update({v.name: "preempted" for v in todo})
+    return status
 
 
 def _save_finals(

@@ -300,6 +300,31 @@ def _run_config(run_dir: str) -> Config:
         raise ConfigError(f"{path}: {e}") from None
 
 
+def _missing_stage(run_dir: str, config: Config, index: int, path: str) -> str:
+    """Why stage `index`'s policy copy `path` is absent: the stage has not finished, or it
+    finished and the copy was deleted (the newest checkpoint says which)."""
+    ckpt = Checkpoints(run_dir, keep=config.checkpoint.keep, async_save=False, read_only=True)
+    try:
+        found = ckpt.latest_meta()
+    finally:
+        ckpt.close()
+    if found is not None:
+        meta = found[1]
+        if meta["stage"] == index and meta["done"]:
+            return (
+                f"{run_dir}: stage {index} finished, but the copy of its policy ({path}) is "
+                "missing (deleted?); rerun the run's train command to restore it from the "
+                "stage's final checkpoint"
+            )
+        if meta["stage"] > index:
+            return (
+                f"{run_dir}: stage {index} finished, but the copy of its policy ({path}) is "
+                "missing (deleted?); the run has moved on to a later stage, so only retraining "
+                "stage {index} (in another train.run_dir) gives it back"
+            ).replace("{index}", str(index))
+    return f"{run_dir}: stage {index} has not finished (no {path})"
+
+
 def load_adapters(
     run_dir: str,
     config: Config | None = None,
@@ -319,7 +344,7 @@ def load_adapters(
     if stage is not None and (index := stage_index(config, stage)) < len(config.stages) - 1:
         path = stage_policy_dir(run_dir, index)
         if not os.path.isdir(path):
-            raise FileNotFoundError(f"{run_dir}: stage {index} has not finished (no {path})")
+            raise FileNotFoundError(_missing_stage(run_dir, config, index, path))
         checkpointer = ocp.StandardCheckpointer()
         try:
             return engine, checkpointer.restore(path, engine.model.abstract_params())
