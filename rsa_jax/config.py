@@ -8,6 +8,7 @@ the tree into keyword arguments; kernels never import it.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -292,7 +293,11 @@ def _apply_override(values: dict, item: str) -> None:
                     f"override {item!r}: {here} is not an index of a {len(node)}-list"
                 )
         elif not isinstance(node, dict) or part not in node:
-            raise ConfigError(f"override {item!r}: unknown key {here!r}")
+            close = (
+                difflib.get_close_matches(part, list(node), n=1) if isinstance(node, dict) else []
+            )
+            hint = f". Did you mean: {'.'.join([*parts[:depth], close[0]])!r}?" if close else ""
+            raise ConfigError(f"override {item!r}: unknown key {here!r}{hint}")
         index: Any = int(part) if isinstance(node, list) else part
         if depth == len(parts) - 1:
             node[index] = value
@@ -575,6 +580,18 @@ def stage_data(config: Config, stage: StageConfig) -> DataConfig:
     return dataclasses.replace(
         config.data, view=stage.view, path=stage.data_path or config.data.path
     )
+
+
+def check_data_files(config: Config) -> None:
+    """ConfigError naming the key (`data.path` or `stages.N.data_path`) of the first stage data
+    file that does not exist: checked before a model loads or a run directory is made."""
+    for i, stage in enumerate(config.stages):
+        path = stage_data(config, stage).path
+        if not path:
+            _fail("data.path", f"stage {i} ({stage.name}) has no data file: set data.path")
+        if not os.path.exists(path):
+            key = f"stages.{i}.data_path" if stage.data_path else "data.path"
+            _fail(key, f"{path!r} does not exist")
 
 
 def config_files(directory: str = "configs") -> list[str]:

@@ -21,7 +21,7 @@ import optax
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from rsa_jax.config import Config, ConfigError, load_config_dict, to_json
+from rsa_jax.config import Config, ConfigError, check_data_files, load_config_dict, to_json
 from rsa_jax.training._checkpoint import Checkpoints, CorruptCheckpoint, abstract_like
 from rsa_jax.training._control import StopSignal, check_finite
 from rsa_jax.training._engine import Engine, Stage, steps_done
@@ -203,7 +203,9 @@ def train(
     """
     stop = StopSignal() if stop is None else stop
     with stop.installed():  # first: a signal during start-up is a clean stop too
-        engine = Engine(absolute_paths(config), layout=layout, tx=tx)
+        config = absolute_paths(config)  # checks model.path
+        check_data_files(config)  # a wrong path fails at once, with no run directory made
+        engine = Engine(config, layout=layout, tx=tx)
         with lock_run_dir(engine.config.train.run_dir):
             return _train_locked(engine, stop, label)
 

@@ -163,3 +163,42 @@ def test_unknown_format_lists_the_formats(tmp_path):
     path.write_text("prompt,chosen,rejected\n")
     with pytest.raises(DataError, match="set data.format to one of jsonl, parquet, arrow_dir"):
         load_pairs(DataConfig(path=str(path), view="pairs"))
+
+
+def test_a_wrong_data_path_fails_before_any_work_and_makes_no_run_dir(
+    tmp_path, capsys, monkeypatch
+):
+    """Issue 25, item 8: before the model loads (no seconds of start-up), exit 2 like a sweep,
+    and no run directory left behind to block the corrected rerun."""
+    from rsa_jax.cli import main
+    from rsa_jax.training import _trainer
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("the engine (tokenizer, model) was built before the data check")
+
+    monkeypatch.setattr(_trainer, "Engine", no_engine)
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    run_dir = tmp_path / "run"
+    missing = tmp_path / "nope.jsonl"
+    code = main(
+        [
+            "train",
+            os.path.join(root, "configs", "tiny.yaml"),
+            f"data.path={missing}",
+            f"train.run_dir={run_dir}",
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err == f"rsa-jax train: config error: data.path: '{missing}' does not exist\n"
+    assert not run_dir.exists()
+
+
+def test_an_override_typo_gets_did_you_mean():
+    from rsa_jax.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"Did you mean: 'optim\.learning_rate'\?"):
+        load_config(None, ["optim.learnin_rate=1e-4"])
+    with pytest.raises(ConfigError, match=r"Did you mean: 'stages\.0\.beta'\?"):
+        load_config(None, ["stages.0.bta=0.1"])
