@@ -33,9 +33,13 @@ def _cmd_train(args) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: pending.append(signal.Signals(signum).name))
     from rsa_jax.config import load_config
-    from rsa_jax.training import StopSignal, exit_code, train
+    from rsa_jax.training import StopSignal, exit_code, finished_step, train
 
     config = load_config(args.config, args.overrides)
+    step = finished_step(config)
+    if step is not None:  # nothing to load or compile to say so
+        print(f"done at global step {step} (finished earlier); run dir {config.train.run_dir}")
+        return exit_code("done")
     result = train(config, stop=StopSignal(pending))
     print(f"{result.status} at global step {result.global_step}; run dir {config.train.run_dir}")
     return exit_code(result.status)

@@ -16,7 +16,7 @@ eval:
 The metrics are `rsa_jax.eval.tail_metrics` (reward, cost, CVaR of the cost, catastrophe rate,
 worst-prompt cost, KL with a reference). Each variant's result is cached in
 `<run_dir>/<variant>/eval.json` with the options it was made with; a rerun with the same options
-reuses it.
+reuses it. Each sample's text and scores are in `<run_dir>/<variant>/samples.jsonl`.
 """
 
 from __future__ import annotations
@@ -119,13 +119,13 @@ def evaluate_variant(options: dict, variant: Variant) -> dict:
     """{metric: {value, low, high}} of the variant's final policy (`rsa_jax.eval`)."""
     import numpy as np
 
-    from rsa_jax.eval import evaluate_model, load_model, tail_metrics
+    from rsa_jax.eval import evaluate_model, load_model, sample_rows, tail_metrics, write_samples
 
     scorer, prompts, template = _inputs(options)
     model, tokenizer = load_model(variant.run_dir)
     reference = load_model(options["reference"])[0] if options.get("reference") else None
     seed = int(options.get("seed", 0))
-    scores, _ = evaluate_model(
+    scores, samples = evaluate_model(
         model,
         tokenizer,
         prompts,
@@ -137,6 +137,8 @@ def evaluate_variant(options: dict, variant: Variant) -> dict:
         template=template,
     )
     metrics = tail_metrics(scores, n_boot=int(options.get("n_boot", 200)), seed=seed)
+    # Every sample's text and scores beside eval.json, as `rsa-jax eval` writes them.
+    write_samples(variant.run_dir, sample_rows(variant.name, prompts, samples, scores))
     return {
         k: dict(value=float(e.value), low=float(e.low), high=float(e.high))
         for k, e in metrics.items()

@@ -150,6 +150,7 @@ def run_sequential(sweep: Sweep, stop=None) -> dict[str, str]:
 
     stop = StopSignal() if stop is None else stop
     status = {}
+    finished: list[Variant] = []  # whose stage policies later variants may start from
     groups = grouped(sweep.variants)
     n, k = len(sweep.variants), 0
     for g, group in enumerate(groups, 1):
@@ -159,19 +160,54 @@ def run_sequential(sweep: Sweep, stop=None) -> dict[str, str]:
             if is_done(v):
                 _say(f"  [{v.name}] ({k}/{n}) finished earlier, skipped")
                 status[v.name] = "skipped"
+                finished.append(v)
                 continue
             if stop.should_stop():
                 status[v.name] = "preempted"
                 return status
-            _say(f"  [{v.name}] ({k}/{n}) training")
+            shared = _shared_source(v, finished)
+            if shared is not None:
+                _say(
+                    f"  [{v.name}] ({k}/{n}) training; stages 0..{shared[1] - 1} as in "
+                    f"{os.path.basename(shared[0])} (the same config): not trained again"
+                )
+            else:
+                _say(f"  [{v.name}] ({k}/{n}) training")
             t0 = time.perf_counter()
             with variant_log_lines(v.name):
-                result = train(v.config, label=v.name, stop=stop)
+                result = train(v.config, label=v.name, stop=stop, shared_from=shared)
             status[v.name] = result.status
+            if result.status == "done":
+                finished.append(v)
             _say(f"  [{v.name}] ({k}/{n}) {result.status} in {time.perf_counter() - t0:.1f} s")
             if result.status != "done":  # preempted: stop here, a rerun resumes it
                 return status
     return status
+
+
+def _prefix_key(config, k: int) -> str:
+    """Everything that shapes the first k stages of a run (its run directory aside)."""
+    import dataclasses
+
+    train = dataclasses.replace(config.train, run_dir="")
+    return to_json(dataclasses.replace(config, stages=config.stages[:k], train=train))
+
+
+def _shared_source(variant: Variant, finished: list[Variant]) -> tuple[str, int] | None:
+    """(run directory, k) of a finished variant whose first k stages (k as large as possible,
+    the last stage never) are this variant's, with its stage k-1 policy on disk; else None.
+    The vmap sweep's `shared_stages`, for the sequential mode."""
+    from rsa_jax.training import stage_policy_dir
+
+    last = len(variant.config.stages) - 1
+    for k in range(last, 0, -1):
+        key = _prefix_key(variant.config, k)
+        for u in finished:
+            if len(u.config.stages) < k or _prefix_key(u.config, k) != key:
+                continue
+            if os.path.isdir(stage_policy_dir(u.run_dir, k - 1)):
+                return u.run_dir, k
+    return None
 
 
 def run_sweep(sweep: Sweep, *, evaluate=None, stop=None) -> dict:

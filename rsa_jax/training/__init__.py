@@ -100,6 +100,7 @@ from rsa_jax.training._step import (
 )
 from rsa_jax.training._trainer import (
     RunResult,
+    finished_step,
     load_adapters,
     load_policy,
     save_stage_policy,
@@ -127,6 +128,7 @@ __all__ = [
     "check_resume",
     "config_diff",
     "exit_code",
+    "finished_step",
     "lock_run_dir",
     "saved_config",
     "tree_checksums",

@@ -133,6 +133,14 @@ class MetricsLog:
             )
             self._bar.refresh()
 
+    def copy_records(self, records: list[dict]) -> None:
+        """Appends records made by another run (its stages this run shares), as they were."""
+        if self._jsonl is None:
+            return
+        for record in records:
+            self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+
     def end_stage(self) -> None:
         if self._bar is not None:
             self._bar.close()

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -25,11 +26,12 @@ from rsa_jax.config import Config, ConfigError, check_data_files, load_config_di
 from rsa_jax.training._checkpoint import Checkpoints, CorruptCheckpoint, abstract_like
 from rsa_jax.training._control import StopSignal, check_finite
 from rsa_jax.training._engine import Engine, Stage, steps_done
-from rsa_jax.training._logging import MetricsLog
+from rsa_jax.training._logging import METRICS_FILE, MetricsLog, read_metrics
 from rsa_jax.training._mesh import Layout, make_mesh
 from rsa_jax.training._rundir import (
     absolute_paths,
     check_resume,
+    config_diff,
     lock_run_dir,
     saved_config,
     write_config,
@@ -188,6 +190,7 @@ def train(
     layout: Layout | None = None,
     stop: StopSignal | None = None,
     label: str | None = None,
+    shared_from: tuple[str, int] | None = None,
 ) -> RunResult:
     """Runs (or resumes) every stage of `config` in its run directory.
 
@@ -200,6 +203,12 @@ def train(
     The run directory is locked for the run (a second trainer fails at once), and resumes only
     with a matching config (`train.resume=force` resumes anyway; see `check_resume`). `label`
     (a sweep variant's name) prefixes the printed summaries and the progress bar.
+
+    `shared_from=(other_run_dir, k)`: another run whose config has the same first k stages
+    (and everything else that shapes them) has finished them; a run with no checkpoint of its
+    own starts at stage k from that run's stage k-1 policy, with its stage policies and metric
+    records copied, instead of training the same k stages again (a sequential sweep's shared
+    stages). Training is deterministic, so the result is the one training them would give.
     """
     stop = StopSignal() if stop is None else stop
     with stop.installed():  # first: a signal during start-up is a clean stop too
@@ -207,10 +216,38 @@ def train(
         check_data_files(config)  # a wrong path fails at once, with no run directory made
         engine = Engine(config, layout=layout, tx=tx)
         with lock_run_dir(engine.config.train.run_dir):
-            return _train_locked(engine, stop, label)
+            return _train_locked(engine, stop, label, shared_from)
 
 
-def _train_locked(engine: Engine, stop: StopSignal, label: str | None) -> RunResult:
+def finished_step(config: Config) -> int | None:
+    """The global step of the run in `config.train.run_dir` when its newest checkpoint is the
+    last stage's final one, made with this config (keys that do not change what is trained
+    aside); None otherwise (a new, unfinished or other run: `train` says which). Reads only
+    checkpoint metadata: no tokenizer, model or compile, so a rerun of a finished command
+    answers at once."""
+    config = absolute_paths(config)
+    run_dir = config.train.run_dir
+    if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
+        return None
+    ckpt = Checkpoints(run_dir, keep=config.checkpoint.keep, async_save=False, read_only=True)
+    try:
+        found = ckpt.latest_meta()
+    finally:
+        ckpt.close()
+    if found is None:
+        return None
+    step, meta = found
+    last = len(config.stages) - 1
+    if not (meta.get("done") and meta.get("stage") == last):
+        return None
+    if config_diff(meta.get("config") or {}, json.loads(to_json(config))):
+        return None
+    return step
+
+
+def _train_locked(
+    engine: Engine, stop: StopSignal, label: str | None, shared_from: tuple[str, int] | None
+) -> RunResult:
     config = engine.config
     run_dir = config.train.run_dir
     resolved = to_json(config)
@@ -224,6 +261,8 @@ def _train_locked(engine: Engine, stop: StopSignal, label: str | None) -> RunRes
     run = _RunDir(engine, resolved, label)
     try:
         first, policy, stage = run.starting_point()
+        if shared_from is not None and first == 0 and stage is None:
+            first, policy = _start_after_shared(engine, run, *shared_from)
         engine.check_stage_data(first)  # every later stage's data, before anything trains
         if stop.should_stop():
             log.warning("stopped by %s during start-up", stop.raised)
@@ -241,6 +280,29 @@ def _train_locked(engine: Engine, stop: StopSignal, label: str | None) -> RunRes
     finally:
         run.close()
     return RunResult("done", run.global_step, policy)
+
+
+def _start_after_shared(engine: Engine, run: _RunDir, source: str, k: int) -> tuple[int, dict]:
+    """(k, the policy `source` ended stage k-1 with): its stage policies and the metric records
+    of its first k stages are copied into this run, whose global step goes on from there."""
+    run_dir = engine.config.train.run_dir
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        policy = checkpointer.restore(
+            stage_policy_dir(source, k - 1), engine.model.abstract_params()
+        )
+    finally:
+        checkpointer.close()
+    if jax.process_index() == 0:
+        for i in range(k):
+            target = stage_policy_dir(run_dir, i)
+            if not os.path.isdir(target):
+                shutil.copytree(stage_policy_dir(source, i), target)
+    records = [r for r in read_metrics(os.path.join(source, METRICS_FILE)) if r["stage"] < k]
+    run.metrics.copy_records(records)
+    run.global_step = max((int(r["global_step"]) for r in records), default=0)
+    log.info("stages 0..%d shared with %s: starting at stage %d", k - 1, source, k)
+    return k, policy
 
 
 def stage_policy_dir(run_dir: str, index: int) -> str:

@@ -384,3 +384,10 @@ def test_builtin_eval_samples_and_scores_each_variant(sequential, tmp_path, monk
     with open(os.path.join(sweep.variants[1].run_dir, "eval.json")) as f:
         saved = json.load(f)["metrics"]["cost_mean"]
     assert saved["low"] <= saved["value"] <= saved["high"]
+    # Every sample's text and scores beside eval.json (issue 25, item 6).
+    from rsa_jax.eval import read_samples
+
+    for v in sweep.variants:
+        rows = read_samples(v.run_dir)
+        assert len(rows) == 3 * 2 and {r["model"] for r in rows} == {v.name}
+        assert {r["prompt"] for r in rows} == {"q1 bread safe", "q2 story kind", "q3 help"}
