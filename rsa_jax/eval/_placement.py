@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -137,29 +136,25 @@ def _fit(mesh: MeshConfig, what: str) -> MeshConfig:
 
 def load_model(path: str, mesh: MeshConfig | None = None):
     """(model, tokenizer) of a Hugging Face directory, or of a run directory's newest usable
-    checkpoint (a directory with `checkpoints/`), its parameters sharded on `mesh`.
+    checkpoint, or of `RUN@STAGE` (the policy stage STAGE ended with), its parameters sharded
+    on `mesh`.
 
-    `mesh` None: a run directory evaluates on its training mesh (`config.json`'s `mesh`, falling
-    back to all devices on `data` when it does not fit the devices here), a Hugging Face
-    directory on all devices on `data` (parameters replicated, rows split).
+    `mesh` None: a run directory evaluates on its training mesh (its checkpoint's config's
+    `mesh`, falling back to all devices on `data` when it does not fit the devices here), a
+    Hugging Face directory on all devices on `data` (parameters replicated, rows split).
     """
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        from rsa_jax.config import from_json
-        from rsa_jax.training import load_policy
+    from rsa_jax.training import load_policy, resolve_source, run_config
 
-        with open(os.path.join(path, "config.json")) as f:
-            config = from_json(f.read())
+    source = resolve_source(path)
+    if source.kind == "run":
+        config = run_config(source.path)
         mesh = _fit(config.mesh, path) if mesh is None else mesh
         placement = placement_for(mesh)
         # Restored straight onto the training shardings of the evaluation mesh.
         layout = Layout(placement.mesh, dict(placement.rules))
-        engine, params = load_policy(path, config, layout=layout)
+        engine, params = load_policy(source.path, config, stage=source.stage, layout=layout)
         return engine.model.module(params), engine.tokenizer
-    if not os.path.exists(os.path.join(path, "config.json")):
-        raise FileNotFoundError(
-            f"{path}: neither a run directory (checkpoints/) nor a Hugging Face model directory "
-            "(config.json)"
-        )
+    path = source.path
     from transformers import AutoTokenizer
 
     placement = placement_for(mesh)

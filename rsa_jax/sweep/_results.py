@@ -12,7 +12,7 @@ import json
 import os
 
 from rsa_jax.sweep._file import Sweep
-from rsa_jax.training import METRICS_FILE, read_metrics
+from rsa_jax.training import read_metrics
 
 # Training metrics reported per variant (TRL names, as logged by the trainer).
 TRAIN_METRICS = (
@@ -28,7 +28,9 @@ TRAIN_METRICS = (
 
 def last_records(run_dir: str) -> dict[int, dict]:
     """{stage: last logged record of that stage} from `run_dir/metrics.jsonl` ({} if absent)."""
-    path = os.path.join(run_dir, METRICS_FILE)
+    from rsa_jax.training import RunDir
+
+    path = RunDir(run_dir).metrics_file
     out: dict[int, dict] = {}
     for number, record in enumerate(read_metrics(path), start=1):
         try:

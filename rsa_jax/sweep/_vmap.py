@@ -33,42 +33,46 @@ unfinished variants afresh.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import os
 import time
+from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from rsa_jax.config import Config, to_json
-from rsa_jax.losses import TRACED_NAMES, Kernel
+from rsa_jax.config import COSMETIC, LABEL, TRACED, StageConfig, key_kind, to_json, traced_fields
+from rsa_jax.losses import Kernel
 from rsa_jax.sweep._file import Sweep, SweepError, Variant
 from rsa_jax.sweep._placement import VARIANT_AXIS, VariantPlacement, variant_placement
+from rsa_jax.sweep._status import has_checkpoints, is_done
+from rsa_jax.sweep._status import say as _say
 from rsa_jax.training import (
     TRACED_OPTIM_FIELDS,
-    Checkpoints,
     Engine,
+    Hooks,
     Hyper,
-    MetricsLog,
+    Run,
+    RunDir,
     Stage,
+    StepInfo,
+    StopSignal,
     TrainState,
     absolute_paths,
     device_copy,
     save_stage_policy,
     stage_dropout_key,
     steps_done,
-    write_config,
 )
 
-# Config keys that may differ between variants of one vmap sweep: the traced hyperparameters
-# (they become stacked arguments), and what does not touch the program.
-TRACED_STAGE_KEYS = TRACED_NAMES
+# Config keys that may differ between variants of one vmap sweep, from the kinds declared next
+# to each field in `rsa_jax.config`: the traced hyperparameters (they become stacked arguments;
+# train.seed among them: it only seeds LoRA adapter dropout, whose key is a stacked input), and
+# what does not touch the program (COSMETIC: run_dir, logging, checkpoints; LABEL: stage names).
+TRACED_STAGE_KEYS = traced_fields(StageConfig)
 KERNEL_KEYS = tuple(f.name for f in dataclasses.fields(Kernel))
-# train.seed only seeds LoRA adapter dropout, whose key is a traced (stacked) input: variants
-# with other seeds draw other masks in the same program.
-_FREE = ("train.run_dir", "train.progress_bar", "train.peak_tflops", "train.seed", "checkpoint.")
+_FREE_KINDS = (TRACED, COSMETIC, LABEL)
 
 
 def _flat(tree, prefix="") -> dict:
@@ -86,12 +90,7 @@ def _flat(tree, prefix="") -> dict:
 
 
 def _may_differ(key: str) -> bool:
-    parts = key.split(".")
-    if parts[0] == "stages" and len(parts) == 3:
-        return parts[2] in TRACED_STAGE_KEYS or parts[2] == "name"
-    if parts[0] == "optim" and len(parts) == 2:
-        return parts[1] in TRACED_OPTIM_FIELDS
-    return key in _FREE or any(key.startswith(p) for p in _FREE if p.endswith("."))
+    return key_kind(key) in _FREE_KINDS
 
 
 def check_vmappable(variants: list[Variant]) -> None:
@@ -145,26 +144,21 @@ def _stack(trees):
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-def _meta(config: Config, stage: int, stage_step: int) -> dict:
-    rng = jax.random.key_data(jax.random.key(config.train.seed))
-    return dict(
-        stage=stage,
-        stage_step=stage_step,
-        done=True,
-        rng=np.asarray(rng).tolist(),
-        config=json.loads(to_json(absolute_paths(config))),
-    )
-
-
-def run_vmap(sweep: Sweep, stop=None) -> dict[str, str]:
+def run_vmap(sweep: Sweep, stop: StopSignal | None = None) -> dict[str, str]:
     """Trains every unfinished variant of `sweep` at once; {name: "done" | "skipped" |
-    "preempted"}. A signal seen by `stop` (a `StopSignal`) ends the training after the
-    current step: the unfinished variants are "preempted" (started afresh by a rerun)."""
-    from rsa_jax.sweep._run import _say, has_checkpoints, is_done
-    from rsa_jax.training import StopSignal
+    "preempted"}. A signal seen by `stop` ends the training after the current step: the
+    unfinished variants are "preempted" (a rerun trains them afresh).
 
+    Every variant's run directory is locked first (RunDirError naming the holder when another
+    sweep or trainer uses one), so two vmap sweeps never write one run directory."""
     stop = StopSignal() if stop is None else stop
+    with contextlib.ExitStack() as locks:
+        for v in sweep.variants:
+            locks.enter_context(RunDir(v.run_dir).lock())
+        return _run_vmap_locked(sweep, stop)
 
+
+def _run_vmap_locked(sweep: Sweep, stop: StopSignal) -> dict[str, str]:
     status = {v.name: "skipped" for v in sweep.variants if is_done(v)}
     todo = [v for v in sweep.variants if v.name not in status]
     for name in status:
@@ -186,31 +180,16 @@ def run_vmap(sweep: Sweep, stop=None) -> dict[str, str]:
     engine = Engine(config, layout=placement.layout, check_devices=False)
     initial = engine.initial
 
-    logs = []
-    for v in todo:
-        os.makedirs(v.run_dir, exist_ok=True)
-        stale = os.path.join(v.run_dir, "metrics.jsonl")
-        if os.path.exists(stale):  # from an interrupted vmap run that saved nothing
-            os.remove(stale)
-        write_config(v.run_dir, to_json(absolute_paths(v.config)))
-        logs.append(MetricsLog(v.run_dir, progress=False, label=v.name))
-    global_step = 0
-    t_start = time.perf_counter()
-
-    def on_step(stage: Stage, metrics, seconds, compile_seconds) -> bool:
-        nonlocal global_step
-        global_step += 1
-        s = steps_done(stage.state)
-        if s % config.train.log_every == 0 or s == stage.total:
-            metrics = jax.device_get(metrics)  # {name: [K]}, or scalars in a shared stage
-            for j, log_ in enumerate(logs):
-                one = {name: _variant_value(value, j) for name, value in metrics.items()}
-                tokens = one.pop("tokens")  # the shared batch's real tokens
-                pairs = config.data.batch_size
-                log_.log(stage.index, s, global_step, one, tokens, pairs, seconds)
-        return stop.should_stop()
-
+    runs: list[Run] = []
     try:
+        for v in todo:
+            runs.append(_start_variant(v))
+        t_start = time.perf_counter()
+        # The trainer's hooks, per variant, each fed its variant's slice of the step's metrics.
+        on_step = Hooks()
+        for j, run in enumerate(runs):
+            hooks = run.hooks(report_compile=j == 0, stop=stop)  # no save: none within a run
+            on_step.add(partial(_variant_hooks, hooks, j))
         first_vmapped = shared_stages(todo)
         policy = initial
         for i in range(first_vmapped):  # trained once for all K variants
@@ -219,7 +198,7 @@ def run_vmap(sweep: Sweep, stop=None) -> dict[str, str]:
                 "trained once"
             )
             stage = engine.stage(i, policy)
-            if not _fit_logged(engine, stage, on_step, logs):
+            if not _fit_logged(engine, stage, on_step, runs):
                 return _stopped(status, todo, stop, stage)
             policy = stage.state.params
             for v in todo:
@@ -263,43 +242,54 @@ def run_vmap(sweep: Sweep, stop=None) -> dict[str, str]:
             )  # each variant's state on its group's devices; cached by the shardings: 1 compile
             stage = Stage(i, stage_config, state, reference, batches, total, step_fn, hyper)
             # the engine's batch placement: shared
-            if not _fit_logged(engine, stage, on_step, logs):
+            if not _fit_logged(engine, stage, on_step, runs):
                 return _stopped(status, todo, stop, stage)
             policy = stage.state.params
             if i == len(config.stages) - 1:
-                _save_finals(
-                    todo, placement, stage, engine.saved_reference(stage), global_step, ref_axis
-                )
+                _save_finals(runs, placement, stage, engine.saved_reference(stage), ref_axis)
             else:
                 for j, v in enumerate(todo):
                     save_stage_policy(v.run_dir, i, placement.slice(policy, j))
     finally:
-        for log_ in logs:
-            log_.close()
+        for run in runs:
+            run.close()
     _say(f"vmap: {k} variant(s) done in {time.perf_counter() - t_start:.1f} s")
     status.update({v.name: "done" for v in todo})
     return status
 
 
-def _variant_value(value, j: int) -> float:
-    """Variant j's metric: [K] in a vmapped stage, one scalar for all in a shared stage."""
-    value = np.asarray(value)
-    return float(value if value.ndim == 0 else value[j])
+def _start_variant(v: Variant) -> Run:
+    """The variant's run writers, its metrics log started afresh (config.json comes with its
+    final checkpoint, as in the trainer)."""
+    os.makedirs(v.run_dir, exist_ok=True)
+    stale = RunDir(v.run_dir).metrics_file
+    if os.path.exists(stale):  # from an interrupted vmap run that saved nothing
+        os.remove(stale)
+    return Run(
+        v.config,
+        v.run_dir,
+        resolved=to_json(absolute_paths(v.config)),
+        label=v.name,
+        progress=False,
+        async_save=False,
+    )
 
 
-def _fit_logged(engine: Engine, stage: Stage, on_step, logs, place=None) -> bool:
+def _variant_hooks(hooks: Hooks, j: int, info: StepInfo) -> bool:
+    return hooks.run(info.variant(j))
+
+
+def _fit_logged(engine: Engine, stage: Stage, on_step, runs: list[Run]) -> bool:
     """Fits `stage` with every variant's log; False when a stop signal ended it early."""
-    for log_ in logs:
-        log_.start_stage(stage.index, stage.config.name, stage.total, 0)
-    finished = engine.fit(stage, on_step, place=place)
-    for log_ in logs:
-        log_.end_stage()
+    for run in runs:
+        run.metrics.start_stage(stage.index, stage.config.name, stage.total, 0)
+    finished = engine.fit(stage, on_step)
+    for run in runs:
+        run.metrics.end_stage()
     return finished
 
 
 def _stopped(status: dict[str, str], todo: list[Variant], stop, stage: Stage) -> dict[str, str]:
-    from rsa_jax.sweep._run import _say
-
     _say(
         f"vmap: stopped by {stop.raised} at stage {stage.index} step {steps_done(stage.state)}; "
         f"vmap mode keeps no checkpoint within a run, so a rerun trains the {len(todo)} "
@@ -310,31 +300,25 @@ def _stopped(status: dict[str, str], todo: list[Variant], stop, stage: Stage) ->
 
 
 def _save_finals(
-    variants: list[Variant],
+    runs: list[Run],
     placement: VariantPlacement,
     stage: Stage,
     reference,
-    global_step: int,
     ref_axis: int | None,
 ) -> None:
     """Each variant's slice of the stacked final state (and of the trained `reference`, if
     any: stacked, or with `ref_axis` None one reference shared by all), gathered from its
     variant group, as its run's final checkpoint."""
-    keep_ref = reference is not None
-    for j, v in enumerate(variants):
-        one = placement.slice(stage.state, j)
-        ckpt = Checkpoints(v.run_dir, keep=v.config.checkpoint.keep, async_save=False)
-        try:
-            ckpt.save(
-                global_step,
-                one,
-                meta=_meta(v.config, stage.index, stage.total),
-                data_iter=stage.batches,
-                reference=None
-                if not keep_ref
-                else reference
-                if ref_axis is None
-                else placement.slice(reference, j),
-            )
-        finally:
-            ckpt.close()
+    for j, run in enumerate(runs):
+        run.save(
+            stage.index,
+            placement.slice(stage.state, j),
+            stage_step=stage.total,
+            done=True,
+            data_iter=stage.batches,
+            reference=None
+            if reference is None
+            else reference
+            if ref_axis is None
+            else placement.slice(reference, j),
+        )

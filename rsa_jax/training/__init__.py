@@ -42,8 +42,9 @@ from rsa_jax.training._engine import (
     device_copy,
     steps_done,
 )
+from rsa_jax.training._hooks import Hooks, StepInfo, all_finite
 from rsa_jax.training._logging import METRICS_FILE, MetricsLog, drop_torn_tail, read_metrics
-from rsa_jax.training._merge import Policy, load_source, merge_params, merge_sources, split_source
+from rsa_jax.training._merge import Policy, load_source, merge_params, merge_sources
 from rsa_jax.training._mesh import (
     Layout,
     batch_sharding,
@@ -71,16 +72,23 @@ from rsa_jax.training._optim import (
     optax_update,
     weight_decay_mask,
 )
+from rsa_jax.training._run import Run
 from rsa_jax.training._rundir import (
     RESUME_IGNORED,
+    CheckpointMeta,
     ConfigMismatch,
+    RunDir,
     RunDirError,
     RunLock,
+    Source,
+    SourceError,
     absolute_paths,
     check_resume,
     config_diff,
     lock_run_dir,
+    resolve_source,
     saved_config,
+    split_source,
     write_config,
 )
 from rsa_jax.training._step import (
@@ -103,6 +111,7 @@ from rsa_jax.training._trainer import (
     finished_step,
     load_adapters,
     load_policy,
+    run_config,
     save_stage_policy,
     stage_index,
     stage_policy_dir,
@@ -120,7 +129,13 @@ __all__ = [
     "EXIT_PREEMPTED",
     "NonFiniteError",
     "RESUME_IGNORED",
+    "CheckpointMeta",
+    "RunDir",
     "RunDirError",
+    "Source",
+    "SourceError",
+    "resolve_source",
+    "run_config",
     "RunLock",
     "StopSignal",
     "absolute_paths",
@@ -139,6 +154,7 @@ __all__ = [
     "Checkpoints",
     "CorruptCheckpoint",
     "Engine",
+    "Hooks",
     "Hyper",
     "Layout",
     "METRICS_FILE",
@@ -150,9 +166,12 @@ __all__ = [
     "OptimHyper",
     "Policy",
     "PairObjective",
+    "Run",
     "RunResult",
     "Stage",
+    "StepInfo",
     "TrainState",
+    "all_finite",
     "apply_update",
     "batch_sharding",
     "cached_steps",

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 import jax
 
+from rsa_jax.training._rundir import RunDir
+
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
+METRICS_FILE = RunDir.METRICS
 
 
 def drop_torn_tail(path: str) -> int:
@@ -84,16 +85,16 @@ class MetricsLog:
         self.flops_per_token = flops_per_token
         self.main = jax.process_index() == 0
         self.progress = progress and self.main
+        layout = RunDir(run_dir)
         self._jsonl = None
         if self.main:
-            path = os.path.join(run_dir, METRICS_FILE)
-            drop_torn_tail(path)
-            self._jsonl = open(path, "a")
+            drop_torn_tail(layout.metrics_file)
+            self._jsonl = open(layout.metrics_file, "a")
         self._tb = None
         if self.main:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            self._tb = SummaryWriter(layout.tensorboard)
         self._bar = None
         self._sums: dict[str, float] = {}
         self._count = 0

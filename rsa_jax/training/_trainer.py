@@ -20,21 +20,21 @@ import jax
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
-from rsa_jax.config import Config, ConfigError, check_data_files, load_config_dict, to_json
+from rsa_jax.config import Config, check_data_files, from_json, to_json
 from rsa_jax.training._checkpoint import Checkpoints, CorruptCheckpoint, abstract_like
-from rsa_jax.training._control import StopSignal, check_finite
+from rsa_jax.training._control import StopSignal
 from rsa_jax.training._engine import Engine, Stage, steps_done
-from rsa_jax.training._logging import METRICS_FILE, MetricsLog, read_metrics
+from rsa_jax.training._logging import read_metrics
 from rsa_jax.training._mesh import Layout, make_mesh
+from rsa_jax.training._run import Run
 from rsa_jax.training._rundir import (
+    CheckpointMeta,
+    RunDir,
+    RunDirError,
     absolute_paths,
     check_resume,
     config_diff,
-    lock_run_dir,
-    saved_config,
-    write_config,
 )
 
 log = logging.getLogger(__name__)
@@ -47,45 +47,38 @@ class RunResult:
     params: dict | None  # final policy parameters (flat dict); None when preempted
 
 
-class _RunDir:
-    """The run directory's writers: checkpoints and the metrics log, and the global step."""
+class _Trainer:
+    """`train`'s side of a run: the run's writers (`Run`), where to start, and each stage's fit
+    with the run's hooks and its final save."""
 
     def __init__(self, engine: Engine, resolved: str, label: str | None = None):
         config = engine.config
-        self.engine, self.resolved = engine, resolved
-        self.ckpt = Checkpoints(
-            config.train.run_dir,
-            keep=config.checkpoint.keep,
-            async_save=config.checkpoint.async_save,
-        )
+        self.engine = engine
         model = engine.model.full or engine.model  # FLOPs: every weight, frozen ones too
         n_params = sum(int(np.prod(v.shape)) for v in model.abstract_params().values())
         peak = config.train.peak_tflops * 1e12 * engine.layout.mesh.size
-        self.metrics = MetricsLog(
+        self.run = Run(
+            config,
             config.train.run_dir,
-            progress=config.train.progress_bar,
-            flops_per_token=8.0 * n_params / peak if peak else 0.0,
+            resolved=resolved,
             label=label,
+            flops_per_token=8.0 * n_params / peak if peak else 0.0,
         )
-        self.global_step = 0
-        self.rng = np.asarray(jax.random.key_data(jax.random.key(config.train.seed))).tolist()
+        self.ckpt = self.run.ckpt
+
+    @property
+    def global_step(self) -> int:
+        return self.run.global_step
 
     def close(self) -> None:
-        self.ckpt.close()
-        self.metrics.close()
+        self.run.close()
 
     def save(self, stage: Stage, *, done: bool) -> None:
-        meta = dict(
-            stage=stage.index,
+        self.run.save(
+            stage.index,
+            stage.state,
             stage_step=steps_done(stage.state),
             done=done,
-            rng=self.rng,
-            config=json.loads(self.resolved),
-        )
-        self.ckpt.save(
-            self.global_step,
-            stage.state,
-            meta=meta,
             data_iter=stage.batches,
             reference=self.engine.saved_reference(stage),
         )
@@ -95,20 +88,25 @@ class _RunDir:
         newest usable checkpoint). A checkpoint that fails to restore is set aside by
         `Checkpoints` and the one before it is tried."""
         engine = self.engine
+        checked = False
         while (found := self.ckpt.latest_meta()) is not None:
-            step_id, meta = found
+            step_id, raw = found
+            meta = CheckpointMeta.from_dict(raw, f"{self.ckpt.directory}/{step_id}")
+            if not checked:  # the newest checkpoint's own config, whatever config.json says
+                self.check_resume(meta.config)
+                checked = True
             try:
-                if meta["done"]:  # between stages: the finished policy starts the next stage
+                if meta.done:  # between stages: the finished policy starts the next stage
                     state, _ = self.ckpt.restore(step_id, engine.abstract_state(), data_iter=None)
-                    run_dir, finished = engine.config.train.run_dir, meta["stage"]
+                    run_dir, finished = engine.config.train.run_dir, meta.stage
                     last = finished == len(engine.config.stages) - 1
                     if not last and not os.path.isdir(stage_policy_dir(run_dir, finished)):
                         # killed between the stage's last checkpoint and its policy copy
                         save_stage_policy(run_dir, finished, state.params)
-                    self.global_step = step_id
-                    log.info("resuming after stage %d (checkpoint %d)", meta["stage"], step_id)
-                    return meta["stage"] + 1, state.params, None
-                stage = engine.stage(meta["stage"], engine.initial)
+                    self.run.global_step = step_id
+                    log.info("resuming after stage %d (checkpoint %d)", meta.stage, step_id)
+                    return meta.stage + 1, state.params, None
+                stage = engine.stage(meta.stage, engine.initial)
                 saved_reference = engine.saved_reference(stage)
                 stage.state, reference = self.ckpt.restore(
                     step_id,
@@ -121,53 +119,31 @@ class _RunDir:
             except CorruptCheckpoint:
                 continue
             engine.restore_reference(stage, reference)
-            self.global_step = step_id
+            self.run.global_step = step_id
             log.info("resumed stage %d at step %d", stage.index, steps_done(stage.state))
             return stage.index, None, stage
         return 0, engine.initial, None
 
-    def run_stage(self, stage: Stage, stop: StopSignal) -> bool:
-        """Fits the stage with logging, periodic checkpoints and the stop flag; saves the
-        stage's final checkpoint. False when stopped by a signal before the stage's end."""
+    def check_resume(self, saved: dict) -> None:
+        """Refuses (ConfigMismatch) to resume checkpoints trained under another config, unless
+        `train.resume=force`; config.json is only rewritten by this run's first save."""
         config = self.engine.config
-        last_saved = None
+        run_dir = config.train.run_dir
+        force = config.train.resume == "force"
+        differ = check_resume(run_dir, self.run.resolved, force=force, saved=saved)
+        if differ:
+            log.warning("resuming %s with other values of %s (train.resume=force)", run_dir, differ)
 
-        def on_step(stage: Stage, metrics, seconds, compile_seconds) -> bool:
-            nonlocal last_saved
-            self.global_step += 1
-            step = steps_done(stage.state)
-            # A NaN/inf loss or gradient norm stops the run before anything is saved.
-            check_finite(
-                {k: float(metrics[k]) for k in ("loss", "grad_norm")},
-                stage=stage.config.name,
-                step=step,
-                last_checkpoint=last_saved,
-            )
-            if compile_seconds > 0:
-                log.info("stage %d step %d compiled in %.1f s", stage.index, step, compile_seconds)
-            if step % config.train.log_every == 0 or step == stage.total:
-                metrics = {k: float(v) for k, v in metrics.items()}
-                if compile_seconds > 0:  # kept out of the step time and throughput
-                    metrics["compile_s"] = compile_seconds
-                tokens = metrics.pop("tokens")  # global, all hosts
-                pairs = config.data.batch_size  # global
-                self.metrics.log(
-                    stage.index, step, self.global_step, metrics, tokens, pairs, seconds
-                )
-            every = config.checkpoint.every
-            if every and step % every == 0 and step < stage.total:
-                self.save(stage, done=False)
-                last_saved = self.global_step
-            if stop.raised and step < stage.total:
-                if last_saved != self.global_step:
-                    self.save(stage, done=False)
-                return True
-            return False
-
-        self.metrics.start_stage(
+    def run_stage(self, stage: Stage, stop: StopSignal) -> bool:
+        """Fits the stage with the run's hooks (guard, logging, periodic checkpoints, the stop
+        flag); saves the stage's final checkpoint. False when stopped by a signal before the
+        stage's end."""
+        config = self.engine.config
+        hooks = self.run.hooks(stop=stop, save=lambda info: self.save(info.stage, done=False))
+        self.run.metrics.start_stage(
             stage.index, stage.config.name, stage.total, steps_done(stage.state)
         )
-        if not self.engine.fit(stage, on_step):
+        if not self.engine.fit(stage, hooks):
             self.ckpt.wait()
             log.warning(
                 "stopped by %s at stage %d step %d",
@@ -179,7 +155,7 @@ class _RunDir:
         self.save(stage, done=True)
         if stage.index < len(config.stages) - 1:
             save_stage_policy(config.train.run_dir, stage.index, stage.state.params)
-        self.metrics.end_stage()
+        self.run.metrics.end_stage()
         return True
 
 
@@ -213,9 +189,9 @@ def train(
     stop = StopSignal() if stop is None else stop
     with stop.installed():  # first: a signal during start-up is a clean stop too
         config = absolute_paths(config)  # checks model.path
-        check_data_files(config)  # a wrong path fails at once, with no run directory made
+        check_data_files(config)  # a wrong path fails at once, before the model loads
         engine = Engine(config, layout=layout, tx=tx)
-        with lock_run_dir(engine.config.train.run_dir):
+        with RunDir(engine.config.train.run_dir).lock():
             return _train_locked(engine, stop, label, shared_from)
 
 
@@ -226,43 +202,35 @@ def finished_step(config: Config) -> int | None:
     checkpoint metadata: no tokenizer, model or compile, so a rerun of a finished command
     answers at once."""
     config = absolute_paths(config)
-    run_dir = config.train.run_dir
-    if not os.path.isdir(os.path.join(run_dir, "checkpoints")):
+    run = RunDir(config.train.run_dir)
+    if not run.has_checkpoints():
         return None
-    ckpt = Checkpoints(run_dir, keep=config.checkpoint.keep, async_save=False, read_only=True)
+    ckpt = Checkpoints(run.path, async_save=False, read_only=True)
     try:
         found = ckpt.latest_meta()
     finally:
         ckpt.close()
     if found is None:
         return None
-    step, meta = found
-    last = len(config.stages) - 1
-    if not (meta.get("done") and meta.get("stage") == last):
+    meta = CheckpointMeta.from_dict(found[1], f"{ckpt.directory}/{found[0]}")
+    if not meta.final(len(config.stages)):
         return None
-    if config_diff(meta.get("config") or {}, json.loads(to_json(config))):
+    if config_diff(meta.config, json.loads(to_json(config))):
         return None
-    return step
+    return found[0]
 
 
 def _train_locked(
     engine: Engine, stop: StopSignal, label: str | None, shared_from: tuple[str, int] | None
 ) -> RunResult:
+    # Nothing is written before the run's first checkpoint (which writes config.json too): a
+    # run that fails before it leaves nothing that would block the corrected rerun.
     config = engine.config
-    run_dir = config.train.run_dir
-    resolved = to_json(config)
-    differ = check_resume(run_dir, json.loads(resolved), force=config.train.resume == "force")
-    if differ:
-        log.warning("resuming %s with other values of %s (train.resume=force)", run_dir, differ)
-    if jax.process_count() > 1:  # every process compared the same file before it is rewritten
-        multihost_utils.sync_global_devices("rsa_jax config checked")
-    if jax.process_index() == 0:  # one writer when several processes share the run directory
-        write_config(run_dir, resolved)
-    run = _RunDir(engine, resolved, label)
+    run = _Trainer(engine, to_json(config), label)
     try:
         first, policy, stage = run.starting_point()
         if shared_from is not None and first == 0 and stage is None:
-            first, policy = _start_after_shared(engine, run, *shared_from)
+            first, policy = _start_after_shared(engine, run.run, *shared_from)
         engine.check_stage_data(first)  # every later stage's data, before anything trains
         if stop.should_stop():
             log.warning("stopped by %s during start-up", stop.raised)
@@ -282,7 +250,7 @@ def _train_locked(
     return RunResult("done", run.global_step, policy)
 
 
-def _start_after_shared(engine: Engine, run: _RunDir, source: str, k: int) -> tuple[int, dict]:
+def _start_after_shared(engine: Engine, run: Run, source: str, k: int) -> tuple[int, dict]:
     """(k, the policy `source` ended stage k-1 with): its stage policies and the metric records
     of its first k stages are copied into this run, whose global step goes on from there."""
     run_dir = engine.config.train.run_dir
@@ -298,17 +266,34 @@ def _start_after_shared(engine: Engine, run: _RunDir, source: str, k: int) -> tu
             target = stage_policy_dir(run_dir, i)
             if not os.path.isdir(target):
                 shutil.copytree(stage_policy_dir(source, i), target)
-    records = [r for r in read_metrics(os.path.join(source, METRICS_FILE)) if r["stage"] < k]
+    records = [r for r in read_metrics(RunDir(source).metrics_file) if r["stage"] < k]
     run.metrics.copy_records(records)
     run.global_step = max((int(r["global_step"]) for r in records), default=0)
     log.info("stages 0..%d shared with %s: starting at stage %d", k - 1, source, k)
     return k, policy
 
 
+def _missing_stage(run: RunDir, newest: CheckpointMeta, index: int, path: str) -> str:
+    """Why stage `index`'s policy copy `path` is absent: the stage has not finished, or it
+    finished and the copy was deleted (the newest checkpoint says which)."""
+    gone = f"{run.path}: stage {index} finished, but the copy of its policy ({path}) is missing"
+    if newest.stage == index and newest.done:
+        return (
+            f"{gone} (deleted?); rerun the run's train command to restore it from the stage's "
+            "final checkpoint"
+        )
+    if newest.stage > index:
+        return (
+            f"{gone} (deleted?); the run has moved on to a later stage, so only retraining "
+            f"stage {index} (in another train.run_dir) gives it back"
+        )
+    return f"{run.path}: stage {index} has not finished (no {path})"
+
+
 def stage_policy_dir(run_dir: str, index: int) -> str:
     """Where the policy a (non-final) stage ended with is kept: checkpoint retention never
     deletes it, so RSA(P) can merge the stage-1 and final policies of one run."""
-    return os.path.join(os.path.abspath(run_dir), "stages", str(index))
+    return RunDir(run_dir).stage_policy(index)
 
 
 def save_stage_policy(run_dir: str, index: int, params: dict) -> None:
@@ -352,43 +337,6 @@ def load_policy(
     return engine, engine.merged(params)
 
 
-def _run_config(run_dir: str) -> Config:
-    """The config a run directory was trained with; errors name its config.json."""
-    path = os.path.join(run_dir, "config.json")
-    saved = saved_config(run_dir)  # RunDirError naming the file when it is not JSON
-    if saved is None:
-        raise FileNotFoundError(f"{run_dir}: not a run directory (no config.json)")
-    try:
-        return load_config_dict(saved)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
-
-
-def _missing_stage(run_dir: str, config: Config, index: int, path: str) -> str:
-    """Why stage `index`'s policy copy `path` is absent: the stage has not finished, or it
-    finished and the copy was deleted (the newest checkpoint says which)."""
-    ckpt = Checkpoints(run_dir, keep=config.checkpoint.keep, async_save=False, read_only=True)
-    try:
-        found = ckpt.latest_meta()
-    finally:
-        ckpt.close()
-    if found is not None:
-        meta = found[1]
-        if meta["stage"] == index and meta["done"]:
-            return (
-                f"{run_dir}: stage {index} finished, but the copy of its policy ({path}) is "
-                "missing (deleted?); rerun the run's train command to restore it from the "
-                "stage's final checkpoint"
-            )
-        if meta["stage"] > index:
-            return (
-                f"{run_dir}: stage {index} finished, but the copy of its policy ({path}) is "
-                "missing (deleted?); the run has moved on to a later stage, so only retraining "
-                "stage {index} (in another train.run_dir) gives it back"
-            ).replace("{index}", str(index))
-    return f"{run_dir}: stage {index} has not finished (no {path})"
-
-
 def load_adapters(
     run_dir: str,
     config: Config | None = None,
@@ -399,33 +347,92 @@ def load_adapters(
     """(engine, the trained parameters as checkpointed): `load_policy` without the merge, so
     for a LoRA run the adapters (`engine.base` is the frozen base, `engine.model.lora` the
     spec: what `save_merged_hf` and `save_peft` take)."""
-    if config is None:
-        config = _run_config(run_dir)
-    if layout is None:
-        mesh = make_mesh(dataclasses.replace(config.mesh, data=-1, fsdp=1, tensor=1))
-        layout = Layout(mesh, config.mesh.rules)
-    engine = Engine(config, layout=layout, check_devices=False)
-    if stage is not None and (index := stage_index(config, stage)) < len(config.stages) - 1:
-        path = stage_policy_dir(run_dir, index)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(_missing_stage(run_dir, config, index, path))
-        checkpointer = ocp.StandardCheckpointer()
-        try:
-            return engine, checkpointer.restore(path, engine.model.abstract_params())
-        finally:
-            checkpointer.close()
+    run = RunDir(run_dir)
+    if (holder := run.holder()) is not None:
+        log.warning(
+            "%s is being trained now (%s): loading what its checkpoints hold at this moment",
+            run.path,
+            holder,
+        )
     # Read-only: export, eval and merge never move, write or delete anything in a run directory.
-    ckpt = Checkpoints(run_dir, keep=config.checkpoint.keep, async_save=False, read_only=True)
+    ckpt = Checkpoints(run.path, async_save=False, read_only=True)
     try:
-        while (found := ckpt.latest_meta()) is not None:
-            step_id, meta = found
-            if stage is not None and not (meta["done"] and meta["stage"] == len(config.stages) - 1):
-                raise FileNotFoundError(f"{run_dir}: the last stage has not finished")
+        found = ckpt.latest_meta()
+        if found is None:
+            raise FileNotFoundError(f"{run.path}: no usable checkpoint")
+        newest = CheckpointMeta.from_dict(found[1], f"{ckpt.directory}/{found[0]}")
+        if config is None:  # the run's own config, as its checkpoints recorded it
+            config = _checkpoint_config(run, newest)
+        if layout is None:
+            mesh = make_mesh(dataclasses.replace(config.mesh, data=-1, fsdp=1, tensor=1))
+            layout = Layout(mesh, config.mesh.rules)
+        engine = Engine(config, layout=layout, check_devices=False)
+        n_stages = len(config.stages)
+        if stage is not None and (index := stage_index(config, stage)) < n_stages - 1:
+            path = run.stage_policy(index)
+            if not os.path.isdir(path):
+                raise FileNotFoundError(_missing_stage(run, newest, index, path))
+            checkpointer = ocp.StandardCheckpointer()
+            try:
+                return engine, checkpointer.restore(path, engine.model.abstract_params())
+            finally:
+                checkpointer.close()
+        while found is not None:
+            step_id, raw = found
+            meta = CheckpointMeta.from_dict(raw, f"{ckpt.directory}/{step_id}")
+            if stage is not None and not meta.final(n_stages):
+                raise FileNotFoundError(f"{run.path}: the last stage has not finished")
             try:
                 state, _ = ckpt.restore(step_id, engine.abstract_state(), data_iter=None)
             except CorruptCheckpoint:
+                found = ckpt.latest_meta()
                 continue
+            if not meta.final(n_stages):
+                log.warning(
+                    "%s has not finished: loading checkpoint %d (stage %d, step %d%s), not a "
+                    "final policy",
+                    run.path,
+                    step_id,
+                    meta.stage,
+                    meta.stage_step,
+                    ", done" if meta.done else "",
+                )
             return engine, state.params
-        raise FileNotFoundError(f"{run_dir}: no usable checkpoint")
+        raise FileNotFoundError(f"{run.path}: no usable checkpoint")
     finally:
         ckpt.close()
+
+
+def run_config(run_dir: str) -> Config:
+    """The config a run's newest usable checkpoint was trained with (`config.json` is only its
+    readable copy; an edited one is not used)."""
+    run = RunDir(run_dir)
+    ckpt = Checkpoints(run.path, async_save=False, read_only=True)
+    try:
+        found = ckpt.latest_meta()
+    finally:
+        ckpt.close()
+    if found is None:
+        raise FileNotFoundError(f"{run.path}: no usable checkpoint")
+    return _checkpoint_config(
+        run, CheckpointMeta.from_dict(found[1], f"{ckpt.directory}/{found[0]}")
+    )
+
+
+def _checkpoint_config(run: RunDir, meta: CheckpointMeta) -> Config:
+    """The config a checkpoint was trained with; a `config.json` that says otherwise (edited
+    by hand) is named in a warning and not used."""
+    config = from_json(json.dumps(meta.config))
+    try:
+        written = run.read_config()
+    except RunDirError as e:
+        log.warning("%s; using the checkpoint's own config", e)
+        return config
+    if written is not None and (differ := config_diff(meta.config, written, ignore=())):
+        log.warning(
+            "%s differs from the config its checkpoints were trained with (%s); using the "
+            "checkpoint's",
+            run.config_file,
+            ", ".join(differ[:5]) + (" ..." if len(differ) > 5 else ""),
+        )
+    return config

@@ -267,22 +267,14 @@ def test_sigterm_ends_a_sweep_with_75_and_a_message(tmp_path, data, capsys, monk
         ({"stage": 1, "done": True}, "only retraining stage 0"),
     ],
 )
-def test_a_missing_stage_copy_says_why(tmp_path, monkeypatch, meta, words):
-    from rsa_jax.training import _trainer
+def test_a_missing_stage_copy_says_why(tmp_path, meta, words):
+    from rsa_jax.training import CheckpointMeta, RunDir, _trainer
 
-    class Newest:
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def latest_meta(self):
-            return None if meta is None else (7, meta)
-
-        def close(self):
-            pass
-
-    monkeypatch.setattr(_trainer, "Checkpoints", Newest)
+    newest = CheckpointMeta(
+        **{"stage": 0, "done": False, **(meta or {})}, stage_step=3, rng=[0], config={}
+    )
     path = str(tmp_path / "stages" / "0")
-    message = _trainer._missing_stage(str(tmp_path), load_config(TINY), 0, path)
+    message = _trainer._missing_stage(RunDir(str(tmp_path)), newest, 0, path)
     assert words in message and path in message
     if meta is not None and meta["done"]:
         assert "finished, but the copy of its policy" in message and "missing" in message
