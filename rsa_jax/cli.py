@@ -61,9 +61,54 @@ def _cmd_export(args) -> int:
 
     if args.peft:
         return _export_peft(args)
+    if args.base is not None:
+        return _export_on_base(args)
     # A LoRA run's policy is merged (base dequantized + adapters) by load_source.
     source = args.run_dir if args.stage is None else f"{args.run_dir}@{args.stage}"
     _export(load_source(source), args.out, **_save_options(args))
+    from rsa_jax.training import run_config
+
+    lora = run_config(args.run_dir).model.lora
+    if lora is not None and lora.rank > 0 and lora.base_storage in ("int8", "nf4"):
+        print(
+            f"{args.out} is the trained model: the {lora.base_storage}-dequantized base plus the "
+            "adapters (--base DIR merges the adapters into a float base instead: another model)"
+        )
+    return 0
+
+
+def _export_on_base(args) -> int:
+    """`--base DIR`: a LoRA run's adapters merged into the float base DIR (PEFT's
+    merge_and_unload), which for a quantized training base is not the trained model."""
+    from rsa_jax.models import merge_into_base
+    from rsa_jax.training import load_adapters
+
+    engine, adapters = load_adapters(args.run_dir, stage=args.stage)
+    spec = engine.model.lora
+    if spec is None:
+        raise CommandLineError(f"--base: {args.run_dir} is a full fine-tuning run (no adapters)")
+    merge_into_base(
+        spec,
+        adapters,
+        args.base,
+        args.out,
+        scan_layers=engine.config.model.scan_layers,
+        tokenizer=engine.tokenizer,
+        dtype=args.dtype,
+    )
+    trained = engine.config.model.path
+    same = os.path.abspath(args.base) == os.path.abspath(trained)
+    storage = spec.lora.base_storage
+    print(
+        f"wrote {args.out}: the adapters merged into the float base {args.base}"
+        + ("" if same else f" (they were trained on {trained})")
+        + (
+            f"; the trained model is the {storage}-quantized base plus the adapters "
+            "(export without --base)"
+            if storage in ("int8", "nf4")
+            else ""
+        )
+    )
     return 0
 
 
@@ -362,6 +407,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--peft",
         action="store_true",
         help="LoRA runs: write the adapters alone in PEFT's layout instead of the merged model",
+    )
+    p.add_argument(
+        "--base",
+        metavar="DIR",
+        help="LoRA runs: merge the adapters into this float Hugging Face base (PEFT's "
+        "merge_and_unload) instead of the base they trained on; for a QLoRA run that is "
+        "another model than the trained one",
     )
     _add_export_options(p)
     p.set_defaults(fn=_cmd_export)
