@@ -515,8 +515,16 @@ def _check_arguments(args) -> None:
         _check_run_dir(args.first, "first policy", hf_ok=True)
         _check_run_dir(args.second, "second policy", hf_ok=True)
     if args.command == "eval":
+        # Existence only here: what each model is, `load_model` resolves (resolve_source).
+        from rsa_jax.training import split_source
+
         for path in [*args.models, *([args.reference] if args.reference else [])]:
-            _check_run_dir(path, "model", hf_ok=True)
+            run, _ = split_source(path)
+            if not os.path.exists(run):
+                raise CommandLineError(
+                    f"model {path!r} does not exist: pass a run directory, RUN@STAGE or a "
+                    "Hugging Face model directory"
+                )
         if args.prompts and not os.path.isfile(args.prompts):
             raise CommandLineError(f"--prompts {args.prompts!r}: no such file")
     if args.command == "sweep" and not os.path.isfile(args.sweep):

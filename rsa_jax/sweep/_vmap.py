@@ -172,25 +172,30 @@ def _run_vmap_locked(sweep: Sweep, stop: StopSignal) -> dict[str, str]:
                 f"variant {v.name!r}: {v.run_dir} holds an unfinished run; vmap mode starts "
                 "variants afresh: finish it with --mode sequential or remove the directory"
             )
-    config = todo[0].config
-    k = len(todo)
+    group = _program_group(sweep, todo)
+    config = group[0].config
+    k = len(group)
     placement = variant_placement(config, k, sweep.variant_devices, where=sweep.path)
     _say(f"vmap: {placement.describe()}")
 
     engine = Engine(config, layout=placement.layout, check_devices=False)
     initial = engine.initial
 
-    runs: list[Run] = []
+    # One Run per unfinished variant; a finished one retrained in the group has none (nothing
+    # of it is logged or written again).
+    runs: list[Run | None] = []
     try:
-        for v in todo:
-            runs.append(_start_variant(v))
+        for v in group:
+            runs.append(_start_variant(v) if v in todo else None)
         t_start = time.perf_counter()
         # The trainer's hooks, per variant, each fed its variant's slice of the step's metrics.
         on_step = Hooks()
         for j, run in enumerate(runs):
-            hooks = run.hooks(report_compile=j == 0, stop=stop)  # no save: none within a run
-            on_step.add(partial(_variant_hooks, hooks, j))
-        first_vmapped = shared_stages(todo)
+            if run is not None:  # no save: vmap mode keeps no checkpoint within a run
+                hooks = run.hooks(report_compile=not on_step.hooks, stop=stop)
+                on_step.add(partial(_variant_hooks, hooks, j))
+        writing = [run for run in runs if run is not None]
+        first_vmapped = shared_stages(group)
         policy = initial
         for i in range(first_vmapped):  # trained once for all K variants
             _say(
@@ -198,7 +203,7 @@ def _run_vmap_locked(sweep: Sweep, stop: StopSignal) -> dict[str, str]:
                 "trained once"
             )
             stage = engine.stage(i, policy)
-            if not _fit_logged(engine, stage, on_step, runs):
+            if not _fit_logged(engine, stage, on_step, writing):
                 return _stopped(status, todo, stop, stage)
             policy = stage.state.params
             for v in todo:
@@ -217,7 +222,7 @@ def _run_vmap_locked(sweep: Sweep, stop: StopSignal) -> dict[str, str]:
                             total,
                             stage_dropout_key(v.config, i),
                         )
-                        for v in todo
+                        for v in group
                     ]
                 )
             )
@@ -242,20 +247,43 @@ def _run_vmap_locked(sweep: Sweep, stop: StopSignal) -> dict[str, str]:
             )  # each variant's state on its group's devices; cached by the shardings: 1 compile
             stage = Stage(i, stage_config, state, reference, batches, total, step_fn, hyper)
             # the engine's batch placement: shared
-            if not _fit_logged(engine, stage, on_step, runs):
+            if not _fit_logged(engine, stage, on_step, writing):
                 return _stopped(status, todo, stop, stage)
             policy = stage.state.params
             if i == len(config.stages) - 1:
                 _save_finals(runs, placement, stage, engine.saved_reference(stage), ref_axis)
             else:
-                for j, v in enumerate(todo):
-                    save_stage_policy(v.run_dir, i, placement.slice(policy, j))
+                for j, v in enumerate(group):
+                    if v in todo:
+                        save_stage_policy(v.run_dir, i, placement.slice(policy, j))
     finally:
         for run in runs:
-            run.close()
+            if run is not None:
+                run.close()
     _say(f"vmap: {k} variant(s) done in {time.perf_counter() - t_start:.1f} s")
     status.update({v.name: "done" for v in todo})
     return status
+
+
+def _program_group(sweep: Sweep, todo: list[Variant]) -> list[Variant]:
+    """The variants to train as one program: the unfinished ones, or, when some variants of
+    the sweep finished earlier (a sweep interrupted while it saved its final checkpoints), all
+    of them again, so an unfinished variant comes out of the same K-variant program as in an
+    uninterrupted sweep (a K=1 program sums in another order, and the CVaR tail turns that
+    rounding into visible differences). The finished ones are retrained, not rewritten."""
+    if len(todo) == len(sweep.variants):
+        return todo
+    group = list(sweep.variants)
+    try:
+        check_vmappable(group)
+    except SweepError:  # finished under other settings (another kernel): train the rest alone
+        return todo
+    _say(
+        f"vmap: {len(todo)} unfinished variant(s) trained in one program with the "
+        f"{len(group) - len(todo)} finished one(s), as the interrupted sweep did (those are "
+        "not rewritten)"
+    )
+    return group
 
 
 def _start_variant(v: Variant) -> Run:
@@ -300,7 +328,7 @@ def _stopped(status: dict[str, str], todo: list[Variant], stop, stage: Stage) ->
 
 
 def _save_finals(
-    runs: list[Run],
+    runs: list[Run | None],
     placement: VariantPlacement,
     stage: Stage,
     reference,
@@ -310,6 +338,8 @@ def _save_finals(
     any: stacked, or with `ref_axis` None one reference shared by all), gathered from its
     variant group, as its run's final checkpoint."""
     for j, run in enumerate(runs):
+        if run is None:  # finished earlier: its checkpoint stays as it was
+            continue
         run.save(
             stage.index,
             placement.slice(stage.state, j),

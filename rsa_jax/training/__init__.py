@@ -8,7 +8,11 @@
 - `Engine`: built from a `Config` (and optionally a mesh layout and an optax transformation);
   owns the model definition, sharded parameters, optimizer, the cache of compiled steps, and
   the one training loop (`Engine.fit`). Preference stages, SFT and both sweep modes run on it.
-- `train(config)`: the stages of a config with checkpoints (exact resume), metrics and signals.
+- `train(config)`: the stages of a config with checkpoints (exact resume), metrics and signals,
+  added around `Engine.fit` as hooks (`Hooks`, `StepInfo`; `Run` builds a run's hooks).
+- `RunDir`: the layout of a run directory (every name spelled once), its lock and config.json;
+  `CheckpointMeta` the typed checkpoint record; `resolve_source` reads `RUN`, `RUN@STAGE` and
+  Hugging Face directories for every command.
 - `load_policy(run_dir)`: the newest usable policy of a run directory (LoRA: merged);
   `load_adapters(run_dir)`: the trained parameters as saved (LoRA: the adapters).
 - Typed hyperparameters: `Hyper` (loss + optimizer + LoRA dropout key, traced;

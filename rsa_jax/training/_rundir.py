@@ -62,7 +62,13 @@ class RunDir:
     LOCK = ".lock"
 
     def __init__(self, path: str):
-        self.path = os.path.abspath(os.path.expanduser(str(path)))
+        text = str(path)
+        if "://" in text:  # never a local folder named "gs:"
+            raise RunDirError(
+                f"run directory {text}: object storage (gs://, s3://) is not supported yet; "
+                "use a local or NFS path (docs/run_directory.md)"
+            )
+        self.path = os.path.abspath(os.path.expanduser(text))
 
     def __repr__(self) -> str:
         return f"RunDir({self.path!r})"
@@ -539,12 +545,15 @@ def resolve_source(text: str, *, what: str = "model", hf_ok: bool = True) -> Sou
                 f"{what} {path!r} has no {RunDir.CHECKPOINTS}/ yet: train it first (rsa-jax "
                 f"train CONFIG train.run_dir={path})"
             )
-        raise SourceError(
-            f"{what} {path!r} is not a run directory (no {RunDir.CONFIG}, no "
-            f"{RunDir.CHECKPOINTS}/)"
-            + (" nor a Hugging Face model directory (no *.safetensors)" if hf_ok else "")
-            + f": pass {expected}"
-        )
+        neither = f"(no {RunDir.CONFIG}, no {RunDir.CHECKPOINTS}/)"
+        if hf_ok:
+            neither = (
+                f"is neither a run directory {neither} nor a Hugging Face model directory "
+                "(no *.safetensors)"
+            )
+        else:
+            neither = f"is not a run directory {neither}"
+        raise SourceError(f"{what} {path!r} {neither}: pass {expected}")
     if stage is not None:
         saved = run.read_config()
         names = [s.get("name") for s in (saved or {}).get("stages", [])]

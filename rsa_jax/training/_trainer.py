@@ -1,8 +1,11 @@
 """`train(config)`: the stages of a config on the engine, with checkpoints, metrics and signals.
 
-    engine -> where to start (newest usable checkpoint) -> for each stage: prepare, fit, save
+    engine -> lock -> where to start (newest usable checkpoint, its config compared with this
+    one) -> for each stage: prepare, fit with the run's hooks (`Run.hooks`), save
 
-Checkpoints carry everything needed to resume mid-stage or between stages (policy, optimizer
+The per-step work (guard, metrics, periodic checkpoints, the stop signal) is the hooks of
+`_run.Run`; the run directory's names and the checkpoint metadata are `_rundir`'s. Checkpoints
+carry everything needed to resume mid-stage or between stages (policy, optimizer
 state, the reference when it is a trained stage, the data iterator position, the stage index);
 a checkpoint that fails to restore is set aside and the one before it is used. SIGTERM/SIGINT
 finish the current step, save and return "preempted".

@@ -4,7 +4,7 @@ fit the devices here)."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import os
 
@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import rsa_jax.training as training
 from rsa_jax.cli import main
 from rsa_jax.config import MeshConfig
 from rsa_jax.data import write_toy_data
@@ -66,12 +67,11 @@ def test_eval_of_a_run_directory_on_its_mesh_or_a_fallback(tmp_path, caplog, mon
     assert main(["train", TINY, *overrides]) == 0
     model, tokenizer = load_model(run)
     # The training mesh asks for 2 fsdp devices, which one device cannot give: a warning, and
-    # all devices on data, with the same parameters.
-    with open(os.path.join(run, "config.json")) as f:
-        config = json.load(f)
-    config["mesh"]["fsdp"] = 2
-    with open(os.path.join(run, "config.json"), "w") as f:
-        json.dump(config, f)
+    # all devices on data, with the same parameters. (The run's config is its checkpoint's,
+    # which a test cannot edit: the config the run reports is replaced instead.)
+    trained = training.run_config(run)
+    wide = dataclasses.replace(trained, mesh=dataclasses.replace(trained.mesh, fsdp=2))
+    monkeypatch.setattr(training, "run_config", lambda path: wide)
     with caplog.at_level(logging.WARNING):
         fallback, _ = load_model(run)
     assert "does not fit the 1 devices here" in caplog.text

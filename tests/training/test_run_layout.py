@@ -3,11 +3,13 @@
 is left out: it writes Hugging Face directories, whose own `config.json` is another file.)"""
 
 import ast
+import json
 import os
+import shutil
 
 import pytest
 
-from rsa_jax.training import RunDir
+from rsa_jax.training import RunDir, Source, SourceError, resolve_source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PACKAGE = os.path.join(ROOT, "rsa_jax")
@@ -103,3 +105,64 @@ def test_the_scan_sees_a_path_literal_outside_the_owner(tmp_path, monkeypatch):
     stray.write_text('import os\nx = os.path.join("run", "metrics.jsonl")\n')
     tree = ast.parse(stray.read_text())
     assert "metrics.jsonl" in set(_path_like_strings(tree))
+
+
+# ------------------------------------------------------------------------ one resolver
+
+
+def _run(tmp_path, name="run", stages=("helpfulness", "safety")):
+    run = tmp_path / name
+    (run / RunDir.CHECKPOINTS / "3").mkdir(parents=True)
+    (run / RunDir.CONFIG).write_text(json.dumps({"stages": [{"name": s} for s in stages]}))
+    return run
+
+
+def test_run_run_at_stage_and_hugging_face_directories_resolve_alike(tmp_path):
+    run = _run(tmp_path)
+    assert resolve_source(str(run)) == Source(str(run), str(run), "run")
+    for stage in ("0", "1", "safety"):
+        source = resolve_source(f"{run}@{stage}")
+        assert (source.kind, source.path, source.stage) == ("run", str(run), stage)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    (hf / "model.safetensors").write_bytes(b"")
+    assert resolve_source(str(hf)).kind == "hf"
+    odd = tmp_path / "a@b"  # an existing path with an @ is itself
+    shutil.copytree(hf, odd)
+    assert resolve_source(str(odd)) == Source(str(odd), str(odd), "hf")
+
+
+@pytest.mark.parametrize(
+    "text, hf_ok, error, words",
+    [
+        ("{tmp}/missing", True, SourceError, "does not exist"),
+        ("{tmp}/run@2", True, ValueError, "no stage '2'; the run's stages are"),
+        ("{tmp}/run@nope", True, ValueError, "['helpfulness', 'safety']"),
+        ("{tmp}/hf@0", True, SourceError, "@STAGE applies to run directories"),
+        ("{tmp}/hf", False, SourceError, "is a Hugging Face model directory, not a run"),
+        ("{tmp}/fresh", True, SourceError, "has no checkpoints/ yet: train it first"),
+        ("{tmp}/empty", True, SourceError, "is neither a run directory"),
+        ("{tmp}/empty", False, SourceError, "is not a run directory (no config.json"),
+    ],
+)
+def test_resolver_errors_say_what_the_path_is(tmp_path, text, hf_ok, error, words):
+    _run(tmp_path)
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "model.safetensors").write_bytes(b"")
+    (tmp_path / "fresh").mkdir()
+    (tmp_path / "fresh" / RunDir.CONFIG).write_text("{}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(error) as info:
+        resolve_source(text.replace("{tmp}", str(tmp_path)), hf_ok=hf_ok)
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize("url", ["gs://bucket/run", "s3://bucket/run"])
+def test_object_storage_is_refused_clearly_not_made_a_local_folder(tmp_path, monkeypatch, url):
+    from rsa_jax.training import RunDirError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RunDirError, match="object storage"):
+        RunDir(url)
+    assert os.listdir(tmp_path) == []
