@@ -68,7 +68,10 @@ def _cmd_export(args) -> int:
     _export(load_source(source), args.out, **_save_options(args))
     from rsa_jax.training import run_config
 
-    lora = run_config(args.run_dir).model.lora
+    try:  # the note only: the export itself is written
+        lora = run_config(args.run_dir).model.lora
+    except FileNotFoundError:
+        lora = None
     if lora is not None and lora.rank > 0 and lora.base_storage in ("int8", "nf4"):
         print(
             f"{args.out} is the trained model: the {lora.base_storage}-dequantized base plus the "
