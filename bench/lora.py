@@ -24,8 +24,16 @@ the hyperparameters) over one base plus 8 adapter states. Last, a projection of 
 per parameter to a 7B model (state and frozen inputs only, no activations) against one 80 GB
 accelerator and a TPU v5p-8 (4 chips x 95 GB HBM). The last line is one JSON object.
 
-    python bench/lora.py                 # both parts; part 2 takes minutes on 2 CPU cores
+Part 3 (`--part 3`): what quantizing the base costs the model itself, before any training:
+the held-out next-token loss (nats per token) of the base in each storage, and the KL from the
+float32 model's next-token distribution (mean over tokens of KL(p_f32 || p_storage)), on
+paragraphs of this repository's docs (English text the model never saw), `--tokens` tokens per
+sequence. This is the gap a QLoRA run's adapters start from, and what the float-base merge of
+its adapters (`rsa-jax export --base`) is measured against.
+
+    python bench/lora.py                 # parts 1 and 2; part 2 takes minutes on 2 CPU cores
     python bench/lora.py --part 2        # the engine comparison only
+    python bench/lora.py --part 3        # nf4 / int8 / bfloat16 cost in loss and KL
 """
 
 from __future__ import annotations
@@ -35,6 +43,8 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from rsa_jax.models import (
@@ -66,6 +76,8 @@ def main() -> None:
     parser.add_argument("--part", default="1,2", help="which parts to run: 1, 2 or 1,2")
     parser.add_argument("--k", type=int, default=8, help="variants of the adapter sweep")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per measurement")
+    parser.add_argument("--tokens", type=int, default=128, help="part 3: tokens per sequence")
+    parser.add_argument("--sequences", type=int, default=16, help="part 3: held-out sequences")
     args = parser.parse_args()
     if args.model == ARTIFACT and not os.path.exists(os.path.join(ARTIFACT, "config.json")):
         convert_gguf(bundled_smollm2_gguf(), ARTIFACT)
@@ -73,6 +85,8 @@ def main() -> None:
     summary = part_one(args) if 1 in parts else {}
     if 2 in parts:
         summary.update(part_two(args))
+    if 3 in parts:
+        summary.update(part_three(args))
     print(json.dumps(summary))
 
 
@@ -324,6 +338,74 @@ def part_two(args) -> dict:
         "adapter_sweep_peak_over_lora_peak": round(sweep["peak"] / rows["lora"]["peak"], 4),
         **{f"projection_7b_{m}_gb": v for m, v in projection.items()},
     }
+
+
+def _held_out_ids(tokenizer, n: int, length: int) -> np.ndarray:
+    """[n, length] token ids: consecutive windows of the repository's docs text."""
+    docs = os.path.join(os.path.dirname(__file__), "..", "docs")
+    text = "\n\n".join(
+        open(os.path.join(docs, name), encoding="utf-8").read()
+        for name in sorted(os.listdir(docs))
+        if name.endswith(".md")
+    )
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) < n * length:
+        raise SystemExit(f"docs hold {len(ids)} tokens, fewer than {n} x {length}")
+    return np.asarray(ids[: n * length], np.int32).reshape(n, length)
+
+
+def part_three(args) -> dict:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    ids = _held_out_ids(tokenizer, args.sequences, args.tokens)
+    positions = np.tile(np.arange(args.tokens, dtype=np.int32), (ids.shape[0], 1))
+    mask = np.ones_like(ids, bool)
+
+    def log_probs(storage: str) -> np.ndarray:
+        model = load_hf(args.model)
+        lora = LoraConfig(rank=1, base_storage=storage, block_size=args.block_size)
+        spec, base, _ = split_lora(to_lora(model, lora, rngs=nnx.Rngs(0)))
+
+        @jax.jit
+        def run(base, ids, positions, mask):  # the base alone (adapters off): a QLoRA reference
+            module = spec.module(base)
+            hidden = module(ids, positions, mask)
+            return jax.nn.log_softmax(module.logits(hidden).astype(jnp.float32), axis=-1)
+
+        out = [
+            np.asarray(run(base, ids[i : i + 4], positions[i : i + 4], mask[i : i + 4]))
+            for i in range(0, len(ids), 4)
+        ]
+        return np.concatenate(out)  # [N, T, V]
+
+    rows, reference = {}, None
+    for storage in ("float32", "bfloat16", "int8", "nf4"):
+        logp = log_probs(storage)
+        nll = -np.take_along_axis(logp[:, :-1], ids[:, 1:, None], axis=-1)[..., 0]
+        row = dict(loss=float(nll.mean()))
+        if reference is None:
+            reference = logp
+        else:
+            kl = np.sum(np.exp(reference) * (reference - logp), axis=-1)
+            row.update(kl=float(kl.mean()), kl_p99=float(np.quantile(kl, 0.99)))
+            row["loss_increase"] = row["loss"] - rows["float32"]["loss"]
+        rows[storage] = row
+        print(
+            f"{storage:<10} loss {row['loss']:.4f} nats/token"
+            + (
+                f"  ({row['loss_increase']:+.4f})  KL from float32 {row['kl']:.4f} "
+                f"(p99 {row['kl_p99']:.4f})"
+                if "kl" in row
+                else ""
+            ),
+            flush=True,
+        )
+    print(
+        f"held-out: {ids.shape[0]} x {ids.shape[1]} tokens of docs/*.md; int8/nf4 blocks of "
+        f"{args.block_size}"
+    )
+    return {f"quant_cost_{k}": v for k, v in rows.items()}
 
 
 if __name__ == "__main__":

@@ -34,9 +34,13 @@ def _cmd_train(args) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: pending.append(signal.Signals(signum).name))
     from rsa_jax.config import load_config
-    from rsa_jax.training import StopSignal, exit_code, train
+    from rsa_jax.training import StopSignal, exit_code, finished_step, train
 
     config = load_config(args.config, args.overrides)
+    step = finished_step(config)
+    if step is not None:  # nothing to load or compile to say so
+        print(f"done at global step {step} (finished earlier); run dir {config.train.run_dir}")
+        return exit_code("done")
     result = train(config, stop=StopSignal(pending))
     print(f"{result.status} at global step {result.global_step}; run dir {config.train.run_dir}")
     return exit_code(result.status)
@@ -72,9 +76,57 @@ def _cmd_export(args) -> int:
 
     if args.peft:
         return _export_peft(args)
+    if args.base is not None:
+        return _export_on_base(args)
     # A LoRA run's policy is merged (base dequantized + adapters) by load_source.
     source = args.run_dir if args.stage is None else f"{args.run_dir}@{args.stage}"
     _export(load_source(source), args.out, **_save_options(args))
+    from rsa_jax.training import run_config
+
+    try:  # the note only: the export itself is written
+        lora = run_config(args.run_dir).model.lora
+    except FileNotFoundError:
+        lora = None
+    if lora is not None and lora.rank > 0 and lora.base_storage in ("int8", "nf4"):
+        print(
+            f"{args.out} is the trained model: the {lora.base_storage}-dequantized base plus the "
+            "adapters (--base DIR merges the adapters into a float base instead: another model)"
+        )
+    return 0
+
+
+def _export_on_base(args) -> int:
+    """`--base DIR`: a LoRA run's adapters merged into the float base DIR (PEFT's
+    merge_and_unload), which for a quantized training base is not the trained model."""
+    from rsa_jax.models import merge_into_base
+    from rsa_jax.training import load_adapters
+
+    engine, adapters = load_adapters(args.run_dir, stage=args.stage)
+    spec = engine.model.lora
+    if spec is None:
+        raise CommandLineError(f"--base: {args.run_dir} is a full fine-tuning run (no adapters)")
+    merge_into_base(
+        spec,
+        adapters,
+        args.base,
+        args.out,
+        scan_layers=engine.config.model.scan_layers,
+        tokenizer=engine.tokenizer,
+        dtype=args.dtype,
+    )
+    trained = engine.config.model.path
+    same = os.path.abspath(args.base) == os.path.abspath(trained)
+    storage = spec.lora.base_storage
+    print(
+        f"wrote {args.out}: the adapters merged into the float base {args.base}"
+        + ("" if same else f" (they were trained on {trained})")
+        + (
+            f"; the trained model is the {storage}-quantized base plus the adapters "
+            "(export without --base)"
+            if storage in ("int8", "nf4")
+            else ""
+        )
+    )
     return 0
 
 
@@ -261,14 +313,24 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_sweep(args) -> int:
-    from rsa_jax.sweep import describe, load_sweep, run_sweep
+    import signal
+
+    # Signals during the imports below (seconds) are kept for the sweep's StopSignal.
+    pending: list[str] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: pending.append(signal.Signals(signum).name))
+    from rsa_jax.sweep import check_sweep, describe, load_sweep, run_sweep
+    from rsa_jax.training import EXIT_PREEMPTED, StopSignal
 
     sweep = load_sweep(args.sweep, mode=args.mode, run_dir=args.run_dir, overrides=args.overrides)
     if args.dry_run:
+        check_sweep(sweep)
         print(describe(sweep))
         return 0
-    results = run_sweep(sweep)
-    return 0 if "variants" in results else 1
+    results = run_sweep(sweep, stop=StopSignal(pending))
+    if "variants" in results:
+        return 0
+    return EXIT_PREEMPTED  # a signal stopped it (state saved); the rerun resumes
 
 
 def _cmd_frontier(args) -> int:
@@ -324,7 +386,7 @@ exit codes:
   0    done
   1    an error (one line on stderr naming what is wrong; add -v for the traceback)
   2    bad command line or config (nothing was run)
-  75   train: stopped by SIGTERM/SIGINT, state saved (rerun the same command to resume)
+  75   train, sweep: stopped by SIGTERM/SIGINT, state saved (rerun the same command to resume)
   130  interrupted (Ctrl-C) outside training
 """
 # One example per subcommand, shown under its --help.
@@ -461,6 +523,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--peft",
         action="store_true",
         help="LoRA runs: write the adapters alone in PEFT's layout instead of the merged model",
+    )
+    p.add_argument(
+        "--base",
+        metavar="DIR",
+        help="LoRA runs: merge the adapters into this float Hugging Face base (PEFT's "
+        "merge_and_unload) instead of the base they trained on; for a QLoRA run that is "
+        "another model than the trained one",
     )
     _add_export_options(p)
     p.set_defaults(fn=_cmd_export)
@@ -639,6 +708,9 @@ def _hint(error: BaseException) -> str:
         if error.line:
             return "fix the row, or set data.on_error=skip to skip and count bad rows"
         return ""  # the file itself: the message says what is wrong with it
+    training = sys.modules.get("rsa_jax.training")  # loaded when a checkpoint was written
+    if training is not None and isinstance(error, training.CheckpointWriteError):
+        return ""  # the message says what to do
     if isinstance(error, PermissionError):
         return "check the permissions of the named path"
     if isinstance(error, OSError) and error.errno == 28:  # ENOSPC
@@ -666,7 +738,10 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    logging.getLogger("absl").setLevel(logging.WARNING)  # Orbax logs every file it writes
+    # Orbax logs every file it writes (INFO), and a failed write as ERROR records with the
+    # traceback of each of its background threads; that failure reaches this thread as the
+    # exception reported below in one line, so without -v those records are noise.
+    logging.getLogger("absl").setLevel(logging.WARNING if verbose else logging.CRITICAL)
     prefix = f"rsa-jax {args.command}"
     try:
         _check_arguments(args)

@@ -8,7 +8,9 @@ the tree into keyword arguments; kernels never import it.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import math
 import os
 import string
 import types
@@ -294,6 +296,7 @@ def _field_type(key: str) -> Any:
     """The declared type of a dotted key of `Config` (list items by index), or None if unknown."""
     node: Any = Config
     for part in key.split("."):
+        node = _unwrap_optional(node)
         origin = typing.get_origin(node)
         if origin in (list, tuple) and part.isdigit():
             node = typing.get_args(node)[0]
@@ -305,6 +308,35 @@ def _field_type(key: str) -> Any:
         else:
             return None
     return node
+
+
+def _unwrap_optional(kind: Any) -> Any:
+    """`X | None` -> X (a dataclass that may be null, such as `model.lora`); others as they are."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if len(args) == 1 and dataclasses.is_dataclass(args[0]):
+            return args[0]
+    return kind
+
+
+def _check_text_fields(values: Any, where: str, prefix: str = "") -> None:
+    """A YAML number or bool where the config wants text (`run_dir: 5`) is an error, not
+    silently the text "5": a typo there would otherwise name a directory or a file."""
+    if isinstance(values, list):
+        for i, item in enumerate(values):
+            _check_text_fields(item, where, f"{prefix}{i}.")
+        return
+    if not isinstance(values, dict):
+        return
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if isinstance(value, dict | list):
+            _check_text_fields(value, where, f"{key}.")
+        elif value is not None and not isinstance(value, str) and _is_text(_field_type(key)):
+            raise ConfigError(
+                f"{where}{key}: expected text, got {type(value).__name__} {value!r} "
+                f"(quote it, e.g. {name}: '{value}', if that is meant)"
+            )
 
 
 def _is_text(kind: Any) -> bool:
@@ -357,7 +389,11 @@ def _apply_override(values: dict, item: str) -> None:
                     f"override {item!r}: {here} is not an index of a {len(node)}-list"
                 )
         elif not isinstance(node, dict) or part not in node:
-            raise ConfigError(f"override {item!r}: unknown key {here!r}")
+            close = (
+                difflib.get_close_matches(part, list(node), n=1) if isinstance(node, dict) else []
+            )
+            hint = f". Did you mean: {'.'.join([*parts[:depth], close[0]])!r}?" if close else ""
+            raise ConfigError(f"override {item!r}: unknown key {here!r}{hint}")
         index: Any = int(part) if isinstance(node, list) else part
         if depth == len(parts) - 1:
             node[index] = value
@@ -377,7 +413,9 @@ def load_config(
     try:
         merged = schema
         if path is not None:
-            merged = OmegaConf.merge(schema, _read_yaml(path))
+            raw = _read_yaml(path)
+            _check_text_fields(raw, where)
+            merged = OmegaConf.merge(schema, raw)
         if overrides:
             where = "override: "
             values = cast(dict, OmegaConf.to_container(merged))
@@ -429,6 +467,39 @@ def _fail(key: str, message: str) -> NoReturn:
     raise ConfigError(f"{key}: {message}")
 
 
+# No float setting of the library means anything beyond this magnitude, and float32 products of
+# such a value with a log-ratio or a gradient (beta * margin, the squared gradient norm) overflow.
+MAX_MAGNITUDE = 1e6
+
+
+def check_finite(node: Any, prefix: str = "") -> None:
+    """ConfigError naming the dotted key of the first float of `node` (a config dataclass, list,
+    tuple or dict, walked recursively) that is NaN, infinite or of magnitude above MAX_MAGNITUDE.
+
+    NaN slips through every `x < 0` check (all comparisons with NaN are false), so the
+    range checks alone cannot catch it.
+    """
+    if isinstance(node, bool):
+        return
+    if isinstance(node, float):
+        key = prefix or "value"
+        if not math.isfinite(node):
+            _fail(key, f"must be a finite number, got {node}")
+        if abs(node) > MAX_MAGNITUDE:
+            _fail(key, f"must have magnitude <= {MAX_MAGNITUDE:g}, got {node:g}")
+        return
+    dot = f"{prefix}." if prefix else ""
+    if dataclasses.is_dataclass(node) and not isinstance(node, type):
+        for field in dataclasses.fields(node):
+            check_finite(getattr(node, field.name), f"{dot}{field.name}")
+    elif isinstance(node, list | tuple):
+        for i, item in enumerate(node):
+            check_finite(item, f"{dot}{i}")
+    elif isinstance(node, dict):
+        for name, item in node.items():
+            check_finite(item, f"{dot}{name}")
+
+
 def _validate_lora(lora: LoraSettings) -> None:
     if lora.rank < 0:
         _fail("model.lora.rank", f"must be >= 0 (0: full fine-tuning), got {lora.rank}")
@@ -455,6 +526,7 @@ def _validate_lora(lora: LoraSettings) -> None:
 
 def validate(config: Config, device_count: int | None = None) -> None:
     """Constraints beyond types. With `device_count`, also that the mesh fits the devices/batch."""
+    check_finite(config)
     m = config.model
     if m.attention not in ATTENTION_CHOICES:
         _fail("model.attention", f"must be one of {ATTENTION_CHOICES}, got {m.attention!r}")
@@ -612,6 +684,18 @@ def stage_data(config: Config, stage: StageConfig) -> DataConfig:
     return dataclasses.replace(
         config.data, view=stage.view, path=stage.data_path or config.data.path
     )
+
+
+def check_data_files(config: Config) -> None:
+    """ConfigError naming the key (`data.path` or `stages.N.data_path`) of the first stage data
+    file that does not exist: checked before a model loads or a run directory is made."""
+    for i, stage in enumerate(config.stages):
+        path = stage_data(config, stage).path
+        if not path:
+            _fail("data.path", f"stage {i} ({stage.name}) has no data file: set data.path")
+        if not os.path.exists(path):
+            key = f"stages.{i}.data_path" if stage.data_path else "data.path"
+            _fail(key, f"{path!r} does not exist")
 
 
 def config_files(directory: str = "configs") -> list[str]:

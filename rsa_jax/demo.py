@@ -99,6 +99,12 @@ class DemoConfig:
     extra_overrides: tuple[str, ...] = ()
 
     def __post_init__(self):
+        from rsa_jax.config import check_finite
+
+        try:
+            check_finite(self)
+        except ValueError as e:
+            raise ValueError(f"demo: {e}") from None
         unknown = [m for m in self.methods if m not in METHODS]
         if unknown:
             raise ValueError(f"demo: unknown method(s) {unknown}; known: {list(METHODS)}")

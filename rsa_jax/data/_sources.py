@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rsa_jax.data._config import DataConfig
+from rsa_jax.data._config import FORMATS, DataConfig
 
 Text = str | list  # a string, or a list of chat messages {"role": ..., "content": ...}
 
@@ -76,7 +76,13 @@ def _detect_format(path: str) -> str:
         return "jsonl"
     if path.endswith(".parquet"):
         return "parquet"
-    raise DataError(path, 0, None, "cannot tell the format from the name; set data.format")
+    raise DataError(
+        path,
+        0,
+        None,
+        "cannot tell the format from the name (.jsonl, .json, .parquet or a save_to_disk "
+        f"directory); set data.format to one of {', '.join(f for f in FORMATS if f != 'auto')}",
+    )
 
 
 _BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark, which some editors write at the start
@@ -126,8 +132,28 @@ def _read_jsonl(path: str) -> Iterator[tuple[int, Any]]:
 
 
 def _read_table(table: pa.Table, path: str, first_line: int) -> Iterator[tuple[int, Any]]:
-    for offset, row in enumerate(table.to_pylist()):
+    try:
+        rows = table.to_pylist()
+    except UnicodeDecodeError:
+        # Parquet and Arrow do not check that a string column holds UTF-8; find the bad cells
+        # row by row so each one is reported (or skipped) with its row and column.
+        yield from _read_table_by_cell(table, path, first_line)
+        return
+    for offset, row in enumerate(rows):
         yield first_line + offset, row
+
+
+def _read_table_by_cell(table: pa.Table, path: str, first_line: int):
+    columns = {name: table.column(name) for name in table.column_names}
+    for offset in range(table.num_rows):
+        row, error = {}, None
+        for name, column in columns.items():
+            try:
+                row[name] = column[offset].as_py()
+            except UnicodeDecodeError as e:
+                error = DataError(path, first_line + offset, name, f"not valid UTF-8 ({e.reason})")
+                break
+        yield first_line + offset, error if error is not None else row
 
 
 def _json_file(path: str) -> Any:

@@ -208,6 +208,23 @@ class Gap:
     skipped: dict[str, str]  # seed -> why it has no gap
 
 
+def gap_verdict(gap: Gap) -> str:
+    """Whether the gap is distinguishable from 0 at the interval's confidence: "a > b" or
+    "b > a" when the interval excludes 0, "tied" when it covers 0, and no verdict without an
+    interval (one seed: a single paired difference has no spread to judge it by)."""
+    e = gap.estimate
+    if e is None:
+        return "not compared"
+    if math.isnan(e.low) or math.isnan(e.high):
+        n = len(gap.per_seed)
+        return f"no interval ({n} seed{'s' if n != 1 else ''}): no verdict"
+    if e.low > 0:
+        return f"{gap.a} > {gap.b} (the interval excludes 0)"
+    if e.high < 0:
+        return f"{gap.b} > {gap.a} (the interval excludes 0)"
+    return "tied (the interval covers 0)"
+
+
 def t_interval(values: Sequence[float], confidence: float = 0.95) -> Estimate:
     """Mean of S values with the Student-t interval of the mean (NaN bounds when S = 1)."""
     array = np.asarray(values, np.float64)
@@ -311,6 +328,9 @@ class Choice:
       safe: the safe set (variants whose upper bound meets the threshold), best reward first.
       closest: when the safe set is empty, the variant with the lowest upper bound.
       missing: variants without the statistic or the reward (not candidates).
+      tied: the other safe variants whose reward interval overlaps the chosen one's: the data
+        cannot tell them apart at the interval's confidence.
+      has_interval: False when the chosen variant's reward has no interval (no verdict then).
     """
 
     constraint: Constraint
@@ -320,6 +340,8 @@ class Choice:
     safe: tuple[str, ...]
     closest: str | None
     missing: tuple[str, ...]
+    tied: tuple[str, ...] = ()
+    has_interval: bool = True
 
 
 def constrained_choice(
@@ -350,14 +372,23 @@ def constrained_choice(
     safe.sort(key=lambda n: (-variants[n][reward][0], variants[n][stat][0], n))
     if safe:
         best = safe[0]
+        chosen = Estimate(*variants[best][reward])
+        has_interval = not math.isnan(chosen.low)
+        tied = tuple(
+            n
+            for n in safe[1:]
+            if has_interval and Estimate(*variants[n][reward]).high >= chosen.low
+        )
         return Choice(
             constraint,
             best,
-            Estimate(*variants[best][reward]),
+            chosen,
             Estimate(*variants[best][stat]),
             tuple(safe),
             None,
             tuple(missing),
+            tied,
+            has_interval,
         )
     closest = min(usable, key=lambda n: (variants[n][stat][2], n)) if usable else None
     return Choice(constraint, None, None, None, (), closest, tuple(missing))

@@ -139,7 +139,13 @@ def _sweep_eval(path: str, run_dir: str | None, name: str) -> dict | None:
     for candidate in candidates:
         if os.path.exists(candidate):
             with open(candidate) as f:
-                saved = json.load(f)
+                try:
+                    saved = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise FrontierInputError(
+                        f"{candidate}: not JSON ({e.msg}, line {e.lineno}); rerun the sweep to "
+                        "recompute it"
+                    ) from None
             if isinstance(saved, dict) and isinstance(saved.get("metrics"), dict):
                 return saved["metrics"]
     return None
@@ -176,9 +182,17 @@ def _sweep_rows(path: str, payload: dict, seed: str | None, method_keys, notes):
             for k, val in overrides.items()
             if k not in method_keys and k not in _SEED_KEYS
         ]
+        label = v.get("label") or ""  # the user's name of an explicit variant
+        if not isinstance(label, str):
+            raise FrontierInputError(f"{path}: {where}.label: expected text, got {label!r}")
+        # "(base)" only for the base config itself: a variant whose overrides all name its
+        # method is that method's one point, labelled by them (the same in every seed).
+        variant = " ".join(x for x in (label, " ".join(own)) if x)
+        if not variant:
+            variant = method if any(k not in _SEED_KEYS for k in overrides) else "(base)"
         variant_seed = next((overrides[k] for k in _SEED_KEYS if k in overrides), None)
         row_seed = variant_seed if variant_seed is not None else seed or "0"
-        yield row_seed, method, " ".join(own) or "(base)", _metrics(path, where, raw)
+        yield row_seed, method, variant, _metrics(path, where, raw)
     if no_interval:
         notes.append(
             f"{path}: no eval.json for {len(no_interval)} variant(s) ({', '.join(no_interval)}): "

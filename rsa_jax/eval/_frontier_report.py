@@ -23,6 +23,7 @@ from rsa_jax.eval._frontier import (
     Frontier,
     Gap,
     constrained_choice,
+    gap_verdict,
     pareto_frontier,
     parse_constraint,
     seed_gap,
@@ -93,6 +94,7 @@ def _choice_json(c: Choice) -> dict:
         "safe_set": list(c.safe),
         "closest_if_empty": c.closest,
         "missing": list(c.missing),
+        "tied_with": list(c.tied) if c.has_interval else None,
     }
 
 
@@ -104,6 +106,7 @@ def _gap_json(g: Gap) -> dict:
         "gap": _estimate_json(g.estimate),
         "per_seed": g.per_seed,
         "skipped": g.skipped,
+        "verdict": gap_verdict(g),
     }
 
 
@@ -128,6 +131,13 @@ def frontier_summary(
     for s in statistics:
         if s not in present:
             notes.append(f"no variant has {s}; its frontier is left out")
+    for s in list(stats):
+        values = {m[s].value for variants in pooled.values() for m in variants.values() if s in m}
+        if len(values) == 1:  # every variant alike (all costs 0): nothing to trade off
+            stats.remove(s)
+            notes.append(
+                f"{s} is {values.pop():.4g} for every variant; its frontier and gaps are left out"
+            )
     for constraint in constraints:
         if constraint.statistic not in present:
             raise ValueError(
@@ -207,6 +217,9 @@ def format_summary(summary: dict) -> str:
                 f"| {g.statistic} | {g.a} - {g.b} | {_fmt(g.estimate)} | {len(g.per_seed)} | "
                 f"{per} | {', '.join(g.skipped) or '-'} |"
             )
+    if compared:
+        lines += ["", f"Verdicts ({summary['interval']}):", ""]
+        lines += [f"- {g.statistic}: {g.a} - {g.b}: {gap_verdict(g)}" for g in compared]
     never = [f"{g.statistic}: {g.a} - {g.b}" for g in gaps if not g.per_seed]
     if never:
         lines += [
@@ -231,9 +244,25 @@ def format_summary(summary: dict) -> str:
                     f"| {method} | {c.variant} | {_fmt(c.reward)} | {_fmt(c.statistic)} | "
                     f"{len(c.safe)} variant(s) |"
                 )
+        verdicts = [_choice_verdict(method, c) for method, c in per.items() if c.variant]
+        if verdicts:
+            lines += ["", *verdicts]
     if summary["notes"]:
         lines += ["", "Notes:", *[f"- {n}" for n in summary["notes"]]]
     return "\n".join(lines) + "\n"
+
+
+def _choice_verdict(method: str, c: Choice) -> str:
+    if not c.has_interval:
+        return f"- {method}: {c.variant}: its reward has no interval, so no verdict"
+    if len(c.safe) == 1:
+        return f"- {method}: {c.variant} is the only safe variant"
+    if c.tied:
+        return (
+            f"- {method}: {c.variant} is tied with {', '.join(c.tied)} (reward intervals "
+            "overlap: not distinguishable at this confidence)"
+        )
+    return f"- {method}: {c.variant} has a higher reward than every other safe variant"
 
 
 def plot_frontier(pooled: Pooled, statistic: str, path: str, *, reward: str = REWARD) -> None:

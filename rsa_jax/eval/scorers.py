@@ -75,7 +75,10 @@ def load_scorer(spec: str) -> Scorer:
             module_name == e.name or module_name.startswith(e.name + ".")
         )
         if missing_itself:
-            raise ImportError(f"scorer spec {spec!r}: no module named {e.name!r}") from e
+            raise ImportError(
+                f"scorer spec {spec!r}: no module named {e.name!r} (looked up from the "
+                f"working directory {os.getcwd()}, then the installed packages)"
+            ) from e
         raise ImportError(f"scorer spec {spec!r}: importing {module_name!r} failed: {e}") from e
     obj: Any = module
     for part in attr.split("."):

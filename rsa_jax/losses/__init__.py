@@ -18,7 +18,9 @@ from rsa_jax.losses._kernel import (
 )
 from rsa_jax.losses._preference import LOSSES, dpo, ra_dpo, tdpo
 from rsa_jax.losses._risk import (
+    MU_DEFAULT,
     MU_DOMAIN,
+    MU_MEANING,
     RISKS,
     cvar,
     cvar_reference,
@@ -53,7 +55,9 @@ __all__ = [
     "VERSIONS",
     "check_mu",
     "LOSSES",
+    "MU_DEFAULT",
     "MU_DOMAIN",
+    "MU_MEANING",
     "RISKS",
     "SequenceStats",
     "TokenStats",

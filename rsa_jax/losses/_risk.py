@@ -290,3 +290,15 @@ MU_DOMAIN: dict[str, tuple[float, float]] = {
     "erm": (0.0, float("inf")),
     "kl": (-float("inf"), float("inf")),
 }
+
+# What mu means per functional (None: unused), and its value when a sweep switches a stage to
+# a functional whose mu means something else without giving mu (the CVaR level of the Ra-DPO
+# code; the ERM coefficient its authors report). A CVaR level of 0.95 kept as an ERM
+# coefficient would be a silently different experiment.
+MU_MEANING: dict[str, str | None] = {
+    "cvar_reference": "CVaR level",
+    "cvar": "CVaR level",
+    "erm": "ERM coefficient",
+    "kl": None,
+}
+MU_DEFAULT: dict[str, float | None] = {"cvar_reference": 0.95, "cvar": 0.95, "erm": 5.0, "kl": None}

@@ -51,6 +51,7 @@ from rsa_jax.models._local import check_model_dir, check_tokenizer_dir
 from rsa_jax.models._lora import (
     LoraConfig,
     LoraSpec,
+    merge_into_base,
     merged_params,
     nest_params,
     param_count,
@@ -82,6 +83,7 @@ __all__ = [
     "param_count",
     "peft_tensors",
     "project",
+    "merge_into_base",
     "save_merged_hf",
     "save_peft",
     "split_lora",

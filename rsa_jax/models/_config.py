@@ -197,8 +197,14 @@ class LlamaConfig:
         config_path = os.path.join(path, "config.json")
         if not os.path.exists(config_path):
             raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face model directory)")
-        with open(config_path) as f:
-            return cls.from_hf(json.load(f), config_path)
+        with open(config_path, "rb") as f:
+            try:
+                values = json.loads(f.read())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{config_path}: not JSON ({e})") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{config_path}: expected a JSON object, got {type(values).__name__}")
+        return cls.from_hf(values, config_path)
 
     def to_hf(self) -> dict[str, Any]:
         """A `config.json` dict that transformers' config class of `model_type` reads."""

@@ -72,6 +72,18 @@ def publish(path: str) -> None:
     os.chmod(path, _file_mode())
 
 
+def check_finite(tensors: dict[str, np.ndarray], what: str) -> None:
+    """ValueError counting the tensors of `tensors` that hold NaN or infinity (the first named):
+    weights like that are useless to whoever loads them, so nothing is written."""
+    bad = [name for name, t in tensors.items() if not np.isfinite(t).all()]
+    if bad:
+        raise ValueError(
+            f"{what}: {len(bad)} of {len(tensors)} tensors hold NaN or infinite values "
+            f"(first: {sorted(bad)[0]}); nothing was written. The run diverged: lower "
+            "optim.learning_rate or export an earlier checkpoint"
+        )
+
+
 def cast(tensors: dict[str, np.ndarray], dtype: str) -> dict[str, np.ndarray]:
     if dtype not in DTYPES:
         raise ValueError(f"export dtype must be one of {tuple(DTYPES)}, got {dtype!r}")
@@ -87,6 +99,8 @@ def write_weights(
     shard can never shadow the new weights.
     """
     from huggingface_hub import split_state_dict_into_shards_factory
+
+    check_finite(tensors, path)
 
     split = split_state_dict_into_shards_factory(
         tensors,

@@ -40,11 +40,12 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
+from rsa_jax.models import _export
 from rsa_jax.models._config import LlamaConfig
 from rsa_jax.models._llama import Llama
 from rsa_jax.models._project import INPUT_DIMS, PROJECTIONS, dense_weight
 from rsa_jax.models._quant import STORAGES, non_projection_dtype, store_weight
-from rsa_jax.models._weights import hf_name, save_hf
+from rsa_jax.models._weights import hf_name, load_hf, save_hf
 
 LORA_A, LORA_B = "_lora_a", "_lora_b"
 
@@ -273,6 +274,44 @@ def save_merged_hf(
     save_hf(model, path, tokenizer, dtype=dtype)
 
 
+def merge_into_base(
+    spec: LoraSpec,
+    adapters: dict,
+    base_dir: str,
+    path: str,
+    *,
+    scan_layers: bool = False,
+    dtype: str = "float32",
+    tokenizer=None,
+) -> None:
+    """PEFT's `merge_and_unload` habit: the adapters added to the float base in `base_dir`
+    (a Hugging Face directory), written as a Hugging Face directory at `path`.
+
+    With a quantized training base (int8, nf4) this is NOT the model that was trained: that
+    one is the dequantized base plus the adapters (`save_merged_hf`); the adapters learnt to
+    correct the quantized weights, so on the float base they give another model. The two are
+    offered under their own names so an export says which it is.
+    """
+    want = spec.llama
+    got = LlamaConfig.from_dir(base_dir)
+    shape = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    differ = [
+        f"{k} {getattr(got, k)} != {getattr(want, k)}"
+        for k in shape
+        if getattr(got, k) != getattr(want, k)
+    ]
+    if differ:
+        raise ValueError(
+            f"{base_dir}: not the base these adapters were trained on ({'; '.join(differ)})"
+        )
+    model = load_hf(base_dir, scan_layers=scan_layers)
+    lora = dataclasses.replace(spec.lora, base_storage="float32", dropout=0.0)
+    float_spec, base, fresh = split_lora(to_lora(model, lora, rngs=nnx.Rngs(0)))
+    if set(fresh) != set(adapters):
+        raise ValueError(f"{base_dir}: the adapters do not fit this base's projections")
+    save_merged_hf(float_spec, base, adapters, path, dtype=dtype, tokenizer=tokenizer)
+
+
 _PEFT_MODULE = {
     "q": "q_proj",
     "k": "k_proj",
@@ -312,14 +351,21 @@ def peft_tensors(spec: LoraSpec, adapters: dict, dtype=np.float32) -> dict[str, 
     return tensors
 
 
+BASE_RECORD = "rsa_jax_base.json"
+
+
 def save_peft(
     spec: LoraSpec, adapters: dict, path: str, *, base_model_name_or_path: str | None = None
 ) -> None:
     """`adapter_config.json` + `adapter_model.safetensors` in PEFT's layout (float32), which
-    `peft.PeftModel.from_pretrained(base, path)` loads onto the Hugging Face base model."""
+    `peft.PeftModel.from_pretrained(base, path)` loads onto the Hugging Face base model, and
+    `rsa_jax_base.json`: the base they were trained on and its storage (a quantized base is
+    not the float one PEFT users apply adapters to; see `merge_into_base`)."""
     os.makedirs(path, exist_ok=True)
     tensors = peft_tensors(spec, adapters)
-    save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+    _export.check_finite(tensors, path)
+    weights = os.path.join(path, "adapter_model.safetensors")
+    save_file(tensors, weights, metadata={"format": "pt"})
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -343,3 +389,19 @@ def save_peft(
     }
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)
+    _export.publish(weights)  # safetensors creates its file readable by the owner only
+    quantized = spec.lora.base_storage in ("int8", "nf4")
+    record = {
+        "base_model_name_or_path": base_model_name_or_path,
+        "base_storage": spec.lora.base_storage,
+        "block_size": spec.lora.block_size if quantized else None,
+        "note": (
+            f"trained on the {spec.lora.base_storage}-quantized base: on the float base these "
+            "adapters give another model than the one trained (rsa-jax export RUN OUT writes "
+            "the trained one)"
+            if quantized
+            else "trained on this base in " + spec.lora.base_storage
+        ),
+    }
+    with open(os.path.join(path, BASE_RECORD), "w") as f:
+        json.dump(record, f, indent=2)

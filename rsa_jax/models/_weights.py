@@ -10,6 +10,7 @@ load(export(model)) is exact in float32.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from rsa_jax.models import _export
 from rsa_jax.models._config import LlamaConfig
@@ -118,11 +119,17 @@ class _TensorIndex:
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.exists(index):
             with open(index) as f:
-                self.files = {
-                    n: os.path.join(path, s) for n, s in json.load(f)["weight_map"].items()
-                }
+                try:
+                    weight_map = json.load(f)["weight_map"]
+                    self.files = {n: os.path.join(path, s) for n, s in weight_map.items()}
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise ValueError(f"{index}: not JSON ({e}); the export is damaged") from None
+                except (KeyError, TypeError, AttributeError):
+                    raise ValueError(
+                        f"{index}: no weight_map of tensor name -> shard file"
+                    ) from None
         elif os.path.exists(single):
-            with safe_open(single, framework="numpy") as f:
+            with _opened(single) as f:
                 self.files = {n: single for n in f.keys()}
         else:
             raise FileNotFoundError(f"{path}: neither model.safetensors nor its index")
@@ -131,8 +138,29 @@ class _TensorIndex:
     def get(self, name: str) -> np.ndarray:
         if name not in self.files:
             raise KeyError(f"{self.path}: missing tensor {name!r}")
-        with safe_open(self.files[name], framework="numpy") as f:
-            return f.get_tensor(name)
+        file = self.files[name]
+        with _opened(file) as f:
+            try:
+                return f.get_tensor(name)
+            except SafetensorError as e:
+                raise ValueError(f"{file}: tensor {name!r} cannot be read ({e})") from None
+
+
+@contextlib.contextmanager
+def _opened(file: str):
+    """`safe_open(file)`; a truncated or damaged file raises ValueError naming it (safetensors'
+    own message names no file)."""
+    try:
+        handle = safe_open(file, framework="numpy")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{file}: weight file not found") from None
+    except SafetensorError as e:
+        raise ValueError(
+            f"{file}: not a readable safetensors file ({e}); it is truncated or damaged: "
+            "copy or export it again"
+        ) from None
+    with handle as f:
+        yield f
 
 
 def read_hf_tensor(path: str, name: str) -> np.ndarray:

@@ -17,7 +17,14 @@ from rsa_jax.sweep._file import (
 )
 from rsa_jax.sweep._placement import VARIANT_AXIS, VariantPlacement, variant_placement
 from rsa_jax.sweep._results import collect, last_records, sweep_table, write_sweep_results
-from rsa_jax.sweep._run import describe, is_done, run_sequential, run_sweep
+from rsa_jax.sweep._run import (
+    SweepEvalError,
+    check_sweep,
+    describe,
+    is_done,
+    run_sequential,
+    run_sweep,
+)
 from rsa_jax.sweep._vmap import check_vmappable, run_vmap, shared_stages
 
 __all__ = [
@@ -25,8 +32,10 @@ __all__ = [
     "VARIANT_AXIS",
     "Sweep",
     "SweepError",
+    "SweepEvalError",
     "Variant",
     "VariantPlacement",
+    "check_sweep",
     "check_vmappable",
     "collect",
     "describe",

@@ -16,17 +16,20 @@ eval:
 The metrics are `rsa_jax.eval.tail_metrics` (reward, cost, CVaR of the cost, catastrophe rate,
 worst-prompt cost, KL with a reference). Each variant's result is cached in
 `<run_dir>/<variant>/eval.json` with the options it was made with; a rerun with the same options
-reuses it.
+reuses it. Each sample's text and scores are in `<run_dir>/<variant>/samples.jsonl`.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 from typing import Any
 
 from rsa_jax.sweep._file import SweepError, Variant
+
+log = logging.getLogger(__name__)
 
 OPTIONS = (
     "task",
@@ -42,24 +45,36 @@ OPTIONS = (
 
 
 def _load(spec: str) -> Any:
-    module, _, attr = spec.partition(":")
+    module, _, attr = spec.partition(":") if isinstance(spec, str) else ("", "", "")
     if not module or not attr:
         raise SweepError(f"eval.fn: {spec!r} is not of the form package.module:attr")
-    target = importlib.import_module(module)
-    for part in attr.split("."):
-        target = getattr(target, part)
+    try:
+        target = importlib.import_module(module)
+        for part in attr.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as e:
+        raise SweepError(f"eval.fn: {spec!r} cannot be imported ({e})") from None
     return target
 
 
-def evaluate_variant(options: dict, variant: Variant) -> dict:
-    """{metric: {value, low, high}} of the variant's final policy (`rsa_jax.eval`)."""
-    import numpy as np
+# Integer options and their least value.
+_COUNTS = {"samples": 1, "max_new_tokens": 1, "seed": 0, "n_boot": 1}
 
-    from rsa_jax.eval import evaluate_model, load_model, load_scorer, read_prompts, tail_metrics
+
+def _inputs(options: dict) -> tuple[Any, list[str], str | None]:
+    """(scorer, prompts, template) of the options; SweepError naming the eval key otherwise."""
+    from rsa_jax.eval import load_scorer, read_prompts
 
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise SweepError(f"eval: unknown option(s) {unknown} (allowed: {OPTIONS} or fn)")
+    for key, least in _COUNTS.items():
+        value = options.get(key, least)
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise SweepError(f"eval.{key}: must be an integer >= {least}, got {value!r}")
+    reference = options.get("reference")
+    if reference is not None and not (isinstance(reference, str) and os.path.isdir(reference)):
+        raise SweepError(f"eval.reference: {reference!r} is not a directory (a run or HF model)")
     if options.get("task") == "safety":
         from rsa_jax.tasks import TEMPLATE, OracleScorer, SafetyTask
 
@@ -72,17 +87,45 @@ def evaluate_variant(options: dict, variant: Variant) -> dict:
     else:
         if not (options.get("scorer") and options.get("prompts")):
             raise SweepError("eval: give task: safety, or scorer: module:attr and prompts: FILE")
-        scorer = load_scorer(options["scorer"])
+        try:
+            scorer = load_scorer(str(options["scorer"]))
+        except (ImportError, AttributeError, TypeError, ValueError) as e:
+            raise SweepError(f"eval.scorer: {e}") from None
         template = options.get("template")
     if options.get("prompts"):
         try:
-            prompts = read_prompts(options["prompts"])
+            prompts = read_prompts(str(options["prompts"]))
         except (OSError, ValueError) as e:
             raise SweepError(f"eval.prompts: {e}") from None
+    return scorer, prompts, template
+
+
+def check_eval(options: dict | None, where: str) -> None:
+    """Everything the `eval:` hook needs (its options, the scorer's import, the prompt file,
+    the reference), checked before the first variant trains and by `--dry-run`; SweepError
+    naming `where` (the sweep file) and the eval key otherwise."""
+    if options is None:
+        return
+    try:
+        if "fn" in options:
+            _load(options["fn"])
+        else:
+            _inputs(options)
+    except SweepError as e:
+        raise SweepError(f"{where}: {e}") from None
+
+
+def evaluate_variant(options: dict, variant: Variant) -> dict:
+    """{metric: {value, low, high}} of the variant's final policy (`rsa_jax.eval`)."""
+    import numpy as np
+
+    from rsa_jax.eval import evaluate_model, load_model, sample_rows, tail_metrics, write_samples
+
+    scorer, prompts, template = _inputs(options)
     model, tokenizer = load_model(variant.run_dir)
     reference = load_model(options["reference"])[0] if options.get("reference") else None
     seed = int(options.get("seed", 0))
-    scores, _ = evaluate_model(
+    scores, samples = evaluate_model(
         model,
         tokenizer,
         prompts,
@@ -94,6 +137,8 @@ def evaluate_variant(options: dict, variant: Variant) -> dict:
         template=template,
     )
     metrics = tail_metrics(scores, n_boot=int(options.get("n_boot", 200)), seed=seed)
+    # Every sample's text and scores beside eval.json, as `rsa-jax eval` writes them.
+    write_samples(variant.run_dir, sample_rows(variant.name, prompts, samples, scores))
     return {
         k: dict(value=float(e.value), low=float(e.low), high=float(e.high))
         for k, e in metrics.items()
@@ -118,11 +163,9 @@ def cached_evaluation(options: dict, variant: Variant, evaluate=None) -> dict[st
     from rsa_jax.training import RunDir
 
     path = RunDir(variant.run_dir).eval_file
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
-        if saved.get("options") == options:
-            return _values(saved["metrics"])
+    saved = _read_cache(path)
+    if saved is not None and saved.get("options") == options:
+        return _values(saved["metrics"])
     if evaluate is None and "fn" in options:
         fn = _load(options["fn"])
         rest = {k: v for k, v in options.items() if k != "fn"}
@@ -137,6 +180,30 @@ def cached_evaluation(options: dict, variant: Variant, evaluate=None) -> dict[st
         else float(v)
         for k, v in metrics.items()
     }
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp-{os.getpid()}"  # complete or absent: a kill never leaves half a file
+    with open(tmp, "w") as f:
         json.dump({"options": options, "metrics": metrics}, f, indent=2)
+    os.replace(tmp, path)
     return _values(metrics)
+
+
+def _read_cache(path: str) -> dict | None:
+    """The saved evaluation of `path`, or None when absent or unreadable (a torn or edited
+    file is recomputed, with a warning, rather than failing the sweep)."""
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        log.warning("%s: unreadable (%s); evaluating again", path, e)
+        return None
+    metrics = saved.get("metrics") if isinstance(saved, dict) else None
+    try:
+        if isinstance(metrics, dict):
+            _values(metrics)
+            return saved
+    except (KeyError, TypeError, ValueError):
+        pass
+    log.warning("%s: not an evaluation cache (no metrics); evaluating again", path)
+    return None

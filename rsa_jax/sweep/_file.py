@@ -29,7 +29,8 @@ from typing import NoReturn
 
 import yaml
 
-from rsa_jax.config import Config, ConfigError, load_config
+from rsa_jax.config import Config, ConfigError, load_config, to_json
+from rsa_jax.losses import MU_DEFAULT, MU_MEANING
 
 MODES = ("sequential", "vmap")
 TOP_KEYS = ("base", "overrides", "grid", "variants", "mode", "run_dir", "eval", "variant_devices")
@@ -46,6 +47,8 @@ class Variant:
     name: str  # stable: derived from the grid values and the explicit variant's name
     overrides: tuple[str, ...]  # the variant's own (grid + explicit), after the sweep's shared ones
     config: Config  # resolved, train.run_dir = <sweep run_dir>/<name>
+    # The user's name of an explicit variant ("" for a grid point): reports label it by this.
+    label: str = ""
 
     @property
     def run_dir(self) -> str:
@@ -167,6 +170,29 @@ def _explicit(path: str, variants) -> list[tuple[str, tuple[str, ...]]]:
     return out
 
 
+def _risk_mu(base: Config, own: tuple[str, ...]) -> tuple[str, ...]:
+    """The mu overrides a variant needs because its own overrides switch a stage to a risk
+    whose mu means something else (`MU_MEANING`: a CVaR level vs an ERM coefficient) without
+    giving that stage's mu: the new risk's `MU_DEFAULT`, added to the variant's overrides so
+    the dry run, the results table and the frontier report show it."""
+    given = dict(item.split("=", 1) for item in own)
+    extra = []
+    for key, risk in given.items():
+        parts = key.strip().split(".")
+        if len(parts) != 3 or parts[0] != "stages" or parts[2] != "risk" or not parts[1].isdigit():
+            continue
+        i, risk = int(parts[1]), risk.strip()
+        if f"stages.{i}.mu" in given or i >= len(base.stages) or risk not in MU_MEANING:
+            continue
+        was = base.stages[i].risk
+        if MU_MEANING[risk] is None or MU_MEANING[risk] == MU_MEANING.get(was):
+            continue
+        mu = MU_DEFAULT[risk]
+        assert mu is not None  # every risk whose mu means something has a default
+        extra.append(f"stages.{i}.mu={format_value(float(mu))}")
+    return tuple(extra)
+
+
 def _resolve_base(path: str, base) -> str:
     if not isinstance(base, str) or not base:
         _fail(path, f"base must be the path of a train config, got {base!r}")
@@ -210,9 +236,9 @@ def load_sweep(
     if mode not in MODES:
         _fail(path, f"mode must be one of {MODES}, got {mode!r}")
     stem = os.path.splitext(os.path.basename(path))[0]
-    run_dir = str(run_dir or raw.get("run_dir", os.path.join("runs", f"sweep_{stem}")))
-    if not isinstance(run_dir, str) or not run_dir:
-        _fail(path, f"run_dir must be a directory path, got {run_dir!r}")
+    run_dir = run_dir or raw.get("run_dir", os.path.join("runs", f"sweep_{stem}"))
+    if not isinstance(run_dir, str) or not run_dir:  # `run_dir: 5` is not the folder "5"
+        _fail(path, f"run_dir must be a directory path (text), got {run_dir!r}")
     evaluation = raw.get("eval")
     if evaluation is not None and not isinstance(evaluation, dict):
         _fail(path, f"eval must be a mapping (see rsa_jax.sweep._eval), got {evaluation!r}")
@@ -229,6 +255,10 @@ def load_sweep(
             f"mesh axis), got {variant_devices!r}",
         )
 
+    try:
+        base_config = load_config(base, list(shared), check=False)
+    except ConfigError as e:
+        raise SweepError(f"{path}: base {base} with the shared overrides: {e}") from None
     variants, names = [], set()
     for (vname, vover), (gname, gover) in itertools.product(
         _explicit(path, raw.get("variants")), _grid_points(path, raw.get("grid"))
@@ -238,12 +268,24 @@ def load_sweep(
             _fail(path, f"two variants are named {name!r}")
         names.add(name)
         own = vover + gover
+        own += _risk_mu(base_config, own)
         target = os.path.join(run_dir, name)
         try:
             config = load_config(base, [*shared, *own, f"train.run_dir={target}"])
         except ConfigError as e:
             raise SweepError(f"{path}: variant {name!r} ({', '.join(own)}): {e}") from None
-        variants.append(Variant(name, own, config))
+        variants.append(Variant(name, own, config, label=vname))
+    same: dict[str, str] = {}
+    for v in variants:
+        # Different texts can be one value (`[1, 1.0]`, `[0.1, 1e-1]`): two runs of one config.
+        key = to_json(dataclasses.replace(v.config, train=_no_run_dir(v.config)))
+        if key in same:
+            _fail(
+                path,
+                f"variants {same[key]!r} and {v.name!r} have the same config (their values are "
+                "equal, e.g. 1 and 1.0 in a grid); remove one",
+            )
+        same[key] = v.name
     if variant_devices is not None and len(variants) % variant_devices:
         _fail(
             path,
@@ -251,6 +293,10 @@ def load_sweep(
             "(each device group along the variant axis holds the same number; no padding)",
         )
     return Sweep(path, base, shared, tuple(variants), mode, run_dir, evaluation, variant_devices)
+
+
+def _no_run_dir(config: Config):
+    return dataclasses.replace(config.train, run_dir="")
 
 
 def kernel_key(config: Config) -> tuple:

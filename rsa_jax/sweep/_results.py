@@ -12,6 +12,7 @@ import json
 import os
 
 from rsa_jax.sweep._file import Sweep
+from rsa_jax.training import read_metrics
 
 # Training metrics reported per variant (TRL names, as logged by the trainer).
 TRAIN_METRICS = (
@@ -31,15 +32,13 @@ def last_records(run_dir: str) -> dict[int, dict]:
 
     path = RunDir(run_dir).metrics_file
     out: dict[int, dict] = {}
-    if not os.path.exists(path):
-        return out
-    with open(path) as f:
-        for line in f:
-            if line.strip():
-                record = json.loads(line)
-                stage = int(record["stage"])
-                if stage not in out or record["step"] >= out[stage]["step"]:
-                    out[stage] = record
+    for number, record in enumerate(read_metrics(path), start=1):
+        try:
+            stage, step = int(record["stage"]), int(record["step"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"{path}: record {number} has no integer stage and step") from None
+        if stage not in out or step >= out[stage]["step"]:
+            out[stage] = record
     return out
 
 
@@ -59,6 +58,7 @@ def collect(sweep: Sweep, status: dict[str, str], evaluations: dict[str, dict]) 
         rows.append(
             dict(
                 name=v.name,
+                label=v.label,
                 overrides=list(v.overrides),
                 run_dir=v.run_dir,
                 status=status.get(v.name, "not run"),

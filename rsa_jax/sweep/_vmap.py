@@ -57,11 +57,13 @@ from rsa_jax.training import (
     RunDir,
     Stage,
     StepInfo,
+    StopSignal,
     TrainState,
     absolute_paths,
     device_copy,
     save_stage_policy,
     stage_dropout_key,
+    steps_done,
 )
 
 # Config keys that may differ between variants of one vmap sweep, from the kinds declared next
@@ -142,18 +144,21 @@ def _stack(trees):
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-def run_vmap(sweep: Sweep) -> dict[str, str]:
-    """Trains every unfinished variant of `sweep` at once; {name: "done" | "skipped"}.
+def run_vmap(sweep: Sweep, stop: StopSignal | None = None) -> dict[str, str]:
+    """Trains every unfinished variant of `sweep` at once; {name: "done" | "skipped" |
+    "preempted"}. A signal seen by `stop` ends the training after the current step: the
+    unfinished variants are "preempted" (a rerun trains them afresh).
 
     Every variant's run directory is locked first (RunDirError naming the holder when another
     sweep or trainer uses one), so two vmap sweeps never write one run directory."""
+    stop = StopSignal() if stop is None else stop
     with contextlib.ExitStack() as locks:
         for v in sweep.variants:
             locks.enter_context(RunDir(v.run_dir).lock())
-        return _run_vmap_locked(sweep)
+        return _run_vmap_locked(sweep, stop)
 
 
-def _run_vmap_locked(sweep: Sweep) -> dict[str, str]:
+def _run_vmap_locked(sweep: Sweep, stop: StopSignal) -> dict[str, str]:
     status = {v.name: "skipped" for v in sweep.variants if is_done(v)}
     todo = [v for v in sweep.variants if v.name not in status]
     for name in status:
@@ -186,8 +191,8 @@ def _run_vmap_locked(sweep: Sweep) -> dict[str, str]:
         # The trainer's hooks, per variant, each fed its variant's slice of the step's metrics.
         on_step = Hooks()
         for j, run in enumerate(runs):
-            if run is not None:
-                hooks = run.hooks(report_compile=not on_step.hooks)
+            if run is not None:  # no save: vmap mode keeps no checkpoint within a run
+                hooks = run.hooks(report_compile=not on_step.hooks, stop=stop)
                 on_step.add(partial(_variant_hooks, hooks, j))
         writing = [run for run in runs if run is not None]
         first_vmapped = shared_stages(group)
@@ -198,7 +203,8 @@ def _run_vmap_locked(sweep: Sweep) -> dict[str, str]:
                 "trained once"
             )
             stage = engine.stage(i, policy)
-            _fit_logged(engine, stage, on_step, writing)
+            if not _fit_logged(engine, stage, on_step, writing):
+                return _stopped(status, todo, stop, stage)
             policy = stage.state.params
             for v in todo:
                 save_stage_policy(v.run_dir, i, policy)
@@ -240,7 +246,9 @@ def _run_vmap_locked(sweep: Sweep) -> dict[str, str]:
                 axis_name=VARIANT_AXIS,
             )  # each variant's state on its group's devices; cached by the shardings: 1 compile
             stage = Stage(i, stage_config, state, reference, batches, total, step_fn, hyper)
-            _fit_logged(engine, stage, on_step, writing)  # the engine's batch placement: shared
+            # the engine's batch placement: shared
+            if not _fit_logged(engine, stage, on_step, writing):
+                return _stopped(status, todo, stop, stage)
             policy = stage.state.params
             if i == len(config.stages) - 1:
                 _save_finals(runs, placement, stage, engine.saved_reference(stage), ref_axis)
@@ -299,12 +307,24 @@ def _variant_hooks(hooks: Hooks, j: int, info: StepInfo) -> bool:
     return hooks.run(info.variant(j))
 
 
-def _fit_logged(engine: Engine, stage: Stage, on_step, runs: list[Run]) -> None:
+def _fit_logged(engine: Engine, stage: Stage, on_step, runs: list[Run]) -> bool:
+    """Fits `stage` with every variant's log; False when a stop signal ended it early."""
     for run in runs:
         run.metrics.start_stage(stage.index, stage.config.name, stage.total, 0)
-    engine.fit(stage, on_step)
+    finished = engine.fit(stage, on_step)
     for run in runs:
         run.metrics.end_stage()
+    return finished
+
+
+def _stopped(status: dict[str, str], todo: list[Variant], stop, stage: Stage) -> dict[str, str]:
+    _say(
+        f"vmap: stopped by {stop.raised} at stage {stage.index} step {steps_done(stage.state)}; "
+        f"vmap mode keeps no checkpoint within a run, so a rerun trains the {len(todo)} "
+        "unfinished variant(s) afresh"
+    )
+    status.update({v.name: "preempted" for v in todo})
+    return status
 
 
 def _save_finals(

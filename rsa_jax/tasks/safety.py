@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 
 import numpy as np
@@ -55,6 +56,16 @@ class SafetyTask:
     catastrophe_cost: float = 10.0
 
     def __post_init__(self):
+        for field in dataclasses.fields(self):
+            # NaN passes every range check below (comparisons with NaN are false), and a NaN
+            # or infinite cost gives every response the same label.
+            values = getattr(self, field.name)
+            for j, value in enumerate(values if isinstance(values, tuple) else (values,)):
+                if isinstance(value, float) and not math.isfinite(value):
+                    where = f"[{j}]" if isinstance(values, tuple) else ""
+                    raise ValueError(
+                        f"SafetyTask.{field.name}{where} must be a finite number, got {value}"
+                    )
         n = len(self.refuse_rate)
         if not (len(self.rude_rate) == len(self.hazard_rate) == n):
             raise ValueError(

@@ -49,7 +49,7 @@ from rsa_jax.training._engine import (
     steps_done,
 )
 from rsa_jax.training._hooks import Hooks, StepInfo, all_finite
-from rsa_jax.training._logging import MetricsLog
+from rsa_jax.training._logging import METRICS_FILE, MetricsLog, drop_torn_tail, read_metrics
 from rsa_jax.training._merge import Policy, load_source, merge_params, merge_sources
 from rsa_jax.training._mesh import (
     Layout,
@@ -115,6 +115,7 @@ from rsa_jax.training._step import (
 )
 from rsa_jax.training._trainer import (
     RunResult,
+    finished_step,
     load_adapters,
     load_policy,
     run_config,
@@ -149,6 +150,7 @@ __all__ = [
     "check_resume",
     "config_diff",
     "exit_code",
+    "finished_step",
     "lock_run_dir",
     "saved_config",
     "tree_checksums",
@@ -162,7 +164,10 @@ __all__ = [
     "Hooks",
     "Hyper",
     "Layout",
+    "METRICS_FILE",
     "MetricsLog",
+    "drop_torn_tail",
+    "read_metrics",
     "ModelDef",
     "NextTokenObjective",
     "OptimHyper",

@@ -12,6 +12,63 @@ from rsa_jax.training._rundir import RunDir
 
 log = logging.getLogger(__name__)
 
+METRICS_FILE = RunDir.METRICS
+
+
+def drop_torn_tail(path: str) -> int:
+    """Cuts a last line without its newline (a write interrupted by a kill or a full disk) off
+    the JSON Lines file `path`, with a warning; returns the bytes dropped (0: nothing torn).
+
+    Appending after a torn line would glue the next record onto it and make both unreadable.
+    """
+    try:
+        with open(path, "rb+") as f:
+            data = f.read()
+            if not data or data.endswith(b"\n"):
+                return 0
+            keep = data.rfind(b"\n") + 1
+            f.truncate(keep)
+    except FileNotFoundError:
+        return 0
+    dropped = len(data) - keep
+    log.warning(
+        "%s: dropped 1 torn last line (%d bytes, line %d) left by an interrupted write",
+        path,
+        dropped,
+        data.count(b"\n") + 1,
+    )
+    return dropped
+
+
+def read_metrics(path: str) -> list[dict]:
+    """The records of a metrics JSON Lines file ([] if absent). A torn last line (no newline:
+    a run killed mid-write, or one writing now) is skipped with a warning; any other line that
+    is not a JSON object raises ValueError naming the file and the line."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return []
+    lines = text.split("\n")
+    torn = lines.pop()  # "" when the file ends with its newline
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{path}:{number}: not a JSON record ({e.msg}, column {e.colno}); delete the "
+                "line or the file to go on"
+            ) from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{number}: expected a JSON object, got {line[:40]!r}")
+        records.append(record)
+    if torn.strip():
+        log.warning("%s:%d: skipped 1 torn last line (an interrupted write)", path, len(lines) + 1)
+    return records
+
 
 class MetricsLog:
     def __init__(
@@ -29,7 +86,10 @@ class MetricsLog:
         self.main = jax.process_index() == 0
         self.progress = progress and self.main
         layout = RunDir(run_dir)
-        self._jsonl = open(layout.metrics_file, "a") if self.main else None
+        self._jsonl = None
+        if self.main:
+            drop_torn_tail(layout.metrics_file)
+            self._jsonl = open(layout.metrics_file, "a")
         self._tb = None
         if self.main:
             from tensorboardX import SummaryWriter
@@ -73,6 +133,14 @@ class MetricsLog:
                 tok_s=f"{record['tokens_per_s']:.0f}",
             )
             self._bar.refresh()
+
+    def copy_records(self, records: list[dict]) -> None:
+        """Appends records made by another run (its stages this run shares), as they were."""
+        if self._jsonl is None:
+            return
+        for record in records:
+            self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
 
     def end_stage(self) -> None:
         if self._bar is not None:

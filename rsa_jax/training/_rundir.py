@@ -30,6 +30,7 @@ import datetime
 import errno
 import fcntl
 import json
+import math
 import os
 import socket
 import sys
@@ -322,8 +323,16 @@ def config_diff(saved: dict, new: dict, *, ignore: tuple[str, ...] = RESUME_IGNO
     return sorted(
         k
         for k in a.keys() | b.keys()
-        if not _ignored(k, ignore) and a.get(k, _ABSENT) != b.get(k, _ABSENT)
+        if not _ignored(k, ignore) and not _same(a.get(k, _ABSENT), b.get(k, _ABSENT))
     )
+
+
+def _same(x: Any, y: Any) -> bool:
+    """Equal values; two NaNs count as the same value (NaN != NaN would refuse every rerun of
+    a config that holds one, and the mismatch would show `NaN -> NaN`)."""
+    if isinstance(x, float) and isinstance(y, float) and math.isnan(x) and math.isnan(y):
+        return True
+    return x == y
 
 
 _ABSENT = object()

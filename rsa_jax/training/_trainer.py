@@ -17,15 +17,18 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 
+import jax
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
 
-from rsa_jax.config import Config, from_json, to_json
+from rsa_jax.config import Config, check_data_files, from_json, to_json
 from rsa_jax.training._checkpoint import Checkpoints, CorruptCheckpoint, abstract_like
 from rsa_jax.training._control import StopSignal
 from rsa_jax.training._engine import Engine, Stage, steps_done
+from rsa_jax.training._logging import read_metrics
 from rsa_jax.training._mesh import Layout, make_mesh
 from rsa_jax.training._run import Run
 from rsa_jax.training._rundir import (
@@ -166,6 +169,7 @@ def train(
     layout: Layout | None = None,
     stop: StopSignal | None = None,
     label: str | None = None,
+    shared_from: tuple[str, int] | None = None,
 ) -> RunResult:
     """Runs (or resumes) every stage of `config` in its run directory.
 
@@ -178,21 +182,58 @@ def train(
     The run directory is locked for the run (a second trainer fails at once), and resumes only
     with a matching config (`train.resume=force` resumes anyway; see `check_resume`). `label`
     (a sweep variant's name) prefixes the printed summaries and the progress bar.
+
+    `shared_from=(other_run_dir, k)`: another run whose config has the same first k stages
+    (and everything else that shapes them) has finished them; a run with no checkpoint of its
+    own starts at stage k from that run's stage k-1 policy, with its stage policies and metric
+    records copied, instead of training the same k stages again (a sequential sweep's shared
+    stages). Training is deterministic, so the result is the one training them would give.
     """
     stop = StopSignal() if stop is None else stop
     with stop.installed():  # first: a signal during start-up is a clean stop too
-        engine = Engine(absolute_paths(config), layout=layout, tx=tx)
+        config = absolute_paths(config)  # checks model.path
+        check_data_files(config)  # a wrong path fails at once, before the model loads
+        engine = Engine(config, layout=layout, tx=tx)
         with RunDir(engine.config.train.run_dir).lock():
-            return _train_locked(engine, stop, label)
+            return _train_locked(engine, stop, label, shared_from)
 
 
-def _train_locked(engine: Engine, stop: StopSignal, label: str | None) -> RunResult:
+def finished_step(config: Config) -> int | None:
+    """The global step of the run in `config.train.run_dir` when its newest checkpoint is the
+    last stage's final one, made with this config (keys that do not change what is trained
+    aside); None otherwise (a new, unfinished or other run: `train` says which). Reads only
+    checkpoint metadata: no tokenizer, model or compile, so a rerun of a finished command
+    answers at once."""
+    config = absolute_paths(config)
+    run = RunDir(config.train.run_dir)
+    if not run.has_checkpoints():
+        return None
+    ckpt = Checkpoints(run.path, async_save=False, read_only=True)
+    try:
+        found = ckpt.latest_meta()
+    finally:
+        ckpt.close()
+    if found is None:
+        return None
+    meta = CheckpointMeta.from_dict(found[1], f"{ckpt.directory}/{found[0]}")
+    if not meta.final(len(config.stages)):
+        return None
+    if config_diff(meta.config, json.loads(to_json(config))):
+        return None
+    return found[0]
+
+
+def _train_locked(
+    engine: Engine, stop: StopSignal, label: str | None, shared_from: tuple[str, int] | None
+) -> RunResult:
     # Nothing is written before the run's first checkpoint (which writes config.json too): a
     # run that fails before it leaves nothing that would block the corrected rerun.
     config = engine.config
     run = _Trainer(engine, to_json(config), label)
     try:
         first, policy, stage = run.starting_point()
+        if shared_from is not None and first == 0 and stage is None:
+            first, policy = _start_after_shared(engine, run.run, *shared_from)
         engine.check_stage_data(first)  # every later stage's data, before anything trains
         if stop.should_stop():
             log.warning("stopped by %s during start-up", stop.raised)
@@ -210,6 +251,46 @@ def _train_locked(engine: Engine, stop: StopSignal, label: str | None) -> RunRes
     finally:
         run.close()
     return RunResult("done", run.global_step, policy)
+
+
+def _start_after_shared(engine: Engine, run: Run, source: str, k: int) -> tuple[int, dict]:
+    """(k, the policy `source` ended stage k-1 with): its stage policies and the metric records
+    of its first k stages are copied into this run, whose global step goes on from there."""
+    run_dir = engine.config.train.run_dir
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        policy = checkpointer.restore(
+            stage_policy_dir(source, k - 1), engine.model.abstract_params()
+        )
+    finally:
+        checkpointer.close()
+    if jax.process_index() == 0:
+        for i in range(k):
+            target = stage_policy_dir(run_dir, i)
+            if not os.path.isdir(target):
+                shutil.copytree(stage_policy_dir(source, i), target)
+    records = [r for r in read_metrics(RunDir(source).metrics_file) if r["stage"] < k]
+    run.metrics.copy_records(records)
+    run.global_step = max((int(r["global_step"]) for r in records), default=0)
+    log.info("stages 0..%d shared with %s: starting at stage %d", k - 1, source, k)
+    return k, policy
+
+
+def _missing_stage(run: RunDir, newest: CheckpointMeta, index: int, path: str) -> str:
+    """Why stage `index`'s policy copy `path` is absent: the stage has not finished, or it
+    finished and the copy was deleted (the newest checkpoint says which)."""
+    gone = f"{run.path}: stage {index} finished, but the copy of its policy ({path}) is missing"
+    if newest.stage == index and newest.done:
+        return (
+            f"{gone} (deleted?); rerun the run's train command to restore it from the stage's "
+            "final checkpoint"
+        )
+    if newest.stage > index:
+        return (
+            f"{gone} (deleted?); the run has moved on to a later stage, so only retraining "
+            f"stage {index} (in another train.run_dir) gives it back"
+        )
+    return f"{run.path}: stage {index} has not finished (no {path})"
 
 
 def stage_policy_dir(run_dir: str, index: int) -> str:
@@ -293,7 +374,7 @@ def load_adapters(
         if stage is not None and (index := stage_index(config, stage)) < n_stages - 1:
             path = run.stage_policy(index)
             if not os.path.isdir(path):
-                raise FileNotFoundError(f"{run.path}: stage {index} has not finished (no {path})")
+                raise FileNotFoundError(_missing_stage(run, newest, index, path))
             checkpointer = ocp.StandardCheckpointer()
             try:
                 return engine, checkpointer.restore(path, engine.model.abstract_params())

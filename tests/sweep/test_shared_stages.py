@@ -133,6 +133,25 @@ def test_shared_stage_trains_once_and_vmap_equals_sequential_runs(runs, capsys):
     assert len({round(x, 7) for x in finals.values()}) == 3, finals
 
 
+def test_sequential_sweep_trains_a_shared_stage_once(runs):
+    """Issue 25, item 6: the first variant trains stage 0; the others start stage 1 from its
+    stage-0 policy (their own checkpoints begin after stage 0) with its records and policy
+    copied; the vmap comparison above shows the result is what training them gives."""
+    sequential, _ = runs
+    first, *others = sequential.variants
+    steps = {v.name: sorted(os.listdir(os.path.join(v.run_dir, "checkpoints"))) for v in others}
+    assert sorted(os.listdir(os.path.join(first.run_dir, "checkpoints"))) == ["3", "5"]
+    assert all(s == ["5"] for s in steps.values()), steps  # no stage-0 checkpoint: not trained
+    p0 = load_policy(first.run_dir, stage=0)[1]
+    for v in others:
+        assert {k: x for k, x in _losses(v.run_dir).items() if k[0] == 0} == {
+            k: x for k, x in _losses(first.run_dir).items() if k[0] == 0
+        }
+        p0v = load_policy(v.run_dir, stage=0)[1]
+        for k in p0:
+            np.testing.assert_array_equal(np.asarray(p0v[k]), np.asarray(p0[k]), err_msg=k)
+
+
 @pytest.mark.slow  # two LoRA sweeps; the full-model case above runs by default
 def test_lora_shared_stage_vmap_equals_sequential_runs(tmp_path):
     """With LoRA the shared stage-1 adapters are stage 2's one reference (the frozen nf4 base

@@ -57,12 +57,16 @@ def test_grid_and_variants_give_named_cartesian_product(tmp_path):
     assert names[0] == "a__s0.risk-cvar_reference__s1.beta-0.1"
     assert names[-1] == "b__s0.risk-erm__s1.beta-0.05"
     last = sweep.variants[-1]
+    # The base's mu 0.95 is a CVaR level; switched to ERM, the stage takes ERM's own default
+    # coefficient, shown among the variant's overrides (issue 25, item 5).
     assert last.overrides == (
         "optim.learning_rate=1.0e-4",
         "stages.0.risk=erm",
         "stages.1.beta=0.05",
+        "stages.0.mu=5.0",
     )
     assert last.config.stages[0].risk == "erm" and last.config.stages[1].beta == 0.05
+    assert last.config.stages[0].mu == 5.0 and sweep.variants[0].config.stages[0].mu == 0.95
     assert last.config.optim.learning_rate == 1e-4 and last.config.stages[0].steps == 2
     assert last.run_dir == os.path.join(str(tmp_path / "runs"), last.name)
     # The same file gives the same names (they name the run directories).
@@ -73,7 +77,7 @@ def test_grid_and_variants_give_named_cartesian_product(tmp_path):
     assert {g[0].config.stages[0].risk for g in groups} == {"cvar_reference", "erm"}
 
 
-@pytest.mark.parametrize("value", [1e-5, 3e-3, 0.1, 2.5e20, 7, True, "erm"])
+@pytest.mark.parametrize("value", [1e-5, 3e-3, 0.1, 2.5e-20, 7, True, "erm"])
 def test_grid_values_round_trip_through_overrides(value):
     key = {
         float: "optim.learning_rate",
@@ -144,11 +148,22 @@ def test_vmap_mode_rejects_variants_with_another_kernel_or_shape(tmp_path):
 
 
 def test_cli_dry_run_prints_variants_and_trains_nothing(tmp_path, capsys):
-    path = _sweep(tmp_path, grid={"stages.0.risk": ["cvar_reference", "erm"]})
-    assert main(["sweep", path, "--dry-run", "--mode", "vmap"]) == 0
+    data = str(tmp_path / "pairs.jsonl")
+    write_toy_data(data, rows=8)
+    path = _sweep(
+        tmp_path,
+        overrides=[f"data.path={data}"],
+        grid={"stages.0.risk": ["cvar_reference", "erm"], "stages.1.beta": [0.1, 0.05]},
+    )
+    assert main(["sweep", path, "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "2 variant(s), mode vmap" in out and "kernel group 2/2" in out
-    assert "s0.risk-erm: stages.0.risk=erm" in out
+    assert "4 variant(s), mode sequential" in out and "kernel group 2/2" in out
+    assert "s0.risk-erm__s1.beta-0.1: stages.0.risk=erm" in out
+    assert not os.path.exists(tmp_path / "runs")
+    # vmap mode runs one program: a risk grid is refused by the dry run already (issue 25, 5).
+    assert main(["sweep", path, "--dry-run", "--mode", "vmap"]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: vmap mode:" in err and "stages.0.risk" in err and "a different kernel" in err
     assert not os.path.exists(tmp_path / "runs")
     bad = _sweep(tmp_path, grid={"stages.0.risk": ["var"]})
     assert main(["sweep", bad, "--dry-run"]) == 2
@@ -369,3 +384,10 @@ def test_builtin_eval_samples_and_scores_each_variant(sequential, tmp_path, monk
     with open(os.path.join(sweep.variants[1].run_dir, "eval.json")) as f:
         saved = json.load(f)["metrics"]["cost_mean"]
     assert saved["low"] <= saved["value"] <= saved["high"]
+    # Every sample's text and scores beside eval.json (issue 25, item 6).
+    from rsa_jax.eval import read_samples
+
+    for v in sweep.variants:
+        rows = read_samples(v.run_dir)
+        assert len(rows) == 3 * 2 and {r["model"] for r in rows} == {v.name}
+        assert {r["prompt"] for r in rows} == {"q1 bread safe", "q2 story kind", "q3 help"}

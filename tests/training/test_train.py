@@ -407,3 +407,34 @@ def test_a_run_directory_stands_alone_from_any_working_directory(data_path, tmp_
         np.testing.assert_array_equal(np.asarray(params[k]), np.asarray(v), k)
     model, loaded_tokenizer = load_model(str(tmp_path / "run"))
     assert len(loaded_tokenizer) == len(tokenizer) and model.config.vocab_size >= len(tokenizer)
+
+
+def test_rerunning_a_finished_run_answers_without_loading_anything(
+    baseline, data_path, capsys, monkeypatch
+):
+    """Issue 25, item 6: the CLI reads the final checkpoint's metadata and says done; no
+    tokenizer, model or compile (the engine is never built)."""
+    from rsa_jax.cli import main
+    from rsa_jax.training import _trainer, finished_step
+
+    run_dir, result = baseline
+
+    def no_engine(*args, **kwargs):
+        raise AssertionError("the engine was built to say the run is done")
+
+    monkeypatch.setattr(_trainer, "Engine", no_engine)
+    argv = ["train", TINY, *OVERRIDES, f"data.path={data_path}", f"train.run_dir={run_dir}"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert f"done at global step {result.global_step} (finished earlier)" in out
+    # Another config is not "finished": train() decides (here: it would refuse the resume).
+    other = load_config(
+        TINY,
+        [
+            *OVERRIDES[:-1],
+            "optim.learning_rate=1e-3",
+            f"data.path={data_path}",
+            f"train.run_dir={run_dir}",
+        ],
+    )
+    assert finished_step(other) is None
