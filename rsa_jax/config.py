@@ -20,7 +20,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from rsa_jax.data import DataConfig
+from rsa_jax.data import VIEWS, DataConfig
 from rsa_jax.losses import DEFAULT_CHUNK_SIZE, DEFAULTS, Kernel, KernelError, check_mu
 from rsa_jax.models import ATTENTION_CHOICES, PROJECTIONS, STORAGES
 
@@ -84,8 +84,9 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class StageConfig:
     name: str = "stage"
-    # Which side of a PKU-SafeRLHF row is chosen: "helpfulness", "safety" or "pairs" (generic).
-    view: str = "helpfulness"
+    # This stage's view of its rows (see data.view: auto, pairs, helpfulness, safety); null:
+    # data.view. Needed only to pick a PKU-SafeRLHF side ("safety" for a safety stage).
+    view: str | None = None
     # Data file of this stage; empty means `data.path`.
     data_path: str = ""
     # Pair loss and one-step risk functional, chosen by name (rsa_jax.losses.LOSSES, RISKS).
@@ -378,8 +379,8 @@ def validate(config: Config, device_count: int | None = None) -> None:
             _fail(f"{k}.reference", f"must be one of {REFERENCES}, got {s.reference!r}")
         if i == 0 and s.follows_previous:
             _fail(f"{k}.reference", "the first stage has no previous stage; use 'init'")
-        if s.view not in ("helpfulness", "safety", "pairs"):
-            _fail(f"{k}.view", f"must be helpfulness, safety or pairs, got {s.view!r}")
+        if s.view is not None and s.view not in VIEWS:
+            _fail(f"{k}.view", f"must be one of {', '.join(VIEWS)} or null, got {s.view!r}")
         if s.beta <= 0:
             _fail(f"{k}.beta", f"must be > 0, got {s.beta}")
         try:
@@ -504,10 +505,18 @@ def load_config_dict(values: dict) -> Config:
 
 
 def stage_data(config: Config, stage: StageConfig) -> DataConfig:
-    """The data options of one stage: its view and, if set, its own file."""
+    """The data options of one stage: its view (data.view unless it sets its own) and, if set,
+    its own file."""
     return dataclasses.replace(
-        config.data, view=stage.view, path=stage.data_path or config.data.path
+        config.data,
+        view=config.data.view if stage.view is None else stage.view,
+        path=stage.data_path or config.data.path,
     )
+
+
+def stage_view_key(config: Config, index: int) -> str:
+    """The dotted key that decides stage `index`'s view: what an error tells the user to set."""
+    return "data.view" if config.stages[index].view is None else f"stages.{index}.view"
 
 
 def config_files(directory: str = "configs") -> list[str]:

@@ -174,7 +174,7 @@ def method_config(
 ):
     """The method's config file with the demo's sizes, paths and learning rate, the method's
     own overrides (`METHODS`), then `extra` (the swept beta) and `demo.extra_overrides`."""
-    from rsa_jax.config import load_config
+    from rsa_jax.config import load_config, stage_data
 
     task = demo_task(demo)
     overrides = [
@@ -200,8 +200,11 @@ def method_config(
         "mesh.data=-1",
     ]
     path = os.path.join(demo.configs_dir, METHODS[method].config)
-    for i, stage in enumerate(load_config(path, check=False).stages):
-        overrides.append(f"stages.{i}.data_path={paths[stage.view]}")
+    file_config = load_config(path, check=False)
+    for i, stage in enumerate(file_config.stages):
+        view = stage_data(file_config, stage).view
+        # "auto" reads the task's PKU-SafeRLHF-schema rows by better_response_id: helpfulness.
+        overrides.append(f"stages.{i}.data_path={paths['helpfulness' if view == 'auto' else view]}")
     overrides += [*METHODS[method].overrides, *extra, *demo.extra_overrides]
     return load_config(path, overrides)
 

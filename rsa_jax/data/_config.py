@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-VIEWS = ("helpfulness", "safety", "pairs")
+VIEWS = ("auto", "pairs", "helpfulness", "safety")
 FORMATS = ("auto", "jsonl", "parquet", "arrow_dir")
 ON_ERROR = ("raise", "skip")
 
@@ -18,9 +18,11 @@ class DataConfig:
     path: str = ""
     # "auto" picks by suffix (.jsonl/.json, .parquet) or directory (arrow_dir).
     format: str = "auto"
-    # "helpfulness": chosen = better_response_id; "safety": chosen = safer_response_id
-    # (PKU-SafeRLHF schema); "pairs": the generic prompt/chosen/rejected schema.
-    view: str = "helpfulness"
+    # Which response of a row is chosen. "auto": TRL's prompt/chosen/rejected schema as given,
+    # a PKU-SafeRLHF row by its better_response_id (as "helpfulness"); "pairs": TRL's schema
+    # only; "helpfulness" / "safety": PKU-SafeRLHF rows, chosen = better_response_id /
+    # safer_response_id. A stage's own `view` (stages.N.view) takes precedence when set.
+    view: str = "auto"
     # Prompt template with a `{prompt}` field, e.g. SACPO's
     # "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:". None: the tokenizer's chat template.
     template: str | None = None

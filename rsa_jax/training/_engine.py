@@ -35,7 +35,7 @@ import jax
 import numpy as np
 import optax
 
-from rsa_jax.config import Config, StageConfig, stage_data, validate
+from rsa_jax.config import Config, StageConfig, stage_data, stage_view_key, validate
 from rsa_jax.data import load_pairs, make_pair_dataset
 from rsa_jax.models import LlamaConfig
 from rsa_jax.training._mesh import Layout, make_mesh, maybe_initialize_distributed, place_batch
@@ -312,7 +312,7 @@ class Engine:
     def _stage_dataset(self, i: int, *, report_to_log: bool):
         config, stage = self.config, self.config.stages[i]
         data = stage_data(config, stage)
-        pairs, report = load_pairs(data)
+        pairs, report = load_pairs(data, view_key=stage_view_key(config, i))
         dataset = make_pair_dataset(
             pairs,
             self.tokenizer,
