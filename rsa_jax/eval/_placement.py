@@ -135,26 +135,64 @@ def _fit(mesh: MeshConfig, what: str) -> MeshConfig:
         return fallback
 
 
-def load_model(path: str, mesh: MeshConfig | None = None):
+def _run_config(path: str):
+    """The resolved `Config` of a run directory (one with `checkpoints/`), else None."""
+    if not os.path.isdir(os.path.join(path, "checkpoints")):
+        return None
+    from rsa_jax.config import from_json
+
+    with open(os.path.join(path, "config.json")) as f:
+        return from_json(f.read())
+
+
+def source_template(path: str, template: str | None = None, default: str | None = None):
+    """The prompt template to sample `path` with: `template` when given; a run directory's
+    (or `RUN@STAGE`'s) own `data.template`, the format it was trained on (None there: the chat
+    template); else `default` (None: the chat template of a Hugging Face directory)."""
+    if template is not None:
+        return template
+    from rsa_jax.training import split_source
+
+    config = _run_config(split_source(path)[0])
+    return default if config is None else config.data.template
+
+
+def load_model(
+    path: str,
+    mesh: MeshConfig | None = None,
+    *,
+    stage: str | int | None = None,
+    compute_dtype: str | None = None,
+):
     """(model, tokenizer) of a Hugging Face directory, or of a run directory's newest usable
-    checkpoint (a directory with `checkpoints/`), its parameters sharded on `mesh`.
+    checkpoint (a directory with `checkpoints/`; `stage` or `RUN@STAGE`: the policy that stage
+    ended with), its parameters sharded on `mesh`.
 
     `mesh` None: a run directory evaluates on its training mesh (`config.json`'s `mesh`, falling
     back to all devices on `data` when it does not fit the devices here), a Hugging Face
     directory on all devices on `data` (parameters replicated, rows split).
+
+    `compute_dtype` None: a run computes in its own `model.compute_dtype` (what it trained in;
+    a LoRA run's adapters merged into float32 weights), a Hugging Face directory in float32.
     """
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        from rsa_jax.config import from_json
+    from rsa_jax.training import split_source
+
+    path, at = split_source(path)
+    stage = at if stage is None else stage
+    config = _run_config(path)
+    if config is not None:
         from rsa_jax.training import load_policy
 
-        with open(os.path.join(path, "config.json")) as f:
-            config = from_json(f.read())
         mesh = _fit(config.mesh, path) if mesh is None else mesh
         placement = placement_for(mesh)
         # Restored straight onto the training shardings of the evaluation mesh.
         layout = Layout(placement.mesh, dict(placement.rules))
-        engine, params = load_policy(path, config, layout=layout)
+        engine, params = load_policy(
+            path, config, layout=layout, stage=stage, compute_dtype=compute_dtype
+        )
         return engine.model.module(params), engine.tokenizer
+    if stage is not None:
+        raise FileNotFoundError(f"{path}: a stage needs a run directory (no checkpoints/ here)")
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(
             f"{path}: neither a run directory (checkpoints/) nor a Hugging Face model directory "
@@ -163,7 +201,8 @@ def load_model(path: str, mesh: MeshConfig | None = None):
     from transformers import AutoTokenizer
 
     placement = placement_for(mesh)
-    model_config = ModelConfig(path=path, compute_dtype="float32", remat=False)
+    dtype = "float32" if compute_dtype is None else compute_dtype
+    model_config = ModelConfig(path=path, compute_dtype=dtype, remat=False)
     layout = Layout(placement.mesh, dict(placement.rules))
     model_def = define_model(model_config, llama_config(model_config), layout)
     model = model_def.module(init_params(model_def, model_config))  # each tensor to its shard

@@ -267,6 +267,7 @@ def load_policy(
     *,
     stage: str | int | None = None,
     layout: Layout | None = None,
+    compute_dtype: str | None = None,
 ):
     """(engine, flat policy params) of the newest usable checkpoint of a run directory, or,
     with `stage` (index or name), the policy that stage ended with. For a LoRA run these are
@@ -276,9 +277,13 @@ def load_policy(
     The engine holds the model definition (`engine.model.module(params)` is the NNX model) and
     the tokenizer. The run's own mesh settings are replaced by data parallelism over every
     device, so a run trained on a pod slice loads on one machine; `layout` restores onto another
-    mesh instead (evaluation on the training mesh).
+    mesh instead (evaluation on the training mesh). The model computes in the run's
+    `model.compute_dtype` (what it trained in) unless `compute_dtype` ("float32", "bfloat16")
+    says otherwise; the parameters are float32 either way, as `export` writes them.
     """
-    engine, params = load_adapters(run_dir, config, stage=stage, layout=layout)
+    engine, params = load_adapters(
+        run_dir, config, stage=stage, layout=layout, compute_dtype=compute_dtype
+    )
     return engine, engine.merged(params)
 
 
@@ -288,6 +293,7 @@ def load_adapters(
     *,
     stage: str | int | None = None,
     layout: Layout | None = None,
+    compute_dtype: str | None = None,
 ):
     """(engine, the trained parameters as checkpointed): `load_policy` without the merge, so
     for a LoRA run the adapters (`engine.base` is the frozen base, `engine.model.lora` the
@@ -295,6 +301,9 @@ def load_adapters(
     if config is None:
         with open(os.path.join(run_dir, "config.json")) as f:
             config = from_json(f.read())
+    if compute_dtype is not None:
+        model = dataclasses.replace(config.model, compute_dtype=compute_dtype)
+        config = dataclasses.replace(config, model=model)
     if layout is None:
         mesh = make_mesh(dataclasses.replace(config.mesh, data=-1, fsdp=1, tensor=1))
         layout = Layout(mesh, config.mesh.rules)
