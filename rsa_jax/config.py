@@ -31,6 +31,7 @@ HEADS = ("fused", "logits")
 _KERNEL = Kernel()  # defaults of the kernel fields
 DTYPES = ("float32", "bfloat16")
 MESH_AXES = ("data", "fsdp", "tensor")
+REPORT_TO = ("tensorboard", "wandb", "mlflow")  # train.report_to (rsa_jax.training's trackers)
 
 
 class ConfigError(ValueError):
@@ -182,6 +183,10 @@ class TrainConfig:
     progress_bar: bool = True
     # Peak dense TFLOP/s of one device, for the MFU estimate in the metrics; 0: MFU not logged.
     peak_tflops: float = 0.0
+    # Experiment trackers (TRL's spelling) besides metrics.jsonl: tensorboard, wandb, mlflow
+    # (the last two: pip install -e '.[tracking]'; configured by their own environment
+    # variables, docs/tracking.md). [] for metrics.jsonl alone.
+    report_to: list[str] = dataclasses.field(default_factory=lambda: ["tensorboard"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -453,6 +458,9 @@ def validate(config: Config, device_count: int | None = None) -> None:
         _fail("train.peak_tflops", f"must be >= 0 (0: MFU not logged), got {t.peak_tflops}")
     if not t.run_dir:
         _fail("train.run_dir", "must not be empty")
+    unknown = [r for r in t.report_to if r not in REPORT_TO]
+    if unknown:
+        _fail("train.report_to", f"unknown {unknown}: choose among {', '.join(REPORT_TO)}")
     if not config.model.path:
         _fail("model.path", "must not be empty (a local Hugging Face directory, or 'tiny')")
     if device_count is not None:

@@ -98,6 +98,7 @@ from rsa_jax.training._step import (
     stage_dropout_key,
     state_shardings,
 )
+from rsa_jax.training._trackers import REPORT_TO, Tracker, log_artifacts, open_trackers
 from rsa_jax.training._trainer import (
     RunResult,
     load_adapters,
@@ -140,6 +141,8 @@ __all__ = [
     "Hyper",
     "Layout",
     "MetricsLog",
+    "REPORT_TO",
+    "Tracker",
     "ModelDef",
     "NextTokenObjective",
     "OptimHyper",
@@ -163,6 +166,7 @@ __all__ = [
     "load_policy",
     "load_source",
     "load_tokenizer",
+    "log_artifacts",
     "logical_spec",
     "make_mesh",
     "make_optimizer",
@@ -172,6 +176,7 @@ __all__ = [
     "merge_params",
     "microbatch_dropout_keys",
     "merge_sources",
+    "open_trackers",
     "opt_state_shardings",
     "optax_update",
     "place_batch",

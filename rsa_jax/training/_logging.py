@@ -1,5 +1,6 @@
-"""Metrics to JSON Lines and TensorBoard event files in the run directory, a tqdm progress bar,
-and a summary line at the end of each stage."""
+"""Metrics to JSON Lines in the run directory and to the trackers of `train.report_to`
+(TensorBoard event files, W&B, MLflow: `_trackers`), a tqdm progress bar, and a summary line at
+the end of each stage. Process 0 writes; the others only count."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import logging
 import os
 
 import jax
+
+from rsa_jax.training._trackers import open_trackers
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +23,11 @@ class MetricsLog:
         progress: bool = True,
         flops_per_token: float = 0.0,
         label: str | None = None,
+        report_to=("tensorboard",),
+        params: dict | None = None,
     ):
+        """`report_to`: the trackers (`_trackers.REPORT_TO`); `params`: the flat resolved config
+        they record once."""
         # `label` (a sweep variant) prefixes the progress bar and the printed summary lines.
         self.prefix = f"[{label}] " if label else ""
         # Model FLOPs per token over peak FLOP/s: policy fwd + bwd (6N), reference fwd (2N).
@@ -28,11 +35,9 @@ class MetricsLog:
         self.main = jax.process_index() == 0
         self.progress = progress and self.main
         self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a") if self.main else None
-        self._tb = None
+        self._trackers = []
         if self.main:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            self._trackers = open_trackers(report_to, run_dir, params or {}, label)
         self._bar = None
         self._sums: dict[str, float] = {}
         self._count = 0
@@ -56,13 +61,13 @@ class MetricsLog:
             if k in metrics:
                 self._sums[k] = self._sums.get(k, 0.0) + metrics[k]
         self._count += 1
-        if self._jsonl is None or self._tb is None:  # not the main process
+        if self._jsonl is None:  # not the main process
             return
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
-        for k, v in record.items():
-            if isinstance(v, float):
-                self._tb.add_scalar(k, v, global_step)
+        scalars = {k: v for k, v in record.items() if isinstance(v, float)}
+        for tracker in self._trackers:
+            tracker.log(scalars, global_step)
         if self._bar is not None:
             self._bar.n = step
             self._bar.set_postfix(
@@ -91,6 +96,6 @@ class MetricsLog:
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        for tracker in self._trackers:
+            tracker.close()
+        self._trackers = []

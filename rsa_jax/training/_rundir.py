@@ -49,6 +49,7 @@ RESUME_IGNORED: tuple[str, ...] = (
     "train.progress_bar",
     "train.log_every",
     "train.peak_tflops",
+    "train.report_to",
     "checkpoint.every",
     "checkpoint.keep",
     "checkpoint.async_save",

@@ -28,6 +28,7 @@ from rsa_jax.training._engine import Engine, Stage, steps_done
 from rsa_jax.training._logging import MetricsLog
 from rsa_jax.training._mesh import Layout, make_mesh
 from rsa_jax.training._rundir import absolute_paths, check_resume, lock_run_dir, write_config
+from rsa_jax.training._trackers import flatten
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ class _RunDir:
             progress=config.train.progress_bar,
             flops_per_token=8.0 * n_params / peak if peak else 0.0,
             label=label,
+            report_to=config.train.report_to,
+            params=flatten(json.loads(resolved)),
         )
         self.global_step = 0
         self.rng = np.asarray(jax.random.key_data(jax.random.key(config.train.seed))).tolist()

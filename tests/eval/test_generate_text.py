@@ -42,7 +42,7 @@ def tiny():
 def _by_hand(model, tokenizer, prompt, max_new_tokens, eos):
     """What a user wrote before generate_text: format, tokenize, left-pad, mask, generate."""
     ids = np.asarray(tokenizer(TEMPLATE.format(prompt=prompt))["input_ids"], np.int32)[None]
-    left = 32 - ids.shape[1]  # left padding to one width: one compile for every prompt
+    left = 64 - ids.shape[1]  # left padding to one width: one compile for every prompt
     out = generate(
         model,
         np.pad(ids, ((0, 0), (left, 0))),
