@@ -187,6 +187,9 @@ class TrainConfig:
     # (the last two: pip install -e '.[tracking]'; configured by their own environment
     # variables, docs/tracking.md). [] for metrics.jsonl alone.
     report_to: list[str] = dataclasses.field(default_factory=lambda: ["tensorboard"])
+    # Evaluate on the held-out pairs (data.eval_path or data.eval_fraction) every this many
+    # steps of a stage and at its end, logged as eval/* beside the training metrics; 0: never.
+    eval_every: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -458,6 +461,10 @@ def validate(config: Config, device_count: int | None = None) -> None:
         _fail("train.peak_tflops", f"must be >= 0 (0: MFU not logged), got {t.peak_tflops}")
     if not t.run_dir:
         _fail("train.run_dir", "must not be empty")
+    if t.eval_every < 0:
+        _fail("train.eval_every", f"must be >= 0 (0: no held-out evaluation), got {t.eval_every}")
+    if t.eval_every and not (config.data.eval_path or config.data.eval_fraction):
+        _fail("train.eval_every", "needs held-out pairs: set data.eval_path or data.eval_fraction")
     unknown = [r for r in t.report_to if r not in REPORT_TO]
     if unknown:
         _fail("train.report_to", f"unknown {unknown}: choose among {', '.join(REPORT_TO)}")

@@ -56,6 +56,11 @@ class DataConfig:
     # "raise": bad rows stop with an error naming file, line and field. "skip": they are skipped,
     # counted per reason and reported.
     on_error: str = "raise"
+    # Held-out pairs for evaluation during training (train.eval_every), read under each stage's
+    # view: a file of their own, or ...
+    eval_path: str = ""
+    # ... this fraction of each stage's pairs, drawn with `seed` and left out of training.
+    eval_fraction: float = 0.0
 
     def __post_init__(self):
         checks = [
@@ -74,6 +79,14 @@ class DataConfig:
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.read_threads >= 0, f"read_threads must be >= 0, got {self.read_threads}"),
             (self.sort_window >= 1, f"sort_window must be >= 1, got {self.sort_window}"),
+            (
+                0 <= self.eval_fraction < 1,
+                f"eval_fraction must lie in [0, 1), got {self.eval_fraction}",
+            ),
+            (
+                not (self.eval_path and self.eval_fraction),
+                "eval_path and eval_fraction are two ways to hold pairs out: set one",
+            ),
             (
                 self.template is None or "{prompt}" in self.template,
                 f"template must contain '{{prompt}}', got {self.template!r}",

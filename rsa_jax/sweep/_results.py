@@ -26,7 +26,9 @@ TRAIN_METRICS = (
 
 
 def last_records(run_dir: str) -> dict[int, dict]:
-    """{stage: last logged record of that stage} from `run_dir/metrics.jsonl` ({} if absent)."""
+    """{stage: last logged record of that stage} from `run_dir/metrics.jsonl` ({} if absent);
+    a held-out evaluation's record (`eval/*`, train.eval_every) joins the training record of
+    its step."""
     path = os.path.join(run_dir, "metrics.jsonl")
     out: dict[int, dict] = {}
     if not os.path.exists(path):
@@ -36,7 +38,9 @@ def last_records(run_dir: str) -> dict[int, dict]:
             if line.strip():
                 record = json.loads(line)
                 stage = int(record["stage"])
-                if stage not in out or record["step"] >= out[stage]["step"]:
+                if stage in out and record["step"] == out[stage]["step"]:
+                    out[stage] = {**out[stage], **record}
+                elif stage not in out or record["step"] > out[stage]["step"]:
                     out[stage] = record
     return out
 

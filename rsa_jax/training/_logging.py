@@ -77,6 +77,17 @@ class MetricsLog:
             )
             self._bar.refresh()
 
+    def log_eval(self, stage, step, global_step, metrics: dict[str, float]) -> None:
+        """Held-out metrics (`eval/...`) as their own record of metrics.jsonl and at the same
+        global step in the trackers, beside the training metrics of that step."""
+        if self._jsonl is None:
+            return
+        record = {"stage": stage, "step": step, "global_step": global_step, **metrics}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for tracker in self._trackers:
+            tracker.log(dict(metrics), global_step)
+
     def end_stage(self) -> None:
         if self._bar is not None:
             self._bar.close()

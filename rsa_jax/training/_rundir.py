@@ -50,6 +50,8 @@ RESUME_IGNORED: tuple[str, ...] = (
     "train.log_every",
     "train.peak_tflops",
     "train.report_to",
+    "train.eval_every",
+    "data.eval_path",
     "checkpoint.every",
     "checkpoint.keep",
     "checkpoint.async_save",

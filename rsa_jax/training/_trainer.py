@@ -126,6 +126,8 @@ class _RunDir:
         stage's final checkpoint. False when stopped by a signal before the stage's end."""
         config = self.engine.config
         last_saved = None
+        eval_every = config.train.eval_every
+        heldout = self.engine.heldout_batches(stage.index) if eval_every else []
 
         def on_step(stage: Stage, metrics, seconds, compile_seconds) -> bool:
             nonlocal last_saved
@@ -149,6 +151,9 @@ class _RunDir:
                 self.metrics.log(
                     stage.index, step, self.global_step, metrics, tokens, pairs, seconds
                 )
+            if eval_every and (step % eval_every == 0 or step == stage.total):
+                held = self.engine.evaluate(stage, heldout)
+                self.metrics.log_eval(stage.index, step, self.global_step, held)
             every = config.checkpoint.every
             if every and step % every == 0 and step < stage.total:
                 self.save(stage, done=False)
