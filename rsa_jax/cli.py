@@ -290,6 +290,7 @@ def _cmd_demo(args) -> int:
         configs_dir=args.configs,
         task_file=args.task,
         constraints=tuple(args.constraint),
+        report_to=tuple(args.report_to),
     )
     if args.quick:  # a smoke run: every part once, two betas, one merge per two-stage method
         demo = dataclasses.replace(
@@ -545,6 +546,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     p.add_argument("--task", help="task settings YAML (configs/tasks/); default: the built-in task")
     p.add_argument("--configs", default="configs", help="directory of the method configs")
+    p.add_argument(
+        "--report-to",
+        nargs="+",
+        default=[],
+        choices=["tensorboard", "wandb", "mlflow"],
+        help="experiment trackers of every run (train.report_to); wandb/mlflow also get the "
+        "frontier report and plots as artifacts",
+    )
     p.set_defaults(fn=_cmd_demo)
 
     p = command("toy-data", "write synthetic PKU-SafeRLHF-schema rows (smoke tests)")

@@ -97,6 +97,9 @@ class DemoConfig:
     eval_max_tokens: int = 20
     n_boot: int = 1000
     extra_overrides: tuple[str, ...] = ()
+    # Experiment trackers (train.report_to) of every training run; wandb / mlflow also get the
+    # frontier report and plots as artifacts of the demo's own tracker run.
+    report_to: tuple[str, ...] = ()
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
@@ -205,6 +208,8 @@ def method_config(
         view = stage_data(file_config, stage).view
         # "auto" reads the task's PKU-SafeRLHF-schema rows by better_response_id: helpfulness.
         overrides.append(f"stages.{i}.data_path={paths['helpfulness' if view == 'auto' else view]}")
+    if demo.report_to:
+        overrides.append(f"train.report_to=[{','.join(demo.report_to)}]")
     overrides += [*METHODS[method].overrides, *extra, *demo.extra_overrides]
     return load_config(path, overrides)
 
@@ -522,6 +527,13 @@ def run_demo(demo: DemoConfig) -> dict:
         raise RuntimeError(f"demo: the frontier report failed (exit status {status}; see above)")
     with open(os.path.join(frontier_dir, "frontier.json")) as f:
         frontier = json.load(f)
+    trackers = [t for t in demo.report_to if t != "tensorboard"]
+    if trackers:  # the frontier report and plots as artifacts of the demo's own tracker run
+        from rsa_jax.training import log_artifacts
+
+        names = sorted(os.listdir(frontier_dir))
+        paths = [os.path.join(frontier_dir, n) for n in names]
+        log_artifacts(trackers, demo.out_dir, paths, folder="frontier")
     _say(
         f"\n{len(demo.seeds)} seed(s) in {clock} (load average {os.getloadavg()[0]:.1f}); "
         f"frontier report and plots in {frontier_dir}/, single-point table and plots in "

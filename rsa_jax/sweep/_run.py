@@ -18,6 +18,8 @@ import logging
 import os
 import time
 
+import jax
+
 from rsa_jax.config import to_json
 from rsa_jax.sweep._file import Sweep, SweepError, Variant, grouped, kernel_label
 
@@ -174,4 +176,9 @@ def run_sweep(sweep: Sweep, *, evaluate=None) -> dict:
     results = collect(sweep, status, evaluations)
     written = write_sweep_results(sweep.run_dir, results)
     _say(f"wrote {', '.join(sorted(os.path.basename(p) for p in written))} to {sweep.run_dir}")
+    trackers = [t for t in sweep.variants[0].config.train.report_to if t != "tensorboard"]
+    if trackers and jax.process_index() == 0:  # the results table and plot, as artifacts
+        from rsa_jax.training import log_artifacts
+
+        log_artifacts(trackers, sweep.run_dir, list(written), folder="sweep")
     return results
