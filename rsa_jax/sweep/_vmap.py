@@ -56,6 +56,7 @@ from rsa_jax.training import (
     TrainState,
     absolute_paths,
     device_copy,
+    flatten_config,
     save_stage_policy,
     stage_dropout_key,
     steps_done,
@@ -187,8 +188,17 @@ def run_vmap(sweep: Sweep) -> dict[str, str]:
         stale = os.path.join(v.run_dir, "metrics.jsonl")
         if os.path.exists(stale):  # from an interrupted vmap run that saved nothing
             os.remove(stale)
-        write_config(v.run_dir, to_json(absolute_paths(v.config)))
-        logs.append(MetricsLog(v.run_dir, progress=False, label=v.name))
+        resolved = to_json(absolute_paths(v.config))
+        write_config(v.run_dir, resolved)
+        logs.append(
+            MetricsLog(
+                v.run_dir,
+                progress=False,
+                label=v.name,
+                report_to=v.config.train.report_to,
+                params=flatten_config(json.loads(resolved)),
+            )
+        )
     global_step = 0
     t_start = time.perf_counter()
 

@@ -99,6 +99,7 @@ from rsa_jax.training._step import (
     state_shardings,
 )
 from rsa_jax.training._trackers import REPORT_TO, Tracker, log_artifacts, open_trackers
+from rsa_jax.training._trackers import flatten as flatten_config
 from rsa_jax.training._trainer import (
     RunResult,
     load_adapters,
@@ -167,6 +168,7 @@ __all__ = [
     "load_source",
     "load_tokenizer",
     "log_artifacts",
+    "flatten_config",
     "logical_spec",
     "make_mesh",
     "make_optimizer",
