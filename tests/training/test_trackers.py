@@ -1,7 +1,8 @@
 """`train.report_to: [tensorboard, wandb, mlflow]` for real, without a network: a tiny run logs
 to W&B in offline mode (its local run file read back record by record) and to MLflow (a SQLite
-store, and the file store), and every logged value equals the one in metrics.jsonl; the resolved
-config arrives as parameters. Skipped when the `tracking` extra is not installed."""
+store, and the file store), and every logged value, the held-out eval/* ones included, equals
+the one in metrics.jsonl; the resolved config arrives as parameters. Skipped when the
+`tracking` extra is not installed."""
 
 from __future__ import annotations
 
@@ -54,7 +55,8 @@ def wandb_history(run_file: str) -> dict[int, dict[str, float]]:
         items = {
             i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item
         }
-        history[int(items["_step"])] = items
+        step = int(items["_step"])
+        history[step] = {**history.get(step, {}), **items}
     return history
 
 
@@ -66,11 +68,19 @@ def _train(tmp_path, monkeypatch, report_to: str) -> tuple[str, list[dict]]:
     monkeypatch.setenv("WANDB_SILENT", "true")
     overrides = [f"data.path={data}", f"train.run_dir={run}", "stages.0.steps=2"]
     overrides += ["stages.1.steps=1", "checkpoint.async_save=false", "checkpoint.every=0"]
-    overrides += [f"train.report_to={report_to}"]
+    overrides += [f"train.report_to={report_to}", "data.eval_fraction=0.25", "train.eval_every=2"]
     assert main(["train", TINY, *overrides]) == 0
     with open(os.path.join(run, "metrics.jsonl")) as f:
         records = [json.loads(line) for line in f]
-    assert [r["global_step"] for r in records] == [1, 2, 3]
+    # training records at global steps 1, 2, 3; held-out eval/* records at 2 (stage 0's end)
+    # and 3 (stage 1's end)
+    assert [(r["global_step"], "eval/loss" in r) for r in records] == [
+        (1, False),
+        (2, False),
+        (2, True),
+        (3, False),
+        (3, True),
+    ]
     return run, records
 
 
@@ -98,7 +108,7 @@ def test_wandb_offline_and_mlflow_sqlite_hold_the_metrics_of_metrics_jsonl(tmp_p
     client = MlflowClient(f"sqlite:///{os.path.join(run, 'mlflow.db')}")
     with open(os.path.join(run, "mlflow_run_id")) as f:
         run_id = f.read().strip()
-    for key in _floats(records[0]):
+    for key in {k for r in records for k in _floats(r)}:
         got = {m.step: m.value for m in client.get_metric_history(run_id, key)}
         want = {r["global_step"]: r[key] for r in records if key in r}
         assert got == pytest.approx(want, rel=1e-12, abs=0), key
