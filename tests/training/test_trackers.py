@@ -62,7 +62,7 @@ def wandb_history(run_file: str) -> dict[int, dict[str, float]]:
 
 def _train(tmp_path, monkeypatch, report_to: str) -> tuple[str, list[dict]]:
     data = str(tmp_path / "pairs.jsonl")
-    write_toy_data(data, rows=16)
+    write_toy_data(data, rows=24)
     run = str(tmp_path / "run")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
