@@ -71,9 +71,11 @@ def _steady_step(variants) -> float:
 
     import numpy as np
 
+    from rsa_jax.training import RunDir
+
     times = []
     for v in variants:
-        with open(os.path.join(v.run_dir, "metrics.jsonl")) as f:
+        with open(RunDir(v.run_dir).metrics_file) as f:
             times += [r["step_time_s"] for r in map(json.loads, f) if r["step"] > 1]
     return float(np.median(times))
 

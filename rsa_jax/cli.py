@@ -69,9 +69,6 @@ def _export_peft(args) -> int:
     from rsa_jax.models import save_peft
     from rsa_jax.training import load_adapters
 
-    if not os.path.isfile(os.path.join(args.run_dir, "config.json")):
-        print(f"error: {args.run_dir}: not a run directory (no config.json)", file=sys.stderr)
-        return 2
     engine, adapters = load_adapters(args.run_dir, stage=args.stage)
     if engine.model.lora is None:
         print(
@@ -570,33 +567,14 @@ class CommandLineError(Exception):
 
 
 def _check_run_dir(path: str, what: str, *, hf_ok: bool = False) -> None:
-    if hf_ok:  # a Hugging Face directory, or RUN@STAGE
-        from rsa_jax.training import split_source
+    """`path` is a trained run directory (or, with `hf_ok`, RUN@STAGE or a Hugging Face
+    directory): `rsa_jax.training.resolve_source` decides, for every command alike."""
+    from rsa_jax.training import SourceError, resolve_source
 
-        path, _ = split_source(path)
-        if os.path.isfile(os.path.join(path, "config.json")) and not os.path.isdir(
-            os.path.join(path, "checkpoints")
-        ):
-            if not any(f.endswith(".safetensors") for f in os.listdir(path)):
-                raise CommandLineError(
-                    f"{what} {path!r} is neither a run directory nor a Hugging Face model "
-                    "directory (no checkpoints/, no *.safetensors)"
-                )
-            return
-    if not os.path.isdir(path):
-        raise CommandLineError(
-            f"{what} {path!r} does not exist: pass the train.run_dir of a trained run"
-        )
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise CommandLineError(
-            f"{what} {path!r} is not a run directory (no config.json): pass the train.run_dir "
-            "of a run that `rsa-jax train` started"
-        )
-    if not os.path.isdir(os.path.join(path, "checkpoints")):
-        raise CommandLineError(
-            f"{what} {path!r} has no checkpoints/ yet: train it first (rsa-jax train CONFIG "
-            f"train.run_dir={path})"
-        )
+    try:
+        resolve_source(path, what=what, hf_ok=hf_ok)
+    except (SourceError, ValueError) as e:
+        raise CommandLineError(str(e)) from None
 
 
 def _check_arguments(args) -> None:
@@ -609,11 +587,15 @@ def _check_arguments(args) -> None:
         _check_run_dir(args.first, "first policy", hf_ok=True)
         _check_run_dir(args.second, "second policy", hf_ok=True)
     if args.command == "eval":
+        # Existence only here: what each model is, `load_model` resolves (resolve_source).
+        from rsa_jax.training import split_source
+
         for path in [*args.models, *([args.reference] if args.reference else [])]:
-            if not os.path.exists(path):
+            run, _ = split_source(path)
+            if not os.path.exists(run):
                 raise CommandLineError(
-                    f"model {path!r} does not exist: pass a run directory or a Hugging Face "
-                    "model directory"
+                    f"model {path!r} does not exist: pass a run directory, RUN@STAGE or a "
+                    "Hugging Face model directory"
                 )
         if args.prompts and not os.path.isfile(args.prompts):
             raise CommandLineError(f"--prompts {args.prompts!r}: no such file")

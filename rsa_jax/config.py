@@ -38,6 +38,32 @@ class ConfigError(ValueError):
     """A config that cannot run; the message names the dotted key and the problem."""
 
 
+# What kind of key a field is, declared next to it (`_kind(...)`, the field's metadata "kind");
+# a field without one takes its enclosing field's kind (PROGRAM at the top). Derived from it:
+# `Hyper.for_stage`'s loss arguments (`traced_fields`), the keys a resume ignores
+# (`rsa_jax.training.RESUME_IGNORED`) and the keys vmap sweep variants may differ in.
+#
+#   kind            step argument   compared on resume   vmap variants may differ
+#   TRACED          yes             yes                  yes
+#   PROGRAM         no              yes                  no    (shapes the program or the data)
+#   RESUME_IGNORED  no              no                   no    (paths, mesh, memory knobs)
+#   COSMETIC        no              no                   yes   (logging, run_dir, checkpoints)
+#   LABEL           no              yes                  yes   (a stage's name: RUN@name)
+TRACED, PROGRAM, RESUME_IGNORED, COSMETIC, LABEL = (
+    "traced",
+    "program",
+    "resume_ignored",
+    "cosmetic",
+    "label",
+)
+KINDS = (TRACED, PROGRAM, RESUME_IGNORED, COSMETIC, LABEL)
+
+
+def _kind(kind: str, default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING):
+    """A dataclass field declared of `kind`."""
+    return dataclasses.field(default=default, default_factory=factory, metadata={"kind": kind})
+
+
 @dataclasses.dataclass(frozen=True)
 class LoraSettings:
     """`model.lora`: train low-rank adapters on a frozen base instead of every weight."""
@@ -62,11 +88,11 @@ class LoraSettings:
 class ModelConfig:
     # A local Hugging Face directory (config.json, safetensors, tokenizer files), or "tiny": a
     # random 2-layer Llama and a small trained-in-memory BPE tokenizer (tests and smoke runs).
-    path: str = "tiny"
+    path: str = _kind(RESUME_IGNORED, "tiny")
     # Master weights are kept in float32; activations (matmuls) run in this dtype.
     compute_dtype: str = "bfloat16"
     # Rematerialise every decoder block in the backward pass (memory for compute).
-    remat: bool = True
+    remat: bool = _kind(RESUME_IGNORED, True)
     # Stack the decoder blocks under one lax.scan (compile time independent of the depth).
     scan_layers: bool = False
     # Seed of the random initialisation of a "tiny" model.
@@ -84,21 +110,21 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class StageConfig:
-    name: str = "stage"
+    name: str = _kind(LABEL, "stage")
     # This stage's view of its rows (see data.view: auto, pairs, helpfulness, safety); null:
     # data.view. Needed only to pick a PKU-SafeRLHF side ("safety" for a safety stage).
     view: str | None = None
     # Data file of this stage; empty means `data.path`.
-    data_path: str = ""
+    data_path: str = _kind(RESUME_IGNORED, "")
     # Pair loss and one-step risk functional, chosen by name (rsa_jax.losses.LOSSES, RISKS).
     loss: str = _KERNEL.loss
     risk: str = _KERNEL.risk
     # Traced loss hyperparameters (docs/method.md): temperature, version-2 weight of the risk
     # difference, risk level (CVaR tail mass or ERM coefficient), discount of the recursion.
-    beta: float = float(DEFAULTS.beta)
-    alpha: float = float(DEFAULTS.alpha)
-    mu: float = float(DEFAULTS.mu)
-    gamma: float = float(DEFAULTS.gamma)
+    beta: float = _kind(TRACED, float(DEFAULTS.beta))
+    alpha: float = _kind(TRACED, float(DEFAULTS.alpha))
+    mu: float = _kind(TRACED, float(DEFAULTS.mu))
+    gamma: float = _kind(TRACED, float(DEFAULTS.gamma))
     # 1: the chosen side's risk takes gradient; 2: stop-gradient on it, weighted by alpha.
     version: int = _KERNEL.version
     # Quantile per vocabulary half, as the public Ra-DPO code does (cvar_reference only).
@@ -121,18 +147,18 @@ class StageConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-    learning_rate: float = 2e-5
-    warmup_ratio: float = 0.03
+    learning_rate: float = _kind(TRACED, 2e-5)
+    warmup_ratio: float = _kind(TRACED, 0.03)
     # Cosine decay from learning_rate to learning_rate * final_lr_ratio.
-    final_lr_ratio: float = 0.0
-    weight_decay: float = 0.0
+    final_lr_ratio: float = _kind(TRACED, 0.0)
+    weight_decay: float = _kind(TRACED, 0.0)
     b1: float = 0.9
     b2: float = 0.999
     eps: float = 1e-8
     # Global gradient norm clipping; 0 disables.
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = _kind(TRACED, 1.0)
     # Microbatches per step (gradient accumulation); data.batch_size must be divisible by it.
-    microbatches: int = 1
+    microbatches: int = _kind(RESUME_IGNORED, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,28 +194,29 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    # Run directory: checkpoints/, metrics.jsonl, TensorBoard events, config.json.
-    run_dir: str = "runs/default"
+    # Run directory (layout: docs/run_directory.md).
+    run_dir: str = _kind(COSMETIC, "runs/default")
     # "auto": resume when the run directory's config matches (keys that do not change what is
     # trained aside), refuse otherwise; "force": resume even when it differs.
-    resume: str = "auto"
+    resume: str = _kind(COSMETIC, "auto")
     # Seeds the masks of LoRA adapter dropout (model.lora.dropout); nothing else draws from it.
-    seed: int = 0
-    log_every: int = 1
+    # Traced: the dropout key is a step argument, so vmap variants may use other seeds.
+    seed: int = _kind(TRACED, 0)
+    log_every: int = _kind(COSMETIC, 1)
     # Chunk of response tokens whose logits the fused loss head forms at once.
-    chunk_size: int = DEFAULT_CHUNK_SIZE
+    chunk_size: int = _kind(RESUME_IGNORED, DEFAULT_CHUNK_SIZE)
     # "fused": hidden states + unembedding into the loss head; "logits": full [2B, L, V] logits.
-    head: str = "fused"
-    progress_bar: bool = True
+    head: str = _kind(RESUME_IGNORED, "fused")
+    progress_bar: bool = _kind(COSMETIC, True)
     # Peak dense TFLOP/s of one device, for the MFU estimate in the metrics; 0: MFU not logged.
-    peak_tflops: float = 0.0
+    peak_tflops: float = _kind(COSMETIC, 0.0)
     # Experiment trackers (TRL's spelling) besides metrics.jsonl: tensorboard, wandb, mlflow
     # (the last two: pip install -e '.[tracking]'; configured by their own environment
     # variables, docs/tracking.md). [] for metrics.jsonl alone.
-    report_to: list[str] = dataclasses.field(default_factory=lambda: ["tensorboard"])
+    report_to: list[str] = _kind(COSMETIC, factory=lambda: ["tensorboard"])
     # Evaluate on the held-out pairs (data.eval_path or data.eval_fraction) every this many
     # steps of a stage and at its end, logged as eval/* beside the training metrics; 0: never.
-    eval_every: int = 0
+    eval_every: int = _kind(COSMETIC, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,10 +224,70 @@ class Config:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
-    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
-    checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    # Restore reshards onto another mesh (elastic resume); vmap sweeps place their own.
+    mesh: MeshConfig = _kind(RESUME_IGNORED, factory=MeshConfig)
+    # How often and how a run is saved, never what it trains.
+    checkpoint: CheckpointConfig = _kind(COSMETIC, factory=CheckpointConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     stages: list[StageConfig] = dataclasses.field(default_factory=lambda: [StageConfig()])
+
+
+def _unwrap(kind: Any) -> Any:
+    """`X | None` -> X."""
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return kind
+
+
+def key_kind(key: str) -> str:
+    """The declared kind (TRACED, PROGRAM, RESUME_IGNORED, COSMETIC, LABEL) of a dotted config
+    key; list items by index or `*`; a key under a dict or an undeclared field takes its
+    enclosing field's kind, an unknown key PROGRAM (compared, never free)."""
+    node: Any = Config
+    kind = PROGRAM
+    for part in key.split("."):
+        node = _unwrap(node)
+        if typing.get_origin(node) in (list, tuple):
+            node = typing.get_args(node)[0]
+            continue
+        if not dataclasses.is_dataclass(node):
+            return kind
+        fields = {f.name: f for f in dataclasses.fields(node)}
+        if part not in fields:
+            return kind if node is not Config else PROGRAM
+        kind = fields[part].metadata.get("kind", kind)
+        node = typing.get_type_hints(node)[part]
+    return kind
+
+
+def keys_of_kind(*kinds: str, node: Any = Config, prefix: str = "", inherited: str = PROGRAM):
+    """Dotted patterns (`*` for list items) of every field of one of `kinds`, shallowest first:
+    a field of that kind whose subfields are all of it too is one pattern."""
+    out: list[str] = []
+    hints = typing.get_type_hints(node)
+    for f in dataclasses.fields(node):
+        kind = f.metadata.get("kind", inherited)
+        kind_type = _unwrap(hints[f.name])
+        name = f"{prefix}{f.name}"
+        if typing.get_origin(kind_type) in (list, tuple):
+            item = typing.get_args(kind_type)[0]
+            if dataclasses.is_dataclass(item):
+                out += keys_of_kind(*kinds, node=item, prefix=f"{name}.*.", inherited=kind)
+                continue
+        if dataclasses.is_dataclass(kind_type):
+            inner = keys_of_kind(*kinds, node=kind_type, prefix=f"{name}.", inherited=kind)
+            every = [f"{name}.{g.name}" for g in dataclasses.fields(kind_type)]
+            out += [name] if kind in kinds and inner == every else inner
+        elif kind in kinds:
+            out.append(name)
+    return out
+
+
+def traced_fields(node: Any) -> tuple[str, ...]:
+    """The TRACED fields of one config dataclass (e.g. `StageConfig`: beta, alpha, mu, gamma)."""
+    return tuple(f.name for f in dataclasses.fields(node) if f.metadata.get("kind") == TRACED)
 
 
 def _field_type(key: str) -> Any:

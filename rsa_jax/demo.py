@@ -282,11 +282,11 @@ def train_family(method: str, family: dict, seed: int) -> dict[str, float]:
     Returns the wall and CPU seconds it took."""
     from rsa_jax.config import to_json
     from rsa_jax.sweep import Sweep, is_done, run_vmap
-    from rsa_jax.training import absolute_paths
+    from rsa_jax.training import RunDir, absolute_paths
 
     variants = list(family.values())
     for v in variants:
-        _fresh_unless_same(v.run_dir, "config.json", to_json(absolute_paths(v.config)))
+        _fresh_unless_same(v.run_dir, RunDir.CONFIG, to_json(absolute_paths(v.config)))
         if os.path.isdir(v.run_dir) and not is_done(v):
             shutil.rmtree(v.run_dir)  # vmap mode restarts unfinished variants from scratch
     clock = _Clock()
@@ -327,6 +327,7 @@ def run_seed(demo: DemoConfig, seed: int) -> tuple[dict, dict]:
     {method: row} of each method's single point: its config's own last-stage beta). Each
     part's wall and CPU seconds go to `seed<k>/timings.json`."""
     from rsa_jax.models import load_hf
+    from rsa_jax.training import RunDir
 
     task = demo_task(demo)
     root = os.path.join(demo.out_dir, f"seed{seed}")
@@ -365,7 +366,7 @@ def run_seed(demo: DemoConfig, seed: int) -> tuple[dict, dict]:
     )
     targets, single = {"SFT": sft_dir}, {}
     for method in demo.methods:
-        if os.path.exists(os.path.join(root, method, "config.json")):  # an earlier version's
+        if RunDir(os.path.join(root, method)).has_config():  # an earlier version's
             shutil.rmtree(os.path.join(root, method))  # single run in the family's place
         family = family_variants(demo, method, sft_dir, paths, seed, root)
         timings[f"train {method}"] = train_family(method, family, seed)

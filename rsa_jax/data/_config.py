@@ -15,7 +15,8 @@ class DataConfig:
 
     # A JSON Lines file (.jsonl, or .json; a .json file holding one array of rows also works),
     # a .parquet file, or one split's directory written by `datasets` `save_to_disk`.
-    path: str = ""
+    # kind (rsa_jax.config.key_kind): the same pairs may be reached by another path.
+    path: str = dataclasses.field(default="", metadata={"kind": "resume_ignored"})
     # "auto" picks by suffix (.jsonl/.json, .parquet) or directory (arrow_dir).
     format: str = "auto"
     # Which response of a row is chosen. "auto": TRL's prompt/chosen/rejected schema as given,
@@ -52,13 +53,13 @@ class DataConfig:
     # into batches (better padding efficiency with buckets); 1 disables grouping.
     sort_window: int = 1
     # Background threads that prepare batches ahead of the train step (Grain prefetch).
-    read_threads: int = 2
+    read_threads: int = dataclasses.field(default=2, metadata={"kind": "resume_ignored"})
     # "raise": bad rows stop with an error naming file, line and field. "skip": they are skipped,
     # counted per reason and reported.
     on_error: str = "raise"
     # Held-out pairs for evaluation during training (train.eval_every), read under each stage's
     # view: a file of their own, or ...
-    eval_path: str = ""
+    eval_path: str = dataclasses.field(default="", metadata={"kind": "resume_ignored"})
     # ... this fraction of each stage's pairs, drawn with `seed` and left out of training.
     eval_fraction: float = 0.0
 

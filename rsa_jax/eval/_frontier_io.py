@@ -131,9 +131,11 @@ def _override_map(path: str, where: str, overrides) -> dict[str, str]:
 def _sweep_eval(path: str, run_dir: str | None, name: str) -> dict | None:
     """The variant's eval.json metrics (with intervals), looked up where the sweep ran and beside
     the results file."""
-    candidates = [os.path.join(os.path.dirname(path), name, "eval.json")]
+    from rsa_jax.training import RunDir
+
+    candidates = [RunDir(os.path.join(os.path.dirname(path), name)).eval_file]
     if run_dir:
-        candidates.insert(0, os.path.join(run_dir, "eval.json"))
+        candidates.insert(0, RunDir(run_dir).eval_file)
     for candidate in candidates:
         if os.path.exists(candidate):
             with open(candidate) as f:

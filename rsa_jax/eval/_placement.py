@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 from collections.abc import Mapping, Sequence
 
 import jax
@@ -135,26 +134,16 @@ def _fit(mesh: MeshConfig, what: str) -> MeshConfig:
         return fallback
 
 
-def _run_config(path: str):
-    """The resolved `Config` of a run directory (one with `checkpoints/`), else None."""
-    if not os.path.isdir(os.path.join(path, "checkpoints")):
-        return None
-    from rsa_jax.config import from_json
-
-    with open(os.path.join(path, "config.json")) as f:
-        return from_json(f.read())
-
-
 def source_template(path: str, template: str | None = None, default: str | None = None):
     """The prompt template to sample `path` with: `template` when given; a run directory's
     (or `RUN@STAGE`'s) own `data.template`, the format it was trained on (None there: the chat
     template); else `default` (None: the chat template of a Hugging Face directory)."""
     if template is not None:
         return template
-    from rsa_jax.training import split_source
+    from rsa_jax.training import resolve_source, run_config
 
-    config = _run_config(split_source(path)[0])
-    return default if config is None else config.data.template
+    source = resolve_source(path)
+    return default if source.kind != "run" else run_config(source.path).data.template
 
 
 def load_model(
@@ -165,39 +154,36 @@ def load_model(
     compute_dtype: str | None = None,
 ):
     """(model, tokenizer) of a Hugging Face directory, or of a run directory's newest usable
-    checkpoint (a directory with `checkpoints/`; `stage` or `RUN@STAGE`: the policy that stage
-    ended with), its parameters sharded on `mesh`.
+    checkpoint, or of `RUN@STAGE` or `stage` (the policy stage STAGE ended with), its
+    parameters sharded on `mesh`.
 
-    `mesh` None: a run directory evaluates on its training mesh (`config.json`'s `mesh`, falling
-    back to all devices on `data` when it does not fit the devices here), a Hugging Face
-    directory on all devices on `data` (parameters replicated, rows split).
+    `mesh` None: a run directory evaluates on its training mesh (its checkpoint's config's
+    `mesh`, falling back to all devices on `data` when it does not fit the devices here), a
+    Hugging Face directory on all devices on `data` (parameters replicated, rows split).
 
     `compute_dtype` None: a run computes in its own `model.compute_dtype` (what it trained in;
     a LoRA run's adapters merged into float32 weights), a Hugging Face directory in float32.
     """
-    from rsa_jax.training import split_source
+    from rsa_jax.training import load_policy, resolve_source, run_config
 
-    path, at = split_source(path)
-    stage = at if stage is None else stage
-    config = _run_config(path)
-    if config is not None:
-        from rsa_jax.training import load_policy
-
+    source = resolve_source(path)
+    if source.kind == "run":
+        config = run_config(source.path)
         mesh = _fit(config.mesh, path) if mesh is None else mesh
         placement = placement_for(mesh)
         # Restored straight onto the training shardings of the evaluation mesh.
         layout = Layout(placement.mesh, dict(placement.rules))
         engine, params = load_policy(
-            path, config, layout=layout, stage=stage, compute_dtype=compute_dtype
+            source.path,
+            config,
+            stage=source.stage if stage is None else stage,
+            layout=layout,
+            compute_dtype=compute_dtype,
         )
         return engine.model.module(params), engine.tokenizer
     if stage is not None:
-        raise FileNotFoundError(f"{path}: a stage needs a run directory (no checkpoints/ here)")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        raise FileNotFoundError(
-            f"{path}: neither a run directory (checkpoints/) nor a Hugging Face model directory "
-            "(config.json)"
-        )
+        raise FileNotFoundError(f"{path}: a stage needs a run directory, not a model directory")
+    path = source.path
     from transformers import AutoTokenizer
 
     placement = placement_for(mesh)

@@ -115,7 +115,9 @@ def _values(metrics: dict) -> dict[str, float]:
 
 def cached_evaluation(options: dict, variant: Variant, evaluate=None) -> dict[str, float]:
     """The variant's eval metrics (values), computed once per set of options (eval.json)."""
-    path = os.path.join(variant.run_dir, "eval.json")
+    from rsa_jax.training import RunDir
+
+    path = RunDir(variant.run_dir).eval_file
     if os.path.exists(path):
         with open(path) as f:
             saved = json.load(f)

@@ -29,7 +29,9 @@ def last_records(run_dir: str) -> dict[int, dict]:
     """{stage: last logged record of that stage} from `run_dir/metrics.jsonl` ({} if absent);
     a held-out evaluation's record (`eval/*`, train.eval_every) joins the training record of
     its step."""
-    path = os.path.join(run_dir, "metrics.jsonl")
+    from rsa_jax.training import RunDir
+
+    path = RunDir(run_dir).metrics_file
     out: dict[int, dict] = {}
     if not os.path.exists(path):
         return out

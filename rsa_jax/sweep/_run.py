@@ -13,50 +13,15 @@ skipped on a rerun; an interrupted one resumes (the trainer resumes from its run
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
 
 import jax
 
-from rsa_jax.config import to_json
-from rsa_jax.sweep._file import Sweep, SweepError, Variant, grouped, kernel_label
-
-
-def _say(message: str) -> None:
-    print(message, flush=True)
-
-
-def has_checkpoints(run_dir: str) -> bool:
-    directory = os.path.join(run_dir, "checkpoints")
-    return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
-
-
-def is_done(variant: Variant) -> bool:
-    """True when the variant's run directory has a readable final checkpoint of its last stage
-    marked done. Raises SweepError when that run was made with another config."""
-    if not has_checkpoints(variant.run_dir):
-        return False
-    from rsa_jax.training import Checkpoints, absolute_paths, config_diff
-
-    keep = variant.config.checkpoint.keep
-    ckpt = Checkpoints(variant.run_dir, keep=keep, async_save=False, read_only=True)
-    try:
-        found = ckpt.latest_meta()
-    finally:
-        ckpt.close()
-    if found is None:
-        return False
-    _, meta = found
-    done = bool(meta["done"]) and meta["stage"] == len(variant.config.stages) - 1
-    own = json.loads(to_json(absolute_paths(variant.config)))
-    if done and (differ := config_diff(meta.get("config") or {}, own)):
-        raise SweepError(
-            f"variant {variant.name!r}: {variant.run_dir} holds a finished run made with another "
-            f"config (differing: {', '.join(differ)}); remove it or give the sweep another run_dir"
-        )
-    return done
+from rsa_jax.sweep._file import Sweep, SweepError, grouped, kernel_label
+from rsa_jax.sweep._status import is_done
+from rsa_jax.sweep._status import say as _say
 
 
 def check_data(sweep: Sweep) -> None:
@@ -154,10 +119,18 @@ def run_sweep(sweep: Sweep, *, evaluate=None) -> dict:
     `evaluate(options, variant) -> {metric: float}` replaces the `eval:` hook's default
     (`rsa_jax.sweep._eval.evaluate_variant`).
     """
-    from rsa_jax.sweep._results import collect, write_sweep_results
+    from rsa_jax.training import RunDir
 
     check_data(sweep)
-    os.makedirs(sweep.run_dir, exist_ok=True)
+    # The sweep's own directory (results.*) is locked for the whole sweep, both modes; each
+    # variant's run directory by whoever trains it (`train`, or `run_vmap` for all of them).
+    with RunDir(sweep.run_dir).lock():
+        return _run_locked(sweep, evaluate)
+
+
+def _run_locked(sweep: Sweep, evaluate) -> dict:
+    from rsa_jax.sweep._results import collect, write_sweep_results
+
     if sweep.mode == "vmap":
         from rsa_jax.sweep._vmap import run_vmap
 

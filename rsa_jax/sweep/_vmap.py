@@ -33,43 +33,44 @@ unfinished variants afresh.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import json
 import os
 import time
+from functools import partial
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from rsa_jax.config import Config, to_json
-from rsa_jax.losses import TRACED_NAMES, Kernel
+from rsa_jax.config import COSMETIC, LABEL, TRACED, StageConfig, key_kind, to_json, traced_fields
+from rsa_jax.losses import Kernel
 from rsa_jax.sweep._file import Sweep, SweepError, Variant
 from rsa_jax.sweep._placement import VARIANT_AXIS, VariantPlacement, variant_placement
+from rsa_jax.sweep._status import has_checkpoints, is_done
+from rsa_jax.sweep._status import say as _say
 from rsa_jax.training import (
     TRACED_OPTIM_FIELDS,
-    Checkpoints,
     Engine,
+    Hooks,
     Hyper,
-    MetricsLog,
+    Run,
+    RunDir,
     Stage,
+    StepInfo,
     TrainState,
     absolute_paths,
     device_copy,
-    flatten_config,
     save_stage_policy,
     stage_dropout_key,
-    steps_done,
-    write_config,
 )
 
-# Config keys that may differ between variants of one vmap sweep: the traced hyperparameters
-# (they become stacked arguments), and what does not touch the program.
-TRACED_STAGE_KEYS = TRACED_NAMES
+# Config keys that may differ between variants of one vmap sweep, from the kinds declared next
+# to each field in `rsa_jax.config`: the traced hyperparameters (they become stacked arguments;
+# train.seed among them: it only seeds LoRA adapter dropout, whose key is a stacked input), and
+# what does not touch the program (COSMETIC: run_dir, logging, checkpoints; LABEL: stage names).
+TRACED_STAGE_KEYS = traced_fields(StageConfig)
 KERNEL_KEYS = tuple(f.name for f in dataclasses.fields(Kernel))
-# train.seed only seeds LoRA adapter dropout, whose key is a traced (stacked) input: variants
-# with other seeds draw other masks in the same program.
-_FREE = ("train.run_dir", "train.progress_bar", "train.peak_tflops", "train.seed", "checkpoint.")
+_FREE_KINDS = (TRACED, COSMETIC, LABEL)
 
 
 def _flat(tree, prefix="") -> dict:
@@ -87,18 +88,18 @@ def _flat(tree, prefix="") -> dict:
 
 
 def _may_differ(key: str) -> bool:
-    parts = key.split(".")
-    if parts[0] == "stages" and len(parts) == 3:
-        return parts[2] in TRACED_STAGE_KEYS or parts[2] == "name"
-    if parts[0] == "optim" and len(parts) == 2:
-        return parts[1] in TRACED_OPTIM_FIELDS
-    return key in _FREE or any(key.startswith(p) for p in _FREE if p.endswith("."))
+    return key_kind(key) in _FREE_KINDS
 
 
 def check_vmappable(variants: list[Variant]) -> None:
     """Raises SweepError naming the first variant and key that differs from the first variant
     in anything but the traced hyperparameters."""
     first = variants[0]
+    if first.config.train.eval_every:
+        raise SweepError(
+            "vmap mode: train.eval_every (held-out evaluation during training) runs in "
+            "sequential sweeps only; use mode: sequential, or evaluate after training (eval:)"
+        )
     base = _flat(dataclasses.asdict(first.config))
     for v in variants[1:]:
         flat = _flat(dataclasses.asdict(v.config))
@@ -146,21 +147,18 @@ def _stack(trees):
     return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-def _meta(config: Config, stage: int, stage_step: int) -> dict:
-    rng = jax.random.key_data(jax.random.key(config.train.seed))
-    return dict(
-        stage=stage,
-        stage_step=stage_step,
-        done=True,
-        rng=np.asarray(rng).tolist(),
-        config=json.loads(to_json(absolute_paths(config))),
-    )
-
-
 def run_vmap(sweep: Sweep) -> dict[str, str]:
-    """Trains every unfinished variant of `sweep` at once; {name: "done" | "skipped"}."""
-    from rsa_jax.sweep._run import _say, has_checkpoints, is_done
+    """Trains every unfinished variant of `sweep` at once; {name: "done" | "skipped"}.
 
+    Every variant's run directory is locked first (RunDirError naming the holder when another
+    sweep or trainer uses one), so two vmap sweeps never write one run directory."""
+    with contextlib.ExitStack() as locks:
+        for v in sweep.variants:
+            locks.enter_context(RunDir(v.run_dir).lock())
+        return _run_vmap_locked(sweep)
+
+
+def _run_vmap_locked(sweep: Sweep) -> dict[str, str]:
     status = {v.name: "skipped" for v in sweep.variants if is_done(v)}
     todo = [v for v in sweep.variants if v.name not in status]
     for name in status:
@@ -174,49 +172,30 @@ def run_vmap(sweep: Sweep) -> dict[str, str]:
                 f"variant {v.name!r}: {v.run_dir} holds an unfinished run; vmap mode starts "
                 "variants afresh: finish it with --mode sequential or remove the directory"
             )
-    config = todo[0].config
-    k = len(todo)
+    group = _program_group(sweep, todo)
+    config = group[0].config
+    k = len(group)
     placement = variant_placement(config, k, sweep.variant_devices, where=sweep.path)
     _say(f"vmap: {placement.describe()}")
 
     engine = Engine(config, layout=placement.layout, check_devices=False)
     initial = engine.initial
 
-    logs = []
-    for v in todo:
-        os.makedirs(v.run_dir, exist_ok=True)
-        stale = os.path.join(v.run_dir, "metrics.jsonl")
-        if os.path.exists(stale):  # from an interrupted vmap run that saved nothing
-            os.remove(stale)
-        resolved = to_json(absolute_paths(v.config))
-        write_config(v.run_dir, resolved)
-        logs.append(
-            MetricsLog(
-                v.run_dir,
-                progress=False,
-                label=v.name,
-                report_to=v.config.train.report_to,
-                params=flatten_config(json.loads(resolved)),
-            )
-        )
-    global_step = 0
-    t_start = time.perf_counter()
-
-    def on_step(stage: Stage, metrics, seconds, compile_seconds) -> bool:
-        nonlocal global_step
-        global_step += 1
-        s = steps_done(stage.state)
-        if s % config.train.log_every == 0 or s == stage.total:
-            metrics = jax.device_get(metrics)  # {name: [K]}, or scalars in a shared stage
-            for j, log_ in enumerate(logs):
-                one = {name: _variant_value(value, j) for name, value in metrics.items()}
-                tokens = one.pop("tokens")  # the shared batch's real tokens
-                pairs = config.data.batch_size
-                log_.log(stage.index, s, global_step, one, tokens, pairs, seconds)
-        return False
-
+    # One Run per unfinished variant; a finished one retrained in the group has none (nothing
+    # of it is logged or written again).
+    runs: list[Run | None] = []
     try:
-        first_vmapped = shared_stages(todo)
+        for v in group:
+            runs.append(_start_variant(v) if v in todo else None)
+        t_start = time.perf_counter()
+        # The trainer's hooks, per variant, each fed its variant's slice of the step's metrics.
+        on_step = Hooks()
+        for j, run in enumerate(runs):
+            if run is not None:
+                hooks = run.hooks(report_compile=not on_step.hooks)
+                on_step.add(partial(_variant_hooks, hooks, j))
+        writing = [run for run in runs if run is not None]
+        first_vmapped = shared_stages(group)
         policy = initial
         for i in range(first_vmapped):  # trained once for all K variants
             _say(
@@ -224,7 +203,7 @@ def run_vmap(sweep: Sweep) -> dict[str, str]:
                 "trained once"
             )
             stage = engine.stage(i, policy)
-            _fit_logged(engine, stage, on_step, logs)
+            _fit_logged(engine, stage, on_step, writing)
             policy = stage.state.params
             for v in todo:
                 save_stage_policy(v.run_dir, i, policy)
@@ -242,7 +221,7 @@ def run_vmap(sweep: Sweep) -> dict[str, str]:
                             total,
                             stage_dropout_key(v.config, i),
                         )
-                        for v in todo
+                        for v in group
                     ]
                 )
             )
@@ -266,63 +245,95 @@ def run_vmap(sweep: Sweep) -> dict[str, str]:
                 axis_name=VARIANT_AXIS,
             )  # each variant's state on its group's devices; cached by the shardings: 1 compile
             stage = Stage(i, stage_config, state, reference, batches, total, step_fn, hyper)
-            _fit_logged(engine, stage, on_step, logs)  # the engine's batch placement: shared
+            _fit_logged(engine, stage, on_step, writing)  # the engine's batch placement: shared
             policy = stage.state.params
             if i == len(config.stages) - 1:
-                _save_finals(
-                    todo, placement, stage, engine.saved_reference(stage), global_step, ref_axis
-                )
+                _save_finals(runs, placement, stage, engine.saved_reference(stage), ref_axis)
             else:
-                for j, v in enumerate(todo):
-                    save_stage_policy(v.run_dir, i, placement.slice(policy, j))
+                for j, v in enumerate(group):
+                    if v in todo:
+                        save_stage_policy(v.run_dir, i, placement.slice(policy, j))
     finally:
-        for log_ in logs:
-            log_.close()
+        for run in runs:
+            if run is not None:
+                run.close()
     _say(f"vmap: {k} variant(s) done in {time.perf_counter() - t_start:.1f} s")
     status.update({v.name: "done" for v in todo})
     return status
 
 
-def _variant_value(value, j: int) -> float:
-    """Variant j's metric: [K] in a vmapped stage, one scalar for all in a shared stage."""
-    value = np.asarray(value)
-    return float(value if value.ndim == 0 else value[j])
+def _program_group(sweep: Sweep, todo: list[Variant]) -> list[Variant]:
+    """The variants to train as one program: the unfinished ones, or, when some variants of
+    the sweep finished earlier (a sweep interrupted while it saved its final checkpoints), all
+    of them again, so an unfinished variant comes out of the same K-variant program as in an
+    uninterrupted sweep (a K=1 program sums in another order, and the CVaR tail turns that
+    rounding into visible differences). The finished ones are retrained, not rewritten."""
+    if len(todo) == len(sweep.variants):
+        return todo
+    group = list(sweep.variants)
+    try:
+        check_vmappable(group)
+    except SweepError:  # finished under other settings (another kernel): train the rest alone
+        return todo
+    _say(
+        f"vmap: {len(todo)} unfinished variant(s) trained in one program with the "
+        f"{len(group) - len(todo)} finished one(s), as the interrupted sweep did (those are "
+        "not rewritten)"
+    )
+    return group
 
 
-def _fit_logged(engine: Engine, stage: Stage, on_step, logs, place=None) -> None:
-    for log_ in logs:
-        log_.start_stage(stage.index, stage.config.name, stage.total, 0)
-    engine.fit(stage, on_step, place=place)
-    for log_ in logs:
-        log_.end_stage()
+def _start_variant(v: Variant) -> Run:
+    """The variant's run writers, its metrics log started afresh (config.json comes with its
+    final checkpoint, as in the trainer)."""
+    os.makedirs(v.run_dir, exist_ok=True)
+    stale = RunDir(v.run_dir).metrics_file
+    if os.path.exists(stale):  # from an interrupted vmap run that saved nothing
+        os.remove(stale)
+    return Run(
+        v.config,
+        v.run_dir,
+        resolved=to_json(absolute_paths(v.config)),
+        label=v.name,
+        progress=False,
+        async_save=False,
+    )
+
+
+def _variant_hooks(hooks: Hooks, j: int, info: StepInfo) -> bool:
+    return hooks.run(info.variant(j))
+
+
+def _fit_logged(engine: Engine, stage: Stage, on_step, runs: list[Run]) -> None:
+    for run in runs:
+        run.metrics.start_stage(stage.index, stage.config.name, stage.total, 0)
+    engine.fit(stage, on_step)
+    for run in runs:
+        run.metrics.end_stage()
 
 
 def _save_finals(
-    variants: list[Variant],
+    runs: list[Run | None],
     placement: VariantPlacement,
     stage: Stage,
     reference,
-    global_step: int,
     ref_axis: int | None,
 ) -> None:
     """Each variant's slice of the stacked final state (and of the trained `reference`, if
     any: stacked, or with `ref_axis` None one reference shared by all), gathered from its
     variant group, as its run's final checkpoint."""
-    keep_ref = reference is not None
-    for j, v in enumerate(variants):
-        one = placement.slice(stage.state, j)
-        ckpt = Checkpoints(v.run_dir, keep=v.config.checkpoint.keep, async_save=False)
-        try:
-            ckpt.save(
-                global_step,
-                one,
-                meta=_meta(v.config, stage.index, stage.total),
-                data_iter=stage.batches,
-                reference=None
-                if not keep_ref
-                else reference
-                if ref_axis is None
-                else placement.slice(reference, j),
-            )
-        finally:
-            ckpt.close()
+    for j, run in enumerate(runs):
+        if run is None:  # finished earlier: its checkpoint stays as it was
+            continue
+        run.save(
+            stage.index,
+            placement.slice(stage.state, j),
+            stage_step=stage.total,
+            done=True,
+            data_iter=stage.batches,
+            reference=None
+            if reference is None
+            else reference
+            if ref_axis is None
+            else placement.slice(reference, j),
+        )

@@ -42,8 +42,9 @@ from rsa_jax.training._engine import (
     device_copy,
     steps_done,
 )
+from rsa_jax.training._hooks import Hooks, StepInfo, all_finite
 from rsa_jax.training._logging import MetricsLog
-from rsa_jax.training._merge import Policy, load_source, merge_params, merge_sources, split_source
+from rsa_jax.training._merge import Policy, load_source, merge_params, merge_sources
 from rsa_jax.training._mesh import (
     Layout,
     batch_sharding,
@@ -71,16 +72,23 @@ from rsa_jax.training._optim import (
     optax_update,
     weight_decay_mask,
 )
+from rsa_jax.training._run import Run
 from rsa_jax.training._rundir import (
     RESUME_IGNORED,
+    CheckpointMeta,
     ConfigMismatch,
+    RunDir,
     RunDirError,
     RunLock,
+    Source,
+    SourceError,
     absolute_paths,
     check_resume,
     config_diff,
     lock_run_dir,
+    resolve_source,
     saved_config,
+    split_source,
     write_config,
 )
 from rsa_jax.training._step import (
@@ -104,6 +112,7 @@ from rsa_jax.training._trainer import (
     RunResult,
     load_adapters,
     load_policy,
+    run_config,
     save_stage_policy,
     stage_index,
     stage_policy_dir,
@@ -121,7 +130,13 @@ __all__ = [
     "EXIT_PREEMPTED",
     "NonFiniteError",
     "RESUME_IGNORED",
+    "CheckpointMeta",
+    "RunDir",
     "RunDirError",
+    "Source",
+    "SourceError",
+    "resolve_source",
+    "run_config",
     "RunLock",
     "StopSignal",
     "absolute_paths",
@@ -139,6 +154,7 @@ __all__ = [
     "Checkpoints",
     "CorruptCheckpoint",
     "Engine",
+    "Hooks",
     "Hyper",
     "Layout",
     "MetricsLog",
@@ -149,9 +165,12 @@ __all__ = [
     "OptimHyper",
     "Policy",
     "PairObjective",
+    "Run",
     "RunResult",
     "Stage",
+    "StepInfo",
     "TrainState",
+    "all_finite",
     "apply_update",
     "batch_sharding",
     "cached_steps",

@@ -51,6 +51,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from rsa_jax.training._checksum import tree_checksums, tree_layout
+from rsa_jax.training._rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -203,8 +204,9 @@ class Checkpoints:
     def __init__(
         self, run_dir: str, *, keep: int = 3, async_save: bool = True, read_only: bool = False
     ):
-        self.run_dir = os.path.abspath(run_dir)
-        self.directory = os.path.join(self.run_dir, "checkpoints")
+        self.layout = RunDir(run_dir)
+        self.run_dir = self.layout.path
+        self.directory = self.layout.checkpoints
         self.keep = keep
         self.async_save = async_save and not read_only
         self.read_only = read_only
@@ -442,7 +444,7 @@ class Checkpoints:
             raise CheckpointMismatch(
                 f"checkpoint {step} in {self.directory} holds other arrays than this run's "
                 f"model: {'; '.join(diffs[:5])}{more}. It was written under another model config "
-                "(compare the run's config.json); use another train.run_dir to start afresh"
+                f"(compare the run's {RunDir.CONFIG}); use another train.run_dir to start afresh"
             )
 
     def _set_aside(self, step: int, error: Exception) -> None:
@@ -458,7 +460,7 @@ class Checkpoints:
             self._skipped.add(step)
             return
         source = os.path.join(self.directory, str(step))
-        target_dir = os.path.join(self.run_dir, "corrupt")
+        target_dir = self.layout.corrupt
         target = os.path.join(target_dir, f"{step}")
         n = 0
         while os.path.exists(target):

@@ -2,7 +2,7 @@
 
     engine = Engine(config)                 # mesh, tokenizer, model definition, initial params
     stage = engine.stage(0, engine.initial) # data, reference, optimizer state, step, hyperparams
-    engine.fit(stage, on_step=...)          # the loop: next batch -> place -> step -> callback
+    engine.fit(stage, hooks)                # the loop: next batch -> place -> step -> hooks
 
 Built from a `Config` (and optionally a mesh and a user optax transformation), the engine owns
 the device layout, the tokenizer, the model definition and its sharded initial parameters, the
@@ -18,8 +18,9 @@ optimizer, and the cache of compiled steps. Everything a run does is made of thr
 - `fit(stage, on_step)` runs the steps: the single training loop of the library. Preference
   stages (`train`), SFT (`rsa_jax.tasks.sft`) and both sweep modes go through it.
 
-Checkpoints, metrics files and signals belong to a run directory, not to the engine: `train`
-(in `_trainer.py`) adds them around `fit` with its callback.
+Checkpoints, metrics files and signals belong to a run directory, not to the engine: they are
+hooks (`_hooks.Hooks`, built by `_run.Run`) that `train` (in `_trainer.py`) and the vmap sweep
+(one set per variant) pass to `fit`.
 """
 
 from __future__ import annotations
@@ -448,8 +449,9 @@ class Engine:
     def fit(self, stage: Stage, on_step: Callable | None = None, *, place=None) -> bool:
         """Runs `stage` from its current step to `stage.total`; True when it got there.
 
-        After each step, `on_step(stage, metrics, seconds, compile_seconds)` runs with the
-        step's metrics (on the device, computed), its wall time without compilation, and the
+        After each step, `on_step(stage, metrics, seconds, compile_seconds)` (a `Hooks`, or
+        any function of those arguments) runs with the step's metrics (on the device,
+        computed), its wall time without compilation, and the
         seconds spent tracing and compiling during the step (0 once the program is compiled);
         it returns True to stop early (a signal), and then `fit` returns False. `place(batch)`
         puts a host batch on the devices (default: this host's rows of the global batch on the

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 import jax
 
+from rsa_jax.training._rundir import RunDir
 from rsa_jax.training._trackers import open_trackers
 
 log = logging.getLogger(__name__)
@@ -34,7 +34,8 @@ class MetricsLog:
         self.flops_per_token = flops_per_token
         self.main = jax.process_index() == 0
         self.progress = progress and self.main
-        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a") if self.main else None
+        layout = RunDir(run_dir)
+        self._jsonl = open(layout.metrics_file, "a") if self.main else None
         self._trackers = []
         if self.main:
             self._trackers = open_trackers(report_to, run_dir, params or {}, label)

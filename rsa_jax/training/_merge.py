@@ -9,13 +9,13 @@ so `rsa-jax export` and `rsa-jax merge` treat the three alike.
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Callable
 from typing import Any
 
 from flax import nnx
 
 from rsa_jax.models import Llama, LlamaConfig, load_hf, nest_params
+from rsa_jax.training._rundir import resolve_source
 
 
 @dataclasses.dataclass
@@ -27,29 +27,15 @@ class Policy:
     source: str
 
 
-def split_source(source: str) -> tuple[str, str | None]:
-    """`RUN@STAGE` -> (RUN, STAGE); anything else -> (source, None)."""
-    path, sep, stage = source.rpartition("@")
-    if sep and path and stage and os.path.isdir(path) and not os.path.exists(source):
-        return path, stage
-    return source, None
-
-
 def load_source(source: str) -> Policy:
     """The policy of a run directory (optionally `@stage`) or of a Hugging Face directory."""
     from rsa_jax.training._trainer import load_policy
 
-    path, stage = split_source(source)
-    if os.path.isdir(os.path.join(path, "checkpoints")):
-        engine, params = load_policy(path, stage=stage)
+    resolved = resolve_source(source)
+    if resolved.kind == "run":
+        engine, params = load_policy(resolved.path, stage=resolved.stage)
         return Policy(params, engine.model.module, engine.tokenizer, engine.model.llama, source)
-    if stage is not None:
-        raise FileNotFoundError(f"{source}: {path} is not a run directory (no checkpoints/)")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        raise FileNotFoundError(
-            f"{path}: neither a run directory (checkpoints/) nor a Hugging Face model directory "
-            "(config.json)"
-        )
+    path = resolved.path
     from transformers import AutoTokenizer
 
     model = load_hf(path)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rsa_jax.config import OptimConfig
+from rsa_jax.config import OptimConfig, traced_fields
 
 
 class OptimHyper(NamedTuple):
@@ -48,13 +48,8 @@ class OptimHyper(NamedTuple):
 
 # The OptimConfig fields that only feed `OptimHyper` (traced): variants of a vmap sweep may
 # differ in these; b1, b2, eps and microbatches shape the program.
-TRACED_OPTIM_FIELDS = (
-    "learning_rate",
-    "warmup_ratio",
-    "final_lr_ratio",
-    "weight_decay",
-    "max_grad_norm",
-)
+# Declared TRACED next to their fields in `rsa_jax.config.OptimConfig`.
+TRACED_OPTIM_FIELDS = traced_fields(OptimConfig)
 
 
 def learning_rate_at(step, hyper: OptimHyper):

@@ -1,5 +1,14 @@
 """A run directory that one trainer owns and that stands alone.
 
+- `RunDir(path)`: the layout. Every file and folder name of a run directory is written here,
+  once (`config.json`, `checkpoints/`, `metrics.jsonl`, `tensorboard/`, `stages/<i>`,
+  `corrupt/`, `eval.json`, `.lock`); everything else asks it for paths.
+- `CheckpointMeta`: the typed record each checkpoint carries (stage, stage step, done, PRNG key
+  data, the resolved config). The checkpoint's config is the run's truth: resume compares
+  against it and `load_policy` builds the model from it; `config.json` is its readable copy,
+  written when the run's first checkpoint is (so a run that fails before that leaves none).
+- `resolve_source(text)`: the one reader of `RUN`, `RUN@STAGE` (index or name) and Hugging Face
+  directories, for export, eval, merge and the CLI's argument checks.
 - `RunLock(run_dir)`: an exclusive `fcntl.flock` on `<run_dir>/.lock`. The kernel releases it
   when the holder exits however it exits (SIGKILL, a crash), so it is never stale; the file
   names the holder (pid, host, start time, command) for the refusal message. Only process 0 of a
@@ -30,38 +39,126 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from rsa_jax.config import Config, ConfigError
+from rsa_jax.config import COSMETIC, Config, ConfigError, keys_of_kind
+from rsa_jax.config import RESUME_IGNORED as RESUME_IGNORED_KIND
 
-LOCK_FILE = ".lock"
 
-# Keys that may change between a run and its resume. Paths: the same files may be reached by
-# another path (a moved dataset, a relative path from another directory). Logging and checkpoint
-# cadence: what is printed or how often it is saved, never the trained values. The mesh: restore
-# reshards onto another device count or layout (elastic resume). Memory knobs (remat, the fused
-# head's chunk, gradient-accumulation microbatches, prefetch threads): the same maths computed in
-# another order, so a run that ran out of memory can resume with other values.
-RESUME_IGNORED: tuple[str, ...] = (
-    "train.resume",
-    "train.run_dir",
-    "model.path",
-    "data.path",
-    "stages.*.data_path",
-    "train.progress_bar",
-    "train.log_every",
-    "train.peak_tflops",
-    "train.report_to",
-    "train.eval_every",
-    "data.eval_path",
-    "checkpoint.every",
-    "checkpoint.keep",
-    "checkpoint.async_save",
-    "mesh.*",
-    "model.remat",
-    "train.chunk_size",
-    "train.head",
-    "optim.microbatches",
-    "data.read_threads",
-)
+class RunDir:
+    """The layout of a run directory: the one place its names are spelled.
+
+    >>> run = RunDir("runs/rsa")
+    >>> run.checkpoints, run.stage_policy(0)
+    ('/.../runs/rsa/checkpoints', '/.../runs/rsa/stages/0')
+    """
+
+    CONFIG = "config.json"
+    CHECKPOINTS = "checkpoints"
+    METRICS = "metrics.jsonl"
+    TENSORBOARD = "tensorboard"
+    STAGES = "stages"
+    CORRUPT = "corrupt"
+    EVAL = "eval.json"
+    LOCK = ".lock"
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(os.path.expanduser(str(path)))
+
+    def __repr__(self) -> str:
+        return f"RunDir({self.path!r})"
+
+    def __str__(self) -> str:
+        return self.path
+
+    def _join(self, *names: str) -> str:
+        return os.path.join(self.path, *names)
+
+    @property
+    def config_file(self) -> str:
+        return self._join(self.CONFIG)
+
+    @property
+    def checkpoints(self) -> str:
+        return self._join(self.CHECKPOINTS)
+
+    @property
+    def metrics_file(self) -> str:
+        return self._join(self.METRICS)
+
+    @property
+    def tensorboard(self) -> str:
+        return self._join(self.TENSORBOARD)
+
+    @property
+    def corrupt(self) -> str:
+        return self._join(self.CORRUPT)
+
+    @property
+    def eval_file(self) -> str:
+        return self._join(self.EVAL)
+
+    @property
+    def lock_file(self) -> str:
+        return self._join(self.LOCK)
+
+    def stage_policy(self, index: int) -> str:
+        """Where the policy a (non-final) stage ended with is kept: checkpoint retention never
+        deletes it, so RSA(P) can merge the stage-1 and final policies of one run."""
+        return self._join(self.STAGES, str(index))
+
+    # -- what is there ------------------------------------------------------------------
+    def has_config(self) -> bool:
+        return os.path.isfile(self.config_file)
+
+    def has_checkpoints(self) -> bool:
+        """A checkpoint was written here (a listed step; Orbax's temporary directories of saves
+        that never finished do not count)."""
+        directory = self.checkpoints
+        return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
+
+    def is_hf_model(self) -> bool:
+        """A Hugging Face model directory (safetensors weights), not a run directory."""
+        return (
+            os.path.isdir(self.path)
+            and not os.path.isdir(self.checkpoints)
+            and any(f.endswith(".safetensors") for f in os.listdir(self.path))
+        )
+
+    # -- config.json --------------------------------------------------------------------
+    def read_config(self) -> dict | None:
+        return saved_config(self.path)
+
+    def write_config(self, text: str) -> None:
+        write_config(self.path, text)
+
+    # -- the lock -----------------------------------------------------------------------
+    def lock(self) -> RunLock:
+        """Process 0 takes the run's lock, every process fails together when it cannot."""
+        return lock_run_dir(self.path)
+
+    def holder(self) -> str | None:
+        """Who trains in this directory now ("pid 12 on host h, started ..."), or None. Never
+        takes the lock nor creates anything (read-only directories work)."""
+        try:
+            fd = os.open(self.lock_file, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_holder(fd)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)  # closing releases a shared lock taken here
+        return None
+
+
+LOCK_FILE = RunDir.LOCK
+
+# Keys that may change between a run and its resume: those declared RESUME_IGNORED or COSMETIC
+# next to their field in `rsa_jax.config` (paths, logging, checkpoint cadence, the mesh, memory
+# knobs: what is printed, saved or reached differently, never the trained values).
+RESUME_IGNORED: tuple[str, ...] = tuple(keys_of_kind(RESUME_IGNORED_KIND, COSMETIC))
 
 
 class RunDirError(RuntimeError):
@@ -88,7 +185,7 @@ class RunLock:
 
     def __init__(self, run_dir: str, *, enabled: bool = True):
         self.run_dir = os.path.abspath(run_dir)
-        self.path = os.path.join(self.run_dir, LOCK_FILE)
+        self.path = RunDir(run_dir).lock_file
         self.enabled = enabled
         self._fd: int | None = None
 
@@ -231,19 +328,22 @@ def _show(value: Any) -> str:
 
 
 def mismatch_message(run_dir: str, saved: dict, new: dict, keys: list[str]) -> str:
+    """Which keys differ, both values and both ways out. The first line says it all (the CLI
+    prints first lines only): up to 3 keys there, every key on the lines below."""
     a, b = _flatten(saved), _flatten(new)
-    lines = [f"  {k}: {_show(a.get(k, _ABSENT))} -> {_show(b.get(k, _ABSENT))}" for k in keys]
+    shown = [f"{k}: {_show(a.get(k, _ABSENT))} -> {_show(b.get(k, _ABSENT))}" for k in keys]
+    more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
     return (
         f"{run_dir} holds a run trained with another config; {len(keys)} key(s) differ "
-        "(saved -> now):\n" + "\n".join(lines) + "\n"
-        f"To start afresh, use another train.run_dir or delete {run_dir}; to resume with the new "
-        "values anyway, add train.resume=force"
+        f"(saved -> now): {'; '.join(shown[:3])}{more}. To start afresh, use another "
+        f"train.run_dir or delete {run_dir}; to resume with the new values anyway, add "
+        "train.resume=force\n" + "\n".join(f"  {line}" for line in shown)
     )
 
 
 def saved_config(run_dir: str) -> dict | None:
     """The config a run directory was started with (`config.json`), or None for a new run."""
-    path = os.path.join(run_dir, "config.json")
+    path = RunDir(run_dir).config_file
     try:
         with open(path) as f:
             text = f.read()
@@ -264,7 +364,7 @@ def saved_config(run_dir: str) -> dict | None:
 def write_config(run_dir: str, text: str) -> None:
     """Writes `<run_dir>/config.json` atomically (a temporary file renamed over it), so a crash
     never leaves a half-written file that would block the next resume. Process 0 only."""
-    path = os.path.join(run_dir, "config.json")
+    path = RunDir(run_dir).config_file
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
@@ -273,19 +373,67 @@ def write_config(run_dir: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def check_resume(run_dir: str, new: dict, *, force: bool = False) -> list[str]:
-    """Compares `new` (a config dict) with the run's saved `config.json`.
+def check_resume(
+    run_dir: str, new: dict, *, force: bool = False, saved: dict | None = None
+) -> list[str]:
+    """Compares `new` (a config dict) with `saved`, the config the run's checkpoints were
+    trained with (the trainer passes the newest checkpoint's own; default: `config.json`).
 
     Returns the differing keys (empty for a new run or a match). Raises ConfigMismatch when
     some differ, unless `force`, in which case the caller logs them and resumes anyway.
     """
-    saved = saved_config(run_dir)
+    if saved is None:
+        saved = saved_config(run_dir)
     if saved is None:
         return []
     keys = config_diff(saved, new)
     if keys and not force:
         raise ConfigMismatch(mismatch_message(run_dir, saved, new, keys))
     return keys
+
+
+# ------------------------------------------------------------------------ checkpoint metadata
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointMeta:
+    """What a run's checkpoint says about itself, beside its arrays.
+
+    `stage`: the stage index; `stage_step`: optimizer steps of that stage taken; `done`: the
+    stage's final checkpoint; `rng`: the run's PRNG key data; `config`: the resolved config the
+    run was trained with (`to_json`'s structure; what resume compares and loading builds).
+    """
+
+    stage: int
+    stage_step: int
+    done: bool
+    rng: list
+    config: dict
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, meta: dict, where: str) -> CheckpointMeta:
+        """The record from a checkpoint's metadata; RunDirError naming `where` and the missing
+        or mistyped field otherwise."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        types = {"stage": int, "stage_step": int, "done": bool, "rng": list, "config": dict}
+        values = {}
+        for name in fields:
+            if name not in meta:
+                raise RunDirError(f"{where}: checkpoint metadata has no {name!r}")
+            if not isinstance(meta[name], types[name]):
+                raise RunDirError(
+                    f"{where}: checkpoint metadata field {name!r} should be "
+                    f"{types[name].__name__}, got {meta[name]!r}"
+                )
+            values[name] = meta[name]
+        return cls(**values)
+
+    def final(self, n_stages: int) -> bool:
+        """The run's last stage finished."""
+        return self.done and self.stage == n_stages - 1
 
 
 # ----------------------------------------------------------------------------------- paths
@@ -318,3 +466,79 @@ def absolute_paths(config: Config) -> Config:
     data = dataclasses.replace(config.data, path=_absolute(config.data.path))
     stages = [dataclasses.replace(s, data_path=_absolute(s.data_path)) for s in config.stages]
     return dataclasses.replace(config, model=model, data=data, stages=stages)
+
+
+# ----------------------------------------------------------------------------------- sources
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """A policy source resolved: a run directory (optionally one of its stages) or a Hugging
+    Face model directory. `text`: as the user gave it."""
+
+    text: str
+    path: str
+    kind: str  # "run" or "hf"
+    stage: str | None = None
+
+    @property
+    def run(self) -> RunDir:
+        return RunDir(self.path)
+
+
+class SourceError(FileNotFoundError):
+    """A model/policy argument that is not a usable run directory or Hugging Face directory."""
+
+
+def split_source(source: str) -> tuple[str, str | None]:
+    """`RUN@STAGE` -> (RUN, STAGE); anything else (a path that exists with its `@`) -> (source,
+    None)."""
+    path, sep, stage = source.rpartition("@")
+    if sep and path and stage and os.path.isdir(path) and not os.path.exists(source):
+        return path, stage
+    return source, None
+
+
+def resolve_source(text: str, *, what: str = "model", hf_ok: bool = True) -> Source:
+    """`RUN` (a run's final policy), `RUN@STAGE` (the policy stage STAGE, an index or a name,
+    ended with) or a Hugging Face directory (`hf_ok`). Raises SourceError saying what the path
+    is and what was expected, and ValueError naming the run's stages for an unknown STAGE."""
+    path, stage = split_source(text)
+    expected = "a run directory (train.run_dir), RUN@STAGE" + (
+        " or a Hugging Face model directory" if hf_ok else ""
+    )
+    if not os.path.exists(path):
+        raise SourceError(f"{what} {text!r} does not exist: pass {expected}")
+    if not os.path.isdir(path):
+        raise SourceError(f"{what} {text!r} is not a directory: pass {expected}")
+    run = RunDir(path)
+    if run.is_hf_model():
+        if not hf_ok:
+            raise SourceError(
+                f"{what} {path!r} is a Hugging Face model directory, not a run directory: pass "
+                "the train.run_dir of a run that `rsa-jax train` started"
+            )
+        if stage is not None:
+            raise SourceError(
+                f"{what} {text!r}: {path} is a Hugging Face model directory; @STAGE applies to "
+                "run directories"
+            )
+        return Source(text, run.path, "hf")
+    if not os.path.isdir(run.checkpoints):
+        if run.has_config():
+            raise SourceError(
+                f"{what} {path!r} has no {RunDir.CHECKPOINTS}/ yet: train it first (rsa-jax "
+                f"train CONFIG train.run_dir={path})"
+            )
+        raise SourceError(
+            f"{what} {path!r} is not a run directory (no {RunDir.CONFIG}, no "
+            f"{RunDir.CHECKPOINTS}/)"
+            + (" nor a Hugging Face model directory (no *.safetensors)" if hf_ok else "")
+            + f": pass {expected}"
+        )
+    if stage is not None:
+        saved = run.read_config()
+        names = [s.get("name") for s in (saved or {}).get("stages", [])]
+        if names and not (stage in names or (stage.isdigit() and int(stage) < len(names))):
+            raise ValueError(f"{what} {text!r}: no stage {stage!r}; the run's stages are {names}")
+    return Source(text, run.path, "run", stage)

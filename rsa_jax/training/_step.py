@@ -32,10 +32,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rsa_jax.config import Config, OptimConfig, StageConfig
+from rsa_jax.config import Config, OptimConfig, StageConfig, traced_fields
 from rsa_jax.losses import DEFAULT_CHUNK_SIZE, Kernel, LossHyper, fused_pair_loss, logits_pair_loss
 from rsa_jax.training._model import ModelDef
 from rsa_jax.training._optim import OptimHyper
+
+_TRACED_STAGE = traced_fields(StageConfig)
 
 BATCH_KEYS = ("input_ids", "positions", "attention_mask", "labels", "loss_mask")
 HEADS = ("fused", "logits")
@@ -66,9 +68,8 @@ class Hyper(NamedTuple):
         dropout_key: jax.Array | None = None,
     ) -> Hyper:
         return cls(
-            LossHyper.create(
-                risk=stage.risk, beta=stage.beta, alpha=stage.alpha, mu=stage.mu, gamma=stage.gamma
-            ),
+            # The stage's fields declared TRACED in `rsa_jax.config` (beta, alpha, mu, gamma).
+            LossHyper.create(risk=stage.risk, **{k: getattr(stage, k) for k in _TRACED_STAGE}),
             None if optim is None else OptimHyper.from_config(optim, total_steps),
             dropout_key,
         )

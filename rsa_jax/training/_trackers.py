@@ -18,6 +18,8 @@ import time
 import uuid
 from typing import Any, Protocol
 
+from rsa_jax.training._rundir import RunDir
+
 REPORT_TO = ("tensorboard", "wandb", "mlflow")
 DEFAULT_PROJECT = "rsa_jax"
 _EXTRA = {"wandb": "wandb", "mlflow": "mlflow"}  # the module each tracker imports
@@ -81,7 +83,7 @@ class TensorBoard:
     def __init__(self, run_dir: str):
         from tensorboardX import SummaryWriter
 
-        self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+        self.writer = SummaryWriter(RunDir(run_dir).tensorboard)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         for k, v in metrics.items():

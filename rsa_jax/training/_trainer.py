@@ -15,20 +15,24 @@ import json
 import logging
 import os
 
-import jax
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from jax.experimental import multihost_utils
 
 from rsa_jax.config import Config, from_json, to_json
 from rsa_jax.training._checkpoint import Checkpoints, CorruptCheckpoint, abstract_like
-from rsa_jax.training._control import StopSignal, check_finite
+from rsa_jax.training._control import StopSignal
 from rsa_jax.training._engine import Engine, Stage, steps_done
-from rsa_jax.training._logging import MetricsLog
 from rsa_jax.training._mesh import Layout, make_mesh
-from rsa_jax.training._rundir import absolute_paths, check_resume, lock_run_dir, write_config
-from rsa_jax.training._trackers import flatten
+from rsa_jax.training._run import Run
+from rsa_jax.training._rundir import (
+    CheckpointMeta,
+    RunDir,
+    RunDirError,
+    absolute_paths,
+    check_resume,
+    config_diff,
+)
 
 log = logging.getLogger(__name__)
 
@@ -40,47 +44,38 @@ class RunResult:
     params: dict | None  # final policy parameters (flat dict); None when preempted
 
 
-class _RunDir:
-    """The run directory's writers: checkpoints and the metrics log, and the global step."""
+class _Trainer:
+    """`train`'s side of a run: the run's writers (`Run`), where to start, and each stage's fit
+    with the run's hooks and its final save."""
 
     def __init__(self, engine: Engine, resolved: str, label: str | None = None):
         config = engine.config
-        self.engine, self.resolved = engine, resolved
-        self.ckpt = Checkpoints(
-            config.train.run_dir,
-            keep=config.checkpoint.keep,
-            async_save=config.checkpoint.async_save,
-        )
+        self.engine = engine
         model = engine.model.full or engine.model  # FLOPs: every weight, frozen ones too
         n_params = sum(int(np.prod(v.shape)) for v in model.abstract_params().values())
         peak = config.train.peak_tflops * 1e12 * engine.layout.mesh.size
-        self.metrics = MetricsLog(
+        self.run = Run(
+            config,
             config.train.run_dir,
-            progress=config.train.progress_bar,
-            flops_per_token=8.0 * n_params / peak if peak else 0.0,
+            resolved=resolved,
             label=label,
-            report_to=config.train.report_to,
-            params=flatten(json.loads(resolved)),
+            flops_per_token=8.0 * n_params / peak if peak else 0.0,
         )
-        self.global_step = 0
-        self.rng = np.asarray(jax.random.key_data(jax.random.key(config.train.seed))).tolist()
+        self.ckpt = self.run.ckpt
+
+    @property
+    def global_step(self) -> int:
+        return self.run.global_step
 
     def close(self) -> None:
-        self.ckpt.close()
-        self.metrics.close()
+        self.run.close()
 
     def save(self, stage: Stage, *, done: bool) -> None:
-        meta = dict(
-            stage=stage.index,
+        self.run.save(
+            stage.index,
+            stage.state,
             stage_step=steps_done(stage.state),
             done=done,
-            rng=self.rng,
-            config=json.loads(self.resolved),
-        )
-        self.ckpt.save(
-            self.global_step,
-            stage.state,
-            meta=meta,
             data_iter=stage.batches,
             reference=self.engine.saved_reference(stage),
         )
@@ -90,20 +85,25 @@ class _RunDir:
         newest usable checkpoint). A checkpoint that fails to restore is set aside by
         `Checkpoints` and the one before it is tried."""
         engine = self.engine
+        checked = False
         while (found := self.ckpt.latest_meta()) is not None:
-            step_id, meta = found
+            step_id, raw = found
+            meta = CheckpointMeta.from_dict(raw, f"{self.ckpt.directory}/{step_id}")
+            if not checked:  # the newest checkpoint's own config, whatever config.json says
+                self.check_resume(meta.config)
+                checked = True
             try:
-                if meta["done"]:  # between stages: the finished policy starts the next stage
+                if meta.done:  # between stages: the finished policy starts the next stage
                     state, _ = self.ckpt.restore(step_id, engine.abstract_state(), data_iter=None)
-                    run_dir, finished = engine.config.train.run_dir, meta["stage"]
+                    run_dir, finished = engine.config.train.run_dir, meta.stage
                     last = finished == len(engine.config.stages) - 1
                     if not last and not os.path.isdir(stage_policy_dir(run_dir, finished)):
                         # killed between the stage's last checkpoint and its policy copy
                         save_stage_policy(run_dir, finished, state.params)
-                    self.global_step = step_id
-                    log.info("resuming after stage %d (checkpoint %d)", meta["stage"], step_id)
-                    return meta["stage"] + 1, state.params, None
-                stage = engine.stage(meta["stage"], engine.initial)
+                    self.run.global_step = step_id
+                    log.info("resuming after stage %d (checkpoint %d)", meta.stage, step_id)
+                    return meta.stage + 1, state.params, None
+                stage = engine.stage(meta.stage, engine.initial)
                 saved_reference = engine.saved_reference(stage)
                 stage.state, reference = self.ckpt.restore(
                     step_id,
@@ -116,58 +116,36 @@ class _RunDir:
             except CorruptCheckpoint:
                 continue
             engine.restore_reference(stage, reference)
-            self.global_step = step_id
+            self.run.global_step = step_id
             log.info("resumed stage %d at step %d", stage.index, steps_done(stage.state))
             return stage.index, None, stage
         return 0, engine.initial, None
 
-    def run_stage(self, stage: Stage, stop: StopSignal) -> bool:
-        """Fits the stage with logging, periodic checkpoints and the stop flag; saves the
-        stage's final checkpoint. False when stopped by a signal before the stage's end."""
+    def check_resume(self, saved: dict) -> None:
+        """Refuses (ConfigMismatch) to resume checkpoints trained under another config, unless
+        `train.resume=force`; config.json is only rewritten by this run's first save."""
         config = self.engine.config
-        last_saved = None
-        eval_every = config.train.eval_every
-        heldout = self.engine.heldout_batches(stage.index) if eval_every else []
+        run_dir = config.train.run_dir
+        force = config.train.resume == "force"
+        differ = check_resume(run_dir, self.run.resolved, force=force, saved=saved)
+        if differ:
+            log.warning("resuming %s with other values of %s (train.resume=force)", run_dir, differ)
 
-        def on_step(stage: Stage, metrics, seconds, compile_seconds) -> bool:
-            nonlocal last_saved
-            self.global_step += 1
-            step = steps_done(stage.state)
-            # A NaN/inf loss or gradient norm stops the run before anything is saved.
-            check_finite(
-                {k: float(metrics[k]) for k in ("loss", "grad_norm")},
-                stage=stage.config.name,
-                step=step,
-                last_checkpoint=last_saved,
-            )
-            if compile_seconds > 0:
-                log.info("stage %d step %d compiled in %.1f s", stage.index, step, compile_seconds)
-            if step % config.train.log_every == 0 or step == stage.total:
-                metrics = {k: float(v) for k, v in metrics.items()}
-                if compile_seconds > 0:  # kept out of the step time and throughput
-                    metrics["compile_s"] = compile_seconds
-                tokens = metrics.pop("tokens")  # global, all hosts
-                pairs = config.data.batch_size  # global
-                self.metrics.log(
-                    stage.index, step, self.global_step, metrics, tokens, pairs, seconds
-                )
-            if eval_every and (step % eval_every == 0 or step == stage.total):
-                held = self.engine.evaluate(stage, heldout)
-                self.metrics.log_eval(stage.index, step, self.global_step, held)
-            every = config.checkpoint.every
-            if every and step % every == 0 and step < stage.total:
-                self.save(stage, done=False)
-                last_saved = self.global_step
-            if stop.raised and step < stage.total:
-                if last_saved != self.global_step:
-                    self.save(stage, done=False)
-                return True
-            return False
-
-        self.metrics.start_stage(
+    def run_stage(self, stage: Stage, stop: StopSignal) -> bool:
+        """Fits the stage with the run's hooks (guard, logging, held-out evaluation, periodic
+        checkpoints, the stop flag); saves the stage's final checkpoint. False when stopped by
+        a signal before the stage's end."""
+        config = self.engine.config
+        heldout = self.engine.heldout_batches(stage.index) if config.train.eval_every else []
+        hooks = self.run.hooks(
+            stop=stop,
+            save=lambda info: self.save(info.stage, done=False),
+            evaluate=lambda info: self.engine.evaluate(info.stage, heldout),
+        )
+        self.run.metrics.start_stage(
             stage.index, stage.config.name, stage.total, steps_done(stage.state)
         )
-        if not self.engine.fit(stage, on_step):
+        if not self.engine.fit(stage, hooks):
             self.ckpt.wait()
             log.warning(
                 "stopped by %s at stage %d step %d",
@@ -179,7 +157,7 @@ class _RunDir:
         self.save(stage, done=True)
         if stage.index < len(config.stages) - 1:
             save_stage_policy(config.train.run_dir, stage.index, stage.state.params)
-        self.metrics.end_stage()
+        self.run.metrics.end_stage()
         return True
 
 
@@ -206,22 +184,15 @@ def train(
     stop = StopSignal() if stop is None else stop
     with stop.installed():  # first: a signal during start-up is a clean stop too
         engine = Engine(absolute_paths(config), layout=layout, tx=tx)
-        with lock_run_dir(engine.config.train.run_dir):
+        with RunDir(engine.config.train.run_dir).lock():
             return _train_locked(engine, stop, label)
 
 
 def _train_locked(engine: Engine, stop: StopSignal, label: str | None) -> RunResult:
+    # Nothing is written before the run's first checkpoint (which writes config.json too): a
+    # run that fails before it leaves nothing that would block the corrected rerun.
     config = engine.config
-    run_dir = config.train.run_dir
-    resolved = to_json(config)
-    differ = check_resume(run_dir, json.loads(resolved), force=config.train.resume == "force")
-    if differ:
-        log.warning("resuming %s with other values of %s (train.resume=force)", run_dir, differ)
-    if jax.process_count() > 1:  # every process compared the same file before it is rewritten
-        multihost_utils.sync_global_devices("rsa_jax config checked")
-    if jax.process_index() == 0:  # one writer when several processes share the run directory
-        write_config(run_dir, resolved)
-    run = _RunDir(engine, resolved, label)
+    run = _Trainer(engine, to_json(config), label)
     try:
         first, policy, stage = run.starting_point()
         engine.check_stage_data(first)  # every later stage's data, before anything trains
@@ -246,7 +217,7 @@ def _train_locked(engine: Engine, stop: StopSignal, label: str | None) -> RunRes
 def stage_policy_dir(run_dir: str, index: int) -> str:
     """Where the policy a (non-final) stage ended with is kept: checkpoint retention never
     deletes it, so RSA(P) can merge the stage-1 and final policies of one run."""
-    return os.path.join(os.path.abspath(run_dir), "stages", str(index))
+    return RunDir(run_dir).stage_policy(index)
 
 
 def save_stage_policy(run_dir: str, index: int, params: dict) -> None:
@@ -306,37 +277,95 @@ def load_adapters(
     """(engine, the trained parameters as checkpointed): `load_policy` without the merge, so
     for a LoRA run the adapters (`engine.base` is the frozen base, `engine.model.lora` the
     spec: what `save_merged_hf` and `save_peft` take)."""
-    if config is None:
-        with open(os.path.join(run_dir, "config.json")) as f:
-            config = from_json(f.read())
-    if compute_dtype is not None:
-        model = dataclasses.replace(config.model, compute_dtype=compute_dtype)
-        config = dataclasses.replace(config, model=model)
-    if layout is None:
-        mesh = make_mesh(dataclasses.replace(config.mesh, data=-1, fsdp=1, tensor=1))
-        layout = Layout(mesh, config.mesh.rules)
-    engine = Engine(config, layout=layout, check_devices=False)
-    if stage is not None and (index := stage_index(config, stage)) < len(config.stages) - 1:
-        path = stage_policy_dir(run_dir, index)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"{run_dir}: stage {index} has not finished (no {path})")
-        checkpointer = ocp.StandardCheckpointer()
-        try:
-            return engine, checkpointer.restore(path, engine.model.abstract_params())
-        finally:
-            checkpointer.close()
+    run = RunDir(run_dir)
+    if (holder := run.holder()) is not None:
+        log.warning(
+            "%s is being trained now (%s): loading what its checkpoints hold at this moment",
+            run.path,
+            holder,
+        )
     # Read-only: export, eval and merge never move, write or delete anything in a run directory.
-    ckpt = Checkpoints(run_dir, keep=config.checkpoint.keep, async_save=False, read_only=True)
+    ckpt = Checkpoints(run.path, async_save=False, read_only=True)
     try:
-        while (found := ckpt.latest_meta()) is not None:
-            step_id, meta = found
-            if stage is not None and not (meta["done"] and meta["stage"] == len(config.stages) - 1):
-                raise FileNotFoundError(f"{run_dir}: the last stage has not finished")
+        found = ckpt.latest_meta()
+        if found is None:
+            raise FileNotFoundError(f"{run.path}: no usable checkpoint")
+        newest = CheckpointMeta.from_dict(found[1], f"{ckpt.directory}/{found[0]}")
+        if config is None:  # the run's own config, as its checkpoints recorded it
+            config = _checkpoint_config(run, newest)
+        if compute_dtype is not None:
+            model = dataclasses.replace(config.model, compute_dtype=compute_dtype)
+            config = dataclasses.replace(config, model=model)
+        if layout is None:
+            mesh = make_mesh(dataclasses.replace(config.mesh, data=-1, fsdp=1, tensor=1))
+            layout = Layout(mesh, config.mesh.rules)
+        engine = Engine(config, layout=layout, check_devices=False)
+        n_stages = len(config.stages)
+        if stage is not None and (index := stage_index(config, stage)) < n_stages - 1:
+            path = run.stage_policy(index)
+            if not os.path.isdir(path):
+                raise FileNotFoundError(f"{run.path}: stage {index} has not finished (no {path})")
+            checkpointer = ocp.StandardCheckpointer()
+            try:
+                return engine, checkpointer.restore(path, engine.model.abstract_params())
+            finally:
+                checkpointer.close()
+        while found is not None:
+            step_id, raw = found
+            meta = CheckpointMeta.from_dict(raw, f"{ckpt.directory}/{step_id}")
+            if stage is not None and not meta.final(n_stages):
+                raise FileNotFoundError(f"{run.path}: the last stage has not finished")
             try:
                 state, _ = ckpt.restore(step_id, engine.abstract_state(), data_iter=None)
             except CorruptCheckpoint:
+                found = ckpt.latest_meta()
                 continue
+            if not meta.final(n_stages):
+                log.warning(
+                    "%s has not finished: loading checkpoint %d (stage %d, step %d%s), not a "
+                    "final policy",
+                    run.path,
+                    step_id,
+                    meta.stage,
+                    meta.stage_step,
+                    ", done" if meta.done else "",
+                )
             return engine, state.params
-        raise FileNotFoundError(f"{run_dir}: no usable checkpoint")
+        raise FileNotFoundError(f"{run.path}: no usable checkpoint")
     finally:
         ckpt.close()
+
+
+def run_config(run_dir: str) -> Config:
+    """The config a run's newest usable checkpoint was trained with (`config.json` is only its
+    readable copy; an edited one is not used)."""
+    run = RunDir(run_dir)
+    ckpt = Checkpoints(run.path, async_save=False, read_only=True)
+    try:
+        found = ckpt.latest_meta()
+    finally:
+        ckpt.close()
+    if found is None:
+        raise FileNotFoundError(f"{run.path}: no usable checkpoint")
+    return _checkpoint_config(
+        run, CheckpointMeta.from_dict(found[1], f"{ckpt.directory}/{found[0]}")
+    )
+
+
+def _checkpoint_config(run: RunDir, meta: CheckpointMeta) -> Config:
+    """The config a checkpoint was trained with; a `config.json` that says otherwise (edited
+    by hand) is named in a warning and not used."""
+    config = from_json(json.dumps(meta.config))
+    try:
+        written = run.read_config()
+    except RunDirError as e:
+        log.warning("%s; using the checkpoint's own config", e)
+        return config
+    if written is not None and (differ := config_diff(meta.config, written, ignore=())):
+        log.warning(
+            "%s differs from the config its checkpoints were trained with (%s); using the "
+            "checkpoint's",
+            run.config_file,
+            ", ".join(differ[:5]) + (" ..." if len(differ) > 5 else ""),
+        )
+    return config

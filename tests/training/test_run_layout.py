@@ -1,0 +1,105 @@
+"""The run directory's layout has one owner: each of its file and folder names is spelled in
+`rsa_jax/training/_rundir.py` (`RunDir`) and nowhere else in the package. (`rsa_jax/models`
+is left out: it writes Hugging Face directories, whose own `config.json` is another file.)"""
+
+import ast
+import os
+
+import pytest
+
+from rsa_jax.training import RunDir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+PACKAGE = os.path.join(ROOT, "rsa_jax")
+NAMES = [
+    RunDir.CONFIG,
+    RunDir.CHECKPOINTS,
+    RunDir.METRICS,
+    RunDir.TENSORBOARD,
+    RunDir.STAGES,
+    RunDir.CORRUPT,
+    RunDir.EVAL,
+    RunDir.LOCK,
+]
+
+
+def _modules():
+    for folder, _, files in os.walk(PACKAGE):
+        if os.path.relpath(folder, PACKAGE).split(os.sep)[0] == "models":
+            continue
+        for name in files:
+            if name.endswith(".py"):
+                yield os.path.join(folder, name)
+
+
+PATH_FUNCTIONS = {
+    "join", "open", "Path", "exists", "isdir", "isfile", "makedirs", "listdir", "rmtree",
+    "remove", "glob", "SummaryWriter", "joinpath",
+}  # fmt: skip
+
+
+def _callee(node: ast.Call) -> str:
+    func = node.func
+    return func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+
+
+def _path_like_strings(tree: ast.AST):
+    """String constants used as parts of paths: arguments of os.path.join / open / Path, operands
+    of `/`, constants given a name, any constant with a file extension or a slash, and literal
+    parts of f-strings."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign | ast.AnnAssign):
+            if isinstance(node.value, ast.Constant) and isinstance(node.value.value, str):
+                yield node.value.value
+        elif isinstance(node, ast.Call) and _callee(node) in PATH_FUNCTIONS:
+            for arg in node.args:
+                if isinstance(arg, ast.Constant) and isinstance(arg.value, str):
+                    yield arg.value
+        elif isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div):
+            for side in (node.left, node.right):
+                if isinstance(side, ast.Constant) and isinstance(side.value, str):
+                    yield side.value
+        elif isinstance(node, ast.JoinedStr):
+            for part in node.values:
+                if isinstance(part, ast.Constant) and isinstance(part.value, str):
+                    yield from part.value.split("/")
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            if "." in node.value or "/" in node.value:
+                yield from node.value.split("/")
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    ids = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                ids.add(id(body[0].value))
+    return ids
+
+
+def _spelled_in(name: str) -> list[str]:
+    found = []
+    for path in _modules():
+        with open(path) as f:
+            tree = ast.parse(f.read(), path)
+        docs = _docstrings(tree)
+        for node in ast.walk(tree):  # a docstring may name the file: that is prose, not layout
+            if id(node) in docs:
+                node.value = ""
+        if name in set(_path_like_strings(tree)):
+            found.append(os.path.relpath(path, ROOT))
+    return found
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_run_directory_name_is_spelled_in_one_module(name):
+    assert _spelled_in(name) == [os.path.join("rsa_jax", "training", "_rundir.py")]
+
+
+def test_the_scan_sees_a_path_literal_outside_the_owner(tmp_path, monkeypatch):
+    # The check would catch a stray literal (it is not vacuous).
+    stray = tmp_path / "stray.py"
+    stray.write_text('import os\nx = os.path.join("run", "metrics.jsonl")\n')
+    tree = ast.parse(stray.read_text())
+    assert "metrics.jsonl" in set(_path_like_strings(tree))
