@@ -60,7 +60,7 @@ def test_eval_path_and_the_settings_are_checked(tmp_path):
     assert len(engine.heldout_batches(1)) == 2
     with pytest.raises(ConfigError, match="train.eval_every: needs held-out pairs"):
         _config(tmp_path, "train.eval_every=1")
-    with pytest.raises(ConfigError, match="eval_fraction must lie in"):
+    with pytest.raises(ConfigError, match="data.eval_fraction: must lie in"):
         _config(tmp_path, "data.eval_fraction=1.5")
     tiny = Engine(_config(tmp_path, "data.eval_fraction=0.1"), check_devices=False)
     with pytest.raises(ValueError, match="2 held-out pairs, fewer than one batch"):
