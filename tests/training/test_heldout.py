@@ -67,6 +67,7 @@ def test_eval_path_and_the_settings_are_checked(tmp_path):
         tiny.heldout_batches(0)
 
 
+@pytest.mark.slow  # a whole tiny run; tests/training/test_trackers.py checks the same records
 def test_eval_every_logs_eval_records_beside_the_training_ones(tmp_path):
     config = _config(tmp_path, "data.eval_fraction=0.34", "train.eval_every=2")
     train(config)
