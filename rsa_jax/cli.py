@@ -1,5 +1,5 @@
-"""`rsa-jax` (and `python -m rsa_jax`): train, compile, sweep, eval, frontier, demo, merge,
-export, toy-data, check-config.
+"""`rsa-jax` (and `python -m rsa_jax`): train, compile, sweep, eval, generate, frontier, demo,
+merge, export, toy-data, check-config.
 
 rsa-jax train configs/rsa_cvar.yaml model.path=/models/sft train.run_dir=runs/rsa stages.1.beta=0.05
 rsa-jax compile configs/rsa_cvar.yaml --topology v5p-8 model.path=llama-2-7b mesh.fsdp=4 mesh.data=1
@@ -202,7 +202,6 @@ def _cmd_eval(args) -> int:
         results_table,
         sample_rows,
         tail_metrics,
-        training_template,
         write_results,
         write_samples,
     )
@@ -214,7 +213,7 @@ def _cmd_eval(args) -> int:
         task = SafetyTask()
         scorer = OracleScorer(task)
         prompts = read_prompts(args.prompts) if args.prompts else task.split_prompts(seed=0)[1]
-        template = args.template or TEMPLATE
+        template = TEMPLATE
     else:
         if not ((args.scorer or args.judge) and args.prompts):
             raise SystemExit(
@@ -250,7 +249,7 @@ def _cmd_eval(args) -> int:
                 raise SystemExit(f"eval: {e}") from None
         else:
             scorer = load_scorer(args.scorer)
-        template = args.template
+        template = None  # each model's own: _model_template
     try:
         mesh = mesh_from_text(args.mesh) if args.mesh else None  # None: each model's own mesh
     except ValueError as e:
@@ -258,25 +257,22 @@ def _cmd_eval(args) -> int:
     if args.memory_gb is not None and not args.memory_gb > 0:
         raise SystemExit(f"eval --memory-gb: must be > 0, got {args.memory_gb}")
     budget = int(args.memory_gb * 2**30) if args.memory_gb else None
-    reference = load_model(args.reference, mesh)[0] if args.reference else None
+    reference = None
+    if args.reference:
+        reference = load_model(args.reference, mesh, compute_dtype=args.dtype)[0]
     recording = RecordingScorer(scorer)
     rows, per_sample, texts = {}, {}, []
     for path in args.models:
         name = os.path.basename(os.path.normpath(path))
         # A run is evaluated with the template it trained with (data.template; None: the chat
-        # template); --template overrides it, with a warning when they differ.
-        model_template = template
-        is_run, trained = training_template(path)
-        if is_run and args.task is None:
-            if template is not None and template != trained:
-                print(f"{name}: --template {template!r} differs from the run's {trained!r}")
-            model_template = trained if template is None else template
+        # template); --template overrides it.
+        model_template = _model_template(path, args.template, template)
         print(
             f"{name}: {len(prompts)} prompts x {args.samples} samples, template "
             f"{model_template if model_template is not None else 'the chat template'}",
             flush=True,
         )
-        model, tokenizer = load_model(path, mesh)
+        model, tokenizer = load_model(path, mesh, compute_dtype=args.dtype)
         scores, samples = evaluate_model(
             model,
             tokenizer,
@@ -310,6 +306,88 @@ def _cmd_eval(args) -> int:
     print(results_table(rows))
     print(f"wrote {', '.join(sorted(os.path.basename(p) for p in written.values()))} to {args.out}")
     return 0
+
+
+def _generation_end_ids(path: str, tokenizer) -> tuple[int, ...]:
+    """The tokenizer's EOS plus a Hugging Face directory's generation_config.json end ids (a
+    run: its model.path's), which some chat models use to end a turn."""
+    import json
+
+    from rsa_jax.generate import end_ids
+    from rsa_jax.training import split_source
+
+    path = split_source(path)[0]
+    if os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(
+        os.path.join(path, "checkpoints")
+    ):
+        with open(os.path.join(path, "config.json")) as f:
+            path = json.load(f)["model"]["path"]
+    extra: list[int] = []
+    generation = os.path.join(path, "generation_config.json")
+    if os.path.isfile(generation):
+        with open(generation) as f:
+            eos = json.load(f).get("eos_token_id")
+        extra = [eos] if isinstance(eos, int) else list(eos or [])
+    return end_ids(tokenizer, extra)
+
+
+def _cmd_generate(args) -> int:
+    import json
+
+    from rsa_jax.eval import load_model, read_prompts
+    from rsa_jax.generate import generate_text
+
+    prompts = list(args.prompt) if args.prompt else read_prompts(args.prompts)
+    model, tokenizer = load_model(args.model, stage=args.stage, compute_dtype=args.dtype)
+    out = sys.stdout if args.out in (None, "-") else open(args.out, "w", encoding="utf-8")
+    fmt = args.format or ("jsonl" if args.out not in (None, "-") else "text")
+    several = len(prompts) * args.samples > 1
+
+    def write(c) -> None:
+        if fmt == "jsonl":
+            record = {
+                "prompt_index": c.prompt_index,
+                "sample": c.sample_index,
+                "prompt": c.prompt,
+                "text": c.text,
+                "tokens": len(c.tokens),
+                "finished": c.finished,
+            }
+            out.write(json.dumps(record, ensure_ascii=False) + "\n")
+        else:
+            if several:
+                out.write(f"--- prompt {c.prompt_index}, sample {c.sample_index}\n")
+            out.write(c.text + ("\n" if c.finished else " [max tokens]\n"))
+        out.flush()
+
+    options = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "batch_size")
+    given = {k: getattr(args, k) for k in options if getattr(args, k) is not None}
+    try:
+        generate_text(
+            model,
+            tokenizer,
+            prompts,
+            template=_model_template(args.model, args.template, None),
+            n=args.samples,
+            eos_ids=_generation_end_ids(args.model, tokenizer),
+            on_completion=write,
+            **given,
+        )
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    if out is not sys.stdout:
+        print(f"wrote {len(prompts) * args.samples} completions to {args.out}", file=sys.stderr)
+    return 0
+
+
+def _model_template(path: str, explicit: str | None, default: str | None) -> str | None:
+    """How prompts are formatted for the model at `path` (eval and generate): `--template`;
+    else a run's own training template (`data.template`; null there: its chat template); else
+    `default` (the task's template; None: the model's chat template)."""
+    from rsa_jax.eval import source_template
+
+    return source_template(path, explicit, default)
 
 
 def _cmd_sweep(args) -> int:
@@ -352,6 +430,7 @@ def _cmd_demo(args) -> int:
         configs_dir=args.configs,
         task_file=args.task,
         constraints=tuple(args.constraint),
+        report_to=tuple(args.report_to),
     )
     if args.quick:  # a smoke run: every part once, two betas, one merge per two-stage method
         demo = dataclasses.replace(
@@ -398,6 +477,8 @@ _EXAMPLES = {
     "export": "rsa-jax export runs/rsa out/rsa_stage0 --stage 0 --dtype bfloat16",
     "eval": "rsa-jax eval runs/demo/seed0/SACPO runs/demo/seed0/RSA-CVaR --task safety \\\n"
     "    --reference runs/demo/seed0/sft --samples 32 --max-new-tokens 20 --out runs/eval",
+    "generate": "rsa-jax generate artifacts/smollm2-135m --prompt 'What is a haiku?' \\\n"
+    "    --max-new-tokens 64 --temperature 0",
     "sweep": "rsa-jax sweep configs/sweeps/tiny_risks.yaml --dry-run",
     "frontier": "rsa-jax frontier runs/demo --constraint catastrophic_rate<=0.01 \\\n"
     "    --out runs/frontier",
@@ -436,6 +517,15 @@ def _add_export_options(p: argparse.ArgumentParser) -> None:
         default="5GB",
         help="split the weights into shards of at most this size, e.g. 2GB or 500MB, with a "
         "model.safetensors.index.json (default: 5GB)",
+    )
+
+
+def _add_dtype_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        help="compute dtype (default: a run's model.compute_dtype, float32 for a Hugging Face "
+        "directory); the weights are float32 either way",
     )
 
 
@@ -574,8 +664,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--template",
         help="prompt template with {prompt}; default: a run's own training template, else the "
-        "chat template",
+        "task's, else the model's chat template",
     )
+    _add_dtype_option(p)
     p.add_argument("--samples", type=int, default=16, help="samples per prompt (N)")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of prompts")
@@ -592,6 +683,35 @@ def build_parser() -> argparse.ArgumentParser:
         "--memory-gb", type=float, help="memory per device for one batch (default: half the free)"
     )
     p.set_defaults(fn=_cmd_eval)
+
+    # Defaults None: generate_text's own (rsa_jax.generate; the help repeats them, and
+    # tests/test_generate_cli.py checks that it does), without importing JAX for --help.
+    p = command("generate", "sample answers to prompts from a run or a Hugging Face directory")
+    p.add_argument("model", help="a run directory, RUN@STAGE, or a Hugging Face model directory")
+    p.add_argument("--stage", help="a run's policy at the end of this stage (index or name)")
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    prompt.add_argument("--prompts", help="JSON Lines (field 'prompt') or text, one per line")
+    p.add_argument(
+        "--template",
+        help="prompt template with {prompt}; default: a run's own training template, else the "
+        "model's chat template",
+    )
+    p.add_argument("--temperature", type=float, help="0: greedy (default 0.7)")
+    p.add_argument("--top-p", type=float, help="nucleus mass (default 0.95)")
+    p.add_argument("--top-k", type=int, help="keep the k most likely (default 0: off)")
+    p.add_argument("--max-new-tokens", type=int, help="most tokens per answer (default 256)")
+    p.add_argument("--samples", "-n", type=int, default=1, help="samples per prompt (default 1)")
+    p.add_argument("--seed", type=int, help="row r samples with fold_in(key(seed), r) (default 0)")
+    p.add_argument("--batch-size", type=int, help="rows sampled at once (default 32)")
+    _add_dtype_option(p)
+    p.add_argument("--out", help="write here instead of stdout (JSON Lines unless --format text)")
+    p.add_argument(
+        "--format",
+        choices=["text", "jsonl"],
+        help="text (default on stdout) or one JSON object per answer (default with --out)",
+    )
+    p.set_defaults(fn=_cmd_generate)
 
     p = command("sweep", "train the variants of a sweep file, then one results table")
     p.add_argument("sweep", help="sweep YAML (configs/sweeps/)")
@@ -630,6 +750,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     p.add_argument("--task", help="task settings YAML (configs/tasks/); default: the built-in task")
     p.add_argument("--configs", default="configs", help="directory of the method configs")
+    p.add_argument(
+        "--report-to",
+        nargs="+",
+        default=[],
+        choices=["tensorboard", "wandb", "mlflow"],
+        help="experiment trackers of every run (train.report_to); wandb/mlflow also get the "
+        "frontier report and plots as artifacts",
+    )
     p.set_defaults(fn=_cmd_demo)
 
     p = command("toy-data", "write synthetic PKU-SafeRLHF-schema rows (smoke tests)")
@@ -685,6 +813,21 @@ def _check_arguments(args) -> None:
             )
         if args.prompt_limit is not None and args.prompt_limit < 1:
             raise CommandLineError(f"--prompt-limit must be >= 1, got {args.prompt_limit}")
+    if args.command == "generate":
+        if not os.path.exists(args.model) and not os.path.isdir(args.model.rpartition("@")[0]):
+            raise CommandLineError(
+                f"model {args.model!r} does not exist: pass a run directory, RUN@STAGE or a "
+                "Hugging Face model directory"
+            )
+        if args.prompts and not os.path.isfile(args.prompts):
+            raise CommandLineError(f"--prompts {args.prompts!r}: no such file")
+        for name in ("samples", "max_new_tokens", "batch_size"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
+                raise CommandLineError(f"--{name.replace('_', '-')} must be >= 1")
+        if args.top_p is not None and not 0 < args.top_p <= 1:
+            raise CommandLineError(f"--top-p must lie in (0, 1], got {args.top_p}")
+        if args.temperature is not None and args.temperature < 0:
+            raise CommandLineError(f"--temperature must be >= 0 (0 is greedy): {args.temperature}")
     if args.command == "sweep" and not os.path.isfile(args.sweep):
         raise CommandLineError(f"sweep file {args.sweep!r} does not exist")
 

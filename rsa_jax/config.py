@@ -22,7 +22,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from rsa_jax.data import DataConfig
+from rsa_jax.data import VIEWS, DataConfig
 from rsa_jax.losses import DEFAULT_CHUNK_SIZE, DEFAULTS, Kernel, KernelError, check_mu
 from rsa_jax.models import ATTENTION_CHOICES, PROJECTIONS, STORAGES
 
@@ -33,6 +33,7 @@ HEADS = ("fused", "logits")
 _KERNEL = Kernel()  # defaults of the kernel fields
 DTYPES = ("float32", "bfloat16")
 MESH_AXES = ("data", "fsdp", "tensor")
+REPORT_TO = ("tensorboard", "wandb", "mlflow")  # train.report_to (rsa_jax.training's trackers)
 
 
 class ConfigError(ValueError):
@@ -112,8 +113,9 @@ class ModelConfig:
 @dataclasses.dataclass(frozen=True)
 class StageConfig:
     name: str = _kind(LABEL, "stage")
-    # Which side of a PKU-SafeRLHF row is chosen: "helpfulness", "safety" or "pairs" (generic).
-    view: str = "helpfulness"
+    # This stage's view of its rows (see data.view: auto, pairs, helpfulness, safety); null:
+    # data.view. Needed only to pick a PKU-SafeRLHF side ("safety" for a safety stage).
+    view: str | None = None
     # Data file of this stage; empty means `data.path`.
     data_path: str = _kind(RESUME_IGNORED, "")
     # Pair loss and one-step risk functional, chosen by name (rsa_jax.losses.LOSSES, RISKS).
@@ -219,6 +221,13 @@ class TrainConfig:
     # its compiled steps instead of compiling again. "auto": $XDG_CACHE_HOME/rsa_jax/jax_cache
     # (~/.cache/rsa_jax/jax_cache); "": off. Changes nothing trained.
     compilation_cache_dir: str = _kind(COSMETIC, "auto")
+    # Experiment trackers (TRL's spelling) besides metrics.jsonl: tensorboard, wandb, mlflow
+    # (the last two: pip install -e '.[tracking]'; configured by their own environment
+    # variables, docs/tracking.md). [] for metrics.jsonl alone.
+    report_to: list[str] = _kind(COSMETIC, factory=lambda: ["tensorboard"])
+    # Evaluate on the held-out pairs (data.eval_path or data.eval_fraction) every this many
+    # steps of a stage and at its end, logged as eval/* beside the training metrics; 0: never.
+    eval_every: int = _kind(COSMETIC, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -546,8 +555,8 @@ def validate(config: Config, device_count: int | None = None) -> None:
             _fail(f"{k}.reference", f"must be one of {REFERENCES}, got {s.reference!r}")
         if i == 0 and s.follows_previous:
             _fail(f"{k}.reference", "the first stage has no previous stage; use 'init'")
-        if s.view not in ("helpfulness", "safety", "pairs"):
-            _fail(f"{k}.view", f"must be helpfulness, safety or pairs, got {s.view!r}")
+        if s.view is not None and s.view not in VIEWS:
+            _fail(f"{k}.view", f"must be one of {', '.join(VIEWS)} or null, got {s.view!r}")
         if s.beta <= 0:
             _fail(f"{k}.beta", f"must be > 0, got {s.beta}")
         try:
@@ -622,6 +631,13 @@ def validate(config: Config, device_count: int | None = None) -> None:
         _fail("train.peak_tflops", f"must be >= 0 (0: MFU not logged), got {t.peak_tflops}")
     if not t.run_dir:
         _fail("train.run_dir", "must not be empty")
+    if t.eval_every < 0:
+        _fail("train.eval_every", f"must be >= 0 (0: no held-out evaluation), got {t.eval_every}")
+    if t.eval_every and not (config.data.eval_path or config.data.eval_fraction):
+        _fail("train.eval_every", "needs held-out pairs: set data.eval_path or data.eval_fraction")
+    unknown = [r for r in t.report_to if r not in REPORT_TO]
+    if unknown:
+        _fail("train.report_to", f"unknown {unknown}: choose among {', '.join(REPORT_TO)}")
     if not config.model.path:
         _fail("model.path", "must not be empty (a local Hugging Face directory, or 'tiny')")
     if device_count is not None:
@@ -680,9 +696,12 @@ def load_config_dict(values: dict) -> Config:
 
 
 def stage_data(config: Config, stage: StageConfig) -> DataConfig:
-    """The data options of one stage: its view and, if set, its own file."""
+    """The data options of one stage: its view (data.view unless it sets its own) and, if set,
+    its own file."""
     return dataclasses.replace(
-        config.data, view=stage.view, path=stage.data_path or config.data.path
+        config.data,
+        view=config.data.view if stage.view is None else stage.view,
+        path=stage.data_path or config.data.path,
     )
 
 
@@ -696,6 +715,11 @@ def check_data_files(config: Config) -> None:
         if not os.path.exists(path):
             key = f"stages.{i}.data_path" if stage.data_path else "data.path"
             _fail(key, f"{path!r} does not exist")
+
+
+def stage_view_key(config: Config, index: int) -> str:
+    """The dotted key that decides stage `index`'s view: what an error tells the user to set."""
+    return "data.view" if config.stages[index].view is None else f"stages.{index}.view"
 
 
 def config_files(directory: str = "configs") -> list[str]:

@@ -97,6 +97,9 @@ class DemoConfig:
     eval_max_tokens: int = 20
     n_boot: int = 1000
     extra_overrides: tuple[str, ...] = ()
+    # Experiment trackers (train.report_to) of every training run; wandb / mlflow also get the
+    # frontier report and plots as artifacts of the demo's own tracker run.
+    report_to: tuple[str, ...] = ()
 
     def __post_init__(self):
         from rsa_jax.config import check_finite
@@ -180,7 +183,7 @@ def method_config(
 ):
     """The method's config file with the demo's sizes, paths and learning rate, the method's
     own overrides (`METHODS`), then `extra` (the swept beta) and `demo.extra_overrides`."""
-    from rsa_jax.config import load_config
+    from rsa_jax.config import load_config, stage_data
 
     task = demo_task(demo)
     overrides = [
@@ -206,8 +209,13 @@ def method_config(
         "mesh.data=-1",
     ]
     path = os.path.join(demo.configs_dir, METHODS[method].config)
-    for i, stage in enumerate(load_config(path, check=False).stages):
-        overrides.append(f"stages.{i}.data_path={paths[stage.view]}")
+    file_config = load_config(path, check=False)
+    for i, stage in enumerate(file_config.stages):
+        view = stage_data(file_config, stage).view
+        # "auto" reads the task's PKU-SafeRLHF-schema rows by better_response_id: helpfulness.
+        overrides.append(f"stages.{i}.data_path={paths['helpfulness' if view == 'auto' else view]}")
+    if demo.report_to:
+        overrides.append(f"train.report_to=[{','.join(demo.report_to)}]")
     overrides += [*METHODS[method].overrides, *extra, *demo.extra_overrides]
     return load_config(path, overrides)
 
@@ -526,6 +534,13 @@ def run_demo(demo: DemoConfig) -> dict:
         raise RuntimeError(f"demo: the frontier report failed (exit status {status}; see above)")
     with open(os.path.join(frontier_dir, "frontier.json")) as f:
         frontier = json.load(f)
+    trackers = [t for t in demo.report_to if t != "tensorboard"]
+    if trackers:  # the frontier report and plots as artifacts of the demo's own tracker run
+        from rsa_jax.training import log_artifacts
+
+        names = sorted(os.listdir(frontier_dir))
+        paths = [os.path.join(frontier_dir, n) for n in names]
+        log_artifacts(trackers, demo.out_dir, paths, folder="frontier")
     _say(
         f"\n{len(demo.seeds)} seed(s) in {clock} (load average {os.getloadavg()[0]:.1f}); "
         f"frontier report and plots in {frontier_dir}/, single-point table and plots in "

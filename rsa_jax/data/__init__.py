@@ -1,8 +1,15 @@
 """Preference-pair data: sources and stage views, tokenisation, static batches, Grain pipelines."""
 
-from rsa_jax.data._config import DataConfig
+from rsa_jax.data._config import VIEWS, DataConfig
 from rsa_jax.data._pipeline import host_rows, make_pair_dataset, make_pair_iterator
-from rsa_jax.data._sources import DataError, DataReport, PairRecord, load_pairs, row_to_pair
+from rsa_jax.data._sources import (
+    DataError,
+    DataReport,
+    PairRecord,
+    load_pairs,
+    resolve_view,
+    row_to_pair,
+)
 from rsa_jax.data._text import TextEncoder, control_tokens
 from rsa_jax.data._tiny_tokenizer import train_bpe_tokenizer
 from rsa_jax.data._tokenize import (
@@ -17,6 +24,7 @@ from rsa_jax.data._tokenize import (
 from rsa_jax.data._toy import write_toy_data
 
 __all__ = [
+    "VIEWS",
     "DataConfig",
     "DataError",
     "DataReport",
@@ -34,6 +42,7 @@ __all__ = [
     "make_pair_dataset",
     "make_pair_iterator",
     "padding_efficiency",
+    "resolve_view",
     "row_to_pair",
     "train_bpe_tokenizer",
     "write_toy_data",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-VIEWS = ("helpfulness", "safety", "pairs")
+VIEWS = ("auto", "pairs", "helpfulness", "safety")
 FORMATS = ("auto", "jsonl", "parquet", "arrow_dir")
 ON_ERROR = ("raise", "skip")
 
@@ -19,9 +19,11 @@ class DataConfig:
     path: str = dataclasses.field(default="", metadata={"kind": "resume_ignored"})
     # "auto" picks by suffix (.jsonl/.json, .parquet) or directory (arrow_dir).
     format: str = "auto"
-    # "helpfulness": chosen = better_response_id; "safety": chosen = safer_response_id
-    # (PKU-SafeRLHF schema); "pairs": the generic prompt/chosen/rejected schema.
-    view: str = "helpfulness"
+    # Which response of a row is chosen. "auto": TRL's prompt/chosen/rejected schema as given,
+    # a PKU-SafeRLHF row by its better_response_id (as "helpfulness"); "pairs": TRL's schema
+    # only; "helpfulness" / "safety": PKU-SafeRLHF rows, chosen = better_response_id /
+    # safer_response_id. A stage's own `view` (stages.N.view) takes precedence when set.
+    view: str = "auto"
     # Prompt template with a `{prompt}` field, e.g. SACPO's
     # "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:". None: the tokenizer's chat template.
     template: str | None = None
@@ -55,6 +57,11 @@ class DataConfig:
     # "raise": bad rows stop with an error naming file, line and field. "skip": they are skipped,
     # counted per reason and reported.
     on_error: str = "raise"
+    # Held-out pairs for evaluation during training (train.eval_every), read under each stage's
+    # view: a file of their own, or ...
+    eval_path: str = dataclasses.field(default="", metadata={"kind": "resume_ignored"})
+    # ... this fraction of each stage's pairs, drawn with `seed` and left out of training.
+    eval_fraction: float = 0.0
 
     def __post_init__(self):
         checks = [
@@ -73,6 +80,14 @@ class DataConfig:
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.read_threads >= 0, f"read_threads must be >= 0, got {self.read_threads}"),
             (self.sort_window >= 1, f"sort_window must be >= 1, got {self.sort_window}"),
+            (
+                0 <= self.eval_fraction < 1,
+                f"eval_fraction must lie in [0, 1), got {self.eval_fraction}",
+            ),
+            (
+                not (self.eval_path and self.eval_fraction),
+                "eval_path and eval_fraction are two ways to hold pairs out: set one",
+            ),
             (
                 self.template is None or "{prompt}" in self.template,
                 f"template must contain '{{prompt}}', got {self.template!r}",

@@ -1,9 +1,13 @@
 """Reading preference rows from JSON Lines, Parquet and `save_to_disk` directories, and the views.
 
 A row is validated against its schema and turned into a `PairRecord` by the stage's view:
+  auto:        TRL's schema as pairs, a PKU-SafeRLHF row as helpfulness (the default)
+  pairs:       chosen / rejected as given              (TRL's prompt/chosen/rejected schema)
   helpfulness: chosen = response[better_response_id]   (PKU-SafeRLHF schema)
   safety:      chosen = response[safer_response_id]    (PKU-SafeRLHF schema)
-  pairs:       chosen / rejected as given              (generic schema)
+TRL's schema takes strings or message lists, with an explicit `prompt` or, for message lists,
+the implicit prompt (the turns `chosen` and `rejected` share before their last message). A row
+whose schema does not fit an explicit view is an error that names the view to set.
 Bad rows raise `DataError` naming file, line and field, or with `on_error="skip"` are skipped and
 counted. Rows that are not preferences (identical responses, a null label) are always dropped and
 counted: nothing is dropped silently.
@@ -55,9 +59,13 @@ class DataReport:
     pairs_kept: int = 0
     dropped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
     skipped: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    # The view each kept or dropped row was read under (what view "auto" resolved to).
+    views: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
     def summary(self) -> str:
         parts = [f"read {self.rows_read} rows, kept {self.pairs_kept} pairs"]
+        if self.views:
+            parts.append("read as " + _fmt(self.views))
         if self.dropped:
             parts.append("dropped (not a preference): " + _fmt(self.dropped))
         if self.skipped:
@@ -286,16 +294,99 @@ def _label(row: dict, field: str, path: str, line: int) -> int | None:
     return int(value)
 
 
-def row_to_pair(row: Any, view: str, path: str, line: int) -> PairRecord | str:
-    """The view's PairRecord, or the reason (a string) why the row is not a preference."""
+PAIR_FIELDS = ("chosen", "rejected")  # TRL's preference schema (with "prompt", or implicit)
+PKU_FIELDS = ("response_0", "response_1")  # PKU-SafeRLHF's
+
+
+def _schema(row: dict) -> str | None:
+    """ "pairs" (TRL's fields), "pku" (PKU-SafeRLHF's), or None (neither)."""
+    if any(f in row for f in PAIR_FIELDS):
+        return "pairs"
+    if any(f in row for f in PKU_FIELDS):
+        return "pku"
+    return None
+
+
+def resolve_view(row: dict, view: str, path: str, line: int, view_key: str = "data.view") -> str:
+    """The view a row is read under: `view` itself, or for "auto" the one its fields name.
+
+    A row whose fields contradict an explicit view raises a DataError that names the setting
+    (`view_key`) and the value that fits the file.
+    """
+    schema = _schema(row)
+    if view == "auto":
+        if schema is None:
+            raise DataError(
+                path,
+                line,
+                None,
+                "neither TRL's preference fields (prompt, chosen, rejected) nor PKU-SafeRLHF's "
+                f"(prompt, response_0, response_1 and the labels); the row has {sorted(row)}",
+            )
+        return "pairs" if schema == "pairs" else "helpfulness"
+    if view == "pairs" and schema == "pku":
+        missing = next(f for f in PAIR_FIELDS if f not in row)
+        raise DataError(
+            path,
+            line,
+            missing,
+            "missing field: the row has PKU-SafeRLHF's response_0/response_1, which view "
+            f"'pairs' does not read; set {view_key}=helpfulness or {view_key}=safety "
+            "(the label that picks the chosen response)",
+        )
+    if view != "pairs" and schema == "pairs":
+        missing = next(f for f in PKU_FIELDS if f not in row)
+        raise DataError(
+            path,
+            line,
+            missing,
+            f"missing field: view {view!r} reads PKU-SafeRLHF rows, and this row has TRL's "
+            f"prompt/chosen/rejected fields; set {view_key}=pairs (or auto)",
+        )
+    return view
+
+
+def _implicit_prompt(row: dict, path: str, line: int) -> list:
+    """TRL's implicit prompt: the messages `chosen` and `rejected` share before their last."""
+    chosen, rejected = (_text(row, f, path, line) for f in PAIR_FIELDS)
+    if not (isinstance(chosen, list) and isinstance(rejected, list)):
+        raise DataError(
+            path,
+            line,
+            "prompt",
+            "missing field (an implicit prompt needs chosen and rejected as message lists "
+            "sharing their first turns)",
+        )
+    shared = chosen[:-1]
+    if not shared or rejected[:-1] != shared:
+        raise DataError(
+            path,
+            line,
+            "prompt",
+            "missing field, and chosen and rejected do not share the turns before their last "
+            "message (TRL's implicit prompt)",
+        )
+    return shared
+
+
+def row_to_pair(
+    row: Any, view: str, path: str, line: int, view_key: str = "data.view"
+) -> PairRecord | str:
+    """The view's PairRecord, or the reason (a string) why the row is not a preference.
+    `view_key` is the setting an error tells the user to change (e.g. "stages.1.view")."""
     if not isinstance(row, dict):
         raise DataError(path, line, None, f"expected a JSON object, got {type(row).__name__}")
     origin = f"{path}:{line}"
-    prompt = _text(row, "prompt", path, line)
+    view = resolve_view(row, view, path, line, view_key)
     if view == "pairs":
+        if "prompt" in row:
+            prompt = _text(row, "prompt", path, line)
+        else:
+            prompt = _implicit_prompt(row, path, line)
         chosen = _response(row, "chosen", path, line)
         rejected = _response(row, "rejected", path, line)
     else:
+        prompt = _text(row, "prompt", path, line)
         responses = (
             _response(row, "response_0", path, line),
             _response(row, "response_1", path, line),
@@ -310,8 +401,11 @@ def row_to_pair(row: Any, view: str, path: str, line: int) -> PairRecord | str:
     return PairRecord(prompt=prompt, chosen=chosen, rejected=rejected, origin=origin)
 
 
-def load_pairs(config: DataConfig) -> tuple[list[PairRecord], DataReport]:
-    """All pairs of `config.path` under `config.view`, with the report of what was left out."""
+def load_pairs(
+    config: DataConfig, *, view_key: str = "data.view"
+) -> tuple[list[PairRecord], DataReport]:
+    """All pairs of `config.path` under `config.view`, with the report of what was left out.
+    `view_key`: the setting that chose the view, which a schema mismatch tells the user to set."""
     report = DataReport()
     pairs: list[PairRecord] = []
     for path, line, row in read_rows(config.path, config.format):
@@ -319,7 +413,9 @@ def load_pairs(config: DataConfig) -> tuple[list[PairRecord], DataReport]:
         try:
             if isinstance(row, DataError):
                 raise row
-            result = row_to_pair(row, config.view, path, line)
+            result = row_to_pair(row, config.view, path, line, view_key)
+            if isinstance(row, dict):
+                report.views[resolve_view(row, config.view, path, line, view_key)] += 1
         except DataError as e:
             if config.on_error == "raise":
                 raise

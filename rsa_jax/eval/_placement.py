@@ -134,25 +134,35 @@ def _fit(mesh: MeshConfig, what: str) -> MeshConfig:
         return fallback
 
 
-def training_template(path: str) -> tuple[bool, str | None]:
-    """(is a run directory, its `data.template`): how the run formatted prompts in training
-    (None: the tokenizer's chat template). A Hugging Face directory gives (False, None)."""
-    if not os.path.isdir(os.path.join(path, "checkpoints")):
-        return False, None
-    from rsa_jax.config import from_json
+def source_template(path: str, template: str | None = None, default: str | None = None):
+    """The prompt template to sample `path` with: `template` when given; a run directory's
+    (or `RUN@STAGE`'s) own `data.template`, the format it was trained on (None there: the chat
+    template); else `default` (None: the chat template of a Hugging Face directory)."""
+    if template is not None:
+        return template
+    from rsa_jax.training import resolve_source, run_config
 
-    with open(os.path.join(path, "config.json")) as f:
-        return True, from_json(f.read()).data.template
+    source = resolve_source(path)
+    return default if source.kind != "run" else run_config(source.path).data.template
 
 
-def load_model(path: str, mesh: MeshConfig | None = None):
+def load_model(
+    path: str,
+    mesh: MeshConfig | None = None,
+    *,
+    stage: str | int | None = None,
+    compute_dtype: str | None = None,
+):
     """(model, tokenizer) of a Hugging Face directory, or of a run directory's newest usable
-    checkpoint, or of `RUN@STAGE` (the policy stage STAGE ended with), its parameters sharded
-    on `mesh`.
+    checkpoint, or of `RUN@STAGE` or `stage` (the policy stage STAGE ended with), its
+    parameters sharded on `mesh`.
 
     `mesh` None: a run directory evaluates on its training mesh (its checkpoint's config's
     `mesh`, falling back to all devices on `data` when it does not fit the devices here), a
     Hugging Face directory on all devices on `data` (parameters replicated, rows split).
+
+    `compute_dtype` None: a run computes in its own `model.compute_dtype` (what it trained in;
+    a LoRA run's adapters merged into float32 weights), a Hugging Face directory in float32.
     """
     from rsa_jax.training import load_policy, resolve_source, run_config
 
@@ -163,13 +173,22 @@ def load_model(path: str, mesh: MeshConfig | None = None):
         placement = placement_for(mesh)
         # Restored straight onto the training shardings of the evaluation mesh.
         layout = Layout(placement.mesh, dict(placement.rules))
-        engine, params = load_policy(source.path, config, stage=source.stage, layout=layout)
+        engine, params = load_policy(
+            source.path,
+            config,
+            stage=source.stage if stage is None else stage,
+            layout=layout,
+            compute_dtype=compute_dtype,
+        )
         return engine.model.module(params), engine.tokenizer
+    if stage is not None:
+        raise FileNotFoundError(f"{path}: a stage needs a run directory, not a model directory")
     path = source.path
     from transformers import AutoTokenizer
 
     placement = placement_for(mesh)
-    model_config = ModelConfig(path=path, compute_dtype="float32", remat=False)
+    dtype = "float32" if compute_dtype is None else compute_dtype
+    model_config = ModelConfig(path=path, compute_dtype=dtype, remat=False)
     layout = Layout(placement.mesh, dict(placement.rules))
     model_def = define_model(model_config, llama_config(model_config), layout)
     model = model_def.module(init_params(model_def, model_config))  # each tensor to its shard

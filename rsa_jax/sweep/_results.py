@@ -27,7 +27,9 @@ TRAIN_METRICS = (
 
 
 def last_records(run_dir: str) -> dict[int, dict]:
-    """{stage: last logged record of that stage} from `run_dir/metrics.jsonl` ({} if absent)."""
+    """{stage: last logged record of that stage} from `run_dir/metrics.jsonl` ({} if absent);
+    a held-out evaluation's record (`eval/*`, train.eval_every) joins the training record of
+    its step."""
     from rsa_jax.training import RunDir
 
     path = RunDir(run_dir).metrics_file
@@ -37,7 +39,9 @@ def last_records(run_dir: str) -> dict[int, dict]:
             stage, step = int(record["stage"]), int(record["step"])
         except (KeyError, TypeError, ValueError):
             raise ValueError(f"{path}: record {number} has no integer stage and step") from None
-        if stage not in out or step >= out[stage]["step"]:
+        if stage in out and step == out[stage]["step"]:
+            out[stage] = {**out[stage], **record}  # an eval/* record of the same step
+        elif stage not in out or step > out[stage]["step"]:
             out[stage] = record
     return out
 

@@ -17,6 +17,8 @@ import logging
 import os
 import time
 
+import jax
+
 from rsa_jax.config import ConfigError, to_json
 from rsa_jax.sweep._file import Sweep, SweepError, Variant, grouped, kernel_label
 from rsa_jax.sweep._status import is_done
@@ -222,4 +224,9 @@ def _run_locked(sweep: Sweep, evaluate, stop) -> dict:
     results = collect(sweep, status, evaluations)
     written = write_sweep_results(sweep.run_dir, results)
     _say(f"wrote {', '.join(sorted(os.path.basename(p) for p in written))} to {sweep.run_dir}")
+    trackers = [t for t in sweep.variants[0].config.train.report_to if t != "tensorboard"]
+    if trackers and jax.process_index() == 0:  # the results table and plot, as artifacts
+        from rsa_jax.training import log_artifacts
+
+        log_artifacts(trackers, sweep.run_dir, list(written), folder="sweep")
     return results

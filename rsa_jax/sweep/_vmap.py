@@ -97,6 +97,11 @@ def check_vmappable(variants: list[Variant]) -> None:
     """Raises SweepError naming the first variant and key that differs from the first variant
     in anything but the traced hyperparameters."""
     first = variants[0]
+    if first.config.train.eval_every:
+        raise SweepError(
+            "vmap mode: train.eval_every (held-out evaluation during training) runs in "
+            "sequential sweeps only; use mode: sequential, or evaluate after training (eval:)"
+        )
     base = _flat(dataclasses.asdict(first.config))
     for v in variants[1:]:
         flat = _flat(dataclasses.asdict(v.config))

@@ -113,6 +113,8 @@ from rsa_jax.training._step import (
     stage_dropout_key,
     state_shardings,
 )
+from rsa_jax.training._trackers import REPORT_TO, Tracker, log_artifacts, open_trackers
+from rsa_jax.training._trackers import flatten as flatten_config
 from rsa_jax.training._trainer import (
     RunResult,
     finished_step,
@@ -168,6 +170,8 @@ __all__ = [
     "MetricsLog",
     "drop_torn_tail",
     "read_metrics",
+    "REPORT_TO",
+    "Tracker",
     "ModelDef",
     "NextTokenObjective",
     "OptimHyper",
@@ -195,6 +199,8 @@ __all__ = [
     "load_policy",
     "load_source",
     "load_tokenizer",
+    "log_artifacts",
+    "flatten_config",
     "logical_spec",
     "make_mesh",
     "slice_groups",
@@ -205,6 +211,7 @@ __all__ = [
     "merge_params",
     "microbatch_dropout_keys",
     "merge_sources",
+    "open_trackers",
     "opt_state_shardings",
     "optax_update",
     "place_batch",

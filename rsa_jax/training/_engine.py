@@ -38,7 +38,7 @@ import jax
 import numpy as np
 import optax
 
-from rsa_jax.config import Config, StageConfig, stage_data, validate
+from rsa_jax.config import Config, StageConfig, stage_data, stage_view_key, validate
 from rsa_jax.data import load_pairs, make_pair_dataset
 from rsa_jax.models import LlamaConfig
 from rsa_jax.training._mesh import Layout, make_mesh, maybe_initialize_distributed, place_batch
@@ -58,6 +58,7 @@ from rsa_jax.training._step import (
     PairObjective,
     TrainState,
     init_state,
+    make_eval_step,
     make_train_step,
     stage_dropout_key,
     state_shardings,
@@ -363,7 +364,11 @@ class Engine:
     def _stage_dataset(self, i: int, *, report_to_log: bool):
         config, stage = self.config, self.config.stages[i]
         data = stage_data(config, stage)
-        pairs, report = load_pairs(data)
+        pairs, report = load_pairs(data, view_key=stage_view_key(config, i))
+        if data.eval_fraction:
+            kept, held = _split_heldout(pairs, data)
+            report.dropped["held out for evaluation (data.eval_fraction)"] += len(held)
+            pairs = kept
         dataset = make_pair_dataset(
             pairs,
             self.tokenizer,
@@ -389,6 +394,73 @@ class Engine:
             )
         total = stage.steps if stage.steps > 0 else len(dataset)
         return dataset, total, data
+
+    def heldout_batches(self, i: int) -> list[dict]:
+        """Stage i's held-out pairs (`data.eval_path`, or the `data.eval_fraction` its training
+        data leaves out) under the stage's view, as this host's rows of full global batches of
+        `data.batch_size` pairs in file order (the partial last batch is left out and logged):
+        the training batch's shape and sharding, so the evaluation compiles once."""
+        config = self.config
+        data = stage_data(config, config.stages[i])
+        if data.eval_path:
+            data = dataclasses.replace(data, path=data.eval_path)
+            pairs, _ = load_pairs(data, view_key=stage_view_key(config, i))
+        else:
+            pairs = _split_heldout(load_pairs(data, view_key=stage_view_key(config, i))[0], data)[1]
+        data = dataclasses.replace(data, shuffle=False, epochs=1, drop_remainder=True)
+        if len(pairs) < data.batch_size:
+            raise ValueError(
+                f"stage {config.stages[i].name!r}: {len(pairs)} held-out pairs, fewer than one "
+                f"batch of data.batch_size={data.batch_size}; hold out more pairs"
+            )
+        dataset = make_pair_dataset(
+            pairs,
+            self.tokenizer,
+            data,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        if len(pairs) % data.batch_size:
+            log.info("held-out evaluation leaves out %d pairs", len(pairs) % data.batch_size)
+        return [batch for j in range(len(dataset)) if (batch := dataset[j]) is not None]
+
+    def compiled_eval_step(self, objective: Objective, params_sh, *, reference_adapters=False):
+        """The jitted held-out evaluation of `objective` (`make_eval_step`): the step's
+        shardings for the parameters, the reference and the batch, nothing donated; cached like
+        the step, so every evaluation of a run (and of runs that differ only in
+        hyperparameters) runs one compiled program."""
+        key = ("eval", self.model.key, objective, self.config.optim.microbatches)
+        key += (_sharding_key(params_sh), self.layout, reference_adapters)
+        step = _STEP_CACHE.get(key)
+        if step is None:
+            ref_sh = None
+            if objective.needs_reference or self.model.lora is not None:
+                ref_sh = self.model.frozen_shardings(reference_adapters)
+            batch_sh = {k: self.layout.batch for k in BATCH_KEYS}
+            fn = make_eval_step(self.model, objective, microbatches=self.config.optim.microbatches)
+            rep = self.layout.replicated
+            step = _STEP_CACHE[key] = jax.jit(
+                fn, in_shardings=(params_sh, ref_sh, batch_sh, rep), out_shardings=rep
+            )
+        return step
+
+    def evaluate(self, stage: Stage, batches: list[dict]) -> dict[str, float]:
+        """The stage's objective on held-out `batches` (`heldout_batches`) at its current
+        policy: the mean over pairs of the loss and of every metric (rewards/accuracies and
+        margins, kl/*, risk/*), named `eval/...`, and `eval/pairs`."""
+        params_sh = jax.tree.map(lambda x: x.sharding, stage.state.params)
+        fn = self.compiled_eval_step(
+            self.objective(stage.config),
+            params_sh,
+            reference_adapters=stage.config.follows_previous,
+        )
+        totals: dict[str, float] = {}
+        for batch in batches:
+            sums = fn(stage.state.params, stage.reference, self.place(batch), stage.hyper)
+            for k, v in jax.device_get(sums).items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+        pairs = totals.pop("pairs")
+        return {f"eval/{k}": v / pairs for k, v in totals.items()} | {"eval/pairs": pairs}
 
     def stage(self, i: int, policy: dict) -> Stage:
         """Stage i starting from `policy`: data, reference, placed optimizer state, step, hyper."""
@@ -463,6 +535,15 @@ class Engine:
 
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def _split_heldout(pairs: list, data) -> tuple[list, list]:
+    """(training pairs, held-out pairs): `data.eval_fraction` of them (at least one), drawn
+    with `data.seed`, both in file order."""
+    n_held = max(1, round(len(pairs) * data.eval_fraction))
+    held = set(np.random.default_rng(data.seed).permutation(len(pairs))[:n_held].tolist())
+    kept = [p for j, p in enumerate(pairs) if j not in held]
+    return kept, [p for j, p in enumerate(pairs) if j in held]
 
 
 def steps_done(state: TrainState) -> int:

@@ -1,5 +1,6 @@
-"""Metrics to JSON Lines and TensorBoard event files in the run directory, a tqdm progress bar,
-and a summary line at the end of each stage."""
+"""Metrics to JSON Lines in the run directory and to the trackers of `train.report_to`
+(TensorBoard event files, W&B, MLflow: `_trackers`), a tqdm progress bar, and a summary line at
+the end of each stage. Process 0 writes; the others only count."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import logging
 import jax
 
 from rsa_jax.training._rundir import RunDir
+from rsa_jax.training._trackers import open_trackers
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,11 @@ class MetricsLog:
         progress: bool = True,
         flops_per_token: float = 0.0,
         label: str | None = None,
+        report_to=("tensorboard",),
+        params: dict | None = None,
     ):
+        """`report_to`: the trackers (`_trackers.REPORT_TO`); `params`: the flat resolved config
+        they record once."""
         # `label` (a sweep variant) prefixes the progress bar and the printed summary lines.
         self.prefix = f"[{label}] " if label else ""
         # Model FLOPs per token over peak FLOP/s: policy fwd + bwd (6N), reference fwd (2N).
@@ -90,11 +96,9 @@ class MetricsLog:
         if self.main:
             drop_torn_tail(layout.metrics_file)
             self._jsonl = open(layout.metrics_file, "a")
-        self._tb = None
+        self._trackers = []
         if self.main:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(layout.tensorboard)
+            self._trackers = open_trackers(report_to, run_dir, params or {}, label)
         self._bar = None
         self._sums: dict[str, float] = {}
         self._count = 0
@@ -118,13 +122,13 @@ class MetricsLog:
             if k in metrics:
                 self._sums[k] = self._sums.get(k, 0.0) + metrics[k]
         self._count += 1
-        if self._jsonl is None or self._tb is None:  # not the main process
+        if self._jsonl is None:  # not the main process
             return
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
-        for k, v in record.items():
-            if isinstance(v, float):
-                self._tb.add_scalar(k, v, global_step)
+        scalars = {k: v for k, v in record.items() if isinstance(v, float)}
+        for tracker in self._trackers:
+            tracker.log(scalars, global_step)
         if self._bar is not None:
             self._bar.n = step
             self._bar.set_postfix(
@@ -141,6 +145,17 @@ class MetricsLog:
         for record in records:
             self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
+
+    def log_eval(self, stage, step, global_step, metrics: dict[str, float]) -> None:
+        """Held-out metrics (`eval/...`) as their own record of metrics.jsonl and at the same
+        global step in the trackers, beside the training metrics of that step."""
+        if self._jsonl is None:
+            return
+        record = {"stage": stage, "step": step, "global_step": global_step, **metrics}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for tracker in self._trackers:
+            tracker.log(dict(metrics), global_step)
 
     def end_stage(self) -> None:
         if self._bar is not None:
@@ -161,6 +176,6 @@ class MetricsLog:
         if self._jsonl is not None:
             self._jsonl.close()
             self._jsonl = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        for tracker in self._trackers:
+            tracker.close()
+        self._trackers = []

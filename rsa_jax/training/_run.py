@@ -27,6 +27,7 @@ from rsa_jax.training._control import NonFiniteError, StopSignal, check_finite
 from rsa_jax.training._hooks import Hooks, StepInfo, all_finite
 from rsa_jax.training._logging import MetricsLog
 from rsa_jax.training._rundir import CheckpointMeta, RunDir
+from rsa_jax.training._trackers import flatten
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,8 @@ class Run:
             progress=config.train.progress_bar if progress is None else progress,
             flops_per_token=flops_per_token,
             label=label,
+            report_to=config.train.report_to,
+            params=flatten(self.resolved),
         )
         self.global_step = 0
         self.last_saved: int | None = None  # global step of this run's newest checkpoint
@@ -113,16 +116,27 @@ class Run:
         stop: StopSignal | None = None,
         save=None,
         report_compile: bool = True,
+        evaluate=None,
     ) -> Hooks:
         """The run's per-step hooks. `save(info)` writes a mid-stage checkpoint of the step
         (None: no periodic checkpoints and no save on a stop signal); `stop`: the stop flag
-        (None: the loop is not stopped by signals)."""
+        (None: the loop is not stopped by signals); `evaluate(info) -> {"eval/...": value}`:
+        the held-out evaluation, logged every `train.eval_every` steps and at the stage's end
+        (None: none)."""
         hooks = Hooks()
         hooks.add(self._count)
         hooks.add(self._guard)
         if report_compile:
             hooks.add(_report_compile)
         hooks.add(self._log, every=self.config.train.log_every, at_end=True)
+        if evaluate is not None and self.config.train.eval_every:
+            hooks.add(
+                lambda info: self.metrics.log_eval(
+                    info.stage.index, info.step, self.global_step, evaluate(info)
+                ),
+                every=self.config.train.eval_every,
+                at_end=True,
+            )
         every = self.config.checkpoint.every
         if save is not None and every:
             hooks.add(lambda info: None if info.last else save(info), every=every)

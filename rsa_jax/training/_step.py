@@ -236,6 +236,31 @@ def make_train_step(
     return step
 
 
+def make_eval_step(model: ModelDef, objective: Objective, *, microbatches: int = 1):
+    """`eval_step(params, reference, batch, hyper) -> sums`, not yet jitted: the objective's
+    loss and metrics on a held-out batch without gradient or update (no dropout), as SUMS over
+    its pairs with the pair count under "pairs", so batches add up exactly on the host."""
+
+    def summed(params, ref_params, mb, hyper):
+        loss_sum, (m_sums, n) = objective(model, params, ref_params, mb, hyper)
+        return {"loss": loss_sum, **m_sums, "pairs": n}
+
+    def eval_step(params, ref_params, batch, hyper: Hyper):
+        micro = objective.split(batch, microbatches)
+        if microbatches == 1:
+            return summed(params, ref_params, jax.tree.map(lambda x: x[0], micro), hyper)
+
+        def body(acc, mb):
+            return jax.tree.map(jnp.add, acc, summed(params, ref_params, mb, hyper)), None
+
+        mb0 = jax.tree.map(lambda x: x[0], micro)
+        shapes = jax.eval_shape(lambda: summed(params, ref_params, mb0, hyper))
+        zero = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        return jax.lax.scan(body, zero, micro)[0]
+
+    return eval_step
+
+
 def _scan_microbatches(grad_fn, params, ref_params, micro, keys, hyper):
     """(gradient sum, loss sum, metric sums, count) over K microbatches [K, ...] in a scan."""
 

@@ -138,11 +138,16 @@ class _Trainer:
             log.warning("resuming %s with other values of %s (train.resume=force)", run_dir, differ)
 
     def run_stage(self, stage: Stage, stop: StopSignal) -> bool:
-        """Fits the stage with the run's hooks (guard, logging, periodic checkpoints, the stop
-        flag); saves the stage's final checkpoint. False when stopped by a signal before the
-        stage's end."""
+        """Fits the stage with the run's hooks (guard, logging, held-out evaluation, periodic
+        checkpoints, the stop flag); saves the stage's final checkpoint. False when stopped by
+        a signal before the stage's end."""
         config = self.engine.config
-        hooks = self.run.hooks(stop=stop, save=lambda info: self.save(info.stage, done=False))
+        heldout = self.engine.heldout_batches(stage.index) if config.train.eval_every else []
+        hooks = self.run.hooks(
+            stop=stop,
+            save=lambda info: self.save(info.stage, done=False),
+            evaluate=lambda info: self.engine.evaluate(info.stage, heldout),
+        )
         self.run.metrics.start_stage(
             stage.index, stage.config.name, stage.total, steps_done(stage.state)
         )
@@ -325,6 +330,7 @@ def load_policy(
     *,
     stage: str | int | None = None,
     layout: Layout | None = None,
+    compute_dtype: str | None = None,
 ):
     """(engine, flat policy params) of the newest usable checkpoint of a run directory, or,
     with `stage` (index or name), the policy that stage ended with. For a LoRA run these are
@@ -334,9 +340,13 @@ def load_policy(
     The engine holds the model definition (`engine.model.module(params)` is the NNX model) and
     the tokenizer. The run's own mesh settings are replaced by data parallelism over every
     device, so a run trained on a pod slice loads on one machine; `layout` restores onto another
-    mesh instead (evaluation on the training mesh).
+    mesh instead (evaluation on the training mesh). The model computes in the run's
+    `model.compute_dtype` (what it trained in) unless `compute_dtype` ("float32", "bfloat16")
+    says otherwise; the parameters are float32 either way, as `export` writes them.
     """
-    engine, params = load_adapters(run_dir, config, stage=stage, layout=layout)
+    engine, params = load_adapters(
+        run_dir, config, stage=stage, layout=layout, compute_dtype=compute_dtype
+    )
     return engine, engine.merged(params)
 
 
@@ -346,6 +356,7 @@ def load_adapters(
     *,
     stage: str | int | None = None,
     layout: Layout | None = None,
+    compute_dtype: str | None = None,
 ):
     """(engine, the trained parameters as checkpointed): `load_policy` without the merge, so
     for a LoRA run the adapters (`engine.base` is the frozen base, `engine.model.lora` the
@@ -366,6 +377,9 @@ def load_adapters(
         newest = CheckpointMeta.from_dict(found[1], f"{ckpt.directory}/{found[0]}")
         if config is None:  # the run's own config, as its checkpoints recorded it
             config = _checkpoint_config(run, newest)
+        if compute_dtype is not None:
+            model = dataclasses.replace(config.model, compute_dtype=compute_dtype)
+            config = dataclasses.replace(config, model=model)
         if layout is None:
             mesh = make_mesh(dataclasses.replace(config.mesh, data=-1, fsdp=1, tensor=1))
             layout = Layout(mesh, config.mesh.rules)

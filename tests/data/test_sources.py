@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from rsa_jax.data import DataConfig, DataError, load_pairs
+from rsa_jax.data import VIEWS, DataConfig, DataError, load_pairs
 
 PKU_ROWS = [
     {
@@ -230,13 +230,83 @@ def test_bad_input_names_file_line_and_field(tmp_path, name, bad, field, problem
 
 def test_wrong_schema_for_the_view(tmp_path):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "a", "chosen": "b", "rejected": "c"}])
-    with pytest.raises(DataError, match="'response_0': missing field"):
+    with pytest.raises(DataError, match="'response_0': missing field") as info:
         load_pairs(DataConfig(path=path, view="safety"))
+    assert "set data.view=pairs" in str(info.value)  # the error names the fix
+    # The setting that chose the view is the one named (a stage's own view, in training).
+    with pytest.raises(DataError, match="set stages.1.view=pairs"):
+        load_pairs(DataConfig(path=path, view="helpfulness"), view_key="stages.1.view")
+    pku = write_jsonl(tmp_path / "pku.jsonl", PKU_ROWS[:2])
+    with pytest.raises(DataError, match="'chosen': missing field") as info:
+        load_pairs(DataConfig(path=pku, view="pairs"))
+    assert "set data.view=helpfulness or data.view=safety" in str(info.value)
+    assert info.value.line == 1
+
+
+TRL_ROWS = [
+    {"prompt": "hi", "chosen": "hello", "rejected": "go away"},
+    {
+        "prompt": [{"role": "user", "content": "name a colour"}],
+        "chosen": [{"role": "assistant", "content": "blue"}],
+        "rejected": [{"role": "assistant", "content": "seven"}],
+    },
+]
+
+
+def test_trl_schema_needs_no_setting(tmp_path):
+    """TRL's prompt/chosen/rejected (strings or messages) under the default view, "auto"."""
+    assert DataConfig().view == "auto"
+    path = write_jsonl(tmp_path / "trl.jsonl", TRL_ROWS)
+    pairs, report = load_pairs(DataConfig(path=path))
+    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [
+        ("hi", "hello", "go away"),
+        (TRL_ROWS[1]["prompt"], "blue", "seven"),
+    ]
+    assert report.views == {"pairs": 2} and "read as pairs=2" in report.summary()
+    explicit, _ = load_pairs(DataConfig(path=path, view="pairs"))
+    assert explicit == pairs
+
+
+def test_auto_reads_pku_rows_as_helpfulness(tmp_path):
+    path = write_jsonl(tmp_path / "pku.jsonl", PKU_ROWS)
+    auto, report = load_pairs(DataConfig(path=path))
+    helpful, _ = load_pairs(DataConfig(path=path, view="helpfulness"))
+    assert auto == helpful and report.views == {"helpfulness": len(PKU_ROWS)}
+
+
+def test_trl_implicit_prompt(tmp_path):
+    """No `prompt`: the turns chosen and rejected share before their last message (TRL)."""
+    user = {"role": "user", "content": "hi"}
+    rows = [
+        {
+            "chosen": [user, {"role": "assistant", "content": "hello"}],
+            "rejected": [user, {"role": "assistant", "content": "go away"}],
+        },
+        {  # different first turns: no prompt to share
+            "chosen": [user, {"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "user", "content": "yo"}, {"role": "assistant", "content": "b"}],
+        },
+        {"chosen": "hello", "rejected": "go away"},  # strings: no turn structure
+    ]
+    path = write_jsonl(tmp_path / "implicit.jsonl", rows)
+    pairs, report = load_pairs(DataConfig(path=path, on_error="skip"))
+    assert [(p.prompt, p.chosen, p.rejected) for p in pairs] == [([user], "hello", "go away")]
+    assert sum(report.skipped.values()) == 2
+    with pytest.raises(DataError, match="do not share the turns") as info:
+        load_pairs(DataConfig(path=path))
+    assert (info.value.line, info.value.field) == (2, "prompt")
+
+
+def test_rows_of_neither_schema_name_their_fields(tmp_path):
+    path = write_jsonl(tmp_path / "x.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(DataError, match=r"neither TRL's .* the row has \['answer', 'question'\]"):
+        load_pairs(DataConfig(path=path))
 
 
 def test_config_validation():
     with pytest.raises(ValueError, match="view must be one of"):
         DataConfig(view="harmlessness")
+    assert set(VIEWS) == {"auto", "pairs", "helpfulness", "safety"}
     with pytest.raises(ValueError, match="on_error"):
         DataConfig(on_error="ignore")
     with pytest.raises(ValueError, match="template must contain"):

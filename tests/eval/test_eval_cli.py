@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 from flax import nnx
 
 from rsa_jax.cli import main
-from rsa_jax.config import load_config, to_json
+from rsa_jax.config import load_config
 from rsa_jax.data import train_bpe_tokenizer
-from rsa_jax.eval import read_results, read_samples, training_template
+from rsa_jax.eval import read_results, read_samples
 from rsa_jax.models import Llama, save_hf, tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -59,24 +58,6 @@ def test_refusal_judge_needs_shipped_sets_and_bad_inputs_are_named(tiny_model, t
     with pytest.raises(SystemExit, match="not both"):
         argv = ["eval", tiny_model, "--prompts", "benign", "--judge", "refusal"]
         main([*argv, "--scorer", "x:y", "--out", "o"])
-
-
-def test_training_template_is_the_runs_own(tmp_path):
-    config = load_config(
-        os.path.join(ROOT, "configs", "tiny.yaml"),
-        ["data.template=BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"],
-    )
-    run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
-    (run / "config.json").write_text(to_json(config))
-    assert training_template(str(run)) == (
-        True,
-        "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:",
-    )
-    hf = tmp_path / "hf"
-    hf.mkdir()
-    (hf / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    assert training_template(str(hf)) == (False, None)
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """Run by test_sharded_load.py in its own process: 8 simulated CPU devices (fixed at jax start).
 
-Loads a tiny Gemma 3 style model unsharded and sharded on a (fsdp=4, tensor=2) mesh, unrolled and scanned, and
-checks placements, parameter equality and the forward. Exits non-zero on any mismatch.
+Loads a tiny Gemma 3 style model unsharded and sharded on a (fsdp=4, tensor=2) mesh, unrolled
+and scanned, and checks placements, parameter equality and the forward. Exits non-zero on any
+mismatch.
 """
 
 from __future__ import annotations
@@ -42,9 +43,7 @@ def main(path: str) -> None:
 
     # Gemma 3 (q/k norms over head_dim, four norms, a sliding and a global layer) with Qwen2's
     # q/k/v biases and an untied head: every kind of parameter the rules must place.
-    config = tiny_config(
-        model_type="gemma3_text", attention_bias=True, tie_word_embeddings=False
-    )
+    config = tiny_config(model_type="gemma3_text", attention_bias=True, tie_word_embeddings=False)
     save_hf(Llama(config, rngs=nnx.Rngs(7)), path)
     mask = np.array([[0, 1, 1, 1, 1, 1, 0, 0]] * 4, bool)
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)

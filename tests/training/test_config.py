@@ -13,6 +13,8 @@ from rsa_jax.config import (
     from_json,
     load_config,
     mesh_shape,
+    stage_data,
+    stage_view_key,
     to_json,
     validate,
 )
@@ -43,7 +45,8 @@ def test_method_defaults_in_two_stage_configs():
     for name in ("sacpo", "rsa_cvar", "rsa_erm"):
         c = load_config(os.path.join(ROOT, "configs", f"{name}.yaml"))
         assert [s.reference for s in c.stages] == ["init", "previous_stage"]
-        assert [s.view for s in c.stages] == ["helpfulness", "safety"]
+        # stage 0 reads data.view ("auto": TRL pairs as given, PKU rows by helpfulness)
+        assert [s.view for s in c.stages] == [None, "safety"] and c.data.view == "auto"
         assert c.optim.learning_rate == 2e-5 and c.optim.warmup_ratio == 0.03
         assert c.data.batch_size == 64 and c.data.epochs == 3
         assert c.data.max_prompt_len + c.data.max_response_len == 512
@@ -51,6 +54,18 @@ def test_method_defaults_in_two_stage_configs():
     assert load_config(os.path.join(ROOT, "configs", "sacpo.yaml")).stages[1].loss == "dpo"
     ra = load_config(os.path.join(ROOT, "configs", "ra_dpo.yaml")).stages[0]
     assert (ra.mu, ra.beta, ra.alpha, ra.version, ra.split_vocab) == (0.95, 0.1, 0.5, 1, True)
+
+
+def test_data_view_reaches_every_stage_without_its_own():
+    """`data.view=pairs` is not overridden by a stage that sets no view; a stage's own view
+    wins, and the key a schema error names is the one that decided."""
+    c = load_config(os.path.join(ROOT, "configs", "tiny.yaml"), ["data.view=pairs"])
+    assert [stage_data(c, s).view for s in c.stages] == ["pairs", "safety"]
+    assert [stage_view_key(c, i) for i in range(2)] == ["data.view", "stages.1.view"]
+    c = load_config(os.path.join(ROOT, "configs", "dpo.yaml"), ["stages.0.view=safety"])
+    assert stage_data(c, c.stages[0]).view == "safety"
+    with pytest.raises(ConfigError, match="stages.0.view: must be one of auto, pairs"):
+        load_config(os.path.join(ROOT, "configs", "dpo.yaml"), ["stages.0.view=harmless"])
 
 
 def test_dotted_overrides_reach_nested_and_list_fields():
