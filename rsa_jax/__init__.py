@@ -13,7 +13,12 @@ until a name that needs it is touched).
 """
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what __getattr__ returns, for type checkers
+    from rsa_jax import data, eval, generate, losses, models, sweep, tasks, training
+    from rsa_jax.config import Config, ConfigError, load_config
+    from rsa_jax.training import Engine, load_policy, train
 
 __version__ = "0.1.0"
 
@@ -28,7 +33,23 @@ _EXPORTS = {
 }
 _SUBPACKAGES = ("losses", "models", "generate", "data", "training", "eval", "sweep", "tasks")
 
-__all__ = [*_EXPORTS, *_SUBPACKAGES, "__version__"]
+__all__ = [  # _EXPORTS and _SUBPACKAGES, spelled out for type checkers
+    "Config",
+    "ConfigError",
+    "Engine",
+    "__version__",
+    "data",
+    "eval",
+    "generate",
+    "load_config",
+    "load_policy",
+    "losses",
+    "models",
+    "sweep",
+    "tasks",
+    "train",
+    "training",
+]
 
 
 def __getattr__(name: str) -> Any:

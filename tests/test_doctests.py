@@ -37,3 +37,13 @@ def test_docstring_examples_run(name, monkeypatch):
     result = doctest.testmod(module, optionflags=flags, verbose=False, report=True)
     assert result.attempted > 0, f"{name}: no example was run"
     assert result.failed == 0, f"{name}: {result.failed} of {result.attempted} examples failed"
+
+
+def test_the_package_exports_exactly_its_starting_names():
+    import rsa_jax
+
+    assert sorted(rsa_jax.__all__) == sorted(
+        [*rsa_jax._EXPORTS, *rsa_jax._SUBPACKAGES, "__version__"]
+    )
+    for name in rsa_jax.__all__:
+        assert getattr(rsa_jax, name) is not None, name
