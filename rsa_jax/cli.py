@@ -207,6 +207,8 @@ def _cmd_demo(args) -> int:
         task_file=args.task,
         constraints=tuple(args.constraint),
     )
+    if args.candidates_every is not None:
+        demo = dataclasses.replace(demo, candidates_every=args.candidates_every)
     if args.quick:  # a smoke run: every part once, two betas, one merge per two-stage method
         demo = dataclasses.replace(
             demo,
@@ -218,6 +220,7 @@ def _cmd_demo(args) -> int:
             merge_qs=(0.5,),
             eval_samples=8,
             n_boot=200,
+            candidates_every=demo.candidates_every if args.candidates_every is not None else 5,
         )
     run_demo(demo)
     return 0
@@ -416,6 +419,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="small sizes (a smoke run)")
     p.add_argument("--task", help="task settings YAML (configs/tasks/); default: the built-in task")
     p.add_argument("--configs", default="configs", help="directory of the method configs")
+    p.add_argument(
+        "--candidates-every",
+        type=int,
+        metavar="STEPS",
+        help="keep each method's policy every STEPS steps of each stage as a frontier candidate, "
+        "so the frontiers span KL; 0: only the final policies (default: "
+        "DemoConfig.candidates_every in rsa_jax/demo.py; --quick: 5)",
+    )
     p.set_defaults(fn=_cmd_demo)
 
     p = command("toy-data", "write synthetic PKU-SafeRLHF-schema rows (smoke tests)")

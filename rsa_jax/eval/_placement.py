@@ -30,6 +30,7 @@ from rsa_jax.training import (
     llama_config,
     logical_spec,
     make_mesh,
+    split_source,
 )
 
 log = logging.getLogger(__name__)
@@ -137,23 +138,26 @@ def _fit(mesh: MeshConfig, what: str) -> MeshConfig:
 
 def load_model(path: str, mesh: MeshConfig | None = None):
     """(model, tokenizer) of a Hugging Face directory, or of a run directory's newest usable
-    checkpoint (a directory with `checkpoints/`), its parameters sharded on `mesh`.
+    checkpoint (a directory with `checkpoints/`; `RUN@STAGE` the policy a stage ended with,
+    `RUN@STAGE:STEP` a candidate kept along training), its parameters sharded on `mesh`.
 
     `mesh` None: a run directory evaluates on its training mesh (`config.json`'s `mesh`, falling
     back to all devices on `data` when it does not fit the devices here), a Hugging Face
     directory on all devices on `data` (parameters replicated, rows split).
     """
-    if os.path.isdir(os.path.join(path, "checkpoints")):
+    source, stage = split_source(path)
+    if os.path.isdir(os.path.join(source, "checkpoints")):
         from rsa_jax.config import from_json
         from rsa_jax.training import load_policy
 
+        path = source
         with open(os.path.join(path, "config.json")) as f:
             config = from_json(f.read())
         mesh = _fit(config.mesh, path) if mesh is None else mesh
         placement = placement_for(mesh)
         # Restored straight onto the training shardings of the evaluation mesh.
         layout = Layout(placement.mesh, dict(placement.rules))
-        engine, params = load_policy(path, config, layout=layout)
+        engine, params = load_policy(path, config, stage=stage, layout=layout)
         return engine.model.module(params), engine.tokenizer
     if not os.path.exists(os.path.join(path, "config.json")):
         raise FileNotFoundError(

@@ -27,7 +27,8 @@ run would be (`rsa_jax.sweep._placement`: what is stacked, what is shared). It w
 run directory as the trainer does (`config.json`, `metrics.jsonl`, TensorBoard events, and a
 final checkpoint marked done that `rsa-jax export`, `eval` and a sweep rerun read, and, like the
 trainer, the policy each non-final stage ended with in `stages/<i>`, so `RUN@0` sources work for
-RSA(P) merges); there are no checkpoints within a run, so an interrupted vmap sweep starts its
+RSA(P) merges, and every `checkpoint.candidates_every` steps the policy in `candidates/`);
+there are no resumable checkpoints within a run, so an interrupted vmap sweep starts its
 unfinished variants afresh.
 """
 
@@ -55,7 +56,9 @@ from rsa_jax.training import (
     Stage,
     TrainState,
     absolute_paths,
+    candidate_due,
     device_copy,
+    save_candidate,
     save_stage_policy,
     stage_dropout_key,
     steps_done,
@@ -203,10 +206,15 @@ def run_vmap(sweep: Sweep) -> dict[str, str]:
                 tokens = one.pop("tokens")  # the shared batch's real tokens
                 pairs = config.data.batch_size
                 log_.log(stage.index, s, global_step, one, tokens, pairs, seconds)
+        if candidate_due(config, s, stage.total):  # the same cadence in every variant
+            stacked = stage.index >= first_vmapped
+            for j, v in enumerate(todo):
+                params = placement.slice(stage.state.params, j) if stacked else stage.state.params
+                save_candidate(v.run_dir, stage.index, s, params)
         return False
 
+    first_vmapped = shared_stages(todo)
     try:
-        first_vmapped = shared_stages(todo)
         policy = initial
         for i in range(first_vmapped):  # trained once for all K variants
             _say(

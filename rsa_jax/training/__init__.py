@@ -100,8 +100,12 @@ from rsa_jax.training._step import (
 )
 from rsa_jax.training._trainer import (
     RunResult,
+    candidate_dir,
+    candidate_due,
+    list_candidates,
     load_adapters,
     load_policy,
+    save_candidate,
     save_stage_policy,
     stage_index,
     stage_policy_dir,
@@ -182,6 +186,10 @@ __all__ = [
     "stage_dropout_key",
     "stage_index",
     "save_stage_policy",
+    "candidate_dir",
+    "candidate_due",
+    "list_candidates",
+    "save_candidate",
     "stage_policy_dir",
     "state_shardings",
     "steps_done",

@@ -52,6 +52,7 @@ RESUME_IGNORED: tuple[str, ...] = (
     "checkpoint.every",
     "checkpoint.keep",
     "checkpoint.async_save",
+    "checkpoint.candidates_every",
     "mesh.*",
     "model.remat",
     "train.chunk_size",

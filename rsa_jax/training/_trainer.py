@@ -14,6 +14,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 
 import jax
 import numpy as np
@@ -30,6 +31,9 @@ from rsa_jax.training._mesh import Layout, make_mesh
 from rsa_jax.training._rundir import absolute_paths, check_resume, lock_run_dir, write_config
 
 log = logging.getLogger(__name__)
+
+CANDIDATES = "candidates"  # run_dir/candidates/<stage>_<step>/: checkpoint.candidates_every
+_CANDIDATE = re.compile(r"^(\d+)_(\d+)$")
 
 
 @dataclasses.dataclass
@@ -146,6 +150,8 @@ class _RunDir:
                 self.metrics.log(
                     stage.index, step, self.global_step, metrics, tokens, pairs, seconds
                 )
+            if candidate_due(config, step, stage.total):
+                save_candidate(config.train.run_dir, stage.index, step, stage.state.params)
             every = config.checkpoint.every
             if every and step % every == 0 and step < stage.total:
                 self.save(stage, done=False)
@@ -248,6 +254,46 @@ def save_stage_policy(run_dir: str, index: int, params: dict) -> None:
     checkpointer.close()
 
 
+def candidate_dir(run_dir: str, index: int, step: int) -> str:
+    """Where the policy at `step` of stage `index` is kept as a frontier candidate
+    (`checkpoint.candidates_every`): retention never deletes it, like `stage_policy_dir`."""
+    return os.path.join(os.path.abspath(run_dir), CANDIDATES, f"{index}_{step}")
+
+
+def candidate_due(config: Config, step: int, total: int) -> bool:
+    """Whether the policy after `step` of a stage of `total` steps is kept as a candidate: every
+    `checkpoint.candidates_every` steps, not at the stage's end (its own policy is kept then)."""
+    every = config.checkpoint.candidates_every
+    return bool(every) and step % every == 0 and step < total
+
+
+def save_candidate(run_dir: str, index: int, step: int, params: dict) -> None:
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(candidate_dir(run_dir, index, step), params, force=True)
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+
+
+def list_candidates(run_dir: str) -> list[tuple[int, int]]:
+    """[(stage index, step)] of the run's finished candidates, in training order (an interrupted
+    write leaves Orbax's temporary name, which is not listed)."""
+    root = os.path.join(os.path.abspath(run_dir), CANDIDATES)
+    if not os.path.isdir(root):
+        return []
+    found = [m.groups() for name in os.listdir(root) if (m := _CANDIDATE.match(name))]
+    return sorted((int(i), int(s)) for i, s in found)
+
+
+def split_candidate(stage: str | int) -> tuple[str, int | None]:
+    """`"1:40"` -> ("1", 40) (stage 1's candidate at step 40); anything else -> (stage, None)."""
+    name, sep, step = str(stage).partition(":")
+    if not sep:
+        return str(stage), None
+    if not step.isdigit():
+        raise ValueError(f"stage {stage!r}: a candidate is STAGE:STEP with STEP a step number")
+    return name, int(step)
+
+
 def stage_index(config: Config, stage: str | int) -> int:
     """A stage by index or by name; ValueError naming the stages otherwise."""
     names = [s.name for s in config.stages]
@@ -269,7 +315,8 @@ def load_policy(
     layout: Layout | None = None,
 ):
     """(engine, flat policy params) of the newest usable checkpoint of a run directory, or,
-    with `stage` (index or name), the policy that stage ended with. For a LoRA run these are
+    with `stage` (index or name), the policy that stage ended with, or with `STAGE:STEP` the
+    candidate kept at that step (`checkpoint.candidates_every`). For a LoRA run these are
     the merged parameters (the base dequantized plus (alpha / r) A B, float32), which
     `engine.model.module(params)` builds; `load_adapters` gives the adapters themselves.
 
@@ -299,6 +346,20 @@ def load_adapters(
         mesh = make_mesh(dataclasses.replace(config.mesh, data=-1, fsdp=1, tensor=1))
         layout = Layout(mesh, config.mesh.rules)
     engine = Engine(config, layout=layout, check_devices=False)
+    if stage is not None and (step := split_candidate(stage)[1]) is not None:
+        index = stage_index(config, split_candidate(stage)[0])
+        path = candidate_dir(run_dir, index, step)
+        if not os.path.isdir(path):
+            kept = [f"{i}:{s}" for i, s in list_candidates(run_dir)]
+            raise FileNotFoundError(
+                f"{run_dir}: no candidate at stage {index} step {step} ({path}); kept: "
+                f"{kept or 'none (checkpoint.candidates_every was 0)'}"
+            )
+        checkpointer = ocp.StandardCheckpointer()
+        try:
+            return engine, checkpointer.restore(path, engine.model.abstract_params())
+        finally:
+            checkpointer.close()
     if stage is not None and (index := stage_index(config, stage)) < len(config.stages) - 1:
         path = stage_policy_dir(run_dir, index)
         if not os.path.isdir(path):
