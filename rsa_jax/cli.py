@@ -195,6 +195,20 @@ def _cmd_frontier(args) -> int:
     )
 
 
+def _cmd_demo_real(args) -> int:
+    from rsa_jax.demo_real import QUICK, RealDemoConfig, run_real_demo
+
+    demo = RealDemoConfig(
+        out_dir=args.out,
+        model=args.model,
+        configs_dir=args.configs,
+        seed=args.seed,
+        **(QUICK if args.quick else {}),
+    )
+    run_real_demo(demo)
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from rsa_jax.demo import DemoConfig, run_demo
 
@@ -259,6 +273,7 @@ _EXAMPLES = {
     "frontier": "rsa-jax frontier runs/demo --constraint catastrophic_rate<=0.01 \\\n"
     "    --out runs/frontier",
     "demo": "rsa-jax demo --seeds 0 --quick",
+    "demo-real": "rsa-jax demo-real --quick --out runs/demo_real_quick",
     "toy-data": "rsa-jax toy-data runs/tiny_data.jsonl --rows 128",
 }
 
@@ -428,6 +443,18 @@ def build_parser() -> argparse.ArgumentParser:
         "DemoConfig.candidates_every in rsa_jax/demo.py; --quick: 5)",
     )
     p.set_defaults(fn=_cmd_demo)
+
+    p = command(
+        "demo-real",
+        "SmolLM2-135M-Instruct aligned on its own samples to real prompts by every method, judged "
+        "on held-out prompts (make demo-real)",
+    )
+    p.add_argument("--out", default="runs/demo_real")
+    p.add_argument("--model", default="artifacts/smollm2-135m", help="a local HF model directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="toy sizes (a smoke run, minutes)")
+    p.add_argument("--configs", default="configs", help="directory of the method configs")
+    p.set_defaults(fn=_cmd_demo_real)
 
     p = command("toy-data", "write synthetic PKU-SafeRLHF-schema rows (smoke tests)")
     p.add_argument("path")

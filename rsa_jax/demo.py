@@ -332,17 +332,18 @@ def write_merges(demo: DemoConfig, method: str, family: dict, root: str) -> dict
     return out
 
 
-def candidate_targets(demo: DemoConfig, method: str, family: dict) -> dict[str, str]:
-    """The points along training of one method that join its candidates: {variant row name
-    after the method: source for `rsa_jax.eval.load_model`}. Every stage but the last is the
-    same for all of the family's betas (the sweep trains it once), so its points (`s1@20`: stage
-    1 after 20 steps) and its end (`s1@end`, RSA(P) at q = 0) join once; the last stage's points
-    join for each of `candidate_betas` (`b2=0.1 s2@20`)."""
+def candidate_targets(family: dict, betas, stages: int) -> dict[str, str]:
+    """The points along training of one method (`checkpoint.candidates_every`) that join its
+    candidates: {variant row name after the method: source for `rsa_jax.eval.load_model`}.
+    `family` is {beta: Variant} of a sweep over the last stage's beta, `stages` the method's
+    stage count. Every stage but the last is the same for all betas (the sweep trains it once),
+    so its points (`s1@20`: stage 1 after 20 steps) and its end (`s1@end`, RSA(P) at q = 0)
+    join once; the last stage's points join for each of `betas` (`b2=0.1 s2@20`)."""
     from rsa_jax.training import list_candidates
 
-    last = _stages(demo, method) - 1
+    last = stages - 1
     out = {}
-    for beta in demo.candidate_betas:
+    for beta in betas:
         variant = family[beta]
         for index, step in list_candidates(variant.run_dir):
             name = f"s{index + 1}@{step}"
@@ -404,7 +405,8 @@ def run_seed(demo: DemoConfig, seed: int) -> tuple[dict, dict]:
         for v in family.values():
             targets[f"{method} {v.name}"] = v.run_dir
         if demo.candidates_every:
-            for name, source in candidate_targets(demo, method, family).items():
+            found = candidate_targets(family, demo.candidate_betas, _stages(demo, method))
+            for name, source in found.items():
                 targets[f"{method} {name}"] = source
         own = _own_beta(demo, method)
         if own in family:
