@@ -196,16 +196,12 @@ def _cmd_frontier(args) -> int:
 
 
 def _cmd_demo_real(args) -> int:
-    from rsa_jax.demo_real import QUICK, RealDemoConfig, run_real_demo
+    from rsa_jax.demo_real import RealDemoConfig, quick, run_real_demo
 
     demo = RealDemoConfig(
-        out_dir=args.out,
-        model=args.model,
-        configs_dir=args.configs,
-        seed=args.seed,
-        **(QUICK if args.quick else {}),
+        out_dir=args.out, model=args.model, configs_dir=args.configs, seed=args.seed
     )
-    run_real_demo(demo)
+    run_real_demo(quick(demo) if args.quick else demo)
     return 0
 
 

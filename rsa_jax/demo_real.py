@@ -108,21 +108,23 @@ class RealDemoConfig:
                 raise ValueError(f"demo-real: {name} must be >= 1, got {getattr(self, name)}")
 
 
-QUICK = dict(  # `--quick`: every part once at toy sizes (a smoke test, minutes)
-    methods=("DPO", "SACPO", "RSA-CVaR", "RSA-ERM"),
-    train_harmful=16,
-    train_benign=16,
-    max_prompt_len=32,
-    max_response_len=16,
-    batch_size=4,
-    epochs=1,
-    candidates_every=2,
-    eval_harmful=4,
-    eval_benign=4,
-    eval_samples=2,
-    eval_max_tokens=16,
-    n_boot=100,
-)
+def quick(demo: RealDemoConfig) -> RealDemoConfig:
+    """`--quick`: every part of `demo` once at toy sizes (a smoke test of minutes)."""
+    return dataclasses.replace(
+        demo,
+        train_harmful=16,
+        train_benign=16,
+        max_prompt_len=32,
+        max_response_len=16,
+        batch_size=4,
+        epochs=1,
+        candidates_every=2,
+        eval_harmful=4,
+        eval_benign=4,
+        eval_samples=2,
+        eval_max_tokens=16,
+        n_boot=100,
+    )
 
 
 def _say(message: str) -> None:

@@ -12,7 +12,6 @@ import pytest
 
 from rsa_jax.data import DataConfig, load_pairs
 from rsa_jax.demo_real import (
-    QUICK,
     REFUSALS,
     RealDemoConfig,
     choose_prompts,
@@ -159,7 +158,7 @@ def test_quick_demo_real_end_to_end(tmp_path):
     with open(os.path.join(out, "results.json")) as f:
         methods = json.load(f)["methods"]
     assert "Base" in methods
-    for m in QUICK["methods"]:
+    for m in RealDemoConfig().methods:
         assert any(row.startswith(f"{m} ") for row in methods), m
     for row, metrics in methods.items():
         for name in ("harmful_compliance", "p_unsafe_any", "over_refusal", "kl"):
