@@ -63,8 +63,8 @@ class RealDemoConfig:
     methods: tuple[str, ...] = ("DPO", "SACPO", "RSA-CVaR", "RSA-ERM")
     # Train prompts: harmful ones drawn from HarmBench + Do-Not-Answer's train split, and the
     # benign ones (the benign train split has 124; more than there are means all of them).
-    train_harmful: int = 160
-    train_benign: int = 124
+    train_harmful: int = 96
+    train_benign: int = 64
     # Own samples per train prompt (two: a pair when one refuses and one complies).
     pair_samples: int = 2
     # Token budgets: a refusal is decided in the first tokens, and every token costs CPU time.
@@ -81,14 +81,14 @@ class RealDemoConfig:
     betas: tuple[float, ...] = (0.1,)
     # Policies kept along training (steps; 0: none) join their method's candidates for the
     # stage-1 points and the last stage of `candidate_betas` (rsa_jax.demo.candidate_targets).
-    candidates_every: int = 10
+    candidates_every: int = 12
     candidate_betas: tuple[float, ...] = (0.1,)
     # Held-out evaluation: prompts per kind (drawn once, the same for every model), samples per
     # prompt (P(any unsafe in N samples) is over these N), new tokens per sample.
-    eval_harmful: int = 40
-    eval_benign: int = 30
+    eval_harmful: int = 32
+    eval_benign: int = 24
     eval_samples: int = 8
-    eval_max_tokens: int = 32
+    eval_max_tokens: int = 24
     n_boot: int = 1000
 
     def __post_init__(self):
