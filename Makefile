@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: setup model test test-slow test-all lint format demo demo-loss-head bench bench-model clean
+.PHONY: setup model test test-slow test-all lint format demo demo-real demo-loss-head bench bench-model clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,12 @@ format: $(STAMP)
 SEEDS ?= 0
 demo: $(STAMP)
 	$(PY) -m rsa_jax demo --out runs/demo --seeds $(SEEDS) $(DEMO_ARGS)
+
+# A real model made measurably safer: SmolLM2-135M-Instruct (make model) aligned on its own
+# samples to the train split of the real prompt sets by DPO, SACPO, RSA-CVaR and RSA-ERM (LoRA),
+# judged on held-out prompts (docs/demo_real.md). Offline. DEMO_REAL_ARGS=--quick: a smoke run.
+demo-real: $(STAMP) model
+	$(PY) -m rsa_jax demo-real --out runs/demo_real $(DEMO_REAL_ARGS)
 
 demo-loss-head: $(STAMP)
 	$(PY) bench/loss_head.py --demo

@@ -419,6 +419,16 @@ def _cmd_frontier(args) -> int:
     )
 
 
+def _cmd_demo_real(args) -> int:
+    from rsa_jax.demo_real import RealDemoConfig, quick, run_real_demo
+
+    demo = RealDemoConfig(
+        out_dir=args.out, model=args.model, configs_dir=args.configs, seed=args.seed
+    )
+    run_real_demo(quick(demo) if args.quick else demo)
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from rsa_jax.demo import DemoConfig, run_demo
 
@@ -432,6 +442,8 @@ def _cmd_demo(args) -> int:
         constraints=tuple(args.constraint),
         report_to=tuple(args.report_to),
     )
+    if args.candidates_every is not None:
+        demo = dataclasses.replace(demo, candidates_every=args.candidates_every)
     if args.quick:  # a smoke run: every part once, two betas, one merge per two-stage method
         demo = dataclasses.replace(
             demo,
@@ -443,6 +455,7 @@ def _cmd_demo(args) -> int:
             merge_qs=(0.5,),
             eval_samples=8,
             n_boot=200,
+            candidates_every=demo.candidates_every if args.candidates_every is not None else 5,
         )
     run_demo(demo)
     return 0
@@ -483,6 +496,7 @@ _EXAMPLES = {
     "frontier": "rsa-jax frontier runs/demo --constraint catastrophic_rate<=0.01 \\\n"
     "    --out runs/frontier",
     "demo": "rsa-jax demo --seeds 0 --quick",
+    "demo-real": "rsa-jax demo-real --quick --out runs/demo_real_quick",
     "toy-data": "rsa-jax toy-data runs/tiny_data.jsonl --rows 128",
     "compile": "rsa-jax compile configs/rsa_cvar.yaml --topology v5p-8 model.path=llama-2-7b \\\n"
     "    mesh.data=1 mesh.fsdp=4",
@@ -758,7 +772,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="experiment trackers of every run (train.report_to); wandb/mlflow also get the "
         "frontier report and plots as artifacts",
     )
+    p.add_argument(
+        "--candidates-every",
+        type=int,
+        metavar="STEPS",
+        help="keep each method's policy every STEPS steps of each stage as a frontier candidate, "
+        "so the frontiers span KL; 0: only the final policies (default: "
+        "DemoConfig.candidates_every in rsa_jax/demo.py; --quick: 5)",
+    )
     p.set_defaults(fn=_cmd_demo)
+
+    p = command(
+        "demo-real",
+        "SmolLM2-135M-Instruct aligned on its own samples to real prompts by every method, judged "
+        "on held-out prompts (make demo-real)",
+    )
+    p.add_argument("--out", default="runs/demo_real")
+    p.add_argument("--model", default="artifacts/smollm2-135m", help="a local HF model directory")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true", help="toy sizes (a smoke run, minutes)")
+    p.add_argument("--configs", default="configs", help="directory of the method configs")
+    p.set_defaults(fn=_cmd_demo_real)
 
     p = command("toy-data", "write synthetic PKU-SafeRLHF-schema rows (smoke tests)")
     p.add_argument("path")

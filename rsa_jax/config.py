@@ -197,6 +197,10 @@ class CheckpointConfig:
     keep: int = 3
     # Write in the background while training continues.
     async_save: bool = True
+    # Keep the policy every this many steps of each stage (before its end) in
+    # `candidates/<stage>_<step>/`, never deleted by retention, so points along training join a
+    # method's frontier candidates (`RUN@STAGE:STEP`); 0: none.
+    candidates_every: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -621,6 +625,12 @@ def validate(config: Config, device_count: int | None = None) -> None:
         _fail(
             "checkpoint.every",
             f"must be >= 0 (0: only at stage ends), got {config.checkpoint.every}",
+        )
+    if config.checkpoint.candidates_every < 0:
+        _fail(
+            "checkpoint.candidates_every",
+            f"must be >= 0 (0: no candidates along training), got "
+            f"{config.checkpoint.candidates_every}",
         )
     t = config.train
     if t.log_every < 1:

@@ -17,6 +17,11 @@ learning rate and the swept beta are overridden):
     each written as a Hugging Face directory). They are candidates of their method, as in
     Algorithm 1 (docs/method.md: the candidates are the beta_2 values and the merge ratios), so
     they join its frontier and its constrained choice as variants `(P) b2=... q=...`;
+  * points along training (`candidates_every`, the config's `checkpoint.candidates_every`):
+    every that many steps of each stage the policy is kept and joins its method's candidates
+    (`s1@20`, `s1@end`, `b2=0.1 s2@20`; `candidate_targets`), so each method's frontier spans a
+    range of KL from the SFT model and two methods' frontiers vs KL overlap: the frontier
+    report's reward gap at equal KL compares them at the same distance from the reference;
 
 -> evaluate the SFT model and every variant on the held-out prompts with N samples each (the same
 sampling seed for all, so variants differ by their policies, not by their draws) ->
@@ -88,6 +93,13 @@ class DemoConfig:
     # RSA(P): which beta_2 runs are merged with their stage-1 policy, and the merge ratios q.
     merge_betas: tuple[float, ...] = (0.1, 0.01)
     merge_qs: tuple[float, ...] = (0.25, 0.5, 0.75)
+    # Points along training (`checkpoint.candidates_every`): every this many steps of each
+    # stage the policy joins its method's candidates, so each frontier spans KL instead of
+    # clustering at the end of training; 0: none. Stage-1 points (shared by all beta_2) and the
+    # end of stage 1 join once per method, stage-2 points (and DPO's) those of
+    # `candidate_betas` only (each point is one more model to evaluate).
+    candidates_every: int = 20
+    candidate_betas: tuple[float, ...] = (0.1,)
     # Algorithm 1's constraints (STAT<=ZETA); empty: derived from the SFT model
     # (`default_constraints`).
     constraints: tuple[str, ...] = ()
@@ -116,6 +128,11 @@ class DemoConfig:
         stray = [b for b in self.merge_betas if b not in self.betas]
         if stray:
             raise ValueError(f"demo: merge_betas {stray} are not among betas {self.betas}")
+        stray = [b for b in self.candidate_betas if b not in self.betas]
+        if stray:
+            raise ValueError(f"demo: candidate_betas {stray} are not among betas {self.betas}")
+        if self.candidates_every < 0:
+            raise ValueError(f"demo: candidates_every {self.candidates_every} must be >= 0")
         if any(not 0 < q < 1 for q in self.merge_qs):
             raise ValueError(f"demo: merge_qs {self.merge_qs} must lie strictly between 0 and 1")
 
@@ -202,6 +219,7 @@ def method_config(
         "optim.microbatches=1",
         "checkpoint.every=0",
         "checkpoint.async_save=false",
+        f"checkpoint.candidates_every={demo.candidates_every}",
         f"train.run_dir={run_dir}",
         f"train.seed={seed}",
         "train.chunk_size=16",
@@ -328,6 +346,29 @@ def write_merges(demo: DemoConfig, method: str, family: dict, root: str) -> dict
     return out
 
 
+def candidate_targets(family: dict, betas, stages: int) -> dict[str, str]:
+    """The points along training of one method (`checkpoint.candidates_every`) that join its
+    candidates: {variant row name after the method: source for `rsa_jax.eval.load_model`}.
+    `family` is {beta: Variant} of a sweep over the last stage's beta, `stages` the method's
+    stage count. Every stage but the last is the same for all betas (the sweep trains it once),
+    so its points (`s1@20`: stage 1 after 20 steps) and its end (`s1@end`, RSA(P) at q = 0)
+    join once; the last stage's points join for each of `betas` (`b2=0.1 s2@20`)."""
+    from rsa_jax.training import list_candidates
+
+    last = stages - 1
+    out = {}
+    for beta in betas:
+        variant = family[beta]
+        for index, step in list_candidates(variant.run_dir):
+            name = f"s{index + 1}@{step}"
+            out[name if index < last else f"{variant.name} {name}"] = (
+                f"{variant.run_dir}@{index}:{step}"
+            )
+        for index in range(last):
+            out[f"s{index + 1}@end"] = f"{variant.run_dir}@{index}"
+    return out
+
+
 def run_seed(demo: DemoConfig, seed: int) -> tuple[dict, dict]:
     """One full replication. Returns ({row: SampleScores} of the SFT model and every variant,
     {method: row} of each method's single point: its config's own last-stage beta). Each
@@ -378,6 +419,10 @@ def run_seed(demo: DemoConfig, seed: int) -> tuple[dict, dict]:
         timings[f"train {method}"] = train_family(method, family, seed)
         for v in family.values():
             targets[f"{method} {v.name}"] = v.run_dir
+        if demo.candidates_every:
+            found = candidate_targets(family, demo.candidate_betas, _stages(demo, method))
+            for name, source in found.items():
+                targets[f"{method} {name}"] = source
         own = _own_beta(demo, method)
         if own in family:
             single[method] = f"{method} {family[own].name}"

@@ -22,6 +22,7 @@ COMMANDS = [
     "sweep",
     "frontier",
     "demo",
+    "demo-real",
     "toy-data",
 ]
 
@@ -146,3 +147,16 @@ def test_a_commands_own_exit_message_gets_the_same_one_line_form(tmp_path):
     assert str(info.value.code) == (
         "rsa-jax eval: error: without --task, give --judge (or --scorer module:attr) and --prompts"
     )
+
+
+def test_demo_real_quick_reaches_the_demo_with_toy_sizes(monkeypatch, tmp_path):
+    from rsa_jax import demo_real
+
+    seen = []
+    monkeypatch.setattr(demo_real, "run_real_demo", seen.append)
+    assert main(["demo-real", "--out", str(tmp_path), "--seed", "3"]) == 0
+    assert seen[-1] == demo_real.RealDemoConfig(out_dir=str(tmp_path), seed=3)
+    assert main(["demo-real", "--quick", "--out", str(tmp_path)]) == 0
+    full, quick = seen
+    assert quick.methods == full.methods  # every method, smaller
+    assert quick.train_harmful < full.train_harmful and quick.eval_samples < full.eval_samples

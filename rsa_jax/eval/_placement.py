@@ -154,8 +154,8 @@ def load_model(
     compute_dtype: str | None = None,
 ):
     """(model, tokenizer) of a Hugging Face directory, or of a run directory's newest usable
-    checkpoint, or of `RUN@STAGE` or `stage` (the policy stage STAGE ended with), its
-    parameters sharded on `mesh`.
+    checkpoint, of `RUN@STAGE` or `stage` (the policy stage STAGE ended with), or of
+    `RUN@STAGE:STEP` (a candidate kept along training), its parameters sharded on `mesh`.
 
     `mesh` None: a run directory evaluates on its training mesh (its checkpoint's config's
     `mesh`, falling back to all devices on `data` when it does not fit the devices here), a

@@ -27,7 +27,8 @@ run would be (`rsa_jax.sweep._placement`: what is stacked, what is shared). It w
 run directory as the trainer does (`config.json`, `metrics.jsonl`, TensorBoard events, and a
 final checkpoint marked done that `rsa-jax export`, `eval` and a sweep rerun read, and, like the
 trainer, the policy each non-final stage ended with in `stages/<i>`, so `RUN@0` sources work for
-RSA(P) merges); there are no checkpoints within a run, so an interrupted vmap sweep starts its
+RSA(P) merges, and every `checkpoint.candidates_every` steps the policy in `candidates/`);
+there are no resumable checkpoints within a run, so an interrupted vmap sweep starts its
 unfinished variants afresh.
 """
 
@@ -61,6 +62,7 @@ from rsa_jax.training import (
     TrainState,
     absolute_paths,
     device_copy,
+    save_candidate,
     save_stage_policy,
     stage_dropout_key,
     steps_done,
@@ -195,9 +197,20 @@ def _run_vmap_locked(sweep: Sweep, stop: StopSignal) -> dict[str, str]:
         t_start = time.perf_counter()
         # The trainer's hooks, per variant, each fed its variant's slice of the step's metrics.
         on_step = Hooks()
+
+        def keep_candidate(j: int, info: StepInfo) -> None:  # checkpoint.candidates_every
+            params = info.stage.state.params  # [K, ...] once the stages differ
+            if info.stage.index >= first_vmapped:
+                params = placement.slice(params, j)
+            save_candidate(group[j].run_dir, info.stage.index, info.step, params)
+
         for j, run in enumerate(runs):
             if run is not None:  # no save: vmap mode keeps no checkpoint within a run
-                hooks = run.hooks(report_compile=not on_step.hooks, stop=stop)
+                hooks = run.hooks(
+                    report_compile=not on_step.hooks,
+                    stop=stop,
+                    candidate=partial(keep_candidate, j),
+                )
                 on_step.add(partial(_variant_hooks, hooks, j))
         writing = [run for run in runs if run is not None]
         first_vmapped = shared_stages(group)

@@ -117,10 +117,13 @@ from rsa_jax.training._trackers import REPORT_TO, Tracker, log_artifacts, open_t
 from rsa_jax.training._trackers import flatten as flatten_config
 from rsa_jax.training._trainer import (
     RunResult,
+    candidate_dir,
     finished_step,
+    list_candidates,
     load_adapters,
     load_policy,
     run_config,
+    save_candidate,
     save_stage_policy,
     stage_index,
     stage_policy_dir,
@@ -222,6 +225,9 @@ __all__ = [
     "stage_dropout_key",
     "stage_index",
     "save_stage_policy",
+    "candidate_dir",
+    "list_candidates",
+    "save_candidate",
     "stage_policy_dir",
     "state_shardings",
     "steps_done",

@@ -117,12 +117,14 @@ class Run:
         save=None,
         report_compile: bool = True,
         evaluate=None,
+        candidate=None,
     ) -> Hooks:
         """The run's per-step hooks. `save(info)` writes a mid-stage checkpoint of the step
         (None: no periodic checkpoints and no save on a stop signal); `stop`: the stop flag
         (None: the loop is not stopped by signals); `evaluate(info) -> {"eval/...": value}`:
         the held-out evaluation, logged every `train.eval_every` steps and at the stage's end
-        (None: none)."""
+        (None: none); `candidate(info)` keeps the policy as a frontier candidate every
+        `checkpoint.candidates_every` steps, not at the stage's end (None: none)."""
         hooks = Hooks()
         hooks.add(self._count)
         hooks.add(self._guard)
@@ -137,6 +139,9 @@ class Run:
                 every=self.config.train.eval_every,
                 at_end=True,
             )
+        keep = self.config.checkpoint.candidates_every
+        if candidate is not None and keep:
+            hooks.add(lambda info: None if info.last else candidate(info), every=keep)
         every = self.config.checkpoint.every
         if save is not None and every:
             hooks.add(lambda info: None if info.last else save(info), every=every)

@@ -32,6 +32,7 @@ import fcntl
 import json
 import math
 import os
+import re
 import socket
 import sys
 from typing import Any
@@ -42,6 +43,8 @@ from jax.experimental import multihost_utils
 
 from rsa_jax.config import COSMETIC, Config, ConfigError, keys_of_kind
 from rsa_jax.config import RESUME_IGNORED as RESUME_IGNORED_KIND
+
+_CANDIDATE = re.compile(r"^(\d+)_(\d+)$")
 
 
 class RunDir:
@@ -60,6 +63,7 @@ class RunDir:
     CORRUPT = "corrupt"
     EVAL = "eval.json"
     LOCK = ".lock"
+    CANDIDATES = "candidates"  # candidates/<stage>_<step>/: checkpoint.candidates_every
 
     def __init__(self, path: str):
         text = str(path)
@@ -111,6 +115,20 @@ class RunDir:
         """Where the policy a (non-final) stage ended with is kept: checkpoint retention never
         deletes it, so RSA(P) can merge the stage-1 and final policies of one run."""
         return self._join(self.STAGES, str(index))
+
+    def candidate(self, index: int, step: int) -> str:
+        """Where the policy at `step` of stage `index` is kept as a frontier candidate
+        (`checkpoint.candidates_every`): retention never deletes it, like `stage_policy`."""
+        return self._join(self.CANDIDATES, f"{index}_{step}")
+
+    def candidates(self) -> list[tuple[int, int]]:
+        """[(stage index, step)] of the run's finished candidates, in training order (an
+        interrupted write leaves Orbax's temporary name, which is not listed)."""
+        root = self._join(self.CANDIDATES)
+        if not os.path.isdir(root):
+            return []
+        found = [m.groups() for name in os.listdir(root) if (m := _CANDIDATE.match(name))]
+        return sorted((int(i), int(s)) for i, s in found)
 
     # -- what is there ------------------------------------------------------------------
     def has_config(self) -> bool:
@@ -557,6 +575,7 @@ def resolve_source(text: str, *, what: str = "model", hf_ok: bool = True) -> Sou
     if stage is not None:
         saved = run.read_config()
         names = [s.get("name") for s in (saved or {}).get("stages", [])]
-        if names and not (stage in names or (stage.isdigit() and int(stage) < len(names))):
+        base = stage.partition(":")[0]  # STAGE:STEP names a candidate kept along training
+        if names and not (base in names or (base.isdigit() and int(base) < len(names))):
             raise ValueError(f"{what} {text!r}: no stage {stage!r}; the run's stages are {names}")
     return Source(text, run.path, "run", stage)

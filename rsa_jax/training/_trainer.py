@@ -139,14 +139,17 @@ class _Trainer:
 
     def run_stage(self, stage: Stage, stop: StopSignal) -> bool:
         """Fits the stage with the run's hooks (guard, logging, held-out evaluation, periodic
-        checkpoints, the stop flag); saves the stage's final checkpoint. False when stopped by
-        a signal before the stage's end."""
+        checkpoints, candidates kept along training, the stop flag); saves the stage's final
+        checkpoint. False when stopped by a signal before the stage's end."""
         config = self.engine.config
         heldout = self.engine.heldout_batches(stage.index) if config.train.eval_every else []
         hooks = self.run.hooks(
             stop=stop,
             save=lambda info: self.save(info.stage, done=False),
             evaluate=lambda info: self.engine.evaluate(info.stage, heldout),
+            candidate=lambda info: save_candidate(
+                config.train.run_dir, info.stage.index, info.step, info.stage.state.params
+            ),
         )
         self.run.metrics.start_stage(
             stage.index, stage.config.name, stage.total, steps_done(stage.state)
@@ -311,6 +314,34 @@ def save_stage_policy(run_dir: str, index: int, params: dict) -> None:
     checkpointer.close()
 
 
+def candidate_dir(run_dir: str, index: int, step: int) -> str:
+    """Where the policy at `step` of stage `index` is kept as a frontier candidate
+    (`checkpoint.candidates_every`): retention never deletes it, like `stage_policy_dir`."""
+    return RunDir(run_dir).candidate(index, step)
+
+
+def save_candidate(run_dir: str, index: int, step: int, params: dict) -> None:
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(candidate_dir(run_dir, index, step), params, force=True)
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+
+
+def list_candidates(run_dir: str) -> list[tuple[int, int]]:
+    """[(stage index, step)] of the run's finished candidates, in training order."""
+    return RunDir(run_dir).candidates()
+
+
+def split_candidate(stage: str | int) -> tuple[str, int | None]:
+    """`"1:40"` -> ("1", 40) (stage 1's candidate at step 40); anything else -> (stage, None)."""
+    name, sep, step = str(stage).partition(":")
+    if not sep:
+        return str(stage), None
+    if not step.isdigit():
+        raise ValueError(f"stage {stage!r}: a candidate is STAGE:STEP with STEP a step number")
+    return name, int(step)
+
+
 def stage_index(config: Config, stage: str | int) -> int:
     """A stage by index or by name; ValueError naming the stages otherwise."""
     names = [s.name for s in config.stages]
@@ -333,7 +364,8 @@ def load_policy(
     compute_dtype: str | None = None,
 ):
     """(engine, flat policy params) of the newest usable checkpoint of a run directory, or,
-    with `stage` (index or name), the policy that stage ended with. For a LoRA run these are
+    with `stage` (index or name), the policy that stage ended with, or with `STAGE:STEP` the
+    candidate kept at that step (`checkpoint.candidates_every`). For a LoRA run these are
     the merged parameters (the base dequantized plus (alpha / r) A B, float32), which
     `engine.model.module(params)` builds; `load_adapters` gives the adapters themselves.
 
@@ -385,6 +417,20 @@ def load_adapters(
             layout = Layout(mesh, config.mesh.rules)
         engine = Engine(config, layout=layout, check_devices=False)
         n_stages = len(config.stages)
+        if stage is not None and (step := split_candidate(stage)[1]) is not None:
+            index = stage_index(config, split_candidate(stage)[0])
+            path = run.candidate(index, step)
+            if not os.path.isdir(path):
+                kept = [f"{i}:{s}" for i, s in run.candidates()]
+                raise FileNotFoundError(
+                    f"{run.path}: no candidate at stage {index} step {step} ({path}); kept: "
+                    f"{kept or 'none (checkpoint.candidates_every was 0)'}"
+                )
+            checkpointer = ocp.StandardCheckpointer()
+            try:
+                return engine, checkpointer.restore(path, engine.model.abstract_params())
+            finally:
+                checkpointer.close()
         if stage is not None and (index := stage_index(config, stage)) < n_stages - 1:
             path = run.stage_policy(index)
             if not os.path.isdir(path):

@@ -11,10 +11,12 @@ import os
 import numpy as np
 import pytest
 import yaml
+from flax import nnx
 
 from rsa_jax.data import write_toy_data
+from rsa_jax.eval import load_model
 from rsa_jax.sweep import load_sweep, run_sweep, shared_stages
-from rsa_jax.training import load_policy
+from rsa_jax.training import list_candidates, load_policy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
@@ -82,6 +84,7 @@ def _sequential_and_vmap(directory, betas, *overrides):
         overrides=[
             f"data.path={data}",
             "checkpoint.every=0",
+            "checkpoint.candidates_every=2",
             "stages.0.steps=3",
             "stages.1.steps=2",
             "stages.1.risk=erm",
@@ -172,3 +175,26 @@ def test_lora_shared_stage_vmap_equals_sequential_runs(tmp_path):
         for key in seq:
             assert vm[key] == pytest.approx(seq[key], abs=1e-5), (a.name, key)
         _assert_final_policies_close(a, b)
+
+
+def test_points_along_training_are_kept_alike_by_the_trainer_and_the_vmap(runs):
+    """`checkpoint.candidates_every=2`: stage 1 (3 steps) keeps step 2, stage 2 (2 steps)
+    keeps nothing (its end is the final policy). The shared stage's point is the trainer's
+    bitwise, it lies between the initial and the stage-1 policy, and `RUN@STAGE:STEP` loads."""
+    sequential, vmap = runs
+    run_sweep(vmap)  # skips variants another test finished
+    for a, b in zip(sequential.variants, vmap.variants, strict=True):
+        assert list_candidates(a.run_dir) == list_candidates(b.run_dir) == [(0, 2)]
+        pa = load_policy(a.run_dir, stage="0:2")[1]
+        pb = load_policy(b.run_dir, stage="helpfulness:2")[1]
+        end = load_policy(a.run_dir, stage=0)[1]
+        for k in pa:
+            np.testing.assert_array_equal(np.asarray(pb[k]), np.asarray(pa[k]), err_msg=k)
+        assert any(not np.array_equal(pa[k], end[k]) for k in pa)  # one step before the end
+        model, _ = load_model(f"{b.run_dir}@0:2")  # what the demo evaluates
+        loaded = {"/".join(map(str, p)): v[...] for p, v in nnx.to_flat_state(nnx.state(model))}
+        for k in pa:
+            np.testing.assert_array_equal(np.asarray(loaded[k]), np.asarray(pa[k]), err_msg=k)
+    missing = r"no candidate at stage 1 step 1 .*kept: \['0:2'\]"
+    with pytest.raises(FileNotFoundError, match=missing):
+        load_policy(sequential.variants[0].run_dir, stage="1:1")

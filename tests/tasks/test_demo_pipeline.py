@@ -17,7 +17,7 @@ from rsa_jax import demo as demo_module
 from rsa_jax.cli import main
 from rsa_jax.demo import DemoConfig, default_constraints, run_demo
 from rsa_jax.eval import Estimate, load_frontier_inputs, read_results
-from rsa_jax.training import load_source
+from rsa_jax.training import list_candidates, load_source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -40,6 +40,8 @@ def demo(tmp_path_factory):
         eval_samples=4,
         eval_max_tokens=12,
         n_boot=50,
+        candidates_every=4,
+        candidate_betas=(0.01,),
     )
     result = run_demo(config)
     return config, result
@@ -50,10 +52,19 @@ def test_every_variant_is_a_frontier_row_and_the_report_has_the_constrained_opti
     out = config.out_dir
     loaded = load_frontier_inputs([out])
     assert loaded.files == [os.path.join(out, "seed0", "results.json")]
+    seed = os.path.join(out, "seed0")
+    # Points along training (every 4 steps) of beta 0.01's runs: stage 1 once, stage 2 per beta.
+    dpo_points = list_candidates(os.path.join(seed, "DPO", "b1_0.01"))
+    rsa_points = list_candidates(os.path.join(seed, "RSA-CVaR", "b2_0.01"))
+    assert dpo_points and {i for i, _ in rsa_points} == {0, 1}
+    assert all(s % 4 == 0 for _, s in dpo_points + rsa_points)
     assert {m: sorted(v) for m, v in loaded.seeds["0"].items()} == {
         "SFT": ["SFT"],
-        "DPO": ["b1=0.01", "b1=0.1"],
-        "RSA-CVaR": ["(P) b2=0.01 q=0.5", "b2=0.01", "b2=0.1"],  # merges: candidates too
+        "DPO": sorted(["b1=0.01", "b1=0.1", *(f"b1=0.01 s1@{s}" for _, s in dpo_points)]),
+        "RSA-CVaR": sorted(
+            ["(P) b2=0.01 q=0.5", "b2=0.01", "b2=0.1", "s1@end"]  # merges: candidates too
+            + [f"s1@{s}" if i == 0 else f"b2=0.01 s2@{s}" for i, s in rsa_points]
+        ),
     }
     for variants in loaded.seeds["0"].values():
         for metrics in variants.values():
@@ -123,7 +134,9 @@ def test_variants_share_stage_one_and_merges_average_it_with_the_final_policy(de
 def test_rerun_reuses_finished_runs_and_restarts_changed_ones(demo, capsys):
     config, _ = demo
     capsys.readouterr()
-    changed = dataclasses.replace(config, methods=("RSA-CVaR",), betas=(0.1,), merge_betas=())
+    changed = dataclasses.replace(
+        config, methods=("RSA-CVaR",), betas=(0.1,), merge_betas=(), candidate_betas=()
+    )
     run_demo(changed)
     printed = capsys.readouterr().out
     assert "RSA-CVaR: 0 variant(s) trained, 1 kept" in printed  # the same settings: reused
@@ -150,6 +163,8 @@ def test_default_constraints_are_the_sft_models_own_tail():
         ("merge_betas", (0.3,), "merge_betas [0.3] are not among betas"),
         ("merge_qs", (1.0,), "strictly between 0 and 1"),
         ("betas", (), "betas is empty"),
+        ("candidate_betas", (0.3,), "candidate_betas [0.3] are not among betas"),
+        ("candidates_every", -1, "candidates_every -1 must be >= 0"),
     ],
 )
 def test_bad_demo_settings_fail_naming_the_field(field, value, words):
@@ -172,6 +187,9 @@ def test_cli_demo_defaults_to_one_seed_and_quick_is_a_small_frontier(monkeypatch
     assert quick.seeds == (0, 1, 2) and quick.constraints == ("kl<=2",)
     assert len(quick.betas) >= 2 and quick.merge_betas and quick.merge_qs  # still a frontier
     assert quick.sft_steps < DemoConfig.sft_steps and quick.eval_samples < DemoConfig.eval_samples
+    assert quick.candidates_every > 0  # points along training: the frontiers span KL
+    assert main(["demo", "--candidates-every", "0", "--configs", configs]) == 0
+    assert seen[-1].candidates_every == 0
 
 
 def test_eval_cli_scores_run_and_model_directories(demo, tmp_path, capsys):
