@@ -314,14 +314,10 @@ def _generation_end_ids(path: str, tokenizer) -> tuple[int, ...]:
     import json
 
     from rsa_jax.generate import end_ids
-    from rsa_jax.training import split_source
+    from rsa_jax.training import resolve_source, run_config
 
-    path = split_source(path)[0]
-    if os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(
-        os.path.join(path, "checkpoints")
-    ):
-        with open(os.path.join(path, "config.json")) as f:
-            path = json.load(f)["model"]["path"]
+    source = resolve_source(path)
+    path = run_config(source.path).model.path if source.kind == "run" else source.path
     extra: list[int] = []
     generation = os.path.join(path, "generation_config.json")
     if os.path.isfile(generation):

@@ -364,9 +364,9 @@ def run_real_demo(demo: RealDemoConfig) -> dict:
         write_results,
     )
     from rsa_jax.eval.judges import RefusalJudge
-    from rsa_jax.models import load_hf
+    from rsa_jax.models import HF_CONFIG, load_hf
 
-    if not os.path.exists(os.path.join(demo.model, "config.json")):
+    if not os.path.exists(os.path.join(demo.model, HF_CONFIG)):
         raise FileNotFoundError(
             f"demo-real: {demo.model} is not a Hugging Face model directory (make model writes "
             "artifacts/smollm2-135m)"

@@ -19,6 +19,7 @@ COMMANDS = [
     "merge",
     "export",
     "eval",
+    "generate",
     "sweep",
     "frontier",
     "demo",

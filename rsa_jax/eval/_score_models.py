@@ -41,7 +41,7 @@ from rsa_jax.data import TextEncoder
 from rsa_jax.eval._budget import default_memory_budget, rows_per_batch, scoring_bytes_per_row
 from rsa_jax.eval._placement import Placement, placement_for, to_host
 from rsa_jax.generate import place_rows
-from rsa_jax.models import Llama, LlamaConfig, load_hf, read_hf_tensor
+from rsa_jax.models import HF_CONFIG, Llama, LlamaConfig, load_hf, read_hf_tensor
 from rsa_jax.training import logical_spec
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def read_score_head(path: str) -> tuple[LlamaConfig, ScoreHead]:
       ValueError: an unknown format, a bad field (named with its file), a head of the wrong
         shape.
     """
-    config_path = os.path.join(path, "config.json")
+    config_path = os.path.join(path, HF_CONFIG)
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face model directory)")
     with open(config_path) as f:

@@ -35,7 +35,13 @@ Stable API (the training code and the CLI rely on these names):
 - Sampling with a KV cache lives in `rsa_jax.generate.generate`.
 """
 
-from rsa_jax.models._config import ATTENTION_CHOICES, SUPPORTED, LlamaConfig, tiny_config
+from rsa_jax.models._config import (
+    ATTENTION_CHOICES,
+    HF_CONFIG,
+    SUPPORTED,
+    LlamaConfig,
+    tiny_config,
+)
 from rsa_jax.models._export import parse_size
 from rsa_jax.models._gguf import bundled_smollm2_gguf, convert_gguf
 from rsa_jax.models._llama import (
@@ -67,6 +73,7 @@ from rsa_jax.models._weights import hf_name, load_hf, read_hf_tensor, save_hf
 
 __all__ = [
     "ATTENTION_CHOICES",
+    "HF_CONFIG",
     "PROJECTIONS",
     "REMAT_POLICIES",
     "STORAGES",

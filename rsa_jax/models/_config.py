@@ -16,6 +16,9 @@ import os
 import warnings
 from typing import Any
 
+# A Hugging Face model directory's config file (a run directory's own names: training.RunDir).
+HF_CONFIG = "config.json"
+
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from rsa_jax.models import HF_CONFIG
 from rsa_jax.testing import llama_reference
 
 # safe-rlhf LlamaForScore and transformers' sequence-classification formats.
@@ -118,7 +119,7 @@ def write_score_dir(
         if fields["bias"]:
             head["score_head.bias"] = (fields["score_dim"],)
         tensors = random_tensors(config, head, seed)
-        with open(os.path.join(path, "config.json"), "w") as f:
+        with open(os.path.join(path, HF_CONFIG), "w") as f:
             json.dump(config, f, indent=2)
     else:
         from transformers import LlamaConfig, Qwen2Config
@@ -139,7 +140,7 @@ def write_score_dir(
         )
         hf.num_labels = score_dim  # a property of PretrainedConfig: sets id2label
         hf.save_pretrained(path)  # transformers' own config class writes config.json
-        with open(os.path.join(path, "config.json")) as f:
+        with open(os.path.join(path, HF_CONFIG)) as f:
             config = json.load(f)
     save_file(tensors, os.path.join(path, "model.safetensors"))
     tokenizer.save_pretrained(path)

@@ -262,8 +262,9 @@ def _train_locked(
 
 
 def _start_after_shared(engine: Engine, run: Run, source: str, k: int) -> tuple[int, dict]:
-    """(k, the policy `source` ended stage k-1 with): its stage policies and the metric records
-    of its first k stages are copied into this run, whose global step goes on from there."""
+    """(k, the policy `source` ended stage k-1 with): its stage policies, the candidates kept
+    along its first k stages and their metric records are copied into this run, whose global
+    step goes on from there."""
     run_dir = engine.config.train.run_dir
     checkpointer = ocp.StandardCheckpointer()
     try:
@@ -277,6 +278,10 @@ def _start_after_shared(engine: Engine, run: Run, source: str, k: int) -> tuple[
             target = stage_policy_dir(run_dir, i)
             if not os.path.isdir(target):
                 shutil.copytree(stage_policy_dir(source, i), target)
+        for i, step in RunDir(source).candidates():  # points along the shared stages
+            target = RunDir(run_dir).candidate(i, step)
+            if i < k and not os.path.isdir(target):
+                shutil.copytree(RunDir(source).candidate(i, step), target)
     records = [r for r in read_metrics(RunDir(source).metrics_file) if r["stage"] < k]
     run.metrics.copy_records(records)
     run.global_step = max((int(r["global_step"]) for r in records), default=0)
