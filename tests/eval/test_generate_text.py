@@ -115,6 +115,7 @@ def test_cli_help_states_generate_texts_defaults():
         assert re.search(rf"default {value}\b", helps[dest]), (dest, helps[dest])
 
 
+@pytest.mark.slow  # trains a tiny run first: about a minute on 2 cores
 def test_generate_command_on_a_tiny_run(tmp_path, capsys):
     data = str(tmp_path / "pairs.jsonl")
     write_toy_data(data, rows=16)

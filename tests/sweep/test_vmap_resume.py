@@ -8,11 +8,15 @@ import shutil
 
 import jax
 import numpy as np
+import pytest
 import yaml
 
 from rsa_jax.data import write_toy_data
 from rsa_jax.sweep import load_sweep, run_sweep
 from rsa_jax.training import Checkpoints, load_adapters
+
+# Two vmap sweeps (one interrupted, one not) of the tiny model: about a minute on 2 cores.
+pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
