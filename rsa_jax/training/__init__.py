@@ -66,7 +66,6 @@ from rsa_jax.training._step import (
 from rsa_jax.training._trackers import log_artifacts
 from rsa_jax.training._trainer import (
     RunResult,
-    candidate_dir,
     finished_step,
     list_candidates,
     load_adapters,
@@ -132,7 +131,6 @@ __all__ = [
     "split_source",
     "stage_dropout_key",
     "save_stage_policy",
-    "candidate_dir",
     "list_candidates",
     "save_candidate",
     "stage_policy_dir",
