@@ -30,7 +30,8 @@ import numpy as np
 
 from rsa_jax.config import Config, DataConfig, ModelConfig, OptimConfig, StageConfig
 from rsa_jax.models import LlamaConfig, tiny_config
-from rsa_jax.training import Engine, PairObjective, device_copy, place_batch, state_shardings
+from rsa_jax.training import Engine, PairObjective, device_copy, state_shardings
+from rsa_jax.training._mesh import place_batch
 
 ARTIFACT = os.path.join(
     os.path.dirname(os.path.abspath(__file__)), "..", "artifacts", "smollm2-135m"

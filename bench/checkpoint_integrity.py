@@ -25,7 +25,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rsa_jax.training import Checkpoints, tree_checksums
+from rsa_jax.training import Checkpoints
+from rsa_jax.training._checksum import tree_checksums
 
 
 class _Iterator:

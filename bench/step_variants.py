@@ -29,7 +29,8 @@ import jax
 from vs_torch import ARTIFACT, BETA, LR, MAX_GRAD_NORM, make_batch
 
 from rsa_jax.config import Config, DataConfig, ModelConfig, OptimConfig, StageConfig
-from rsa_jax.training import Engine, PairObjective, device_copy, place_batch, state_shardings
+from rsa_jax.training import Engine, PairObjective, device_copy, state_shardings
+from rsa_jax.training._mesh import place_batch
 
 # name: (model.remat, XLA compiler options)
 VARIANTS = {

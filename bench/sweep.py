@@ -91,7 +91,8 @@ def _placed(args) -> None:
 
     from rsa_jax.data import write_toy_data
     from rsa_jax.sweep import load_sweep, run_vmap, variant_placement
-    from rsa_jax.training import Engine, clear_step_cache
+    from rsa_jax.training import Engine
+    from rsa_jax.training._engine import clear_step_cache
 
     assert len(jax.devices()) == args.placed_devices, jax.devices()
     work = tempfile.mkdtemp(prefix="bench_sweep_placed_")
@@ -135,7 +136,8 @@ def main() -> None:
 
     from rsa_jax.data import write_toy_data
     from rsa_jax.sweep import load_sweep, run_sequential, run_vmap, variant_placement
-    from rsa_jax.training import Engine, clear_step_cache, train
+    from rsa_jax.training import Engine, train
+    from rsa_jax.training._engine import clear_step_cache
 
     work = tempfile.mkdtemp(prefix="bench_sweep_")
     data = os.path.join(work, "pairs.jsonl")

@@ -132,7 +132,8 @@ def our_engine(args):
     """(engine, reference parameters, train state, placed batch) of our side: SmolLM2 from
     `args.model` in float32 (`args.remat`), AdamW with clipping, `args.pairs` x `args.length`."""
     from rsa_jax.config import Config, DataConfig, ModelConfig, OptimConfig
-    from rsa_jax.training import Engine, device_copy, place_batch
+    from rsa_jax.training import Engine, device_copy
+    from rsa_jax.training._mesh import place_batch
 
     optim = OptimConfig(
         learning_rate=LR, warmup_ratio=0.0, weight_decay=0.0, max_grad_norm=MAX_GRAD_NORM

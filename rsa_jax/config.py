@@ -43,7 +43,8 @@ class ConfigError(ValueError):
 # What kind of key a field is, declared next to it (`_kind(...)`, the field's metadata "kind");
 # a field without one takes its enclosing field's kind (PROGRAM at the top). Derived from it:
 # `Hyper.for_stage`'s loss arguments (`traced_fields`), the keys a resume ignores
-# (`rsa_jax.training.RESUME_IGNORED`) and the keys vmap sweep variants may differ in.
+# (`RESUME_IGNORED` in `rsa_jax/training/_rundir.py`) and the keys vmap sweep variants may
+# differ in.
 #
 #   kind            step argument   compared on resume   vmap variants may differ
 #   TRACED          yes             yes                  yes

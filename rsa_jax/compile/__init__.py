@@ -20,9 +20,6 @@ mesh axis with bytes per step, and the compile time. `rsa-jax compile` is the co
 from rsa_jax.compile._presets import PRESETS, architecture, parameter_count
 from rsa_jax.compile._programs import (
     Program,
-    abstract_state,
-    build_engine,
-    materialised_bytes,
     sweep_programs,
     train_programs,
 )
@@ -31,8 +28,6 @@ from rsa_jax.compile._report import (
     Memory,
     StepShape,
     collectives,
-    memory_of,
-    shard_bytes,
     step_flops,
 )
 from rsa_jax.compile._run import ProgramReport, compile_config, report, run_compile
@@ -57,18 +52,13 @@ __all__ = [
     "StepShape",
     "TopologyError",
     "TpuSlice",
-    "abstract_state",
     "architecture",
-    "build_engine",
     "collectives",
     "compile_config",
     "libtpu_available",
-    "materialised_bytes",
-    "memory_of",
     "parameter_count",
     "report",
     "run_compile",
-    "shard_bytes",
     "step_flops",
     "sweep_programs",
     "topology_devices",

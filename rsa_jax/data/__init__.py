@@ -1,16 +1,14 @@
 """Preference-pair data: sources and stage views, tokenisation, static batches, Grain pipelines."""
 
 from rsa_jax.data._config import VIEWS, DataConfig
-from rsa_jax.data._pipeline import host_rows, make_pair_dataset, make_pair_iterator
+from rsa_jax.data._pipeline import make_pair_dataset, make_pair_iterator
 from rsa_jax.data._sources import (
     DataError,
     DataReport,
     PairRecord,
     load_pairs,
-    resolve_view,
-    row_to_pair,
 )
-from rsa_jax.data._text import TextEncoder, control_tokens
+from rsa_jax.data._text import TextEncoder
 from rsa_jax.data._tiny_tokenizer import train_bpe_tokenizer
 from rsa_jax.data._tokenize import (
     PairTokenizer,
@@ -18,7 +16,6 @@ from rsa_jax.data._tokenize import (
     batch_shape,
     collate,
     collate_rows,
-    length_key,
     padding_efficiency,
 )
 from rsa_jax.data._toy import write_toy_data
@@ -35,15 +32,10 @@ __all__ = [
     "batch_shape",
     "collate",
     "collate_rows",
-    "control_tokens",
-    "host_rows",
-    "length_key",
     "load_pairs",
     "make_pair_dataset",
     "make_pair_iterator",
     "padding_efficiency",
-    "resolve_view",
-    "row_to_pair",
     "train_bpe_tokenizer",
     "write_toy_data",
 ]

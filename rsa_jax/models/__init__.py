@@ -47,10 +47,8 @@ from rsa_jax.models._gguf import bundled_smollm2_gguf, convert_gguf
 from rsa_jax.models._llama import (
     REMAT_POLICIES,
     Llama,
-    attention_allowed,
     attention_implementation,
     pick_layer_value,
-    rope_frequencies,
     window_allowed,
 )
 from rsa_jax.models._local import check_model_dir, check_tokenizer_dir
@@ -67,9 +65,9 @@ from rsa_jax.models._lora import (
     split_lora,
     to_lora,
 )
-from rsa_jax.models._project import PROJECTIONS, lora_equations, project
-from rsa_jax.models._quant import STORAGES, error_bound, nf4_codes, store_weight, tree_bytes
-from rsa_jax.models._weights import hf_name, load_hf, read_hf_tensor, save_hf
+from rsa_jax.models._project import PROJECTIONS, project
+from rsa_jax.models._quant import STORAGES, error_bound, nf4_codes, tree_bytes
+from rsa_jax.models._weights import load_hf, read_hf_tensor, save_hf
 
 __all__ = [
     "ATTENTION_CHOICES",
@@ -83,7 +81,6 @@ __all__ = [
     "LoraConfig",
     "LoraSpec",
     "error_bound",
-    "lora_equations",
     "merged_params",
     "nest_params",
     "nf4_codes",
@@ -94,21 +91,17 @@ __all__ = [
     "save_merged_hf",
     "save_peft",
     "split_lora",
-    "store_weight",
     "to_lora",
     "tree_bytes",
-    "attention_allowed",
     "attention_implementation",
     "bundled_smollm2_gguf",
     "check_model_dir",
     "check_tokenizer_dir",
     "convert_gguf",
-    "hf_name",
     "load_hf",
     "pick_layer_value",
     "parse_size",
     "read_hf_tensor",
-    "rope_frequencies",
     "save_hf",
     "tiny_config",
     "window_allowed",

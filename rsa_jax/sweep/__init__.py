@@ -11,12 +11,10 @@ from rsa_jax.sweep._file import (
     SweepError,
     Variant,
     format_value,
-    grouped,
-    kernel_key,
     load_sweep,
 )
 from rsa_jax.sweep._placement import VARIANT_AXIS, VariantPlacement, variant_placement
-from rsa_jax.sweep._results import collect, last_records, sweep_table, write_sweep_results
+from rsa_jax.sweep._results import write_sweep_results
 from rsa_jax.sweep._run import (
     SweepEvalError,
     check_sweep,
@@ -25,7 +23,7 @@ from rsa_jax.sweep._run import (
     run_sequential,
     run_sweep,
 )
-from rsa_jax.sweep._vmap import check_vmappable, run_vmap, shared_stages
+from rsa_jax.sweep._vmap import run_vmap
 
 __all__ = [
     "MODES",
@@ -36,20 +34,13 @@ __all__ = [
     "Variant",
     "VariantPlacement",
     "check_sweep",
-    "check_vmappable",
-    "collect",
     "describe",
     "format_value",
-    "grouped",
     "is_done",
-    "kernel_key",
-    "last_records",
     "load_sweep",
     "run_sequential",
     "run_sweep",
     "run_vmap",
-    "shared_stages",
-    "sweep_table",
     "variant_placement",
     "write_sweep_results",
 ]

@@ -17,12 +17,12 @@ from rsa_jax.compile import (
     collectives,
     compile_config,
     libtpu_available,
-    materialised_bytes,
     parameter_count,
     report,
     step_flops,
     train_programs,
 )
+from rsa_jax.compile._programs import materialised_bytes
 from rsa_jax.config import load_config
 from rsa_jax.models import LlamaConfig
 

@@ -173,7 +173,7 @@ def test_hosts_partition_the_global_batch(tokenizer, hosts, bucketed):
 
 
 def test_host_rows_and_bad_host_counts(tokenizer):
-    from rsa_jax.data import host_rows
+    from rsa_jax.data._pipeline import host_rows
 
     assert host_rows(3, 0, 3) == [(0, True), (1, True)]
     assert host_rows(3, 1, 3) == [(2, True), (0, False)]  # a block may straddle chosen/rejected

@@ -17,7 +17,7 @@ import jax
 
 def main(devices: int, prefix: str) -> None:
     jax.config.update("jax_num_cpu_devices", devices)
-    from rsa_jax.training import maybe_initialize_distributed
+    from rsa_jax.training._mesh import maybe_initialize_distributed
 
     maybe_initialize_distributed()  # before anything touches the backend
     import numpy as np

@@ -14,7 +14,8 @@ from jax.sharding import NamedSharding
 
 from rsa_jax.config import MeshConfig
 from rsa_jax.models import Llama, LoraConfig, split_lora, tiny_config, to_lora
-from rsa_jax.training import batch_sharding, logical_spec, make_mesh
+from rsa_jax.training import logical_spec, make_mesh
+from rsa_jax.training._mesh import batch_sharding
 
 MASK = np.array([[0, 0, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1, 1]] * 2, bool)
 POSITIONS = np.maximum(np.cumsum(MASK, axis=1) - 1, 0)

@@ -15,12 +15,12 @@ from flax import nnx
 from rsa_jax.models import (
     Llama,
     LlamaConfig,
-    attention_allowed,
     attention_implementation,
     load_hf,
     save_hf,
     tiny_config,
 )
+from rsa_jax.models._llama import attention_allowed
 
 # Left-padded prompts and right-padded responses, as the data pipeline lays them out.
 MASK = np.array(

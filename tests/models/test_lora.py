@@ -20,7 +20,6 @@ from rsa_jax.models import (
     LoraConfig,
     error_bound,
     load_hf,
-    lora_equations,
     merged_params,
     nf4_codes,
     param_count,
@@ -28,11 +27,12 @@ from rsa_jax.models import (
     save_merged_hf,
     save_peft,
     split_lora,
-    store_weight,
     tiny_config,
     to_lora,
     tree_bytes,
 )
+from rsa_jax.models._project import lora_equations
+from rsa_jax.models._quant import store_weight
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MASK = np.array([[0, 0, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1, 1]], bool)

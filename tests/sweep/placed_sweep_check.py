@@ -27,7 +27,8 @@ from test_lora_sweep import TINY, _losses  # noqa: E402
 
 from rsa_jax.data import write_toy_data  # noqa: E402
 from rsa_jax.sweep import load_sweep, run_sweep  # noqa: E402
-from rsa_jax.training import Engine, cached_steps, clear_step_cache, load_adapters  # noqa: E402
+from rsa_jax.training import Engine, load_adapters
+from rsa_jax.training._engine import cached_steps, clear_step_cache
 
 # Both stages ERM and Adam's eps 1e-6, so that the two programs, which sum in other orders (the
 # batch is split over data), agree to rounding: see the module docstring of test_placed_sweep.

@@ -1,5 +1,5 @@
 """vmap sweeps train the stages all variants share once, un-vmapped, and vmap from the first stage
-where they differ (`rsa_jax.sweep.shared_stages`): the same losses, stage policies and final
+where they differ (`rsa_jax.sweep._vmap.shared_stages`): the same losses, stage policies and final
 parameters as running every variant through the trainer, and the stage-1 policy kept in each
 variant's `stages/0` for RSA(P) merges."""
 
@@ -15,7 +15,8 @@ from flax import nnx
 
 from rsa_jax.data import write_toy_data
 from rsa_jax.eval import load_model
-from rsa_jax.sweep import load_sweep, run_sweep, shared_stages
+from rsa_jax.sweep import load_sweep, run_sweep
+from rsa_jax.sweep._vmap import shared_stages
 from rsa_jax.training import list_candidates, load_policy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -14,17 +14,11 @@ import yaml
 from rsa_jax.cli import main
 from rsa_jax.config import load_config
 from rsa_jax.data import write_toy_data
-from rsa_jax.sweep import (
-    SweepError,
-    check_vmappable,
-    format_value,
-    grouped,
-    is_done,
-    load_sweep,
-    run_sequential,
-    run_sweep,
-)
-from rsa_jax.training import cached_steps, clear_step_cache, load_policy
+from rsa_jax.sweep import SweepError, format_value, is_done, load_sweep, run_sequential, run_sweep
+from rsa_jax.sweep._file import grouped
+from rsa_jax.sweep._vmap import check_vmappable
+from rsa_jax.training import load_policy
+from rsa_jax.training._engine import cached_steps, clear_step_cache
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")

@@ -219,7 +219,7 @@ def test_a_full_disk_is_one_line_without_v_and_tracebacks_with_it(
 
 
 def _sigterm_after_first_record(monkeypatch):
-    from rsa_jax.training import MetricsLog
+    from rsa_jax.training._logging import MetricsLog
 
     log = MetricsLog.log
 

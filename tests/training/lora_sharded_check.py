@@ -28,14 +28,8 @@ from rsa_jax.config import (  # noqa: E402
     TrainConfig,
 )
 from rsa_jax.models import tiny_config  # noqa: E402
-from rsa_jax.training import (  # noqa: E402
-    BATCH_KEYS,
-    Engine,
-    Layout,
-    make_mesh,
-    place_batch,
-    state_shardings,
-)
+from rsa_jax.training import BATCH_KEYS, Engine, Layout, make_mesh, state_shardings
+from rsa_jax.training._mesh import place_batch
 
 DROPOUT = float(sys.argv[1]) if len(sys.argv) > 1 else 0.0
 LORA = LoraSettings(rank=4, alpha=8.0, base_storage="nf4", block_size=16, dropout=DROPOUT)

@@ -24,15 +24,8 @@ from rsa_jax.config import (  # noqa: E402
     TrainConfig,
 )
 from rsa_jax.models import tiny_config  # noqa: E402
-from rsa_jax.training import (  # noqa: E402
-    BATCH_KEYS,
-    Engine,
-    Layout,
-    init_params,
-    make_mesh,
-    place_batch,
-    state_shardings,
-)
+from rsa_jax.training import BATCH_KEYS, Engine, Layout, init_params, make_mesh, state_shardings
+from rsa_jax.training._mesh import place_batch
 
 B, P, R, V = 8, 8, 8, 256
 MODEL = ModelConfig(compute_dtype="float32", remat=False)

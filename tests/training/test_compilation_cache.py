@@ -9,7 +9,8 @@ import jax
 import pytest
 
 from rsa_jax.config import load_config
-from rsa_jax.training import clear_step_cache, compilation_cache_dir, train
+from rsa_jax.training import train
+from rsa_jax.training._engine import clear_step_cache, compilation_cache_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -214,7 +214,7 @@ def test_overrides_of_text_fields_stay_text():
 
 def test_missing_model_path_and_missing_tokenizer_files(tmp_path):
     from rsa_jax.config import ModelConfig
-    from rsa_jax.training import load_tokenizer
+    from rsa_jax.training._model import load_tokenizer
 
     with pytest.raises(FileNotFoundError) as info:
         load_tokenizer(ModelConfig(path=str(tmp_path / "models" / "sft")))

@@ -22,8 +22,9 @@ from rsa_jax.config import (
 )
 from rsa_jax.losses import TRACED_NAMES
 from rsa_jax.sweep._vmap import _may_differ
-from rsa_jax.training import RESUME_IGNORED as IGNORED_ON_RESUME
-from rsa_jax.training import TRACED_OPTIM_FIELDS, Hyper, OptimHyper, config_diff
+from rsa_jax.training import TRACED_OPTIM_FIELDS, Hyper, config_diff
+from rsa_jax.training._optim import OptimHyper
+from rsa_jax.training._rundir import RESUME_IGNORED as IGNORED_ON_RESUME
 
 
 def _declared(node, prefix=""):

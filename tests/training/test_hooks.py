@@ -10,7 +10,8 @@ import pytest
 
 from rsa_jax.config import load_config
 from rsa_jax.data import write_toy_data
-from rsa_jax.training import Checkpoints, Hooks, NonFiniteError, StepInfo, all_finite, train
+from rsa_jax.training import Checkpoints, Hooks, NonFiniteError, StepInfo, train
+from rsa_jax.training._hooks import all_finite
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")

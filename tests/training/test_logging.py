@@ -8,7 +8,7 @@ import logging
 import os
 
 from rsa_jax.sweep._run import variant_log_lines
-from rsa_jax.training import MetricsLog
+from rsa_jax.training._logging import MetricsLog
 
 
 def _one_stage(tmp_path, label=None):
@@ -58,7 +58,8 @@ def test_a_sweep_variant_names_itself_on_every_line(tmp_path, capsys):
 def test_first_logged_step_keeps_compilation_out_of_its_throughput(tmp_path):
     from rsa_jax.config import load_config
     from rsa_jax.data import write_toy_data
-    from rsa_jax.training import clear_step_cache, train
+    from rsa_jax.training import train
+    from rsa_jax.training._engine import clear_step_cache
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     data = str(tmp_path / "pairs.jsonl")

@@ -19,15 +19,10 @@ from flax import nnx
 from rsa_jax.config import load_config
 from rsa_jax.data import write_toy_data
 from rsa_jax.models import project, save_peft
-from rsa_jax.sweep import Variant, check_vmappable
-from rsa_jax.training import (
-    Engine,
-    Hyper,
-    TrainState,
-    device_copy,
-    microbatch_dropout_keys,
-    stage_dropout_key,
-)
+from rsa_jax.sweep import Variant
+from rsa_jax.sweep._vmap import check_vmappable
+from rsa_jax.training import Engine, Hyper, TrainState, device_copy, stage_dropout_key
+from rsa_jax.training._step import microbatch_dropout_keys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")

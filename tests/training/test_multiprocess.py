@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from rsa_jax.data import write_toy_data
-from rsa_jax.training import distributed_request
+from rsa_jax.training._mesh import distributed_request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))

@@ -10,7 +10,7 @@ import os
 import pytest
 
 from rsa_jax.config import ConfigError, load_config, validate
-from rsa_jax.training import slice_groups
+from rsa_jax.training._mesh import slice_groups
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))

@@ -19,7 +19,7 @@ from rsa_jax.config import ConfigError, load_config
 from rsa_jax.demo import DemoConfig
 from rsa_jax.models import Llama, LoraConfig, save_hf, save_peft, split_lora, tiny_config, to_lora
 from rsa_jax.tasks import SafetyTask
-from rsa_jax.training import check_resume
+from rsa_jax.training._rundir import check_resume
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")

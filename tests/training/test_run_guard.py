@@ -15,14 +15,8 @@ from rsa_jax.cli import EXIT_USAGE, main
 from rsa_jax.config import load_config
 from rsa_jax.data import write_toy_data
 from rsa_jax.sweep import load_sweep, run_sweep
-from rsa_jax.training import (
-    ConfigMismatch,
-    RunDir,
-    RunDirError,
-    RunLock,
-    load_adapters,
-    train,
-)
+from rsa_jax.training import ConfigMismatch, RunDir, RunDirError, load_adapters, train
+from rsa_jax.training._rundir import RunLock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")

@@ -9,7 +9,8 @@ import shutil
 
 import pytest
 
-from rsa_jax.training import RunDir, Source, SourceError, resolve_source
+from rsa_jax.training import RunDir, SourceError, resolve_source
+from rsa_jax.training._rundir import Source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PACKAGE = os.path.join(ROOT, "rsa_jax")

@@ -19,16 +19,18 @@ from rsa_jax.training import (
     Engine,
     Hyper,
     Layout,
-    OptimHyper,
     PairObjective,
-    apply_update,
-    clear_step_cache,
     device_copy,
     init_params,
+    state_shardings,
+)
+from rsa_jax.training._engine import clear_step_cache
+from rsa_jax.training._mesh import place_batch
+from rsa_jax.training._optim import (
+    OptimHyper,
+    apply_update,
     learning_rate_at,
     make_optimizer,
-    place_batch,
-    state_shardings,
     weight_decay_mask,
 )
 

@@ -20,9 +20,11 @@ from flax import nnx
 from rsa_jax.config import Config, TrainConfig, to_json
 from rsa_jax.data import DataConfig, DataError, load_pairs
 from rsa_jax.models import Llama, LlamaConfig, load_hf, save_hf, tiny_config
-from rsa_jax.sweep import Variant, last_records
+from rsa_jax.sweep import Variant
 from rsa_jax.sweep._eval import cached_evaluation
-from rsa_jax.training import MetricsLog, read_metrics
+from rsa_jax.sweep._results import last_records
+from rsa_jax.training import read_metrics
+from rsa_jax.training._logging import MetricsLog
 
 RECORD = {"stage": 0, "step": 1, "global_step": 1, "loss": 0.5}
 
@@ -94,7 +96,8 @@ def test_a_torn_eval_cache_is_recomputed(tmp_path, caplog):
 
 
 def test_a_corrupt_run_config_names_the_file(tmp_path):
-    from rsa_jax.training import RunDirError, saved_config
+    from rsa_jax.training import RunDirError
+    from rsa_jax.training._rundir import saved_config
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -16,7 +16,8 @@ import pytest
 from rsa_jax.cli import main
 from rsa_jax.config import ConfigError, load_config
 from rsa_jax.data import write_toy_data
-from rsa_jax.training import log_artifacts, open_trackers
+from rsa_jax.training import log_artifacts
+from rsa_jax.training._trackers import open_trackers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
