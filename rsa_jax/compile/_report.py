@@ -198,7 +198,11 @@ _GROUPS_LIST = re.compile(r"replica_groups=\{(\{[0-9,{} ]*\})\}")
 _GROUPS_IOTA = re.compile(r"replica_groups=\[([0-9,]+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?")
 _PAIRS = re.compile(r"source_target_pairs=\{(\{[0-9,{} ]*\})\}")
 # XLA:TPU's form: the groups vary along the listed axes of an iota device mesh.
-_GROUPS_MESH = re.compile(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}")
+# With `device_ids=([dims]T(perm))` the mesh's devices are an iota over dims, transposed.
+_GROUPS_MESH = re.compile(
+    r"replica_groups=mesh\[([^\]]*)\]"
+    r"(?:,\s*device_ids=\(\[([0-9,]+)\](?:T\(([0-9,]+)\))?\))?\s*\{([^}]*)\}"
+)
 _COND_LIMIT = re.compile(r"s32\[\]\S*\s+constant\((\d+)\)")
 
 
@@ -227,8 +231,13 @@ def _groups(line: str) -> list[list[int]] | None:
     if m:
         axes = re.findall(r"'([^']+)'=(\d+)", m.group(1))
         names, sizes = [a for a, _ in axes], [int(n) for _, n in axes]
-        over = [names.index(a) for a in re.findall(r"'([^']+)'", m.group(2)) if a in names]
-        ids = np.arange(math.prod(sizes)).reshape(sizes)
+        over = [names.index(a) for a in re.findall(r"'([^']+)'", m.group(4)) if a in names]
+        ids = np.arange(math.prod(sizes))
+        if m.group(2):
+            ids = ids.reshape([int(x) for x in m.group(2).split(",")])
+            if m.group(3):
+                ids = ids.transpose([int(x) for x in m.group(3).split(",")])
+        ids = ids.reshape(sizes)
         rest = [j for j in range(len(sizes)) if j not in over]
         group = math.prod(sizes[j] for j in over)
         return ids.transpose(rest + over).reshape(-1, group).tolist()
@@ -374,6 +383,10 @@ def collectives(hlo: str, mesh_shape: dict[str, int]) -> Collectives:
             result, operands = line[line.index("=") + 1 : m.start()], _operands(line, m.end())
             groups = _groups(line)
             size = _bytes_moved(kind, started, result, operands, groups)
+            if kind == "all-reduce" and name.startswith("all-reduce-scatter"):
+                # XLA:TPU's reduce-scatter: a fusion of the full array's all-reduce and each
+                # chip's slice of it, which XLA:TPU runs as a reduce-scatter
+                kind = "reduce-scatter"
             key = (kind, _axes(groups, mesh_shape))
             nbytes[key] += size * mult
             ops[key] += 1

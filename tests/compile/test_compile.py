@@ -37,6 +37,8 @@ ONE_PROGRAM = [
     "stages.1.loss=dpo",
     "stages.1.risk=kl",
 ]
+# FSDP with microbatches: data=2 x fsdp=2, two microbatches of 4 pairs (rows over all 4 chips).
+FSDP = ["mesh.data=2", "mesh.fsdp=2", "optim.microbatches=2", "data.batch_size=8"]
 needs_libtpu = pytest.mark.skipif(
     not libtpu_available(), reason="libtpu not installed (pip install 'rsa_jax[tpu-compile]')"
 )
@@ -53,7 +55,7 @@ def _run(argv: list[str]) -> tuple[int, str, str]:
 def tiny_compiled():
     """The CLI's run on the tiny two-stage config for a v5e-4 (the module's one compile)."""
     before = materialised_bytes()
-    code, out, err = _run(["compile", TINY, "--topology", "v5e-4", *ONE_PROGRAM])
+    code, out, err = _run(["compile", TINY, "--topology", "v5e-4", *ONE_PROGRAM, *FSDP])
     return code, out, err, materialised_bytes() - before
 
 
@@ -71,22 +73,29 @@ def test_tiny_two_stage_step_compiles_fits_and_reports(tiny_compiled):
     for role in ("parameters", "optimizer state", "reference", "temporaries"):
         assert any(line.strip().startswith(role) and "GiB" in line for line in lines), role
     assert any("FLOPs per step (analytic)" in line and "step time >=" in line for line in lines)
-    # mesh data=4: the gradients are summed over the data axis
-    assert any(line.split()[:3] == ["all-reduce", "over", "data"] for line in lines), out
+    # FSDP: weights gathered over fsdp, gradients reduce-scattered over fsdp, summed over data
+    for kind, axis in [("all-gather", "fsdp"), ("reduce-scatter", "fsdp"), ("all-reduce", "data")]:
+        assert any(line.split()[:3] == [kind, "over", axis] for line in lines), (kind, out)
     # nothing was placed on a device: the compile used shapes only
     assert allocated == 0
 
 
 @needs_libtpu
 def test_tiny_memory_roles_are_the_shards_and_exit_1_names_what_does_not_fit(tiny_compiled):
-    config = load_config(TINY, ONE_PROGRAM)
+    config = load_config(TINY, ONE_PROGRAM + FSDP)
     (r,) = compile_config(config, "v5e-4", say=lambda _: None)  # cached by the fixture's compile
     assert r.memory is not None and r.fits
-    params = parameter_count(_tiny_llama()) * 4  # float32, replicated over data=4
+    params = parameter_count(_tiny_llama()) * 4 // 2  # float32, sharded over fsdp=2
     assert r.memory.roles["parameters"] == params
     assert r.memory.roles["reference"] == params
     assert params * 2 <= r.memory.roles["optimizer state"] < params * 2 + 1024  # moments + counts
     assert r.memory.temporaries > 0 and r.needed_bytes >= sum(r.memory.roles.values())
+    # FSDP's activations stay sharded by rows: nothing [rows, tokens, features]-sized is
+    # all-reduced over fsdp (left to propagation, XLA contracted over the sharded feature axis
+    # and all-reduced every layer's activations: 3.3 MiB per step here, 8x the parameters)
+    assert r.collectives is not None
+    all_reduced = r.collectives.bytes.get(("all-reduce", "fsdp"), 0)
+    assert all_reduced < 2 * params, r.collectives.bytes  # 2 x the shard: the whole model
     # the same program on a chip too small for it: exit 1 and one line saying by how much
     chip = dataclasses.replace(r.tpu.chip, hbm_bytes=r.needed_bytes // 2)
     small = dataclasses.replace(r, tpu=dataclasses.replace(r.tpu, chip=chip))
@@ -246,6 +255,36 @@ def test_collectives_are_counted_by_mesh_axis_and_loop_trip_count():
     # iota groups transposed: devices {0, 2} and {1, 3} vary along the first axis
     assert found.bytes[("all-gather", "data")] == 16 * 2
     assert found.unknown_loops == 0
+
+
+# XLA:TPU's forms: replica groups over the axes of a mesh whose device ids are a transposed
+# iota, and a reduce-scatter as a fusion calling an `all-reduce-scatter` computation.
+_MESH_GROUPS = "replica_groups=mesh['axis_0'=2,'axis_1'=2], device_ids=([2,2]T(1,0))"
+_REDUCE = f"all-reduce(%input), channel_id=1, {_MESH_GROUPS} {{'axis_1'}}, to_apply=%add"
+_GATHER = f"all-gather(%a), channel_id=2, {_MESH_GROUPS} {{'axis_0'}}, dimensions={{0}}"
+_TPU_HLO = f"""HloModule m
+
+%all-reduce-scatter.1 (input: f32[64,8]) -> f32[32,8] {{
+  %input = f32[64,8]{{1,0}} parameter(0)
+  %all-reduce.2 = f32[64,8]{{1,0}} {_REDUCE}
+  ROOT %slice = f32[32,8]{{1,0}} dynamic-slice(%all-reduce.2, %z, %z), dynamic_slice_sizes={{32,8}}
+}}
+
+ENTRY %main (a: f32[64,8]) -> f32[32,8] {{
+  %a = f32[64,8]{{1,0}} parameter(0)
+  %gather = f32[128,8]{{1,0}} {_GATHER}
+  ROOT %fusion = f32[32,8]{{1,0}} fusion(%a), kind=kCustom, calls=%all-reduce-scatter.1
+}}
+"""
+
+
+def test_tpu_replica_group_and_reduce_scatter_forms_are_read():
+    found = collectives(_TPU_HLO, {"data": 2, "fsdp": 2})
+    # device ids [[0, 2], [1, 3]]: mesh axis 1 pairs devices {0, 2} and {1, 3}: the data axis
+    assert found.bytes == {
+        ("reduce-scatter", "data"): 64 * 8 * 4,
+        ("all-gather", "fsdp"): 128 * 8 * 4,
+    }
 
 
 @needs_libtpu
