@@ -291,7 +291,11 @@ class Engine:
                 ref_sh = self.model.frozen_shardings(reference_adapters)
             batch_sh = {k: self.layout.batch for k in BATCH_KEYS}
             step = _STEP_CACHE[key] = jax.jit(
-                self._step(objective),
+                self._step(
+                    objective,
+                    grad_shardings=state_sh.params,
+                    micro_sharding=self.layout.microbatches,
+                ),
                 in_shardings=(state_sh, ref_sh, batch_sh, rep),
                 out_shardings=(state_sh, rep),
                 donate_argnums=(0,),
@@ -333,10 +337,18 @@ class Engine:
             step = _STEP_CACHE[key] = jax.jit(vmapped, donate_argnums=(0,), **placed)
         return step
 
-    def _step(self, objective: Objective):
+    def _step(self, objective: Objective, grad_shardings=None, micro_sharding=None):
         update = apply_update if self.user_tx is None else optax_update
         microbatches = self.config.optim.microbatches
-        return make_train_step(self.model, objective, self.tx, update, microbatches=microbatches)
+        return make_train_step(
+            self.model,
+            objective,
+            self.tx,
+            update,
+            microbatches=microbatches,
+            grad_shardings=grad_shardings,
+            micro_sharding=micro_sharding,
+        )
 
     def _program_key(self, objective: Objective) -> tuple:
         return (self.model.key, objective, self._tx_key(), self.config.optim.microbatches)

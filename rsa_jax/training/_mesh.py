@@ -191,6 +191,11 @@ class Layout:
     def batch(self) -> NamedSharding:
         return batch_sharding(self.mesh, self.rules)
 
+    @functools.cached_property
+    def microbatches(self) -> NamedSharding:
+        """[K, rows, L] microbatches of a batch: each microbatch's rows as `batch` lays rows."""
+        return NamedSharding(self.mesh, PartitionSpec(None, *self.batch.spec))
+
     def sharding(self, axes: tuple[str | None, ...] | None, shape: tuple[int, ...]):
         """NamedSharding of an array whose dimensions carry the logical names `axes`."""
         return NamedSharding(self.mesh, logical_spec(axes, shape, self.mesh, self.rules))
