@@ -29,6 +29,7 @@ PROMPTS = ["ask topic0 style1 n2", "ask topic3 style5 n0", "ask topic7 style0 n9
 LLAMA = tiny_config(vocab_size=88, max_position_embeddings=64)  # as in the workers
 
 
+@pytest.mark.slow  # 8 simulated devices in a subprocess (about 1.5 minutes on 2 cores)
 def test_sharded_sampling_and_scoring_equal_one_device(device_script):
     out = device_script(os.path.join(HERE, "sharded_eval_check.py"), timeout=1200)
     assert out["distinct_rows"] > 1  # really sampled, not a constant

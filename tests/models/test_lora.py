@@ -324,6 +324,7 @@ def test_targets_subset_only_adapts_those():
     assert spec.adapter_axes["layers/0/attention/v_lora_b"] == (None, "kv_heads", "head_dim")
 
 
+@pytest.mark.slow  # simulated devices in a subprocess
 def test_sharded_lora_forward_equals_one_device(device_script):
     out = device_script(os.path.join(HERE, "lora_sharded_check.py"))
     for case in ("float32", "nf4_scan"):

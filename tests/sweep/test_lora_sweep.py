@@ -29,6 +29,7 @@ def _losses(run_dir):
     return out
 
 
+@pytest.mark.slow  # two LoRA sweeps (over a minute); test_sweep.py runs the full-model one
 def test_adapter_sweep_vmap_equals_sequential_lora_runs(tmp_path):
     data_path = str(tmp_path / "pairs.jsonl")
     write_toy_data(data_path, rows=32)

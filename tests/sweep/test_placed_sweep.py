@@ -86,6 +86,7 @@ def _check_equal(out: dict) -> None:
     assert out["variant_spread"] > 1e-4, out
 
 
+@pytest.mark.slow  # 8 simulated devices, two LoRA sweeps compiled twice (about 2 minutes)
 def test_adapter_sweep_on_variant_mesh_equals_one_device():
     """LoRA (nf4 base), K=4 variants over variant=4 x data=2."""
     out = _run_check("lora")

@@ -111,6 +111,7 @@ def _assert_final_policies_close(a, b):
         )
 
 
+@pytest.mark.slow  # the module's runs: a vmap and a sequential sweep (over a minute)
 def test_shared_stage_trains_once_and_vmap_equals_sequential_runs(runs, capsys):
     sequential, vmap = runs
     capsys.readouterr()
@@ -137,6 +138,7 @@ def test_shared_stage_trains_once_and_vmap_equals_sequential_runs(runs, capsys):
     assert len({round(x, 7) for x in finals.values()}) == 3, finals
 
 
+@pytest.mark.slow  # the module's runs: a vmap and a sequential sweep (over a minute)
 def test_sequential_sweep_trains_a_shared_stage_once(runs):
     """Issue 25, item 6: the first variant trains stage 0; the others start stage 1 from its
     stage-0 policy (their own checkpoints begin after stage 0) with its records and policy
@@ -178,6 +180,7 @@ def test_lora_shared_stage_vmap_equals_sequential_runs(tmp_path):
         _assert_final_policies_close(a, b)
 
 
+@pytest.mark.slow  # the module's runs: a vmap and a sequential sweep (over a minute)
 def test_points_along_training_are_kept_alike_by_the_trainer_and_the_vmap(runs):
     """`checkpoint.candidates_every=2`: stage 1 (3 steps) keeps step 2, stage 2 (2 steps)
     keeps nothing (its end is the final policy). The shared stage's point is the trainer's

@@ -66,6 +66,7 @@ def test_sft_catastrophe_rates_follow_the_style_on_the_default_task(tmp_path):
     np.testing.assert_array_less(np.abs(got["rude"] - want["rude"]), 0.1)
 
 
+@pytest.mark.slow  # an SFT run and sampling (half a minute)
 def test_sft_picks_up_the_style_on_a_high_contrast_task(tmp_path):
     # Styles 0-2 never rude, never hazardous; styles 3-5 often both. Same recipe, 300 steps.
     task = SafetyTask(

@@ -98,6 +98,7 @@ def test_rate_zero_draws_no_key_and_is_the_step_without_dropout(engines):
     _assert_trees_equal(got, expected)
 
 
+@pytest.mark.slow  # three LoRA runs with dropout (20 s)
 def test_dropout_changes_training_deterministically_per_seed_and_stage(engines):
     (off, s_off), (on, s_on), batches = engines
     (plain, plain_metrics) = _run(off, s_off, s_off.hyper, batches)

@@ -322,7 +322,8 @@ def test_qlora_stage_on_smollm2_lowers_the_loss(data_path, tmp_path):
 
 
 # With dropout: another 3 minutes on 2 cores, so in the slow set.
-@pytest.mark.parametrize("dropout", [0.0, pytest.param(0.2, marks=pytest.mark.slow)])
+@pytest.mark.slow  # 8 simulated devices in a subprocess (about 2 minutes on 2 cores)
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_lora_step_on_8_simulated_devices_equals_one_device(dropout, device_script):
     """`lora_sharded_check.py` in a subprocess (the device count is fixed per process): the LoRA
     step with an nf4 base on meshes 8x1x1, 2x2x2, 1x4x2 equals one device after two AdamW steps,

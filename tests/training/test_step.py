@@ -180,7 +180,10 @@ def _assert_gradients_close(g1, g2):
         np.testing.assert_allclose(g1[k], g2[k], rtol=1e-4, atol=1e-5 * scale, err_msg=k)
 
 
-@pytest.mark.parametrize("head", ["logits", "fused"])
+@pytest.mark.parametrize(
+    "head",
+    ["logits", pytest.param("fused", marks=pytest.mark.slow)],  # the fused: 30 s more
+)
 def test_one_microbatch_without_scan_equals_the_scan_over_two(head):
     m1, p1, hlo1 = _one_step(1, head)
     m2, p2, hlo2 = _one_step(2, head)

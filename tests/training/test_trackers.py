@@ -89,6 +89,7 @@ def _floats(record: dict) -> dict[str, float]:
     return {k: v for k, v in record.items() if isinstance(v, float)}
 
 
+@pytest.mark.slow  # imports wandb and mlflow and trains (20 s); the JSONL-only path runs by default
 def test_wandb_offline_and_mlflow_sqlite_hold_the_metrics_of_metrics_jsonl(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     pytest.importorskip("mlflow")
