@@ -89,4 +89,7 @@ def environment(url: str) -> dict[str, str]:
         "STORAGE_EMULATOR_HOST": url,
         "TENSORSTORE_GCS_HTTP_URL": url,
         "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",  # TensorStore's fixed bearer token
+        # gcsfs's default file system asks the storage control API (not emulated) for each
+        # bucket's layout and logs a warning every time it cannot; the plain one does not ask.
+        "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
     }
