@@ -18,6 +18,7 @@ through `etils.epath` and gcsfs) needs no code of its own here.
 from __future__ import annotations
 
 import datetime
+import importlib.util
 import json
 import logging
 import os
@@ -42,7 +43,13 @@ def is_remote(path) -> bool:
 
 
 def check_supported(path: str) -> None:
-    """Raises ValueError for object-storage URLs the stack cannot train into."""
+    """Raises ValueError for object-storage URLs the stack cannot train into, or reach without
+    the `cloud` extra."""
+    if str(path).startswith("gs://") and importlib.util.find_spec("gcsfs") is None:
+        raise ValueError(
+            f"{path}: gs:// run directories need gcsfs: pip install -e '.[cloud]' (or pip "
+            "install gcsfs)"
+        )
     if str(path).startswith("s3://"):
         raise ValueError(
             f"{path}: s3:// run directories are not supported: Orbax 0.12.8 writes checkpoint "

@@ -177,3 +177,15 @@ def test_gs_url_stays_a_url_and_other_schemes_are_refused_not_made_local_folders
     with pytest.raises(RunDirError, match="only local paths and gs:// URLs"):
         RunDir("ftp://host/run")
     assert os.listdir(tmp_path) == []
+
+
+def test_gs_run_dir_without_gcsfs_names_the_cloud_extra(monkeypatch):
+    import importlib.util
+
+    from rsa_jax.training import RunDirError
+
+    real = importlib.util.find_spec
+    missing = lambda name, *a: None if name == "gcsfs" else real(name, *a)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", missing)
+    with pytest.raises(RunDirError, match=r"need gcsfs: pip install -e '.\[cloud\]'"):
+        RunDir("gs://bucket/run")
