@@ -4,6 +4,8 @@
 - The lease that replaces flock: a second owner is refused with the holder's name, a released
   or expired lease is taken over, a write that lost the race to another owner (generation
   changed between read and write) is refused, and the holder renews it.
+- A corrupt checkpoint in the bucket is set aside (copied to corrupt/, deleted) and the
+  previous one used.
 - A tiny two-stage run in the bucket, SIGKILLed mid-stage and resumed after its lease expired,
   ends bitwise where an uninterrupted run on local disk ends; `rsa-jax export` and `eval` read
   the bucket and give what they give for the local run (slow: three tiny runs).
@@ -151,6 +153,29 @@ def test_lease_write_that_lost_the_race_is_refused_and_renewal_moves_the_expiry(
         assert before is not None and after is not None and after["expires"] > before["expires"]
     finally:
         lease.release()
+
+
+@pytest.mark.slow  # two Orbax saves, a failed restore and a copy through the emulator: ~12 s
+def test_a_corrupt_checkpoint_in_the_bucket_is_set_aside_and_the_previous_one_used(emulator):
+    """No rename on object storage: setting a checkpoint aside copies its objects to corrupt/
+    and deletes them from checkpoints/."""
+    from etils import epath
+    from test_checkpoint import save_steps  # tests/training
+
+    from rsa_jax.training import Checkpoints
+
+    run = f"gs://{BUCKET}/corrupt-run"
+    save_steps(run, n=256)
+    meta = epath.Path(run) / "checkpoints" / "2" / "meta" / "metadata"
+    text = meta.read_text()
+    assert '"stage": 0' in text
+    meta.write_text(text.replace('"stage": 0', '"stage": 1'))  # still valid JSON
+    ckpt = Checkpoints(run)
+    assert ckpt.latest_meta()[0] == 1
+    ckpt.close()
+    moved = epath.Path(run) / "corrupt" / "2" / "meta" / "metadata"
+    assert moved.read_text() == text.replace('"stage": 0', '"stage": 1')
+    assert not (epath.Path(run) / "checkpoints" / "2").exists()
 
 
 # ------------------------------------------------------------------- a killed run in the bucket
