@@ -20,8 +20,9 @@
 #
 # Variables (environment at submission; sbatch exports it to the job):
 #   CONFIG         required  YAML config, e.g. configs/rsa_cvar.yaml
-#   RUN_DIR        runs/<config name>  on a filesystem every node sees at the same path (the
-#                            trainer writes with plain file IO: no gs:// or s3://); resumes from it
+#   RUN_DIR        runs/<config name>  on a filesystem every node sees at the same path, or a
+#                            gs://bucket/path URL (the `cloud` extra; no s3://: see
+#                            docs/run_directory.md, "Runs on object storage"); resumes from it
 #   OVERRIDES      ""        dotted overrides, space separated (values cannot contain spaces)
 #   PYTHON         python    interpreter with rsa_jax installed on every node, e.g. .venv/bin/python
 #   PER_GPU        0         0: one process per node seeing all GPUS_PER_NODE GPUs

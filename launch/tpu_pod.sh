@@ -12,9 +12,10 @@
 #   TPU_NAME      required  the TPU VM name; manual multislice: the prefix of <TPU_NAME>-0, -1, ...
 #   ZONE          required  e.g. us-central2-b
 #   PROJECT       gcloud's configured project   passed as --project when set
-#   RUN_DIR       runs/<config name>  must be one directory shared by all workers at the same path
-#                           (Filestore/NFS or a gcsfuse mount: the trainer writes with plain file
-#                           IO, so a gs:// URL does not work); rerunning resumes from it
+#   RUN_DIR       runs/<config name>  one directory shared by all workers at the same path
+#                           (Filestore/NFS, a gcsfuse mount) or a gs://bucket/path URL (the
+#                           `cloud` extra on every worker; docs/run_directory.md, "Runs on object
+#                           storage", says what is tested); rerunning resumes from it
 #   OVERRIDES     ""        dotted overrides, space separated (values cannot contain spaces)
 #   REMOTE_DIR    rsa_jax   repository on each worker (relative to the remote home or absolute)
 #   PYTHON        python3   interpreter on the workers, e.g. .venv/bin/python (relative to REMOTE_DIR)

@@ -825,11 +825,13 @@ def _check_arguments(args) -> None:
         _check_run_dir(args.second, "second policy", hf_ok=True)
     if args.command == "eval":
         # Existence only here: what each model is, `load_model` resolves (resolve_source).
+        from etils import epath
+
         from rsa_jax.training import split_source
 
         for path in [*args.models, *([args.reference] if args.reference else [])]:
             run, _ = split_source(path)
-            if not os.path.exists(run):
+            if not epath.Path(run).exists():
                 raise CommandLineError(
                     f"model {path!r} does not exist: pass a run directory, RUN@STAGE or a "
                     "Hugging Face model directory"

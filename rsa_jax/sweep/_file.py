@@ -239,6 +239,12 @@ def load_sweep(
     run_dir = run_dir or raw.get("run_dir", os.path.join("runs", f"sweep_{stem}"))
     if not isinstance(run_dir, str) or not run_dir:  # `run_dir: 5` is not the folder "5"
         _fail(path, f"run_dir must be a directory path (text), got {run_dir!r}")
+    if "://" in run_dir:  # results, plots and shared stages are written with local file calls
+        _fail(
+            path,
+            f"run_dir {run_dir}: sweeps write local directories only (object storage works for "
+            "one run's train.run_dir: docs/run_directory.md)",
+        )
     evaluation = raw.get("eval")
     if evaluation is not None and not isinstance(evaluation, dict):
         _fail(path, f"eval must be a mapping (see rsa_jax.sweep._eval), got {evaluation!r}")

@@ -257,17 +257,20 @@ class Checkpoints:
         probe = os.path.join(self.directory, f".write-probe-{socket.gethostname()}-{os.getpid()}")
         error = None
         try:
-            os.makedirs(self.directory, exist_ok=True)
-            with open(probe, "wb") as f:
-                f.write(b"\0" * 4096)
-                f.flush()
-                os.fsync(f.fileno())
+            if self.layout.remote:  # one upload; no directories, no fsync on object storage
+                epath.Path(probe).write_bytes(b"\0" * 4096)
+            else:
+                os.makedirs(self.directory, exist_ok=True)
+                with open(probe, "wb") as f:
+                    f.write(b"\0" * 4096)
+                    f.flush()
+                    os.fsync(f.fileno())
         except OSError as e:
             error = e
         finally:
-            if os.path.exists(probe):
+            if epath.Path(probe).exists():
                 try:
-                    os.remove(probe)
+                    epath.Path(probe).unlink()
                 except OSError as e:
                     error = error or e
         if not _all_processes(error is None):
@@ -278,9 +281,13 @@ class Checkpoints:
         takes space). With several processes Orbax's start-up cleanup does it instead."""
         if jax.process_count() > 1:
             return
-        for name in os.listdir(self.directory):
-            if name.startswith(f"{step}.orbax-checkpoint-tmp"):
-                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+        directory = epath.Path(self.directory)
+        for path in directory.iterdir() if directory.is_dir() else []:
+            if path.name.startswith(f"{step}.orbax-checkpoint-tmp"):
+                if self.layout.remote:
+                    path.rmtree(missing_ok=True)
+                else:
+                    shutil.rmtree(str(path), ignore_errors=True)
 
     def _failed_write(self, step: int, error: Exception) -> CheckpointWriteError:
         self._remove_partial(step)
@@ -463,7 +470,7 @@ class Checkpoints:
         target_dir = self.layout.corrupt
         target = os.path.join(target_dir, f"{step}")
         n = 0
-        while os.path.exists(target):
+        while epath.Path(target).exists():
             n += 1
             target = os.path.join(target_dir, f"{step}.{n}")
         log.warning(
@@ -477,11 +484,24 @@ class Checkpoints:
         # One process moves it; every process reaches this point for the same step (they agree
         # on every set-aside decision), and waits until the move is done before listing again.
         if jax.process_index() == 0:
-            os.makedirs(target_dir, exist_ok=True)
-            shutil.move(source, target)
+            if self.layout.remote:  # no rename of a prefix: copy every object, then delete
+                _copy_tree(epath.Path(source), epath.Path(target))
+                epath.Path(source).rmtree()
+            else:
+                os.makedirs(target_dir, exist_ok=True)
+                shutil.move(source, target)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"rsa_jax set aside checkpoint {step}")
         self._open()
+
+
+def _copy_tree(source: epath.Path, target: epath.Path) -> None:
+    for path in source.iterdir():
+        if path.is_dir():
+            _copy_tree(path, target / path.name)
+        else:
+            target.mkdir(parents=True, exist_ok=True)
+            path.copy(target / path.name)
 
 
 def abstract_like(tree):

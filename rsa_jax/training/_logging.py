@@ -8,7 +8,9 @@ import json
 import logging
 
 import jax
+from etils import epath
 
+from rsa_jax.training._objstore import is_remote
 from rsa_jax.training._rundir import RunDir
 from rsa_jax.training._trackers import open_trackers
 
@@ -47,8 +49,7 @@ def read_metrics(path: str) -> list[dict]:
     a run killed mid-write, or one writing now) is skipped with a warning; any other line that
     is not a JSON object raises ValueError naming the file and the line."""
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            text = f.read()
+        text = epath.Path(path).read_bytes().decode("utf-8", errors="replace")
     except FileNotFoundError:
         return []
     lines = text.split("\n")
@@ -70,6 +71,37 @@ def read_metrics(path: str) -> list[dict]:
     if torn.strip():
         log.warning("%s:%d: skipped 1 torn last line (an interrupted write)", path, len(lines) + 1)
     return records
+
+
+class _ObjectLog:
+    """A JSON Lines log on object storage, which has no append: the whole text is kept here and
+    uploaded again at each flush (one upload replaces the object whole, so a kill never leaves
+    a torn line there). A torn last line left by another writer is dropped, as `drop_torn_tail`
+    does on disk."""
+
+    def __init__(self, path: str):
+        self.path = epath.Path(path)
+        try:
+            text = self.path.read_text()
+        except FileNotFoundError:
+            text = ""
+        if text and not text.endswith("\n"):
+            text = text[: text.rfind("\n") + 1]
+            log.warning("%s: dropped 1 torn last line left by an interrupted write", path)
+        self._text = text
+        self._dirty = False
+
+    def write(self, line: str) -> None:
+        self._text += line
+        self._dirty = True
+
+    def flush(self) -> None:
+        if self._dirty:
+            self.path.write_text(self._text)
+            self._dirty = False
+
+    def close(self) -> None:
+        self.flush()
 
 
 class MetricsLog:
@@ -94,8 +126,11 @@ class MetricsLog:
         layout = RunDir(run_dir)
         self._jsonl = None
         if self.main:
-            drop_torn_tail(layout.metrics_file)
-            self._jsonl = open(layout.metrics_file, "a")
+            if is_remote(layout.metrics_file):
+                self._jsonl = _ObjectLog(layout.metrics_file)
+            else:
+                drop_torn_tail(layout.metrics_file)
+                self._jsonl = open(layout.metrics_file, "a")
         self._trackers = []
         if self.main:
             self._trackers = open_trackers(report_to, run_dir, params or {}, label)

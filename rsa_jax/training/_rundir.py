@@ -11,9 +11,12 @@
   directories, for export, eval, merge and the CLI's argument checks.
 - `RunLock(run_dir)`: an exclusive `fcntl.flock` on `<run_dir>/.lock`. The kernel releases it
   when the holder exits however it exits (SIGKILL, a crash), so it is never stale; the file
-  names the holder (pid, host, start time, command) for the refusal message. Only process 0 of a
-  multi-process run takes it (the others write through Orbax under its coordination);
-  `lock_run_dir` makes every process fail together when it cannot.
+  names the holder (pid, host, start time, command) for the refusal message. On `gs://` it is a
+  renewed lease written with generation-conditional requests instead (`_objstore.Lease`). Only
+  process 0 of a multi-process run takes it (the others write through Orbax under its
+  coordination); `lock_run_dir` makes every process fail together when it cannot.
+- Paths: a run directory may be a local path or a `gs://` URL; every file call here goes through
+  `etils.epath`, so both work alike (`s3://` is refused: `_objstore.check_supported`).
 - `config_diff(saved, new)`: the dotted keys whose values differ between the config a run was
   started with and the one it is resumed with, leaving out `RESUME_IGNORED` (paths, logging,
   checkpoint cadence, device layout and memory knobs: settings that do not change what is
@@ -39,10 +42,20 @@ from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
 from rsa_jax.config import COSMETIC, Config, ConfigError, keys_of_kind
 from rsa_jax.config import RESUME_IGNORED as RESUME_IGNORED_KIND
+from rsa_jax.training._objstore import (
+    Lease,
+    LeaseHeld,
+    check_supported,
+    describe,
+    is_remote,
+    live,
+    read_lease,
+)
 
 _CANDIDATE = re.compile(r"^(\d+)_(\d+)$")
 
@@ -67,12 +80,20 @@ class RunDir:
 
     def __init__(self, path: str):
         text = str(path)
-        if "://" in text:  # never a local folder named "gs:"
+        if is_remote(text):  # never a local folder named "gs:"
+            try:
+                check_supported(text)
+            except ValueError as e:
+                raise RunDirError(f"run directory {e}") from None
+            self.path = text.rstrip("/")
+        elif "://" in text:
             raise RunDirError(
-                f"run directory {text}: object storage (gs://, s3://) is not supported yet; "
-                "use a local or NFS path (docs/run_directory.md)"
+                f"run directory {text}: only local paths and gs:// URLs are supported "
+                "(docs/run_directory.md)"
             )
-        self.path = os.path.abspath(os.path.expanduser(text))
+        else:
+            self.path = os.path.abspath(os.path.expanduser(text))
+        self.remote = is_remote(self.path)
 
     def __repr__(self) -> str:
         return f"RunDir({self.path!r})"
@@ -124,28 +145,33 @@ class RunDir:
     def candidates(self) -> list[tuple[int, int]]:
         """[(stage index, step)] of the run's finished candidates, in training order (an
         interrupted write leaves Orbax's temporary name, which is not listed)."""
-        root = self._join(self.CANDIDATES)
-        if not os.path.isdir(root):
+        root = epath.Path(self._join(self.CANDIDATES))
+        if not root.is_dir():
             return []
-        found = [m.groups() for name in os.listdir(root) if (m := _CANDIDATE.match(name))]
+        found = [
+            m.groups()
+            for name in _names(root)
+            if (m := _CANDIDATE.match(name)) and (not self.remote or finished(root / name))
+        ]
         return sorted((int(i), int(s)) for i, s in found)
 
     # -- what is there ------------------------------------------------------------------
     def has_config(self) -> bool:
-        return os.path.isfile(self.config_file)
+        return epath.Path(self.config_file).is_file()
 
     def has_checkpoints(self) -> bool:
         """A checkpoint was written here (a listed step; Orbax's temporary directories of saves
         that never finished do not count)."""
-        directory = self.checkpoints
-        return os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory))
+        directory = epath.Path(self.checkpoints)
+        return directory.is_dir() and any(n.isdigit() for n in _names(directory))
 
     def is_hf_model(self) -> bool:
         """A Hugging Face model directory (safetensors weights), not a run directory."""
+        root = epath.Path(self.path)
         return (
-            os.path.isdir(self.path)
-            and not os.path.isdir(self.checkpoints)
-            and any(f.endswith(".safetensors") for f in os.listdir(self.path))
+            root.is_dir()
+            and not epath.Path(self.checkpoints).is_dir()
+            and any(f.endswith(".safetensors") for f in _names(root))
         )
 
     # -- config.json --------------------------------------------------------------------
@@ -163,6 +189,9 @@ class RunDir:
     def holder(self) -> str | None:
         """Who trains in this directory now ("pid 12 on host h, started ..."), or None. Never
         takes the lock nor creates anything (read-only directories work)."""
+        if self.remote:
+            record, _ = read_lease(self.lock_file)
+            return describe(record or {}) if live(record) else None
         try:
             fd = os.open(self.lock_file, os.O_RDONLY)
         except OSError:
@@ -179,6 +208,24 @@ class RunDir:
 
 
 LOCK_FILE = RunDir.LOCK
+
+
+def finished(path) -> bool:
+    """An Orbax checkpoint directory whose write completed. On disk Orbax renames a temporary
+    directory when done, so existing is enough; on object storage it writes into the final
+    name and adds a commit marker last, which Orbax's own check looks for."""
+    path = epath.Path(path)
+    if not is_remote(path):
+        return path.is_dir()
+    import orbax.checkpoint as ocp
+
+    return path.is_dir() and ocp.utils.is_checkpoint_finalized(path)
+
+
+def _names(directory: epath.Path) -> list[str]:
+    """The names in a directory (a prefix on object storage)."""
+    return [p.name for p in directory.iterdir()]
+
 
 # Keys that may change between a run and its resume: those declared RESUME_IGNORED or COSMETIC
 # next to their field in `rsa_jax.config` (paths, logging, checkpoint cadence, the mesh, memory
@@ -205,17 +252,38 @@ class RunLock:
 
     `enabled=False` (processes other than 0) makes it a no-op. Works on local filesystems and on
     NFS (Linux maps flock to NFS byte-range locks); on filesystems without locking (some FUSE
-    mounts, e.g. gcsfuse) flock may succeed for everyone, and the lock protects nothing.
+    mounts, e.g. gcsfuse) flock may succeed for everyone, and the lock protects nothing. On a
+    `gs://` run directory it is a renewed lease (`_objstore.Lease`): see docs/run_directory.md
+    for what that guarantees.
     """
 
     def __init__(self, run_dir: str, *, enabled: bool = True):
-        self.run_dir = os.path.abspath(run_dir)
-        self.path = RunDir(run_dir).lock_file
+        layout = RunDir(run_dir)
+        self.run_dir = layout.path
+        self.path = layout.lock_file
         self.enabled = enabled
         self._fd: int | None = None
+        self._lease = Lease(self.path) if layout.remote else None
 
     def acquire(self) -> RunLock:
-        if not self.enabled or self._fd is not None:
+        if not self.enabled:
+            return self
+        if self._lease is not None:
+            try:
+                self._lease.acquire()
+            except LeaseHeld as e:
+                raise RunDirError(
+                    f"run directory {self.run_dir} is in use by another trainer ({e}; lease "
+                    f"{self.path}). Wait for it to finish or for its lease to expire, or use "
+                    "another train.run_dir"
+                ) from None
+            except OSError as e:
+                raise RunDirError(
+                    f"cannot use run directory {self.run_dir}: writing the lease {self.path} "
+                    f"failed ({e}); check the bucket, its permissions and credentials"
+                ) from e
+            return self
+        if self._fd is not None:
             return self
         try:
             os.makedirs(self.run_dir, exist_ok=True)
@@ -248,6 +316,9 @@ class RunLock:
         return self
 
     def release(self) -> None:
+        if self._lease is not None:
+            self._lease.release()
+            return
         if self._fd is None:
             return
         try:
@@ -260,7 +331,7 @@ class RunLock:
 
     @property
     def held(self) -> bool:
-        return self._fd is not None
+        return self._lease.held if self._lease is not None else self._fd is not None
 
     def __enter__(self) -> RunLock:
         return self.acquire()
@@ -283,7 +354,7 @@ def lock_run_dir(run_dir: str) -> RunLock:
         failed = int(multihost_utils.broadcast_one_to_all(np.int32(error is not None)))
         if failed and error is None:
             raise RunDirError(
-                f"run directory {os.path.abspath(run_dir)} is in use by another trainer or "
+                f"run directory {RunDir(run_dir).path} is in use by another trainer or "
                 "unusable (see process 0's message)"
             )
     if error is not None:
@@ -378,8 +449,7 @@ def saved_config(run_dir: str) -> dict | None:
     """The config a run directory was started with (`config.json`), or None for a new run."""
     path = RunDir(run_dir).config_file
     try:
-        with open(path) as f:
-            text = f.read()
+        text = epath.Path(path).read_text()
     except FileNotFoundError:
         return None
     try:
@@ -395,9 +465,13 @@ def saved_config(run_dir: str) -> dict | None:
 
 
 def write_config(run_dir: str, text: str) -> None:
-    """Writes `<run_dir>/config.json` atomically (a temporary file renamed over it), so a crash
-    never leaves a half-written file that would block the next resume. Process 0 only."""
+    """Writes `<run_dir>/config.json` atomically (a temporary file renamed over it; on object
+    storage one upload, which replaces the object whole or not at all), so a crash never leaves
+    a half-written file that would block the next resume. Process 0 only."""
     path = RunDir(run_dir).config_file
+    if is_remote(path):
+        epath.Path(path).write_text(text)
+        return
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
@@ -473,7 +547,9 @@ class CheckpointMeta:
 
 
 def _absolute(path: str) -> str:
-    return os.path.abspath(os.path.expanduser(path)) if path else path
+    if not path or is_remote(path):
+        return path
+    return os.path.abspath(os.path.expanduser(path))
 
 
 def absolute_paths(config: Config) -> Config:
@@ -486,6 +562,11 @@ def absolute_paths(config: Config) -> Config:
     """
     model = config.model
     if model.path != "tiny":
+        if is_remote(model.path):
+            raise ConfigError(
+                f"model.path: {model.path}: models are read from local directories only; copy "
+                "it to local disk (gcloud storage cp -r) and pass that path"
+            )
         path = _absolute(model.path)
         if not os.path.exists(path):
             raise ConfigError(
@@ -496,6 +577,14 @@ def absolute_paths(config: Config) -> Config:
         if not os.path.isdir(path):
             raise ConfigError(f"model.path: {path} is not a directory")
         model = dataclasses.replace(model, path=path)
+    for key, value in [("data.path", config.data.path)] + [
+        (f"stages.{i}.data_path", s.data_path) for i, s in enumerate(config.stages)
+    ]:
+        if is_remote(value):
+            raise ConfigError(
+                f"{key}: {value}: data files are read from local paths only; copy the file to "
+                "local disk and pass that path"
+            )
     data = dataclasses.replace(config.data, path=_absolute(config.data.path))
     stages = [dataclasses.replace(s, data_path=_absolute(s.data_path)) for s in config.stages]
     return dataclasses.replace(config, model=model, data=data, stages=stages)
@@ -527,7 +616,7 @@ def split_source(source: str) -> tuple[str, str | None]:
     """`RUN@STAGE` -> (RUN, STAGE); anything else (a path that exists with its `@`) -> (source,
     None)."""
     path, sep, stage = source.rpartition("@")
-    if sep and path and stage and os.path.isdir(path) and not os.path.exists(source):
+    if sep and path and stage and epath.Path(path).is_dir() and not epath.Path(source).exists():
         return path, stage
     return source, None
 
@@ -540,11 +629,14 @@ def resolve_source(text: str, *, what: str = "model", hf_ok: bool = True) -> Sou
     expected = "a run directory (train.run_dir), RUN@STAGE" + (
         " or a Hugging Face model directory" if hf_ok else ""
     )
-    if not os.path.exists(path):
+    try:
+        run = RunDir(path)
+    except RunDirError as e:
+        raise SourceError(f"{what} {text!r}: {e}") from None
+    if not epath.Path(run.path).exists():
         raise SourceError(f"{what} {text!r} does not exist: pass {expected}")
-    if not os.path.isdir(path):
+    if not epath.Path(run.path).is_dir():
         raise SourceError(f"{what} {text!r} is not a directory: pass {expected}")
-    run = RunDir(path)
     if run.is_hf_model():
         if not hf_ok:
             raise SourceError(
@@ -557,7 +649,7 @@ def resolve_source(text: str, *, what: str = "model", hf_ok: bool = True) -> Sou
                 "run directories"
             )
         return Source(text, run.path, "hf")
-    if not os.path.isdir(run.checkpoints):
+    if not epath.Path(run.checkpoints).is_dir():
         if run.has_config():
             raise SourceError(
                 f"{what} {path!r} has no {RunDir.CHECKPOINTS}/ yet: train it first (rsa-jax "

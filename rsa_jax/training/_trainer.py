@@ -39,6 +39,7 @@ from rsa_jax.training._rundir import (
     check_resume,
     config_diff,
 )
+from rsa_jax.training._rundir import finished as finished_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ class _Trainer:
                     state, _ = self.ckpt.restore(step_id, engine.abstract_state(), data_iter=None)
                     run_dir, finished = engine.config.train.run_dir, meta.stage
                     last = finished == len(engine.config.stages) - 1
-                    if not last and not os.path.isdir(stage_policy_dir(run_dir, finished)):
+                    if not last and not finished_checkpoint(stage_policy_dir(run_dir, finished)):
                         # killed between the stage's last checkpoint and its policy copy
                         save_stage_policy(run_dir, finished, state.params)
                     self.run.global_step = step_id
@@ -425,7 +426,7 @@ def load_adapters(
         if stage is not None and (step := split_candidate(stage)[1]) is not None:
             index = stage_index(config, split_candidate(stage)[0])
             path = run.candidate(index, step)
-            if not os.path.isdir(path):
+            if not finished_checkpoint(path):
                 kept = [f"{i}:{s}" for i, s in run.candidates()]
                 raise FileNotFoundError(
                     f"{run.path}: no candidate at stage {index} step {step} ({path}); kept: "
@@ -438,7 +439,7 @@ def load_adapters(
                 checkpointer.close()
         if stage is not None and (index := stage_index(config, stage)) < n_stages - 1:
             path = run.stage_policy(index)
-            if not os.path.isdir(path):
+            if not finished_checkpoint(path):
                 raise FileNotFoundError(_missing_stage(run, newest, index, path))
             checkpointer = ocp.StandardCheckpointer()
             try:

@@ -145,6 +145,13 @@ def test_equal_grid_values_are_refused(tmp_path, data):
         load_sweep(path)
 
 
+def test_a_sweep_into_object_storage_is_refused_with_the_reason(tmp_path, data):
+    path = _sweep(tmp_path, data, grid={"stages.1.beta": [0.1]})
+    with pytest.raises(SweepError, match="gs://b/s: sweeps write local directories only"):
+        load_sweep(path, run_dir="gs://b/s")
+    assert not (tmp_path / "gs:").exists()
+
+
 def test_a_number_is_not_a_run_dir(tmp_path, data):
     path = _sweep(tmp_path, data, grid={"stages.1.beta": [0.1]})
     doc = yaml.safe_load(open(path))

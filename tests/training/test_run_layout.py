@@ -159,11 +159,33 @@ def test_resolver_errors_say_what_the_path_is(tmp_path, text, hf_ok, error, word
     assert words in str(info.value)
 
 
-@pytest.mark.parametrize("url", ["gs://bucket/run", "s3://bucket/run"])
-def test_object_storage_is_refused_clearly_not_made_a_local_folder(tmp_path, monkeypatch, url):
+def test_gs_url_stays_a_url_and_other_schemes_are_refused_not_made_local_folders(
+    tmp_path, monkeypatch
+):
+    """gs:// run directories are object storage (tests/training/test_object_storage.py); s3://
+    is refused with the reason (Orbax writes arrays to gs:// and local paths only), and no URL
+    ever becomes a local folder named "gs:" or "s3:"."""
     from rsa_jax.training import RunDirError
 
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(RunDirError, match="object storage"):
-        RunDir(url)
+    run = RunDir("gs://bucket/run/")
+    assert run.path == "gs://bucket/run"
+    assert run.checkpoints == "gs://bucket/run/checkpoints"
+    assert run.stage_policy(0) == "gs://bucket/run/stages/0"
+    with pytest.raises(RunDirError, match="s3:// run directories are not supported.*Orbax"):
+        RunDir("s3://bucket/run")
+    with pytest.raises(RunDirError, match="only local paths and gs:// URLs"):
+        RunDir("ftp://host/run")
     assert os.listdir(tmp_path) == []
+
+
+def test_gs_run_dir_without_gcsfs_names_the_cloud_extra(monkeypatch):
+    import importlib.util
+
+    from rsa_jax.training import RunDirError
+
+    real = importlib.util.find_spec
+    missing = lambda name, *a: None if name == "gcsfs" else real(name, *a)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", missing)
+    with pytest.raises(RunDirError, match=r"need gcsfs: pip install -e '.\[cloud\]'"):
+        RunDir("gs://bucket/run")
