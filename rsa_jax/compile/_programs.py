@@ -145,10 +145,11 @@ def _roles(state, reference, batch, hyper, model_is_lora: bool) -> dict[str, int
 
 
 def _stage_groups(config: Config) -> list[tuple[str, list[int]]]:
-    """Stages that run one compiled program (same kernel and reference kind), in order."""
+    """Stages that run one compiled program (same kernel and, with LoRA, reference kind)."""
     groups: dict[tuple, list[int]] = {}
+    lora = config.model.uses_lora  # full fine-tuning: the reference's kind shapes nothing
     for i, s in enumerate(config.stages):
-        groups.setdefault((s.kernel, s.follows_previous), []).append(i)
+        groups.setdefault((s.kernel, lora and s.follows_previous), []).append(i)
     out = []
     for indices in groups.values():
         names = ", ".join(f"{i} ({config.stages[i].name})" for i in indices)

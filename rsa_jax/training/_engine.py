@@ -276,7 +276,8 @@ class Engine:
         shardings (`state_sh`: the state's) and the state donated. Cached by everything that
         shapes the program, so runs that differ only in hyperparameters share one compile.
         `reference_adapters` (LoRA): the reference has adapters of its own (stage 2), else it
-        is the base with adapters off."""
+        is the base with adapters off. Full fine-tuning: one program whatever the reference."""
+        reference_adapters = reference_adapters and self.model.lora is not None
         key = (
             self._program_key(objective),
             _sharding_key(state_sh),
@@ -441,6 +442,7 @@ class Engine:
         shardings for the parameters, the reference and the batch, nothing donated; cached like
         the step, so every evaluation of a run (and of runs that differ only in
         hyperparameters) runs one compiled program."""
+        reference_adapters = reference_adapters and self.model.lora is not None
         key = ("eval", self.model.key, objective, self.config.optim.microbatches)
         key += (_sharding_key(params_sh), self.layout, reference_adapters)
         step = _STEP_CACHE.get(key)

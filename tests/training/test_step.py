@@ -128,6 +128,11 @@ def test_stages_differing_in_hyperparameters_share_one_compiled_step():
         losses.append(float(metrics["loss"]))
     assert all(s is steps[0] for s in steps)
     assert steps[0]._cache_size() == 1
+    # Full fine-tuning: a stage against the previous stage's policy runs the same program.
+    previous = engine.compiled_step(
+        engine.objective(variants[0][0]), state_shardings(fresh), reference_adapters=True
+    )
+    assert previous is steps[0]
     # The variants really differ (the hyperparameters reached the program).
     assert len({round(v, 7) for v in losses}) == 3
     # A different kernel (another risk functional) is another program.
