@@ -218,7 +218,9 @@ def main():
     if not args.render:
         for name in args.recipe or [r.name for r in RECIPES]:
             print(f"compiling recipe {name} ...", file=sys.stderr, flush=True)
-            data[name] = measure(BY_NAME[name])
+            measured = measure(BY_NAME[name])
+            # Reread: another run of this script (another recipe) may have written meanwhile.
+            data = {**load(), name: measured}
             with open(DATA, "w") as f:  # after each recipe: a later failure keeps it
                 json.dump(data, f, indent=1, sort_keys=True)
     render(data)
