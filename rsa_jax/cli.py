@@ -57,6 +57,9 @@ def _cmd_compile(args) -> int:
         slices=args.slices,
         sweep=args.sweep,
         variant_devices=args.variant_devices,
+        sampler=not args.no_sampler,
+        eval_rows=args.eval_rows,
+        max_new_tokens=args.eval_max_new_tokens,
     )
 
 
@@ -597,6 +600,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="V",
         help="with --sweep: devices along the sweep's variant axis (the sweep file's "
         "variant_devices; default: one device)",
+    )
+    p.add_argument(
+        "--no-sampler",
+        action="store_true",
+        help="skip the evaluation sampler's program (compiled by default, without --sweep)",
+    )
+    p.add_argument(
+        "--eval-rows",
+        type=int,
+        default=1024,
+        metavar="R",
+        help="rows an evaluation samples in all, prompts x samples (default 1024); a batch "
+        "holds as many as eval's memory budget allows",
+    )
+    p.add_argument(
+        "--eval-max-new-tokens",
+        type=int,
+        default=64,
+        metavar="N",
+        help="the sampler's new tokens per row (default 64, eval's --max-new-tokens)",
     )
     p.set_defaults(fn=_cmd_compile)
 
