@@ -22,6 +22,7 @@ import re
 from collections import defaultdict
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rsa_jax.models import LlamaConfig
@@ -47,7 +48,7 @@ def shard_bytes(tree) -> int:
         if sharding is not None:
             shape = sharding.shard_shape(shape)
         dtype = leaf.dtype
-        if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):  # a PRNG key: its raw words
+        if jnp.issubdtype(dtype, jax.dtypes.prng_key):  # a PRNG key: its raw words
             raw = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct((), dtype))
             shape, dtype = (*shape, *raw.shape), raw.dtype
         bits = jax.dtypes.itemsize_bits(dtype)
