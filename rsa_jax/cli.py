@@ -51,6 +51,7 @@ def _cmd_compile(args) -> int:
     from rsa_jax.config import load_config
 
     config = load_config(args.config, args.overrides)
+    given = {"eval_rows": args.eval_rows, "max_new_tokens": args.eval_max_new_tokens}
     return run_compile(
         config,
         args.topology,
@@ -58,8 +59,7 @@ def _cmd_compile(args) -> int:
         sweep=args.sweep,
         variant_devices=args.variant_devices,
         sampler=not args.no_sampler,
-        eval_rows=args.eval_rows,
-        max_new_tokens=args.eval_max_new_tokens,
+        **{k: v for k, v in given.items() if v is not None},  # None: run_compile's defaults
     )
 
 
@@ -609,7 +609,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--eval-rows",
         type=int,
-        default=1024,
         metavar="R",
         help="rows an evaluation samples in all, prompts x samples (default 1024); a batch "
         "holds as many as eval's memory budget allows",
@@ -617,7 +616,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--eval-max-new-tokens",
         type=int,
-        default=64,
         metavar="N",
         help="the sampler's new tokens per row (default 64, eval's --max-new-tokens)",
     )
@@ -846,6 +844,13 @@ def _check_arguments(args) -> None:
             raise CommandLineError(f"--q must lie in [0, 1], got {args.q}")
         _check_run_dir(args.first, "first policy", hf_ok=True)
         _check_run_dir(args.second, "second policy", hf_ok=True)
+    if args.command == "compile":
+        for flag, value in (
+            ("--eval-rows", args.eval_rows),
+            ("--eval-max-new-tokens", args.eval_max_new_tokens),
+        ):
+            if value is not None and value < 1:
+                raise CommandLineError(f"{flag} must be >= 1, got {value}")
     if args.command == "eval":
         # Existence only here: what each model is, `load_model` resolves (resolve_source).
         from rsa_jax.training import split_source

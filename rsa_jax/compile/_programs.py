@@ -253,6 +253,9 @@ def sweep_programs(
     return programs
 
 
+SAMPLER = "eval sampler"  # the sampler program's name starts with it
+
+
 def sampler_program(
     config: Config,
     devices: list,
@@ -300,7 +303,7 @@ def sampler_program(
     )
     kv = jax.ShapeDtypeStruct(cache_shape, model.compute_dtype, sharding=cache)
     return Program(
-        f"eval sampler ({rows} rows x {PROMPT_SLOTS} prompt + {max_new_tokens} new tokens)",
+        f"{SAMPLER} ({rows} rows x {PROMPT_SLOTS} prompt + {max_new_tokens} new tokens)",
         fn,
         args,
         {"parameters": held, "prompts + sampling settings": shard_bytes(args[2:])},

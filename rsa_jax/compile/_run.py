@@ -19,7 +19,13 @@ from collections.abc import Callable
 import jax
 
 from rsa_jax.compile._presets import architecture
-from rsa_jax.compile._programs import Program, sampler_program, sweep_programs, train_programs
+from rsa_jax.compile._programs import (
+    SAMPLER,
+    Program,
+    sampler_program,
+    sweep_programs,
+    train_programs,
+)
 from rsa_jax.compile._report import (
     GIB,
     Collectives,
@@ -97,8 +103,12 @@ class ProgramReport:
         out = [f"{self.name} on {self.tpu.name} ({self.chips} chips, mesh {mesh}):"]
         out.append("  " + self.verdict())
         if self.memory is None and self.compile_seconds == 0:
-            out.append("    (not compiled: its parameters, optimizer state and reference alone")
-            out.append("     exceed the chip's HBM; shard them over more chips or use LoRA)")
+            if self.name.startswith(SAMPLER):  # evaluation merges LoRA into float32 weights
+                out.append("    (not compiled: the policy's float32 parameters alone exceed the")
+                out.append("     chip's HBM; shard them over more chips)")
+            else:
+                out.append("    (not compiled: its parameters, optimizer state and reference alone")
+                out.append("     exceed the chip's HBM; shard them over more chips or use LoRA)")
         if self.memory is not None:
             m = self.memory
             rows = [*m.roles.items(), ("argument layout padding", m.padding)]
@@ -200,7 +210,17 @@ def compile_config(
             say(f"not compiling {program.name}: its inputs alone exceed a chip's HBM")
             reports.append(
                 ProgramReport(
-                    program.name, tpu, program.mesh.size, mesh, flops, 0.0, 0.0, None, None, inputs
+                    program.name,
+                    tpu,
+                    program.mesh.size,
+                    mesh,
+                    flops,
+                    0.0,
+                    0.0,
+                    None,
+                    None,
+                    inputs,
+                    created=program.created,
                 )
             )
             continue

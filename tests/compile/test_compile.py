@@ -151,6 +151,7 @@ def test_model_that_cannot_fit_is_one_line_without_compiling():
         "error: does not fit: eval sampler (4 rows x 128 prompt + 64 new tokens)",
     ]
     assert all("GiB over the 16 GiB" in e for e in errors)
+    assert "    (not compiled: the policy's float32 parameters alone exceed the" in out.splitlines()
     assert not any(line.startswith("compiling ") for line in out.splitlines())
 
 
@@ -387,9 +388,10 @@ def test_tiny_sampler_compiles_for_a_v5e_4_with_its_roles_and_fits():
     # float32 merged parameters split over fsdp=2 (the tiny model has no dimension it cannot split)
     assert r.memory.roles["parameters"] == parameter_count(_tiny_llama()) * 4 // 2
     assert r.memory.temporaries > 0 and r.needed_bytes >= sum(r.memory.roles.values())
-    # [layers, rows / data, slots, kv heads, head dim] float32, keys and values
+    # [layers, rows / (data x fsdp), slots, kv heads, head dim] float32, keys and values (rows
+    # go over the `batch` rule's axes, data and fsdp)
     tiny = _tiny_llama()
-    cache = tiny.num_hidden_layers * 32 * 136 * tiny.num_key_value_heads * tiny.head_dim * 4
+    cache = tiny.num_hidden_layers * (64 // 4) * 136 * tiny.num_key_value_heads * tiny.head_dim * 4
     assert r.created == {"KV cache (keys + values)": 2 * cache}
     assert r.flops == sampler_flops(tiny, SamplerShape(64, 128, 8))
     # FSDP-sharded parameters are gathered over fsdp to compute
@@ -398,3 +400,14 @@ def test_tiny_sampler_compiles_for_a_v5e_4_with_its_roles_and_fits():
     said.clear()
     assert report(reports, said.append) == 0
     assert any("KV cache (keys + values)" in line for line in said)
+
+
+def test_sampler_options_default_to_evals_and_reject_a_bad_value():
+    from rsa_jax.cli import build_parser
+    from rsa_jax.compile._run import EVAL_MAX_NEW_TOKENS
+
+    eval_args = build_parser().parse_args(["eval", "m", "--out", "o"])
+    assert eval_args.max_new_tokens == EVAL_MAX_NEW_TOKENS  # what `rsa-jax eval` samples
+    code, out, err = _run(["compile", TINY, "--topology", "v5e-4", "--eval-rows", "0"])
+    assert code == 2 and out == ""
+    assert err.strip() == "rsa-jax compile: error: --eval-rows must be >= 1, got 0"
