@@ -306,7 +306,7 @@ def sampler_program(
         f"{SAMPLER} ({rows} rows x {PROMPT_SLOTS} prompt + {max_new_tokens} new tokens)",
         fn,
         args,
-        {"parameters": held, "prompts + sampling settings": shard_bytes(args[2:])},
+        {"parameters": held, "prompts + settings": shard_bytes(args[2:])},
         SamplerShape(rows, PROMPT_SLOTS, max_new_tokens),
         mesh_placement.mesh,
         arch,

@@ -384,7 +384,7 @@ def test_tiny_sampler_compiles_for_a_v5e_4_with_its_roles_and_fits():
     ]
     r = reports[1]
     assert r.fits and r.memory is not None and r.mesh == {"data": 2, "fsdp": 2, "tensor": 1}
-    assert set(r.memory.roles) == {"parameters", "prompts + sampling settings"}
+    assert set(r.memory.roles) == {"parameters", "prompts + settings"}
     # float32 merged parameters split over fsdp=2 (the tiny model has no dimension it cannot split)
     assert r.memory.roles["parameters"] == parameter_count(_tiny_llama()) * 4 // 2
     assert r.memory.temporaries > 0 and r.needed_bytes >= sum(r.memory.roles.values())
