@@ -333,6 +333,9 @@ def test_the_abstract_call_lowers_to_the_program_sample_runs(monkeypatch):
     def make():
         return Llama(config, rngs=nnx.Rngs(0), param_dtype=jnp.float32, compute_dtype=jnp.float32)
 
+    # Shapes only on both sides (initialising real weights would cost more than the rest):
+    # `generate` reads nothing of the parameters before the jitted call it hands them to.
+    abstract = nnx.eval_shape(make)
     placement = placement_for(None, jax.devices())
     seen = {}
 
@@ -344,20 +347,21 @@ def test_the_abstract_call_lowers_to_the_program_sample_runs(monkeypatch):
     monkeypatch.setattr(_sampling, "_generate", record)
     prompts = ["ask topic0 style1 n2", "ask topic3 style5 n0", "ask topic7 style0 n9"]
     with pytest.raises(_Called):
-        sample(make(), tok, prompts, n=2, max_new_tokens=5, template=TEMPLATE, placement=placement)
+        sample(
+            abstract, tok, prompts, n=2, max_new_tokens=5, template=TEMPLATE, placement=placement
+        )
     monkeypatch.undo()
     rows, prompt_len = seen["args"][2].shape
-    abstract = nnx.eval_shape(make)
     assert rows == sampling_rows(abstract, placement, prompt_len, 5, 6)
     fn, args, static = sampling_call(
         abstract, rows=rows, prompt_len=prompt_len, max_new_tokens=5, placement=placement
     )
     assert fn is real and static == seen["static"]
 
-    # the same arguments (shapes, dtypes, the rows' shardings) and the same traced program
-    # (the shardings the sampler pins its rows and cache to are in it)
-    # (an uncommitted array, like the key and the scalars `generate` passes, has no sharding
-    # of its own: jit places it)
+    # The same jitted function with the same static arguments (the shardings the sampler pins
+    # its rows and KV cache to among them) and arguments of the same shapes, dtypes and
+    # shardings: jit traces and lowers the same program. (An uncommitted array, like the key
+    # and the scalars `generate` passes, has no sharding of its own: jit places it.)
     def described(tree):
         def sharding(x):
             return x.sharding if getattr(x, "committed", True) else None
@@ -365,9 +369,8 @@ def test_the_abstract_call_lowers_to_the_program_sample_runs(monkeypatch):
         return [(x.shape, x.dtype, sharding(x)) for x in jax.tree.leaves(tree)]
 
     assert described(args[2:]) == described(seen["args"][2:])
-    assert described(args[1]) == described(seen["args"][1])  # the model's unplaced parameters
-    want = str(real.trace(*seen["args"], **seen["static"]).jaxpr)
-    assert str(fn.trace(*args, **static).jaxpr) == want
+    assert described(args[1]) == described(seen["args"][1])
+    assert args[0] == seen["args"][0]  # the graph definition (static)
 
 
 @needs_libtpu
