@@ -51,12 +51,15 @@ def _cmd_compile(args) -> int:
     from rsa_jax.config import load_config
 
     config = load_config(args.config, args.overrides)
+    given = {"eval_rows": args.eval_rows, "max_new_tokens": args.eval_max_new_tokens}
     return run_compile(
         config,
         args.topology,
         slices=args.slices,
         sweep=args.sweep,
         variant_devices=args.variant_devices,
+        sampler=not args.no_sampler,
+        **{k: v for k, v in given.items() if v is not None},  # None: run_compile's defaults
     )
 
 
@@ -598,6 +601,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --sweep: devices along the sweep's variant axis (the sweep file's "
         "variant_devices; default: one device)",
     )
+    p.add_argument(
+        "--no-sampler",
+        action="store_true",
+        help="skip the evaluation sampler's program (compiled by default, without --sweep)",
+    )
+    p.add_argument(
+        "--eval-rows",
+        type=int,
+        metavar="R",
+        help="rows an evaluation samples in all, prompts x samples (default 1024); a batch "
+        "holds as many as eval's memory budget allows",
+    )
+    p.add_argument(
+        "--eval-max-new-tokens",
+        type=int,
+        metavar="N",
+        help="the sampler's new tokens per row (default 64, eval's --max-new-tokens)",
+    )
     p.set_defaults(fn=_cmd_compile)
 
     p = command("check-config", "load, validate and print the resolved config")
@@ -823,6 +844,13 @@ def _check_arguments(args) -> None:
             raise CommandLineError(f"--q must lie in [0, 1], got {args.q}")
         _check_run_dir(args.first, "first policy", hf_ok=True)
         _check_run_dir(args.second, "second policy", hf_ok=True)
+    if args.command == "compile":
+        for flag, value in (
+            ("--eval-rows", args.eval_rows),
+            ("--eval-max-new-tokens", args.eval_max_new_tokens),
+        ):
+            if value is not None and value < 1:
+                raise CommandLineError(f"{flag} must be >= 1, got {value}")
     if args.command == "eval":
         # Existence only here: what each model is, `load_model` resolves (resolve_source).
         from etils import epath

@@ -1,7 +1,9 @@
-"""The jitted programs `train` and `sweep` run, built from shapes only.
+"""The jitted programs `train`, `sweep` and `eval` run, built from shapes only.
 
-Each program is the engine's own: `Engine.compiled_step` (a stage's train step) or
-`Engine.vmapped_step` (a vmap sweep's K stacked variants, placed by `rsa_jax.sweep`), with
+Each program is the engine's own: `Engine.compiled_step` (a stage's train step),
+`Engine.vmapped_step` (a vmap sweep's K stacked variants, placed by `rsa_jax.sweep`) or the
+evaluation sampler (`rsa_jax.eval.sampling_call`: `rsa_jax.generate`'s jitted sampler on the
+final policy as `rsa-jax eval RUN` loads it), with
 `jax.ShapeDtypeStruct` arguments carrying the `NamedSharding`s that the real run's arrays have.
 The engine itself is built from the architecture alone (`Engine(..., llama=, tokenizer=)`):
 nothing here reads or allocates a weight; `Program.lower()` traces and lowers, and the caller
@@ -18,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from rsa_jax.compile._report import StepShape, shard_bytes
+from rsa_jax.compile._report import SamplerShape, StepShape, shard_bytes
 from rsa_jax.config import Config, StageConfig
 from rsa_jax.models import LlamaConfig
 from rsa_jax.training import (
@@ -50,12 +52,15 @@ class Program:
     fn: Callable  # the jitted function the run calls
     args: tuple  # ShapeDtypeStructs with shardings
     roles: dict[str, int]  # per-device argument bytes by role
-    shape: StepShape  # for the analytic FLOP count
+    shape: StepShape | SamplerShape  # for the analytic FLOP count
     mesh: Mesh
     llama: LlamaConfig  # the engine's architecture (a tiny model's vocabulary included)
+    static: dict = dataclasses.field(default_factory=dict)  # static keyword arguments of `fn`
+    # per-device bytes of named arrays the program creates itself (part of its temporaries)
+    created: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def lower(self):
-        return self.fn.lower(*self.args)
+        return self.fn.lower(*self.args, **self.static)
 
 
 class _NoTokenizer:
@@ -247,6 +252,68 @@ def sweep_programs(
             )
         )
     return programs
+
+
+SAMPLER = "eval sampler"  # the sampler program's name starts with it
+
+
+def sampler_program(
+    config: Config,
+    devices: list,
+    llama: LlamaConfig | None,
+    *,
+    hbm_bytes: int,
+    eval_rows: int,
+    max_new_tokens: int,
+) -> Program:
+    """The sampling batch `rsa-jax eval RUN` runs on the run's final policy, on `devices` with
+    the config's mesh: the merged policy (`load_policy`: float32 parameters on the training
+    shardings, computing in `model.compute_dtype`), prompts of `PROMPT_SLOTS` slots (the widest
+    batch), `max_new_tokens` new tokens, and as many of `eval_rows` rows per batch as
+    `rsa_jax.eval`'s memory budget gives on a chip of `hbm_bytes` holding the parameters (half
+    of what they leave free, as `default_memory_budget` reads it on a TPU)."""
+    from rsa_jax.eval import DEVICE_FRACTION, PROMPT_SLOTS, placement_for, sampling_call
+    from rsa_jax.eval import sampling_rows as batch_rows
+
+    mesh_placement = placement_for(config.mesh, devices)
+    layout = Layout(mesh_placement.mesh, dict(mesh_placement.rules))
+    engine = build_engine(config, layout, llama)
+    params = engine.merged_abstract()
+    model = engine.model.module(params)
+    # One device: evaluation samples without shardings (`placement_of` is None there).
+    placement = mesh_placement if mesh_placement.mesh.size > 1 else None
+    held = shard_bytes(params)
+    budget = max(1, int(DEVICE_FRACTION * (hbm_bytes - held)))
+    rows = batch_rows(model, placement, PROMPT_SLOTS, max_new_tokens, eval_rows, budget)
+    fn, args, static = sampling_call(
+        model,
+        rows=rows,
+        prompt_len=PROMPT_SLOTS,
+        max_new_tokens=max_new_tokens,
+        placement=placement,
+    )
+    arch = engine.model.llama
+    shardings = static["shardings"]
+    cache = None if shardings is None else shardings.cache
+    cache_shape = (
+        arch.num_hidden_layers,
+        rows,
+        PROMPT_SLOTS + max_new_tokens,
+        arch.num_key_value_heads,
+        arch.head_dim,
+    )
+    kv = jax.ShapeDtypeStruct(cache_shape, model.compute_dtype, sharding=cache)
+    return Program(
+        f"{SAMPLER} ({rows} rows x {PROMPT_SLOTS} prompt + {max_new_tokens} new tokens)",
+        fn,
+        args,
+        {"parameters": held, "prompts + settings": shard_bytes(args[2:])},
+        SamplerShape(rows, PROMPT_SLOTS, max_new_tokens),
+        mesh_placement.mesh,
+        arch,
+        static,
+        {"KV cache (keys + values)": 2 * shard_bytes(kv)},
+    )
 
 
 def materialised_bytes() -> int:

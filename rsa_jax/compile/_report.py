@@ -4,7 +4,8 @@
   outputs (less what aliases a donated argument) and temporaries. The arguments are split by
   role (parameters, optimizer state, reference or frozen base, batch and hyperparameters) from
   the abstract inputs' per-shard sizes; what the compiler adds on top (tile padding) is shown.
-- FLOPs: counted from the architecture and the step's shape (`step_flops`), never from
+- FLOPs: counted from the architecture and the step's shape (`step_flops`; the evaluation
+  sampler's: `sampler_flops`), never from
   `compiled.cost_analysis()`, which counts a while/scan body once (scanned layers, microbatches,
   the fused head's chunks, the risk head's selection loops) instead of times its trip count.
 - Collectives: the compiled HLO text's all-reduce, all-gather, reduce-scatter, all-to-all and
@@ -21,6 +22,7 @@ import re
 from collections import defaultdict
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from rsa_jax.models import LlamaConfig
@@ -45,7 +47,11 @@ def shard_bytes(tree) -> int:
         sharding = getattr(leaf, "sharding", None)
         if sharding is not None:
             shape = sharding.shard_shape(shape)
-        bits = jax.dtypes.itemsize_bits(leaf.dtype)
+        dtype = leaf.dtype
+        if jnp.issubdtype(dtype, jax.dtypes.prng_key):  # a PRNG key: its raw words
+            raw = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct((), dtype))
+            shape, dtype = (*shape, *raw.shape), raw.dtype
+        bits = jax.dtypes.itemsize_bits(dtype)
         total += math.prod(shape) * bits // 8
     return total
 
@@ -165,6 +171,45 @@ def step_flops(llama: LlamaConfig, s: StepShape) -> float:
         models = 2 if s.reference else 1
         head = vocab * tokens * (models + (2 if trained else 1))
     return float(s.variants * (blocks + head))
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerShape:
+    """What the FLOP count of one evaluation sampling batch depends on besides the
+    architecture."""
+
+    rows: int  # B, sampled rows in the batch
+    prompt_len: int  # P, prompt slots (left-padded)
+    new_tokens: int  # N, max_new_tokens: the decode steps when no row stops early
+
+
+def sampler_flops(llama: LlamaConfig, s: SamplerShape) -> float:
+    """Matmul and attention FLOPs of one `rsa_jax.generate` batch (2 per multiply-add), at its
+    most: no row stops early, so the loop runs all N steps.
+
+    With S = P + N cache slots, per row:
+
+        L * (P + N) * (2 * sum_proj(in * out) + 4 * S * H * E)  +  (1 + N) * 2 * D * V
+
+    The prefill runs P tokens and each of the N decode steps one token through every block; the
+    cache has S slots from the start, so each query's QK^T and AV span all S of them (masked,
+    not skipped). Logits are taken at the prompt's last slot and after each decode step (the
+    last step's are computed, then unused). Sampling itself (sort, softmax over V) is not
+    counted, as elementwise work is not in `step_flops`.
+    """
+    slots = s.prompt_len + s.new_tokens
+    dense = 2 * sum(i * o for i, o in _projections(llama).values())
+    attention = 4 * slots * llama.num_attention_heads * llama.head_dim
+    blocks = llama.num_hidden_layers * (s.prompt_len + s.new_tokens) * (dense + attention)
+    logits = (1 + s.new_tokens) * 2 * llama.hidden_size * llama.vocab_size
+    return float(s.rows * (blocks + logits))
+
+
+def program_flops(llama: LlamaConfig, shape: StepShape | SamplerShape) -> float:
+    """`step_flops` of a train or sweep step, `sampler_flops` of the evaluation sampler."""
+    if isinstance(shape, SamplerShape):
+        return sampler_flops(llama, shape)
+    return step_flops(llama, shape)
 
 
 # -- collectives -----------------------------------------------------------------------------

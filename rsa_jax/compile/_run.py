@@ -3,8 +3,9 @@
     reports = compile_config(load_config("configs/rsa_cvar.yaml"), "v5p-8")
     print(all(r.fits for r in reports))
 
-The programs are the ones `rsa-jax train` (each stage kind's step) and, with `sweep=K`,
-`rsa-jax sweep` in vmap mode (the K-variant step) would run, built abstractly
+The programs are the ones `rsa-jax train` (each stage kind's step), with `sweep=K` `rsa-jax
+sweep` in vmap mode (the K-variant step), and `rsa-jax eval` of the run (the sampler's batch)
+would run, built abstractly
 (`rsa_jax.compile._programs`) and compiled by libtpu for the slice's devices.
 """
 
@@ -18,14 +19,20 @@ from collections.abc import Callable
 import jax
 
 from rsa_jax.compile._presets import architecture
-from rsa_jax.compile._programs import Program, sweep_programs, train_programs
+from rsa_jax.compile._programs import (
+    SAMPLER,
+    Program,
+    sampler_program,
+    sweep_programs,
+    train_programs,
+)
 from rsa_jax.compile._report import (
     GIB,
     Collectives,
     Memory,
     collectives,
     memory_of,
-    step_flops,
+    program_flops,
 )
 from rsa_jax.compile._topology import TpuSlice, topology_devices, tpu_slice
 from rsa_jax.config import Config, ConfigError, mesh_shape, validate
@@ -42,6 +49,12 @@ def _count_cache_hits(event: str, **kwargs: str | int) -> None:
 
 
 jax.monitoring.register_event_listener(_count_cache_hits)
+
+# The evaluation sampler's batch: `rsa-jax eval`'s default --max-new-tokens, and the rows an
+# evaluation samples in all (64 prompts x --samples' default 16; the memory budget may cut a
+# batch to fewer).
+EVAL_MAX_NEW_TOKENS = 64
+EVAL_ROWS = 1024
 
 _HBM_OOM = re.compile(r"Used\s+([0-9.]+)([KMGT]?)\s+of\s+([0-9.]+)([KMGT]?)\s+hbm", re.I)
 _UNIT = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
@@ -60,6 +73,7 @@ class ProgramReport:
     collectives: Collectives | None
     needed_bytes: int  # per chip
     from_cache: bool = False  # loaded from the persistent compilation cache, not compiled
+    created: dict[str, int] = dataclasses.field(default_factory=dict)  # within temporaries
 
     @property
     def hbm(self) -> int:
@@ -89,14 +103,21 @@ class ProgramReport:
         out = [f"{self.name} on {self.tpu.name} ({self.chips} chips, mesh {mesh}):"]
         out.append("  " + self.verdict())
         if self.memory is None and self.compile_seconds == 0:
-            out.append("    (not compiled: its parameters, optimizer state and reference alone")
-            out.append("     exceed the chip's HBM; shard them over more chips or use LoRA)")
+            if self.name.startswith(SAMPLER):  # evaluation merges LoRA into float32 weights
+                out.append("    (not compiled: the policy's float32 parameters alone exceed the")
+                out.append("     chip's HBM; shard them over more chips)")
+            else:
+                out.append("    (not compiled: its parameters, optimizer state and reference alone")
+                out.append("     exceed the chip's HBM; shard them over more chips or use LoRA)")
         if self.memory is not None:
             m = self.memory
             rows = [*m.roles.items(), ("argument layout padding", m.padding)]
             rows += [("outputs not donated", m.outputs), ("temporaries", m.temporaries)]
             rows += [("program code", m.code)]
             out += [f"    {role:<26} {n / GIB:9.3f} GiB" for role, n in rows]
+            # Arrays the program makes itself (the sampler's KV cache), by their shapes and
+            # shardings: XLA holds them among its temporaries as it lays them out.
+            out += [f"    ({role}: {n / GIB:.3f} GiB by shape)" for role, n in self.created.items()]
         per_chip = self.flops / self.chips
         out.append(
             f"  FLOPs per step (analytic): {self.flops:.3e} in all, {per_chip:.3e} per chip; "
@@ -141,9 +162,14 @@ def compile_config(
     slices: int = 1,
     sweep: int | None = None,
     variant_devices: int | None = None,
+    sampler: bool = True,
+    eval_rows: int = EVAL_ROWS,
+    max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
     say: Callable[[str], None] = print,
 ) -> list[ProgramReport]:
-    """Compiles every program of `config` for `slices` slices of `topology` and reports each.
+    """Compiles every program of `config` for `slices` slices of `topology` and reports each:
+    the stage steps (or with `sweep=K` the vmap sweep's), then with `sampler` the evaluation
+    sampler (`sampler_program`: batches of up to `eval_rows` rows, `max_new_tokens` each).
 
     Raises ConfigError (TopologyError) for an unknown slice, a mesh that does not divide its
     chips or a model path that is neither a preset nor a directory. A program that does not
@@ -164,16 +190,37 @@ def compile_config(
         programs += train_programs(config, devices, llama)
     else:
         programs += sweep_programs(config, devices, llama, sweep, variant_devices)
+    if sampler and sweep is None:
+        programs.append(
+            sampler_program(
+                config,
+                devices,
+                llama,
+                hbm_bytes=tpu.chip.hbm_bytes,
+                eval_rows=eval_rows,
+                max_new_tokens=max_new_tokens,
+            )
+        )
     reports = []
     for program in programs:
         mesh = dict(program.mesh.shape)
-        flops = step_flops(program.llama, program.shape)
+        flops = program_flops(program.llama, program.shape)
         inputs = sum(program.roles.values())
         if inputs > tpu.chip.hbm_bytes:  # no compile can make it fit: say so at once
             say(f"not compiling {program.name}: its inputs alone exceed a chip's HBM")
             reports.append(
                 ProgramReport(
-                    program.name, tpu, program.mesh.size, mesh, flops, 0.0, 0.0, None, None, inputs
+                    program.name,
+                    tpu,
+                    program.mesh.size,
+                    mesh,
+                    flops,
+                    0.0,
+                    0.0,
+                    None,
+                    None,
+                    inputs,
+                    created=program.created,
                 )
             )
             continue
@@ -213,6 +260,7 @@ def compile_config(
                 colls,
                 needed,
                 from_cache,
+                program.created,
             )
         )
     return reports
@@ -237,12 +285,23 @@ def run_compile(
     slices: int = 1,
     sweep: int | None = None,
     variant_devices: int | None = None,
+    sampler: bool = True,
+    eval_rows: int = EVAL_ROWS,
+    max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
     say: Callable[[str], None] = print,
 ) -> int:
     """`rsa-jax compile`: compiles every program, prints the reports, returns the exit status
     (`report`)."""
     say(tpu_slice(topology).describe())
     reports = compile_config(
-        config, topology, slices=slices, sweep=sweep, variant_devices=variant_devices, say=say
+        config,
+        topology,
+        slices=slices,
+        sweep=sweep,
+        variant_devices=variant_devices,
+        sampler=sampler,
+        eval_rows=eval_rows,
+        max_new_tokens=max_new_tokens,
+        say=say,
     )
     return report(reports, say)

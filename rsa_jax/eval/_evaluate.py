@@ -36,7 +36,7 @@ from rsa_jax.eval._budget import (
     scoring_bytes_per_row,
 )
 from rsa_jax.eval._placement import Placement, placement_of, to_host
-from rsa_jax.generate import generate, place_rows
+from rsa_jax.generate import generate, generate_call, place_rows
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,14 @@ class Samples:
         return out
 
 
-def encode_prompts(tokenizer, prompts: list[str], template: str | None, max_prompt_len: int = 128):
+# The most prompt tokens a sampled row keeps (`encode_prompts`): the widest prompt batch, the
+# sampler's P.
+PROMPT_SLOTS = 128
+
+
+def encode_prompts(
+    tokenizer, prompts: list[str], template: str | None, max_prompt_len: int = PROMPT_SLOTS
+):
     """Left-padded prompt ids [B, P] and mask, formatted exactly as the data pipeline does."""
     pt = PairTokenizer(tokenizer, DataConfig(template=template, max_prompt_len=max_prompt_len))
     rows = [pt.prompt_ids(p, f"prompt {i}") for i, p in enumerate(prompts)]
@@ -94,6 +101,49 @@ def _batch_rows(placement, bytes_per_row, total, memory_budget, batch_rows) -> i
         return batch_rows
     budget = default_memory_budget() if memory_budget is None else int(memory_budget)
     return rows_per_batch(bytes_per_row, total, shards, budget)
+
+
+def sampling_rows(
+    model,
+    placement: Placement | None,
+    prompt_len: int,
+    max_new_tokens: int,
+    total_rows: int,
+    memory_budget: int | None = None,
+    batch_rows: int | None = None,
+) -> int:
+    """The rows of one `sample` batch: `batch_rows`, else as many as `memory_budget` bytes per
+    device hold (`sampling_bytes_per_row`; default `default_memory_budget()`), a multiple of the
+    row shards, no more than `total_rows` need."""
+    itemsize = jnp.dtype(model.compute_dtype).itemsize
+    per_row = sampling_bytes_per_row(model.config, prompt_len, max_new_tokens, itemsize)
+    return _batch_rows(placement, per_row, total_rows, memory_budget, batch_rows)
+
+
+def sampling_shardings(model, placement: Placement | None, rows: int, slots: int):
+    """Where `sample` puts a batch's rows and KV cache (None: one device, no constraint)."""
+    if placement is None:
+        return None
+    return placement.generate_shardings(rows, slots, model.config)
+
+
+def sampling_call(
+    model, *, rows: int, prompt_len: int, max_new_tokens: int, placement: Placement | None
+):
+    """The jitted sampler call `sample` makes for one batch, from shapes only:
+    `(fn, args, static)` (`rsa_jax.generate.generate_call`), `fn.lower(*args, **static)` the
+    program evaluation runs. `model` may be abstract (`nnx.eval_shape`, or ShapeDtypeStruct
+    parameters with shardings): nothing is allocated."""
+    graphdef, state = nnx.split(model)
+    shardings = sampling_shardings(model, placement, rows, prompt_len + max_new_tokens)
+    return generate_call(
+        graphdef,
+        state,
+        rows=rows,
+        prompt_len=prompt_len,
+        max_new_tokens=max_new_tokens,
+        shardings=shardings,
+    )
 
 
 def _progress(total: int, desc: str, progress: bool | None):
@@ -138,12 +188,10 @@ def sample(
     rows_ids, rows_mask = ids[index], mask[index]
     eos = int(tokenizer.eos_token_id)
     pad = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos)
-    itemsize = jnp.dtype(model.compute_dtype).itemsize
-    per_row = sampling_bytes_per_row(model.config, ids.shape[1], max_new_tokens, itemsize)
-    size = _batch_rows(placement, per_row, len(index), memory_budget, batch_rows)
-    shardings = None
-    if placement is not None:
-        shardings = placement.generate_shardings(size, ids.shape[1] + max_new_tokens, model.config)
+    size = sampling_rows(
+        model, placement, ids.shape[1], max_new_tokens, len(index), memory_budget, batch_rows
+    )
+    shardings = sampling_shardings(model, placement, size, ids.shape[1] + max_new_tokens)
     key = jax.random.key(seed)
     tokens = np.empty((len(index), max_new_tokens), np.int32)
     lengths = np.empty(len(index), np.int32)

@@ -1,8 +1,16 @@
 """Jitted batched sampling with a KV cache: `generate(model, prompt_ids, prompt_mask, key, ...)`,
-on one device or on a mesh (`Shardings`, `place_rows`); and text in, text out:
+on one device or on a mesh (`Shardings`, `place_rows`), lowered from shapes only by
+`generate_call`; and text in, text out:
 `generate_text(model, tokenizer, prompts)` (formatting, padding, masks and EOS handled inside)."""
 
-from rsa_jax.generate._sampling import Cache, Generation, Shardings, generate, place_rows
+from rsa_jax.generate._sampling import (
+    Cache,
+    Generation,
+    Shardings,
+    generate,
+    generate_call,
+    place_rows,
+)
 from rsa_jax.generate._text import (
     BATCH_SIZE,
     MAX_NEW_TOKENS,
@@ -28,6 +36,7 @@ __all__ = [
     "encode_prompt",
     "end_ids",
     "generate",
+    "generate_call",
     "generate_text",
     "place_rows",
 ]

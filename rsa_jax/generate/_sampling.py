@@ -215,6 +215,52 @@ def place_rows(x, sharding: NamedSharding | None) -> jax.Array:
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
+def generate_call(
+    graphdef,
+    state,
+    *,
+    rows: int,
+    prompt_len: int,
+    max_new_tokens: int,
+    eos_count: int = 1,
+    shardings: Shardings | None = None,
+):
+    """The jitted sampler and the arguments `generate` passes it for a batch of `rows` prompts
+    of `prompt_len` slots, from shapes only: `(fn, args, static)` with `fn.lower(*args,
+    **static)` the program `generate` runs (`rsa-jax compile` lowers it for a TPU slice).
+
+    Args:
+      graphdef, state: `nnx.split(model)`; `state` may hold `jax.ShapeDtypeStruct`s (with
+        their shardings), so no weight is read or allocated.
+      rows: B; prompt_len: P; max_new_tokens: N; eos_count: how many EOS ids are given.
+      shardings: as in `generate` (None: no constraint, one device).
+    Returns:
+      (`_generate`, its traced arguments as ShapeDtypeStructs, its static arguments).
+    """
+    row_sharding = None if shardings is None else shardings.rows
+    # The key and the scalars are uncommitted in `generate`: no sharding, jit places them.
+    replicated = None
+
+    def arg(shape, dtype, sharding):
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    args = (
+        graphdef,
+        state,
+        arg((rows, prompt_len), jnp.int32, row_sharding),
+        arg((rows, prompt_len), jnp.bool_, row_sharding),
+        arg(key.shape, key.dtype, replicated),
+        arg((rows,), jnp.int32, row_sharding),
+        arg((), jnp.float32, replicated),
+        arg((), jnp.int32, replicated),
+        arg((), jnp.float32, replicated),
+        arg((max(1, eos_count),), jnp.int32, replicated),
+        arg((), jnp.int32, replicated),
+    )
+    return _generate, args, {"max_new_tokens": max_new_tokens, "shardings": shardings}
+
+
 def generate(
     model: Llama,
     prompt_ids,

@@ -251,6 +251,13 @@ class Engine:
         merged = merged_params(self.model.lora, base, params)
         return {k: jax.device_put(v, full.shardings[k]) for k, v in merged.items()}
 
+    def merged_abstract(self) -> dict[str, jax.ShapeDtypeStruct]:
+        """Shapes, dtypes and shardings of `merged(params)`, the policy `load_policy` gives
+        (evaluation, export): the trained parameters, or with LoRA the float32 merged ones on
+        the plain model's shardings."""
+        full = self.model.full
+        return self.model.abstract_params() if full is None else full.abstract_params()
+
     def abstract_state(self) -> TrainState:
         """Shapes, dtypes and shardings of a TrainState (restore targets), without arrays."""
         params = self.model.abstract_params()

@@ -98,8 +98,9 @@ class ModelDef:
             return self.shardings
         return {"base": self.base_shardings, "adapters": self.shardings if with_adapters else None}
 
-    def module(self, params: dict[str, jax.Array]) -> Llama:
-        """The plain NNX Llama over full parameters (with LoRA: merged ones, see `merge`)."""
+    def module(self, params: dict[str, jax.Array] | dict[str, jax.ShapeDtypeStruct]) -> Llama:
+        """The plain NNX Llama over full parameters (with LoRA: merged ones, see `merge`), or
+        over their ShapeDtypeStructs (an abstract model: `rsa-jax compile`)."""
         if self.full is not None:
             return self.full.module(params)
         return nnx.merge(self.graphdef, nest_params(params))

@@ -9,22 +9,29 @@ import io
 import os
 
 import jax
+import jax.numpy as jnp
 import pytest
+from flax import nnx
 
 from rsa_jax.cli import main
 from rsa_jax.compile import (
     TPU_SLICES,
+    SamplerShape,
     collectives,
     compile_config,
     libtpu_available,
     parameter_count,
     report,
+    sampler_flops,
     step_flops,
     train_programs,
 )
 from rsa_jax.compile._programs import materialised_bytes
 from rsa_jax.config import load_config
-from rsa_jax.models import LlamaConfig
+from rsa_jax.eval import placement_for, sample, sampling_call, sampling_rows
+from rsa_jax.generate import _sampling
+from rsa_jax.models import Llama, LlamaConfig, tiny_config
+from rsa_jax.tasks import TEMPLATE, SafetyTask, make_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = os.path.join(REPO, "configs", "tiny.yaml")
@@ -53,9 +60,11 @@ def _run(argv: list[str]) -> tuple[int, str, str]:
 
 @pytest.fixture(scope="module")
 def tiny_compiled():
-    """The CLI's run on the tiny two-stage config for a v5e-4 (the module's one compile)."""
+    """The CLI's run on the tiny two-stage config for a v5e-4 (the module's one compile; the
+    sampler, eight times the train step's compile, has its own slow test)."""
     before = materialised_bytes()
-    code, out, err = _run(["compile", TINY, "--topology", "v5e-4", *ONE_PROGRAM, *FSDP])
+    argv = ["compile", TINY, "--topology", "v5e-4", "--no-sampler", *ONE_PROGRAM, *FSDP]
+    code, out, err = _run(argv)
     return code, out, err, materialised_bytes() - before
 
 
@@ -83,7 +92,8 @@ def test_tiny_two_stage_step_compiles_fits_and_reports(tiny_compiled):
 @needs_libtpu
 def test_tiny_memory_roles_are_the_shards_and_exit_1_names_what_does_not_fit(tiny_compiled):
     config = load_config(TINY, ONE_PROGRAM + FSDP)
-    (r,) = compile_config(config, "v5e-4", say=lambda _: None)  # cached by the fixture's compile
+    # the fixture's train step, cached (the sampler has its own test)
+    (r,) = compile_config(config, "v5e-4", sampler=False, say=lambda _: None)
     assert r.memory is not None and r.fits
     params = parameter_count(_tiny_llama()) * 4 // 2  # float32, sharded over fsdp=2
     assert r.memory.roles["parameters"] == params
@@ -146,7 +156,13 @@ def test_model_that_cannot_fit_is_one_line_without_compiling():
     code, out, err = _run([*argv, "model.scan_layers=true", "stages.1.reference=init"])
     assert code == 1, err
     errors = [line for line in out.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "does not fit" in errors[0] and "GiB over the 16 GiB" in errors[0]
+    # one line per program: the train step, and the sampler (its merged float32 weights alone)
+    assert [e.split(" needs ")[0] for e in errors] == [
+        "error: does not fit: train step of stages 0 (helpfulness), 1 (safety)",
+        "error: does not fit: eval sampler (4 rows x 128 prompt + 64 new tokens)",
+    ]
+    assert all("GiB over the 16 GiB" in e for e in errors)
+    assert "    (not compiled: the policy's float32 parameters alone exceed the" in out.splitlines()
     assert not any(line.startswith("compiling ") for line in out.splitlines())
 
 
@@ -321,3 +337,121 @@ def test_collective_axes_are_read_right_from_tpu_hlo():
     assert found.bytes[("all-reduce", "a")] == 256 * 4
     # sum(1): each device's [128] partial row sums summed over b
     assert found.bytes[("all-reduce", "b")] == 128 * 4
+
+
+# -- the evaluation sampler -----------------------------------------------------------------
+def test_sampler_flops_match_a_hand_count():
+    llama = LlamaConfig(
+        vocab_size=10,
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=4,
+    )
+    # B=3 rows, P=4 prompt slots, N=2 new tokens: S = 6 cache slots.
+    # per token and layer: q 8x8, k 8x4, v 8x4, o 8x8, gate/up 8x16, down 16x8 multiply-adds
+    dense = 2 * (64 + 32 + 32 + 64 + 128 + 128 + 128)
+    attention = 2 * 2 * (6 * 2 * 4)  # QK^T and AV over all 6 slots, 2 heads of 4
+    blocks = 2 * (4 + 2) * (dense + attention)  # 2 layers, 4 prefill + 2 decode tokens
+    logits = 3 * 2 * 8 * 10  # after the prompt and after each of the 2 decode steps
+    assert dense == 1152 and attention == 192
+    assert sampler_flops(llama, SamplerShape(3, 4, 2)) == 3 * (blocks + logits) == 49824
+
+
+class _Called(Exception):
+    pass
+
+
+def test_the_abstract_call_lowers_to_the_program_sample_runs(monkeypatch):
+    """What `rsa-jax compile` lowers (`sampling_call` on an abstract model) is the jitted
+    program `sample` calls, with the same batch size, shardings and argument types."""
+    task = SafetyTask()
+    tok = make_tokenizer(task)
+    config = tiny_config(vocab_size=len(tok), max_position_embeddings=64)
+
+    def make():
+        return Llama(config, rngs=nnx.Rngs(0), param_dtype=jnp.float32, compute_dtype=jnp.float32)
+
+    # Shapes only on both sides (initialising real weights would cost more than the rest):
+    # `generate` reads nothing of the parameters before the jitted call it hands them to.
+    abstract = nnx.eval_shape(make)
+    placement = placement_for(None, jax.devices())
+    seen = {}
+
+    def record(*args, **static):
+        seen["args"], seen["static"] = args, static
+        raise _Called
+
+    real = _sampling._generate
+    monkeypatch.setattr(_sampling, "_generate", record)
+    prompts = ["ask topic0 style1 n2", "ask topic3 style5 n0", "ask topic7 style0 n9"]
+    with pytest.raises(_Called):
+        sample(
+            abstract, tok, prompts, n=2, max_new_tokens=5, template=TEMPLATE, placement=placement
+        )
+    monkeypatch.undo()
+    rows, prompt_len = seen["args"][2].shape
+    assert rows == sampling_rows(abstract, placement, prompt_len, 5, 6)
+    fn, args, static = sampling_call(
+        abstract, rows=rows, prompt_len=prompt_len, max_new_tokens=5, placement=placement
+    )
+    assert fn is real and static == seen["static"]
+
+    # The same jitted function with the same static arguments (the shardings the sampler pins
+    # its rows and KV cache to among them) and arguments of the same shapes, dtypes and
+    # shardings: jit traces and lowers the same program. (An uncommitted array, like the key
+    # and the scalars `generate` passes, has no sharding of its own: jit places it.)
+    def described(tree):
+        def sharding(x):
+            return x.sharding if getattr(x, "committed", True) else None
+
+        return [(x.shape, x.dtype, sharding(x)) for x in jax.tree.leaves(tree)]
+
+    assert described(args[2:]) == described(seen["args"][2:])
+    assert described(args[1]) == described(seen["args"][1])
+    assert args[0] == seen["args"][0]  # the graph definition (static)
+
+
+@needs_libtpu
+@pytest.mark.slow
+def test_tiny_sampler_compiles_for_a_v5e_4_with_its_roles_and_fits():
+    config = load_config(TINY, [*ONE_PROGRAM, "mesh.data=2", "mesh.fsdp=2"])
+    before = materialised_bytes()
+    said: list[str] = []
+    reports = compile_config(config, "v5e-4", eval_rows=64, max_new_tokens=8, say=said.append)
+    assert materialised_bytes() == before  # shapes only: no weight was placed
+    assert [r.name for r in reports] == [
+        "train step of stages 0 (helpfulness), 1 (safety)",
+        "eval sampler (64 rows x 128 prompt + 8 new tokens)",
+    ]
+    r = reports[1]
+    assert r.fits and r.memory is not None and r.mesh == {"data": 2, "fsdp": 2, "tensor": 1}
+    assert set(r.memory.roles) == {"parameters", "prompts + settings"}
+    # float32 merged parameters split over fsdp=2 (the tiny model has no dimension it cannot split)
+    assert r.memory.roles["parameters"] == parameter_count(_tiny_llama()) * 4 // 2
+    assert r.memory.temporaries > 0 and r.needed_bytes >= sum(r.memory.roles.values())
+    # [layers, rows / (data x fsdp), slots, kv heads, head dim] float32, keys and values (rows
+    # go over the `batch` rule's axes, data and fsdp)
+    tiny = _tiny_llama()
+    cache = tiny.num_hidden_layers * (64 // 4) * 136 * tiny.num_key_value_heads * tiny.head_dim * 4
+    assert r.created == {"KV cache (keys + values)": 2 * cache}
+    assert r.flops == sampler_flops(tiny, SamplerShape(64, 128, 8))
+    # FSDP-sharded parameters are gathered over fsdp to compute
+    assert r.collectives is not None
+    assert any(k == "all-gather" and "fsdp" in axes for k, axes in r.collectives.ops), r.lines()
+    said.clear()
+    assert report(reports, said.append) == 0
+    assert any("KV cache (keys + values)" in line for line in said)
+
+
+def test_sampler_options_default_to_evals_and_reject_a_bad_value():
+    from rsa_jax.cli import build_parser
+    from rsa_jax.compile._run import EVAL_MAX_NEW_TOKENS
+
+    eval_args = build_parser().parse_args(["eval", "m", "--out", "o"])
+    assert eval_args.max_new_tokens == EVAL_MAX_NEW_TOKENS  # what `rsa-jax eval` samples
+    code, out, err = _run(["compile", TINY, "--topology", "v5e-4", "--eval-rows", "0"])
+    assert code == 2 and out == ""
+    assert err.strip() == "rsa-jax compile: error: --eval-rows must be >= 1, got 0"
