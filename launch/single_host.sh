@@ -25,7 +25,9 @@
 # (preempted; 0 when the run had finished, 1 failed, 2 config error); this script forwards them
 # to its processes and exits with the trainer's code (several processes: 75 when every process
 # that stopped early was preempted, 1 when one failed). Rerunning the same command resumes from
-# RUN_DIR.
+# RUN_DIR. The processes agree on the step to stop at (JAX's preemption sync point), so a
+# signal to any one of them alone also stops all at the same step; a process that dies ends
+# the others within RSA_JAX_PEER_TIMEOUT seconds (docs/faults.md).
 set -euo pipefail
 
 die() { echo "$(basename "$0"): $*" >&2; exit 2; }

@@ -120,6 +120,8 @@ class StopSignal:
                 self._forward()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
+            if sig == signal.SIGTERM and _processes() > 1:
+                continue  # already joined: SIGTERM stays with JAX's preemption notifier
             try:
                 previous[sig] = signal.signal(sig, handler)
             except ValueError:  # not the main thread: signals stay with the caller

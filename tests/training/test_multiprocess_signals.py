@@ -292,3 +292,33 @@ def test_a_killed_trainer_process_ends_the_other_within_the_window(tmp_path, dat
     assert f"process 0 of 2: process 1 of 2 {LOST}" in outputs[0], report
     assert "Check failure" not in outputs[0], report
     assert seconds < WINDOW + 15, report
+
+
+@pytest.mark.slow  # one 2-process tiny run
+def test_sigterm_to_the_launcher_stops_both_processes_saved(tmp_path, data_path):
+    run_dir = str(tmp_path / "launched")
+    overrides = " ".join([*OVERRIDES, f"data.path={data_path}"])
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "RSA_JAX_PEER_TIMEOUT": str(WINDOW)}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        env.pop(name, None)
+    env.update(
+        CONFIG=TINY, RUN_DIR=run_dir, OVERRIDES=overrides, PYTHON=sys.executable,
+        NUM_PROCESSES="2", CPU_DEVICES="1", COORDINATOR_PORT=str(_free_port()),
+    )  # fmt: skip
+    launcher = subprocess.Popen(
+        ["bash", os.path.join(ROOT, "launch", "single_host.sh")], cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    _wait_for(lambda: os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3, [launcher])
+    launcher.send_signal(signal.SIGTERM)
+    outputs, seconds = _finish([launcher], 120)
+    assert launcher.returncode == EXIT_PREEMPTED, outputs[0][-3000:]
+    said = [ln for ln in outputs[0].splitlines() if ln.startswith("preempted at global step")]
+    log_1 = open(os.path.join(run_dir, "logs", "process_1.log")).read()
+    said_1 = [ln for ln in log_1.splitlines() if ln.startswith("preempted at global step")]
+    assert len(said) == 1 and said == said_1, (outputs[0][-2000:], log_1[-2000:])
+    step = int(said[0].split()[4].rstrip(";"))
+    assert _checkpoints(run_dir)[-1] == step
+    assert seconds < 60, outputs[0][-3000:]
