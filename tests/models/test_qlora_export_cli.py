@@ -116,3 +116,58 @@ def test_export_on_a_base_of_another_shape_is_one_clear_error(qlora_run, capsys)
     assert f"{other}: not the base these adapters were trained on" in err, err
     assert "Traceback" not in err
     assert not os.path.exists(root / "out_other") or not os.listdir(root / "out_other")
+
+
+def _module_params(model) -> dict[str, np.ndarray]:
+    return {
+        "/".join(map(str, p)): np.asarray(v[...])
+        for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+    }
+
+
+@pytest.fixture(scope="module")
+def qlora_on_a_directory(qlora_run):
+    """A QLoRA run whose model.path is a float Hugging Face directory (the first run's export)."""
+    root, first = qlora_run
+    base = str(root / "hf_base")
+    assert main(["export", first, base]) == 0
+    run_dir = str(root / "run_on_dir")
+    data = str(root / "pairs.jsonl")
+    overrides = [*OVERRIDES, f"model.path={base}", f"data.path={data}", f"train.run_dir={run_dir}"]
+    assert train(load_config(TINY, overrides)).status == "done"
+    return root, base, run_dir
+
+
+@pytest.mark.slow  # another tiny QLoRA run, on a model directory
+def test_eval_kl_reference_of_a_qlora_run_is_its_quantized_base(qlora_on_a_directory):
+    from rsa_jax.eval import load_model, quantized_base_of
+
+    root, base, run_dir = qlora_on_a_directory
+    assert quantized_base_of(run_dir, base) == "nf4"
+    assert quantized_base_of(run_dir, base + "/") == "nf4"
+    assert quantized_base_of(run_dir, str(root / "float_base")) is None  # another model
+    assert quantized_base_of(base, base) is None  # a model directory is not a run
+
+    off = _module_params(load_model(run_dir, adapters_off=True)[0])
+    policy = _module_params(load_model(run_dir)[0])
+    floating = _module_params(load_model(base)[0])
+    engine, adapters = load_adapters(run_dir)
+    scale = np.float32(engine.model.lora.lora.scale)
+    checked = 0
+    for key in off:
+        a, b = adapters.get(key + LORA_A), adapters.get(key + LORA_B)
+        if a is None:
+            continue
+        delta = np.tensordot(np.asarray(a, np.float32), np.asarray(b, np.float32), axes=1)
+        # The policy is exactly the adapters-off model plus the adapters' product...
+        np.testing.assert_allclose(
+            policy[key], off[key] + scale * delta.reshape(off[key].shape), rtol=0, atol=1e-6
+        )
+        # ... and the adapters-off model is the nf4 rounding of the float base, not the float
+        # base: KL against the float base would measure that rounding too.
+        rounding = np.abs(off[key] - floating[key]).max()
+        assert 1e-4 < rounding < 0.5 * np.abs(floating[key]).max(), (key, rounding)
+        checked += 1
+    assert checked == len(adapters) // 2
+    with pytest.raises(ValueError, match="no adapters to turn off"):
+        load_model(base, adapters_off=True)
