@@ -98,6 +98,9 @@ class StopSignal:
                 self.received[0] if self.received else "a stop signal to a process of the run"
             )
             log.warning("%s: every process stops at this step, after saving", self._agreed)
+            from rsa_jax.training._peers import note_outcome
+
+            note_outcome("preempted")  # leaving after this is not a failure the others wait on
             return True
         return False
 

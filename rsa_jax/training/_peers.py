@@ -11,9 +11,11 @@ it, so this thread always speaks first:
 
 - a peer whose counter has not moved for the window died (SIGKILL, out of memory, a lost
   host): "process 1 of 2 stopped answering ...", exit 1;
-- a peer that is leaving (its interpreter exiting: finished, failed, interrupted) while this one
-  is still working, for longer than the window: this one is stuck in a collective with it,
-  exit 1 as well.
+- a peer that is leaving (its interpreter exiting) without having finished or stopped the run
+  (it failed, or a second Ctrl-C interrupted it) while this one is still working, for longer
+  than the window: this one is stuck in a collective with it, exit 1 as well. A peer that
+  leaves after its trainer returned ("done" or "preempted", `note_outcome`) is not waited
+  for: this process is on its way out of the same run, however slowly.
 
 A collective that loses its partner (gloo: "Connection closed by peer") fails at once and the
 process leaves through its normal error path; the thread keeps watching while JAX's shutdown
@@ -81,7 +83,9 @@ class PeerWatch:
         this thread stops once the JAX client is gone."""
         self.leaving = True
         try:
-            self.client.key_value_set(f"{_PREFIX}/leaving/{self.me}", "1", allow_overwrite=True)
+            self.client.key_value_set(
+                f"{_PREFIX}/leaving/{self.me}", _outcome, allow_overwrite=True
+            )
         except Exception:  # noqa: BLE001 -- the service may be gone already: nothing to tell
             pass
 
@@ -100,6 +104,7 @@ class PeerWatch:
         peers = [p for p in range(self.n) if p != self.me]
         seen: dict[int, tuple[str | None, float]] = {p: (None, time.monotonic()) for p in peers}
         leaving_since: dict[int, float] = {}
+        why: dict[int, str] = {}
         count = 0
         while True:
             time.sleep(self.interval)
@@ -111,8 +116,10 @@ class PeerWatch:
                     value = self._get(f"beat/{p}")
                     if value != seen[p][0]:
                         seen[p] = (value, now)
-                    if p not in leaving_since and self._get(f"leaving/{p}") is not None:
-                        leaving_since[p] = now
+                    if p not in leaving_since:
+                        outcome = self._get(f"leaving/{p}")
+                        if outcome is not None:
+                            leaving_since[p], why[p] = now, outcome
             except Exception as e:  # noqa: BLE001 -- the coordination service is unreachable
                 if self.leaving:
                     return  # JAX's shutdown closed the client: the normal end
@@ -120,11 +127,13 @@ class PeerWatch:
                 return
             for p in peers:
                 if p in leaving_since:
-                    if not self.leaving and now - leaving_since[p] > self.window:
+                    if why[p] in _FINISHED or self.leaving:
+                        continue  # it ended the run as this process will: not waited for
+                    if now - leaving_since[p] > self.window:
                         self._end(
                             f"process {p} of {self.n} left the run {now - leaving_since[p]:.0f} s "
-                            "ago (it failed or was stopped; see its log) while this process "
-                            "still waits for it"
+                            "ago without finishing it (it failed or was interrupted; see its "
+                            "log) while this process still waits for it"
                         )
                 elif now - seen[p][1] > self.window:
                     self._end(
@@ -147,6 +156,15 @@ class PeerWatch:
 
 
 _watch: PeerWatch | None = None
+_FINISHED = ("done", "preempted")
+_outcome = "failed"  # until the trainer returns: what a process leaving now tells its peers
+
+
+def note_outcome(status: str) -> None:
+    """What this process's trainer ended with ("done", "preempted" or "failed"): a peer that
+    sees it leave after "done" or "preempted" does not wait for it."""
+    global _outcome
+    _outcome = status
 
 
 def watch_peers(window: float | None = None) -> PeerWatch | None:
