@@ -25,7 +25,9 @@
 # (preempted; 0 when the run had finished, 1 failed, 2 config error); this script forwards them
 # to its processes and exits with the trainer's code (several processes: 75 when every process
 # that stopped early was preempted, 1 when one failed). Rerunning the same command resumes from
-# RUN_DIR.
+# RUN_DIR. The processes agree on the step to stop at (JAX's preemption sync point), so a
+# signal to any one of them alone also stops all at the same step; a process that dies ends
+# the others within RSA_JAX_PEER_TIMEOUT seconds (docs/faults.md).
 set -euo pipefail
 
 die() { echo "$(basename "$0"): $*" >&2; exit 2; }
@@ -86,7 +88,8 @@ fi
 mkdir -p "$log_dir"
 pids=()
 got_signal=0
-forward() { got_signal=1; kill -TERM "${pids[@]}" 2>/dev/null || true; }
+sent_term=0
+forward() { got_signal=1; sent_term=1; kill -TERM "${pids[@]}" 2>/dev/null || true; }
 trap forward TERM INT
 for ((i = 0; i < NUM_PROCESSES; i++)); do
   env_i=(JAX_PLATFORMS=cpu "JAX_COORDINATOR_ADDRESS=127.0.0.1:$COORDINATOR_PORT"
@@ -110,12 +113,16 @@ while (( finished < NUM_PROCESSES )); do
   if (( rc > 128 && got_signal )); then got_signal=0; continue; fi  # the trap interrupted wait
   finished=$((finished + 1))
   (( rc == 0 )) && continue
+  # Killed by the SIGTERM this script sent while it was already leaving (JAX's shutdown puts
+  # the default SIGTERM action back): its run had stopped at the agreed step, saved.
+  (( rc == 128 + 15 && sent_term )) && rc=$EXIT_PREEMPTED
   if (( failed == 0 && preempted == 0 )); then
     if (( rc == EXIT_PREEMPTED )); then
       echo "$(basename "$0"): a process was preempted (exit $rc); stopping the others" >&2
     else
       echo "$(basename "$0"): a process exited with $rc; stopping the others (logs: $log_dir)" >&2
     fi
+    sent_term=1
     kill -TERM "${pids[@]}" 2>/dev/null || true
   fi
   if (( rc == EXIT_PREEMPTED )); then preempted=1; else failed=1; fi

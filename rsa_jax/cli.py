@@ -201,6 +201,7 @@ def _cmd_eval(args) -> int:
         load_model,
         load_scorer,
         mesh_from_text,
+        quantized_base_of,
         read_prompts,
         results_table,
         sample_rows,
@@ -276,12 +277,21 @@ def _cmd_eval(args) -> int:
             flush=True,
         )
         model, tokenizer = load_model(path, mesh, compute_dtype=args.dtype)
+        model_reference = reference
+        storage = quantized_base_of(path, args.reference) if args.reference else None
+        if storage is not None:  # the float base: KL would mostly measure the quantization
+            print(
+                f"{name}: KL reference is the run's {storage} base with its adapters off (the "
+                f"model it started from), not the float {args.reference}",
+                flush=True,
+            )
+            model_reference = load_model(path, mesh, compute_dtype=args.dtype, adapters_off=True)[0]
         scores, samples = evaluate_model(
             model,
             tokenizer,
             prompts,
             recording,
-            reference=reference,
+            reference=model_reference,
             n=args.samples,
             max_new_tokens=args.max_new_tokens,
             seed=args.seed,

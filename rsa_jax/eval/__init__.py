@@ -88,6 +88,7 @@ _LAZY = {
     "mesh_from_text": "rsa_jax.eval._placement",
     "placement_for": "rsa_jax.eval._placement",
     "placement_of": "rsa_jax.eval._placement",
+    "quantized_base_of": "rsa_jax.eval._placement",
     "source_template": "rsa_jax.eval._placement",
     "default_memory_budget": "rsa_jax.eval._budget",
     "rows_per_batch": "rsa_jax.eval._budget",

@@ -152,6 +152,7 @@ def load_model(
     *,
     stage: str | int | None = None,
     compute_dtype: str | None = None,
+    adapters_off: bool = False,
 ):
     """(model, tokenizer) of a Hugging Face directory, or of a run directory's newest usable
     checkpoint, of `RUN@STAGE` or `stage` (the policy stage STAGE ended with), or of
@@ -163,8 +164,12 @@ def load_model(
 
     `compute_dtype` None: a run computes in its own `model.compute_dtype` (what it trained in;
     a LoRA run's adapters merged into float32 weights), a Hugging Face directory in float32.
+
+    `adapters_off`: a LoRA run's base as the run trained on it, its adapters zero: for an int8
+    or nf4 run the dequantized base, the reference its first stage started from (ValueError
+    for a full fine-tuning run or a model directory).
     """
-    from rsa_jax.training import load_policy, resolve_source, run_config
+    from rsa_jax.training import load_adapters, load_policy, resolve_source, run_config
 
     source = resolve_source(path)
     if source.kind == "run":
@@ -173,14 +178,21 @@ def load_model(
         placement = placement_for(mesh)
         # Restored straight onto the training shardings of the evaluation mesh.
         layout = Layout(placement.mesh, dict(placement.rules))
-        engine, params = load_policy(
+        load = load_adapters if adapters_off else load_policy
+        engine, params = load(
             source.path,
             config,
             stage=source.stage if stage is None else stage,
             layout=layout,
             compute_dtype=compute_dtype,
         )
+        if adapters_off:
+            if engine.model.lora is None:
+                raise ValueError(f"{path}: a full fine-tuning run has no adapters to turn off")
+            params = engine.merged(jax.tree.map(jax.numpy.zeros_like, params))
         return engine.model.module(params), engine.tokenizer
+    if adapters_off:
+        raise ValueError(f"{path}: a model directory has no adapters to turn off")
     if stage is not None:
         raise FileNotFoundError(f"{path}: a stage needs a run directory, not a model directory")
     path = source.path
@@ -193,3 +205,28 @@ def load_model(
     model_def = define_model(model_config, llama_config(model_config), layout)
     model = model_def.module(init_params(model_def, model_config))  # each tensor to its shard
     return model, AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def quantized_base_of(run_path: str, reference: str) -> str | None:
+    """The storage ("int8", "nf4") when `reference` is the float model the LoRA run `run_path`
+    quantized for its base, else None. KL against that float model would mostly measure the
+    quantization: the run's own reference is its quantized base with the adapters off
+    (`load_model(run_path, adapters_off=True)`)."""
+    import os
+
+    from rsa_jax.training import resolve_source, run_config
+
+    try:
+        source = resolve_source(run_path)
+        if source.kind != "run":
+            return None
+        model = run_config(source.path).model
+    except (FileNotFoundError, ValueError):
+        return None
+    lora = model.lora
+    if lora is None or lora.rank <= 0 or lora.base_storage not in ("int8", "nf4"):
+        return None
+    same = os.path.realpath(os.path.abspath(reference)) == os.path.realpath(
+        os.path.abspath(model.path)
+    )
+    return lora.base_storage if same else None

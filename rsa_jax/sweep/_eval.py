@@ -119,11 +119,31 @@ def evaluate_variant(options: dict, variant: Variant) -> dict:
     """{metric: {value, low, high}} of the variant's final policy (`rsa_jax.eval`)."""
     import numpy as np
 
-    from rsa_jax.eval import evaluate_model, load_model, sample_rows, tail_metrics, write_samples
+    from rsa_jax.eval import (
+        evaluate_model,
+        load_model,
+        quantized_base_of,
+        sample_rows,
+        tail_metrics,
+        write_samples,
+    )
 
     scorer, prompts, template = _inputs(options)
     model, tokenizer = load_model(variant.run_dir)
-    reference = load_model(options["reference"])[0] if options.get("reference") else None
+    reference = None
+    if options.get("reference"):
+        storage = quantized_base_of(variant.run_dir, options["reference"])
+        if storage is not None:  # the float base: KL would mostly measure the quantization
+            log.info(
+                "[%s] KL reference: the run's %s base with its adapters off (the model it "
+                "started from), not the float %s",
+                variant.name,
+                storage,
+                options["reference"],
+            )
+            reference = load_model(variant.run_dir, adapters_off=True)[0]
+        else:
+            reference = load_model(options["reference"])[0]
     seed = int(options.get("seed", 0))
     scores, samples = evaluate_model(
         model,

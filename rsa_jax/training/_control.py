@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import signal
+import sys
 from collections.abc import Iterator, Mapping
 
 log = logging.getLogger(__name__)
@@ -51,15 +53,61 @@ class StopSignal:
         stop = StopSignal(pending)   # sees what arrived before and until `installed()`
 
     A second SIGINT (Ctrl-C twice) raises KeyboardInterrupt at once.
+
+    Several processes (`jax.distributed` initialized): a signal to one process must stop all
+    of them at the same step, or the others wait in a collective for a partner that left.
+    JAX's coordination service already owns SIGTERM there (its preemption notifier replaces
+    this handler and tells every process); SIGINT, and signals that arrived before the
+    processes joined, are sent on to it as SIGTERM. The loop asks `at_step()` once per step:
+    it answers True on every process at the same step, JAX's preemption sync point
+    (`multihost_utils.reached_preemption_sync_point`, the step after the furthest process's
+    step when the notice spread), and until then `raised` stays None on every process.
     """
 
     def __init__(self, pending: list[str] | None = None):
         self.received: list[str] = pending if pending is not None else []
+        self._agreed: str | None = None  # several processes: the stop all of them reached
+        self._calls = 0  # several processes: at_step calls, the sync point's counter
+        self._forwarded = False
 
     @property
     def raised(self) -> str | None:
-        """The first stop signal's name ("SIGTERM"), or None."""
+        """The first stop signal's name ("SIGTERM"), or None. Several processes: set on every
+        process at once, when `at_step` reaches the agreed stop."""
+        if _processes() > 1:
+            return self._agreed
         return self.received[0] if self.received else None
+
+    def at_step(self) -> bool:
+        """Whether to stop after this step; call it once after every step, on every process.
+
+        One process: a stop signal has arrived. Several: every process reached the step that
+        JAX's preemption sync protocol chose after a signal to any of them (the same step on
+        all, so they save the same checkpoint)."""
+        if _processes() <= 1:
+            return self.should_stop()
+        if self._agreed is not None:
+            return True
+        if self.received and not self._forwarded:
+            self._forward()  # arrived before the processes joined (start-up)
+        from jax.experimental import multihost_utils
+
+        self._calls += 1
+        if multihost_utils.reached_preemption_sync_point(self._calls):
+            self._agreed = (
+                self.received[0] if self.received else "a stop signal to a process of the run"
+            )
+            log.warning("%s: every process stops at this step, after saving", self._agreed)
+            from rsa_jax.training._peers import note_outcome
+
+            note_outcome("preempted")  # leaving after this is not a failure the others wait on
+            return True
+        return False
+
+    def _forward(self) -> None:
+        """Hands this process's stop to JAX's preemption notifier (which owns SIGTERM)."""
+        self._forwarded = True
+        os.kill(os.getpid(), signal.SIGTERM)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[StopSignal]:
@@ -71,8 +119,12 @@ class StopSignal:
                 raise KeyboardInterrupt
             self.received.append(name)
             log.warning("%s received: stopping at the next safe point, after saving", name)
+            if _processes() > 1 and not self._forwarded:
+                self._forward()
 
         for sig in (signal.SIGTERM, signal.SIGINT):
+            if sig == signal.SIGTERM and _processes() > 1:
+                continue  # already joined: SIGTERM stays with JAX's preemption notifier
             try:
                 previous[sig] = signal.signal(sig, handler)
             except ValueError:  # not the main thread: signals stay with the caller
@@ -94,6 +146,15 @@ class StopSignal:
         if self.raised is None:
             raise RuntimeError("the run stopped early without a stop signal")
         return "preempted"
+
+
+def _processes() -> int:
+    """The number of JAX processes once `jax.distributed` is initialized; 1 before (and when
+    JAX was never imported: this module stays importable without it)."""
+    jax = sys.modules.get("jax")
+    if jax is None or not jax.distributed.is_initialized():
+        return 1
+    return jax.process_count()
 
 
 class NonFiniteError(FloatingPointError):

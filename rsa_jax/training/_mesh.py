@@ -20,6 +20,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from rsa_jax.config import MESH_AXES, ConfigError, MeshConfig, mesh_shape
+from rsa_jax.training._peers import jax_heartbeat_timeout, peer_timeout, watch_peers
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +72,8 @@ def maybe_initialize_distributed() -> None:
     """`jax.distributed.initialize` when the environment describes several processes, once.
 
     On the CPU, cross-process collectives go through gloo (set before initializing). Must run
-    before anything touches a JAX backend (jax.devices(), an array).
+    before anything touches a JAX backend (jax.devices(), an array). Starts the peer watch
+    (`_peers.py`): a process that dies ends the others within RSA_JAX_PEER_TIMEOUT seconds.
     """
     global _initialized_here
     if _initialized_here or jax.distributed.is_initialized():
@@ -83,9 +85,11 @@ def maybe_initialize_distributed() -> None:
     platforms = platforms or ""
     if not platforms or "cpu" in platforms.split(","):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(**request)
+    window = peer_timeout()  # a bad RSA_JAX_PEER_TIMEOUT fails before joining
+    jax.distributed.initialize(**request, heartbeat_timeout_seconds=jax_heartbeat_timeout(window))
     _initialized_here = True
     log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
+    watch_peers(window)  # a dead or departed peer ends this process within `window` seconds
 
 
 def make_mesh(config: MeshConfig, devices=None) -> Mesh:

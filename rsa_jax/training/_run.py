@@ -173,7 +173,9 @@ class Run:
         )
 
     def _stop(self, info: StepInfo, stop: StopSignal, save) -> bool:
-        if not stop.raised or info.last:
+        # Asked after every step, the last included: with several processes each call is a
+        # step of JAX's preemption sync protocol, which must count the same steps everywhere.
+        if not stop.at_step() or info.last:
             return False
         if save is not None and self.last_saved != self.global_step:
             save(info)

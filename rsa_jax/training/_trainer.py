@@ -29,7 +29,8 @@ from rsa_jax.training._checkpoint import Checkpoints, CorruptCheckpoint, abstrac
 from rsa_jax.training._control import StopSignal
 from rsa_jax.training._engine import Engine, Stage, steps_done
 from rsa_jax.training._logging import read_metrics
-from rsa_jax.training._mesh import Layout, make_mesh
+from rsa_jax.training._mesh import Layout, make_mesh, maybe_initialize_distributed
+from rsa_jax.training._peers import note_outcome
 from rsa_jax.training._run import Run
 from rsa_jax.training._rundir import (
     CheckpointMeta,
@@ -203,8 +204,11 @@ def train(
         config = absolute_paths(config)  # checks model.path
         check_data_files(config)  # a wrong path fails at once, before the model loads
         engine = Engine(config, layout=layout, tx=tx)
+        note_outcome("failed")  # until it returns: a peer leaving now is waited for, then not
         with RunDir(engine.config.train.run_dir).lock():
-            return _train_locked(engine, stop, label, shared_from)
+            result = _train_locked(engine, stop, label, shared_from)
+        note_outcome(result.status)
+        return result
 
 
 def finished_step(config: Config) -> int | None:
@@ -217,6 +221,9 @@ def finished_step(config: Config) -> int | None:
     run = RunDir(config.train.run_dir)
     if not run.has_checkpoints():
         return None
+    # Orbax asks JAX for the process index, which starts a backend: one process of several
+    # must join the others first (jax.distributed.initialize refuses to run after that).
+    maybe_initialize_distributed()
     ckpt = Checkpoints(run.path, async_save=False, read_only=True)
     try:
         found = ckpt.latest_meta()
