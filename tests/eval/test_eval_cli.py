@@ -61,6 +61,7 @@ def test_refusal_judge_needs_shipped_sets_and_bad_inputs_are_named(tiny_model, t
         main([*argv, "--scorer", "x:y", "--out", "o"])
 
 
+@pytest.mark.slow  # three models compiled (policy, reward, cost): ~20 s of CPU
 def test_eval_with_score_model_judges_from_directories(tiny_model, tmp_path, capsys):
     """`--judge reward=DIR,cost=DIR`: random score models written here (both formats); every
     sample's reward and cost are the NumPy reference's scores of its own prompt and text, and
