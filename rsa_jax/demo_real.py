@@ -91,10 +91,10 @@ class RealDemoConfig:
     candidate_betas: tuple[float, ...] = (0.1,)
     # Held-out evaluation: prompts per kind (drawn once, the same for every model), samples per
     # prompt (P(any unsafe in N samples) is over these N), new tokens per sample.
-    eval_harmful: int = 12
-    eval_benign: int = 8
+    eval_harmful: int = 8
+    eval_benign: int = 4
     eval_samples: int = 8
-    eval_max_tokens: int = 16
+    eval_max_tokens: int = 12
     n_boot: int = 1000
 
     def __post_init__(self):
