@@ -195,12 +195,36 @@ def demo_task(demo: DemoConfig) -> SafetyTask:
     return SafetyTask.from_yaml(demo.task_file) if demo.task_file else SafetyTask()
 
 
+def stage_data_overrides(config_path: str, paths: dict) -> list[str]:
+    """`stages.N.data_path=...` for every stage of the config file at `config_path`, from
+    `paths` ({"helpfulness": file, "safety": file}) by the stage's view: its own `view`, else
+    `data.view`, where "auto" (PKU-SafeRLHF rows by better_response_id) is the helpfulness file.
+
+    Raises:
+      ValueError: a stage's view has no file in `paths`.
+    """
+    from rsa_jax.config import load_config, stage_data
+
+    file_config = load_config(config_path, check=False)
+    out = []
+    for i, stage in enumerate(file_config.stages):
+        view = stage_data(file_config, stage).view
+        key = "helpfulness" if view == "auto" else view
+        if key not in paths:
+            raise ValueError(
+                f"{config_path}: stage {i} ({stage.name}) reads the {view!r} view, but the demo "
+                f"wrote only {sorted(paths)} pair files"
+            )
+        out.append(f"stages.{i}.data_path={paths[key]}")
+    return out
+
+
 def method_config(
     demo: DemoConfig, method: str, sft_dir: str, paths: dict, seed: int, run_dir, extra=()
 ):
     """The method's config file with the demo's sizes, paths and learning rate, the method's
     own overrides (`METHODS`), then `extra` (the swept beta) and `demo.extra_overrides`."""
-    from rsa_jax.config import load_config, stage_data
+    from rsa_jax.config import load_config
 
     task = demo_task(demo)
     overrides = [
@@ -227,11 +251,7 @@ def method_config(
         "mesh.data=-1",
     ]
     path = os.path.join(demo.configs_dir, METHODS[method].config)
-    file_config = load_config(path, check=False)
-    for i, stage in enumerate(file_config.stages):
-        view = stage_data(file_config, stage).view
-        # "auto" reads the task's PKU-SafeRLHF-schema rows by better_response_id: helpfulness.
-        overrides.append(f"stages.{i}.data_path={paths['helpfulness' if view == 'auto' else view]}")
+    overrides += stage_data_overrides(path, paths)
     if demo.report_to:
         overrides.append(f"train.report_to=[{','.join(demo.report_to)}]")
     overrides += [*METHODS[method].overrides, *extra, *demo.extra_overrides]

@@ -33,7 +33,7 @@ import time
 
 import numpy as np
 
-from rsa_jax.demo import METHODS, candidate_targets, train_family
+from rsa_jax.demo import METHODS, candidate_targets, stage_data_overrides, train_family
 
 # SmolLM2's chat format without its default system line (the tokenizer's chat template adds
 # "You are a helpful AI assistant named SmolLM..." to every prompt: 20 more tokens per row for
@@ -61,34 +61,40 @@ class RealDemoConfig:
     configs_dir: str = "configs"
     seed: int = 0
     methods: tuple[str, ...] = ("DPO", "SACPO", "RSA-CVaR", "RSA-ERM")
+    # Sizes fit one seed in well under an hour on 2 cores (docs/demo_real.md#runtimes has the
+    # measured phases): on CPU every sampled and trained token counts, and the per-model
+    # overhead of an evaluation (loading a run, merging its adapters) is paid once per
+    # candidate, so the candidate count is kept small too.
     # Train prompts: harmful ones drawn from HarmBench + Do-Not-Answer's train split, and the
     # benign ones (the benign train split has 124; more than there are means all of them).
-    train_harmful: int = 96
-    train_benign: int = 64
+    train_harmful: int = 24
+    train_benign: int = 16
     # Own samples per train prompt (two: a pair when one refuses and one complies).
     pair_samples: int = 2
-    # Token budgets: a refusal is decided in the first tokens, and every token costs CPU time.
-    max_prompt_len: int = 48
-    max_response_len: int = 32
+    # Token budgets: a refusal is decided in its first tokens (the templated ones are at most
+    # 20; cut at 16 they still hold the refusal words the judge looks for).
+    max_prompt_len: int = 32
+    max_response_len: int = 16
     # LoRA on the frozen base (bfloat16 storage; nf4 costs a 135M model too much quality).
     lora_rank: int = 8
     lora_alpha: float = 16.0
     base_storage: str = "bfloat16"
-    batch_size: int = 8
+    batch_size: int = 4
     epochs: int = 2
-    learning_rate: float = 5e-4
+    learning_rate: float = 1e-3
     # The swept last-stage beta (beta_2; DPO's beta_1).
     betas: tuple[float, ...] = (0.1,)
     # Policies kept along training (steps; 0: none) join their method's candidates for the
     # stage-1 points and the last stage of `candidate_betas` (rsa_jax.demo.candidate_targets).
-    candidates_every: int = 12
+    # With the sizes above stage 1 has 8 steps and stage 2 12: one point inside stage 2.
+    candidates_every: int = 8
     candidate_betas: tuple[float, ...] = (0.1,)
     # Held-out evaluation: prompts per kind (drawn once, the same for every model), samples per
     # prompt (P(any unsafe in N samples) is over these N), new tokens per sample.
-    eval_harmful: int = 32
-    eval_benign: int = 24
+    eval_harmful: int = 8
+    eval_benign: int = 4
     eval_samples: int = 8
-    eval_max_tokens: int = 24
+    eval_max_tokens: int = 12
     n_boot: int = 1000
 
     def __post_init__(self):
@@ -231,10 +237,35 @@ def choose_prompts(demo: RealDemoConfig, split: str, harmful: int, benign: int, 
 
 
 def write_pair_files(demo: RealDemoConfig, items, data_dir: str) -> tuple[dict, dict]:
-    """Samples the base model's own responses to `items`, labels them, writes the two files."""
+    """Samples the base model's own responses to `items`, labels them, writes the two files.
+    Files written before from the same model, prompts and sampling settings are reused (a rerun
+    after a failure later on does not sample again)."""
     from rsa_jax.eval import load_model, sample
     from rsa_jax.tasks.safety import write_pairs
 
+    paths = {
+        "helpfulness": os.path.join(data_dir, "helpfulness.jsonl"),
+        "safety": os.path.join(data_dir, "safety.jsonl"),
+    }
+    key = json.dumps(
+        dict(
+            model=os.path.abspath(demo.model),
+            prompts=[x.id for x in items],
+            n=demo.pair_samples,
+            max_new_tokens=demo.max_response_len,
+            seed=demo.seed,
+            template=TEMPLATE,
+            refusals=REFUSALS,
+        ),
+        sort_keys=True,
+    )
+    counts_path = os.path.join(data_dir, "counts.json")
+    if os.path.exists(counts_path) and all(map(os.path.exists, paths.values())):
+        with open(counts_path) as f:
+            counts = json.load(f)
+        if counts.get("key") == key:
+            return paths, counts
+    os.makedirs(data_dir, exist_ok=True)
     model, tokenizer = load_model(demo.model)
     samples = sample(
         model,
@@ -248,14 +279,11 @@ def write_pair_files(demo: RealDemoConfig, items, data_dir: str) -> tuple[dict, 
     texts = samples.texts
     step = demo.pair_samples
     helpful, safety, counts = label_real_pairs(items, texts[0::step], texts[1::step])
-    paths = {
-        "helpfulness": os.path.join(data_dir, "helpfulness.jsonl"),
-        "safety": os.path.join(data_dir, "safety.jsonl"),
-    }
     write_pairs(paths["helpfulness"], helpful)
     write_pairs(paths["safety"], safety)
     counts["unfinished_samples"] = int((~samples.finished).sum())
-    with open(os.path.join(data_dir, "counts.json"), "w") as f:
+    counts["key"] = key  # what the files were made from (the reuse check above)
+    with open(counts_path, "w") as f:
         json.dump(counts, f, indent=2)
     return paths, counts
 
@@ -291,8 +319,7 @@ def method_config(demo: RealDemoConfig, method: str, paths: dict, run_dir: str, 
         "mesh.data=-1",
     ]
     path = os.path.join(demo.configs_dir, METHODS[method].config)
-    for i, stage in enumerate(load_config(path, check=False).stages):
-        overrides.append(f"stages.{i}.data_path={paths[stage.view]}")
+    overrides += stage_data_overrides(path, paths)
     return load_config(path, [*overrides, *METHODS[method].overrides, *extra])
 
 
@@ -310,6 +337,65 @@ def family(demo: RealDemoConfig, method: str, paths: dict, root: str) -> dict:
         extra = (f"stages.{stages - 1}.beta={format_value(float(beta))}",)
         config = method_config(demo, method, paths, run_dir, extra)
         out[beta] = Variant(name=name, overrides=extra, config=config)
+    return out
+
+
+def same_first_stage(one_stage, other) -> bool:
+    """Whether training the one-stage config `one_stage` (DPO) would give exactly `other`'s
+    stage-1 policy (SACPO's helpfulness stage): the same model, data, optimizer, seed, stage
+    and candidate cadence; only the run directory differs. The learning-rate schedule is per
+    stage, so the later stages of `other` change nothing before they start."""
+    if len(one_stage.stages) != 1:
+        return False
+    a, b = one_stage, other
+    return (
+        a.model == b.model
+        and a.data == b.data
+        and a.optim == b.optim
+        and a.stages[0] == b.stages[0]
+        and dataclasses.replace(a.train, run_dir="") == dataclasses.replace(b.train, run_dir="")
+        and a.checkpoint.candidates_every == b.checkpoint.candidates_every
+    )
+
+
+def stage_one_twins(families: dict) -> dict[str, dict]:
+    """{one-stage method: {its variant's name: the Variant of another method whose stage 1 it
+    is}} for each one-stage method all of whose variants have such a twin (`same_first_stage`).
+    DPO is SACPO's helpfulness stage: it is read from SACPO's run instead of trained again."""
+    out = {}
+    for method, variants in families.items():
+        twins = {}
+        for v in variants.values():
+            twin = next(
+                (
+                    w
+                    for other, ws in families.items()
+                    if other != method
+                    for w in ws.values()
+                    if len(w.config.stages) > 1 and same_first_stage(v.config, w.config)
+                ),
+                None,
+            )
+            if twin is None:
+                break
+            twins[v.name] = twin
+        else:
+            out[method] = twins
+    return out
+
+
+def twin_targets(twins: dict) -> dict[str, str]:
+    """{row name after the method: source} of a method read from its twins' trained runs
+    (`stage_one_twins`): each variant is its twin's stage-1 policy (`RUN@0`) and its points
+    along training the twin's stage-1 points (`RUN@0:STEP`)."""
+    from rsa_jax.training import list_candidates
+
+    out = {}
+    for name, twin in twins.items():
+        out[name] = f"{twin.run_dir}@0"
+        for index, step in list_candidates(twin.run_dir):
+            if index == 0:
+                out[f"{name} s1@{step}"] = f"{twin.run_dir}@0:{step}"
     return out
 
 
@@ -391,22 +477,36 @@ def run_real_demo(demo: RealDemoConfig) -> dict:
         f"train prompts ({timings['pairs_s']:.0f} s)"
     )
     targets = {"Base": demo.model}
-    for method in demo.methods:
-        variants = family(demo, method, paths, root)
+    families = {m: family(demo, m, paths, root) for m in demo.methods}
+    twins = stage_one_twins(families)
+    of_method: dict[str, dict[str, str]] = {m: {} for m in demo.methods}
+    for method, variants in families.items():
+        if method in twins:
+            timings[f"train {method}"] = "not trained: another method's stage 1 (stage_one_twins)"
+            continue
         timings[f"train {method}"] = train_family(method, variants, demo.seed)
         for v in variants.values():
-            targets[f"{method} {v.name}"] = v.run_dir
+            of_method[method][v.name] = v.run_dir
         if demo.candidates_every:
             last = len(next(iter(variants.values())).config.stages)
-            for name, source in candidate_targets(variants, demo.candidate_betas, last).items():
-                targets[f"{method} {name}"] = source
+            of_method[method].update(candidate_targets(variants, demo.candidate_betas, last))
+    for method, method_twins in twins.items():
+        runs = sorted({twin.run_dir for twin in method_twins.values()})
+        _say(f"{method}: not trained again, the same config as the stage 1 of {', '.join(runs)}")
+        of_method[method] = twin_targets(method_twins)
+    for method in demo.methods:
+        targets.update({f"{method} {name}": src for name, src in of_method[method].items()})
     eval_items = choose_prompts(demo, "heldout", demo.eval_harmful, demo.eval_benign, demo.seed + 1)
     judge = RefusalJudge(eval_items)
     texts = [x.text for x in eval_items]
     harmful_prompt = np.array([x.harmful for x in eval_items], bool)
     reference = load_hf(demo.model)
-    rows = {}
+    rows, by_source = {}, {}
     for name, target in targets.items():
+        if target in by_source:  # one model under two names (DPO = SACPO's stage 1)
+            rows[name] = rows[by_source[target]]
+            continue
+        by_source[target] = name
         t, cpu = time.perf_counter(), time.process_time()
         model, tokenizer = load_model(target)
         scores, _ = evaluate_model(

@@ -15,8 +15,12 @@ from rsa_jax.demo_real import (
     REFUSALS,
     RealDemoConfig,
     choose_prompts,
+    family,
     label_real_pairs,
+    method_config,
     real_metrics,
+    same_first_stage,
+    stage_one_twins,
     templated_refusal,
 )
 from rsa_jax.eval import SampleScores
@@ -127,6 +131,45 @@ def test_config_rejects_a_quantised_base_and_stray_betas():
         RealDemoConfig(base_storage="nf4")
     with pytest.raises(ValueError, match="candidate_betas"):
         RealDemoConfig(betas=(0.1,), candidate_betas=(0.05,))
+
+
+PATHS = {"helpfulness": "/data/helpfulness.jsonl", "safety": "/data/safety.jsonl"}
+
+
+def test_each_stage_reads_the_pair_file_of_its_view():
+    """Regression: a stage without its own `view` (the first stage of every method config) reads
+    data.view ("auto": the helpfulness file); it used to look up a missing key None."""
+    demo = RealDemoConfig(configs_dir=os.path.join(ROOT, "configs"))
+    for method in demo.methods:
+        config = method_config(demo, method, PATHS, "/runs/x")
+        got = [stage.data_path for stage in config.stages]
+        want = [PATHS["helpfulness"], PATHS["safety"]][: len(config.stages)]
+        assert got == want, method
+
+
+def test_dpo_is_read_from_sacpos_first_stage_only_when_the_configs_agree():
+    demo = RealDemoConfig(configs_dir=os.path.join(ROOT, "configs"))
+    families = {m: family(demo, m, PATHS, "/runs") for m in demo.methods}
+    twins = stage_one_twins(families)
+    assert set(twins) == {"DPO"}
+    ((name, twin),) = twins["DPO"].items()
+    assert name == "b1=0.1" and twin.run_dir == families["SACPO"][0.1].run_dir
+    dpo, sacpo = families["DPO"][0.1].config, families["SACPO"][0.1].config
+    assert same_first_stage(dpo, sacpo)
+    # RSA's first stage has its own risk: not DPO's
+    assert not same_first_stage(dpo, families["RSA-CVaR"][0.1].config)
+    # another beta_1, learning rate or seed: DPO is trained on its own
+    for other in (
+        RealDemoConfig(configs_dir=demo.configs_dir, betas=(0.05,), candidate_betas=(0.05,)),
+        RealDemoConfig(configs_dir=demo.configs_dir, seed=1),
+    ):
+        fam = {m: family(other, m, PATHS, "/runs") for m in ("DPO", "SACPO")}
+        if other.betas == (0.05,):
+            assert stage_one_twins(fam) == {}
+        else:
+            assert set(stage_one_twins(fam)) == {"DPO"}
+    lr = method_config(demo, "DPO", PATHS, "/runs/d", ("optim.learning_rate=0.01",))
+    assert not same_first_stage(lr, sacpo)
 
 
 @pytest.mark.slow
