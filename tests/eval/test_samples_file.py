@@ -91,6 +91,7 @@ sys.exit(main())
 """
 
 
+@pytest.mark.slow  # a CLI eval with its own compile (15 s); the API path runs by default
 def test_cli_eval_writes_samples_and_finds_the_scorer_in_the_working_directory(tmp_path):
     from flax import nnx
 

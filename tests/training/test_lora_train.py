@@ -266,6 +266,7 @@ def test_export_of_a_lora_run_merged_and_peft(lora_run, tmp_path, capsys):
     assert len(tensors) == 14 * llama.num_hidden_layers
 
 
+@pytest.mark.slow  # trains a full run for one error line (15 s)
 def test_peft_export_of_a_full_run_is_a_clear_error(tmp_path, data_path, capsys):
     run_dir = str(tmp_path / "full")
     config = load_config(

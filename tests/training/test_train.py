@@ -284,6 +284,7 @@ def test_more_steps_than_batches_is_a_clear_error(data_path, tmp_path):
         train(config)
 
 
+@pytest.mark.slow  # two tiny runs (25 s)
 def test_a_user_optax_transformation_replaces_the_builtin_adamw(data_path, tmp_path):
     import optax
 
