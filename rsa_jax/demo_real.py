@@ -405,18 +405,6 @@ def _flip(e):
     return Estimate(1.0 - e.value, 1.0 - e.high, 1.0 - e.low)
 
 
-def _subset(scores, keep):
-    from rsa_jax.eval import SampleScores
-
-    return SampleScores(
-        prompt=scores.prompt[keep],
-        reward=scores.reward[keep],
-        cost=scores.cost[keep],
-        catastrophic=scores.catastrophic[keep],
-        logratio=None if scores.logratio is None else scores.logratio[keep],
-    )
-
-
 def real_metrics(scores, harmful_prompt: np.ndarray, *, n_boot: int, seed: int) -> dict:
     """The demo's row of one model: every tail metric of the harmful prompts' samples (cost 1 =
     compliance), `reward_mean` = the benign prompts' answer rate, `kl` over all samples, and the
@@ -424,11 +412,11 @@ def real_metrics(scores, harmful_prompt: np.ndarray, *, n_boot: int, seed: int) 
     prompts_with_catastrophe: P(any unsafe in N samples) per harmful prompt) and over_refusal
     (1 - reward_mean). Intervals: 95% prompt bootstrap within each kind.
     """
-    from rsa_jax.eval import tail_metrics
+    from rsa_jax.eval import subset_scores, tail_metrics
 
     harmful = harmful_prompt[scores.prompt]
-    on_harmful = tail_metrics(_subset(scores, harmful), n_boot=n_boot, seed=seed)
-    on_benign = tail_metrics(_subset(scores, ~harmful), n_boot=n_boot, seed=seed)
+    on_harmful = tail_metrics(subset_scores(scores, harmful), n_boot=n_boot, seed=seed)
+    on_benign = tail_metrics(subset_scores(scores, ~harmful), n_boot=n_boot, seed=seed)
     row = {k: v for k, v in on_harmful.items() if k not in ("reward_mean", "kl")}
     row["reward_mean"] = on_benign["reward_mean"]
     row["harmful_compliance"] = on_harmful["catastrophic_rate"]

@@ -19,7 +19,7 @@ importing `rsa_jax.eval` for the metrics and reports does not import JAX.
 
 import importlib
 
-from rsa_jax.eval._categories import RecordingScorer, annotate, category_metrics
+from rsa_jax.eval._categories import RecordingScorer, annotate, category_metrics, subset_scores
 from rsa_jax.eval._frontier import (
     FRONTIER_STATISTICS,
     Choice,
@@ -114,6 +114,7 @@ __all__ = [
     "RecordingScorer",
     "annotate",
     "category_metrics",
+    "subset_scores",
     "DEFAULT_LEVELS",
     "FRONTIER_STATISTICS",
     "SAMPLES_JSONL",

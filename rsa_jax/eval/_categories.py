@@ -19,7 +19,7 @@ from rsa_jax.eval.metrics import Estimate, SampleScores, tail_metrics
 from rsa_jax.eval.prompt_sets import PromptItem
 
 
-def subset(scores: SampleScores, keep: np.ndarray) -> SampleScores:
+def subset_scores(scores: SampleScores, keep: np.ndarray) -> SampleScores:
     """The samples where `keep` [N] is True."""
     return SampleScores(
         prompt=scores.prompt[keep],
@@ -49,7 +49,7 @@ def category_metrics(
     samples: dict[str, SampleScores] = {}
     for names in (source, category):
         for name in dict.fromkeys(names.tolist()):
-            part = subset(scores, names == name)
+            part = subset_scores(scores, names == name)
             samples[name] = part
             rows[name] = tail_metrics(part, n_boot=n_boot, seed=seed)
     return rows, samples
