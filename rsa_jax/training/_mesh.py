@@ -14,12 +14,14 @@ import dataclasses
 import functools
 import logging
 import os
+from contextlib import nullcontext
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from rsa_jax.config import MESH_AXES, ConfigError, MeshConfig, mesh_shape
+from rsa_jax.training._coordinator import coordinator_in_a_child
 from rsa_jax.training._peers import jax_heartbeat_timeout, peer_timeout, watch_peers
 
 log = logging.getLogger(__name__)
@@ -86,7 +88,17 @@ def maybe_initialize_distributed() -> None:
     if not platforms or "cpu" in platforms.split(","):
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     window = peer_timeout()  # a bad RSA_JAX_PEER_TIMEOUT fails before joining
-    jax.distributed.initialize(**request, heartbeat_timeout_seconds=jax_heartbeat_timeout(window))
+    # Process 0 runs JAX's coordination service in a child process, so that its own death
+    # reaches the others as a dead peer (`_coordinator.py`); RSA_JAX_COORDINATOR=in-process
+    # keeps JAX's default (the service inside process 0).
+    where = os.environ.get("RSA_JAX_COORDINATOR", "child")
+    if where not in ("child", "in-process"):
+        raise ValueError(f"RSA_JAX_COORDINATOR={where!r}: expected 'child' or 'in-process'")
+    placed = coordinator_in_a_child(2 * window + 5) if where == "child" else nullcontext()
+    with placed:
+        jax.distributed.initialize(
+            **request, heartbeat_timeout_seconds=jax_heartbeat_timeout(window)
+        )
     _initialized_here = True
     log.info("jax.distributed: process %d of %d", jax.process_index(), jax.process_count())
     watch_peers(window)  # a dead or departed peer ends this process within `window` seconds

@@ -21,9 +21,8 @@ A collective that loses its partner (gloo: "Connection closed by peer") fails at
 process leaves through its normal error path; the thread keeps watching while JAX's shutdown
 barrier waits for the dead process, and ends the wait.
 
-What it cannot cover: process 0 hosts the coordination service, and when it dies the others'
-JAX clients terminate at once from C++ (a fatal "Terminating process because the JAX
-distributed service detected fatal errors" line and exit 134), before any Python runs.
+Process 0 runs JAX's coordination service in a child process (`_coordinator.py`), so its death
+is a dead peer like any other here: the service outlives it long enough for this watch to say so.
 """
 
 from __future__ import annotations

@@ -64,7 +64,31 @@ def _start(cmd: list[str], processes: int = 2, window: float = WINDOW) -> list[s
                 text=True,
             )
         )
+        procs[-1].port = port  # type: ignore[attr-defined]
     return procs
+
+
+def _coordinators(port: int) -> list[int]:
+    """The pids of coordination-service processes (`_coordinator.py`) serving `port`."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().decode(errors="replace")
+        except OSError:
+            continue
+        if "rsa_jax.training._coordinator" in cmdline and f":{port}" in cmdline:
+            pids.append(int(pid))
+    return pids
+
+
+def _gone(port: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _coordinators(port):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def _finish(procs: list[subprocess.Popen], timeout: float) -> tuple[list[str], float]:
@@ -149,6 +173,26 @@ def test_sigint_to_one_process_stops_both_at_the_same_step():
     assert "by SIGINT" in steps[1][0], report
     print(f"SIGINT to one of 2 loop processes: both stopped {seconds:.1f} s after the signal")
     assert seconds < 30, report
+    # Process 0 stopped its coordination service's process on its way out.
+    assert _gone(procs[0].port, 10), _coordinators(procs[0].port)
+
+
+def test_the_coordination_service_runs_outside_process_0_and_ignores_ctrl_c():
+    procs = _worker()
+    pids = _coordinators(procs[0].port)
+    assert len(pids) == 1, pids
+    with open(f"/proc/{pids[0]}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    assert int(fields[1]) == procs[0].pid  # process 0's child
+    assert int(fields[3]) != os.getpgid(procs[0].pid)  # not in the group a Ctrl-C reaches
+    os.kill(pids[0], signal.SIGINT)  # ignored: the run goes on
+    time.sleep(1)
+    assert _coordinators(procs[0].port) == pids and all(p.poll() is None for p in procs)
+    for p in procs:
+        p.send_signal(signal.SIGTERM)
+    outputs, _ = _finish(procs, 60)
+    assert [p.returncode for p in procs] == [EXIT_PREEMPTED] * 2, _report(procs, outputs)
+    assert _gone(procs[0].port, 10), _coordinators(procs[0].port)
 
 
 @pytest.mark.slow  # about 15 s: the survivor waits out the peer window
@@ -162,6 +206,22 @@ def test_a_killed_process_ends_the_other_with_one_clear_line():
     assert "Check failure" not in outputs[0] and "Terminating process" not in outputs[0], report
     print(f"SIGKILL of one of 2 loop processes: the other exited {seconds:.1f} s later")
     assert seconds < WINDOW + 15, report
+
+
+@pytest.mark.slow  # about 45 s: the survivor waits out the peer window, the service its grace
+def test_a_killed_process_0_ends_the_other_with_one_clear_line_not_a_cpp_abort():
+    procs = _worker()
+    port = procs[0].port
+    procs[0].send_signal(signal.SIGKILL)  # the process that used to host the service
+    outputs, seconds = _finish(procs, 60)
+    report = _report(procs, outputs)
+    assert procs[1].returncode == 1, report  # not 134 (JAX's C++ abort), not a hang
+    assert f"process 1 of 2: process 0 of 2 {LOST}" in outputs[1], report
+    assert "Check failure" not in outputs[1] and "Terminating process" not in outputs[1], report
+    print(f"SIGKILL of process 0 of 2 loop processes: the other exited {seconds:.1f} s later")
+    assert seconds < WINDOW + 15, report
+    # The orphaned service stops once its grace (twice the window, and 5 s) is over.
+    assert _gone(port, 2 * WINDOW + 5 + 15), _coordinators(port)
 
 
 # --------------------------------------------------------------------------- slow: the trainer
