@@ -69,6 +69,7 @@ class PeerWatch:
         self.client, self.me, self.n, self.window = client, process_id, num_processes, window
         self.interval = min(1.0, window / 10)
         self.leaving = False
+        self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="rsa_jax-peer-watch", daemon=True)
 
     def start(self) -> PeerWatch:
@@ -78,8 +79,16 @@ class PeerWatch:
         return self
 
     def leave(self) -> None:
-        """This process is exiting: its peers stop expecting its heartbeat (not a death), and
-        this thread stops once the JAX client is gone."""
+        """This process is exiting: its peers stop expecting its heartbeat (not a death), JAX's
+        shutdown barrier runs while this thread still watches (a peer that died ends the wait),
+        and then the thread stops.
+
+        The thread must be gone before the interpreter finalizes: a daemon thread that returns
+        from a call into JAX's client then is ended by the interpreter inside C++ frames, which
+        aborts the process ("terminate called after throwing an instance of ''", exit -6, after
+        the run had stopped cleanly). So this process shuts `jax.distributed` down here, at the
+        start of the exit (JAX's own shutdown at exit then has nothing left to do), instead of
+        leaving the thread running into the interpreter's end."""
         self.leaving = True
         try:
             self.client.key_value_set(
@@ -87,6 +96,16 @@ class PeerWatch:
             )
         except Exception:  # noqa: BLE001 -- the service may be gone already: nothing to tell
             pass
+        try:
+            import jax
+
+            jax.distributed.shutdown()
+        except Exception as e:  # noqa: BLE001 -- exiting anyway; JAX's own attempt follows
+            log.debug("jax.distributed.shutdown at exit: %s", e)
+        finally:
+            self._stop.set()
+            if self._thread.is_alive() and self._thread is not threading.current_thread():
+                self._thread.join(timeout=10 * self.interval + 5)
 
     def _beat(self, count: int) -> None:
         self.client.key_value_set(f"{_PREFIX}/beat/{self.me}", str(count), allow_overwrite=True)
@@ -105,8 +124,7 @@ class PeerWatch:
         leaving_since: dict[int, float] = {}
         why: dict[int, str] = {}
         count = 0
-        while True:
-            time.sleep(self.interval)
+        while not self._stop.wait(self.interval):
             now = time.monotonic()
             try:
                 count += 1
