@@ -43,3 +43,31 @@ def _isolated_compilation_cache(tmp_path_factory):
     home_cache = os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache")
     os.environ.setdefault("MPLCONFIGDIR", os.path.join(home_cache, "matplotlib"))
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m 'not slow'` deselects
+def pytest_collection_modifyitems(config, items):
+    """A test module's `DEFAULT_CASES = {"test_name": ["case id", ...]}` names the cases of a
+    parametrized test that the default suite runs; its other cases are marked slow (the whole
+    grid runs in `make test-slow`). The default suite must fit CI's budget on 2 cores, and one
+    case of each behaviour catches what most of a grid would. A listed id that names no case is
+    an error, so a renamed case cannot silently leave the default suite."""
+    seen: dict[tuple, set] = {}
+    for item in items:
+        module = getattr(item, "module", None)
+        wanted = getattr(module, "DEFAULT_CASES", {}).get(getattr(item, "originalname", None))
+        callspec = getattr(item, "callspec", None)
+        if wanted is None or callspec is None:
+            continue
+        seen.setdefault((module.__name__, item.originalname), set()).add(callspec.id)
+        if callspec.id not in wanted:
+            item.add_marker(pytest.mark.slow)
+    for item in items:
+        module = getattr(item, "module", None)
+        for name, wanted in getattr(module, "DEFAULT_CASES", {}).items():
+            missing = set(wanted) - seen.get((module.__name__, name), set())
+            if missing and (module.__name__, name) in seen:
+                raise pytest.UsageError(
+                    f"{module.__file__}: DEFAULT_CASES[{name!r}] names no such case: "
+                    f"{sorted(missing)} (cases: {sorted(seen[(module.__name__, name)])})"
+                )

@@ -16,6 +16,12 @@ from rsa_jax.eval import (
 )
 from rsa_jax.models import Llama, LlamaConfig, tiny_config
 
+# The cases of each grid that the default suite runs; `make test-slow` runs every case
+# (tests/conftest.py marks the others slow).
+DEFAULT_CASES = {
+    "test_estimates_bound_the_compiled_temporaries": ["8-16-32"],
+}
+
 CONFIG = tiny_config(vocab_size=512, max_position_embeddings=256)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from rsa_jax.eval import evaluate_model, response_logprob, sample
@@ -46,6 +47,7 @@ def test_samples_are_consistent_and_reproducible_and_logprobs_equal_a_direct_for
         np.testing.assert_allclose(got[r], want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # thousands of samples (about 20 s on 2 cores)
 def test_kl_estimate_converges_to_the_exact_kl_of_one_token_responses():
     policy, reference = _model(0), _model(1)
     prompts = PROMPTS[:1]

@@ -78,6 +78,7 @@ def test_an_end_id_stops_the_answer_and_is_not_in_the_text(tiny):
     assert stopped.tokens == [first] and stopped.finished and stopped.text == ""
 
 
+@pytest.mark.slow  # samples at several batch sizes (about 25 s on 2 cores)
 def test_samples_do_not_depend_on_the_batch_and_stream_in_order(tiny):
     model, tokenizer = tiny
     kwargs = dict(template=TEMPLATE, n=3, max_new_tokens=5, seed=7, temperature=1.0, top_p=0.9)

@@ -58,6 +58,7 @@ def score(prompts, responses):
 """
 
 
+@pytest.mark.slow  # trains a run and evaluates it on two meshes (about 30 s on 2 cores)
 def test_eval_of_a_run_directory_on_its_mesh_or_a_fallback(tmp_path, caplog, monkeypatch):
     data = str(tmp_path / "pairs.jsonl")
     write_toy_data(data, rows=16)

@@ -13,6 +13,30 @@ from rsa_jax import losses
 from rsa_jax.testing import reference as ref
 from rsa_jax.testing.cases import make_case
 
+# The cases of each grid that the default suite runs; `make test-slow` runs every case
+# (tests/conftest.py marks the others slow).
+DEFAULT_CASES = {
+    "test_pair_losses_and_metrics": [
+        "1.0-dpo-kl-1-0.5",
+        "1.0-tdpo-kl-1-0.5",
+        "1.0-tdpo-kl-2-0.5",
+        "1.0-ra_dpo-cvar_reference-1-0.95",
+        "1.0-ra_dpo-cvar_reference-2-0.95",
+        "1.0-ra_dpo-cvar-1-0.5",
+        "1.0-ra_dpo-erm-2-5.0",
+        "1.0-ra_dpo-kl-1-0.5",
+        "0.9-tdpo-kl-2-0.5",
+        "0.9-ra_dpo-cvar_reference-1-0.95",
+    ],
+    "test_token_stats": ["cvar-33", "cvar_reference-33", "erm-33", "kl-33", "cvar_reference-4096"],
+    "test_cvar_reference_over_mu_and_split": [
+        "True-0.8-64",
+        "False-0.97-1001",
+        "True-1.0-7",
+        "False-0.5-7",
+    ],
+}
+
 RISK_MU = {"cvar_reference": 0.95, "cvar": 0.3, "erm": 2.0, "kl": 0.5}
 
 

@@ -13,6 +13,14 @@ from jax.extend import core as jax_core
 from rsa_jax import losses
 from rsa_jax.testing.cases import make_mask
 
+# The cases of each grid that the default suite runs; `make test-slow` runs every case
+# (tests/conftest.py marks the others slow).
+DEFAULT_CASES = {
+    "test_fused_equals_logits_path": ["1-kl", "4-cvar", "64-cvar_reference"],
+    "test_fused_equals_logits_more_settings_and_mu_gradient": ["cvar-2-0.7-True"],
+    "test_fused_memory_scales_with_chunk_not_length": ["cvar"],
+}
+
 B, T, D, V = 2, 11, 8, 37
 MU = {"cvar_reference": 0.9, "cvar": 0.4, "erm": 3.0, "kl": 0.5}
 

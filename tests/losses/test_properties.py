@@ -13,6 +13,22 @@ from jax.test_util import check_grads
 from rsa_jax import losses
 from rsa_jax.testing.cases import make_case
 
+# The cases of each grid that the default suite runs; `make test-slow` runs every case
+# (tests/conftest.py marks the others slow).
+DEFAULT_CASES = {
+    "test_shapes_finite_gradients_and_padding": [
+        "dpo-kl",
+        "tdpo-cvar",
+        "ra_dpo-erm",
+        "ra_dpo-cvar_reference",
+    ],
+    "test_check_grads": ["ra_dpo-cvar", "tdpo-kl"],
+    "test_bf16_inputs_are_upcast": ["ra_dpo-kl"],
+    "test_compiles_once_and_vmaps_over_hyperparameters": ["cvar"],
+    "test_cvar_reference_cut_survives_an_ulp_of_recomputation": ["False-463"],
+    "test_cvar_reference_cut_from_the_selected_pair_equals_the_masked_passes": ["24"],
+}
+
 COMBOS = [(loss, risk) for loss in sorted(losses.LOSSES) for risk in sorted(losses.RISKS)]
 MU = {"cvar_reference": 0.9, "cvar": 0.4, "erm": 3.0, "kl": 0.5}
 
@@ -121,6 +137,7 @@ def _losses(loss, risk, policy, reference, labels, mask, **hp):
     )
 
 
+@pytest.mark.slow  # the risk limits over a grid of mu (about 35 s on 2 cores)
 def test_limit_identities():
     policy, reference, labels, mask = make_case(3, 6, 17, seed=5)
     args = (policy, reference, labels, mask)

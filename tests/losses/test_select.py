@@ -24,6 +24,13 @@ from rsa_jax.losses._select import (
     key_to_float,
 )
 
+# The cases of each grid that the default suite runs; `make test-slow` runs every case
+# (tests/conftest.py marks the others slow).
+DEFAULT_CASES = {
+    "test_leading_shapes_and_row_counts_off_the_group_size": ["lead0", "lead4"],
+    "test_kth_smallest_matches_sort_with_ties": ["7", "4097"],
+}
+
 _kth = jax.jit(kth_smallest_pair)
 _atom = jax.jit(upper_tail_atom)
 

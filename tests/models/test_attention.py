@@ -22,6 +22,12 @@ from rsa_jax.models import (
 )
 from rsa_jax.models._llama import attention_allowed
 
+# The cases of each grid that the default suite runs; `make test-slow` runs every case
+# (tests/conftest.py marks the others slow).
+DEFAULT_CASES = {
+    "test_matches_einsum_attention_with_padding_on_both_sides": ["heads1"],
+}
+
 # Left-padded prompts and right-padded responses, as the data pipeline lays them out.
 MASK = np.array(
     [[0, 0, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 1, 1, 0, 0, 0]], bool

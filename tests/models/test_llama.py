@@ -135,6 +135,7 @@ def test_unembedding_and_logits():
     assert logits.shape == (1, 3, 256) and logits.dtype == jnp.float32
 
 
+@pytest.mark.slow  # three compiled forwards and backwards (about 30 s on 2 cores)
 def test_scanned_and_rematerialised_forward_and_grads_equal_unrolled(tmp_path):
     config = CONFIGS["qwen2-like (biases, untied)"]
     save_hf(_random_model(config, seed=5), str(tmp_path))

@@ -34,6 +34,16 @@ from rsa_jax.models import (
 from rsa_jax.models._project import lora_equations
 from rsa_jax.models._quant import store_weight
 
+# The cases of each grid that the default suite runs; `make test-slow` runs every case
+# (tests/conftest.py marks the others slow).
+DEFAULT_CASES = {
+    "test_step0_equals_the_base": ["float32-False", "nf4-False"],
+    "test_merged_export_reloads_to_the_same_logits": ["float32-True", "nf4-False"],
+    "test_gradients_reach_only_the_adapters": ["float32"],
+    "test_projection_equals_hand_written_lora": ["nf4"],
+    "test_dropout_only_in_training_and_only_on_the_adapters": ["True"],
+}
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 MASK = np.array([[0, 0, 1, 1, 1, 1, 1, 0], [1, 1, 1, 1, 1, 1, 1, 1]], bool)
 POSITIONS = np.maximum(np.cumsum(MASK, axis=1) - 1, 0)

@@ -216,6 +216,7 @@ def sequential(tmp_path_factory, data_path):
     return path, sweep, results, cached_steps()
 
 
+@pytest.mark.slow  # the module's sequential sweep (about 1 min on 2 cores)
 def test_sequential_variants_sharing_a_kernel_compile_once(sequential):
     _, sweep, results, cache = sequential
     assert len(sweep.variants) == 4
@@ -229,6 +230,7 @@ def test_sequential_variants_sharing_a_kernel_compile_once(sequential):
     assert len({round(v, 6) for v in finals.values()}) == 4, finals
 
 
+@pytest.mark.slow  # the module's sequential sweep
 def test_results_table_json_and_plot(sequential):
     _, sweep, results, _ = sequential
     run_dir = sweep.run_dir
@@ -246,6 +248,7 @@ def test_results_table_json_and_plot(sequential):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow  # the module's sequential sweep
 def test_rerun_skips_finished_variants(sequential, capsys):
     path, sweep, _, _ = sequential
     assert all(is_done(v) for v in sweep.variants)
@@ -264,6 +267,7 @@ def _losses(run_dir):
     return out
 
 
+@pytest.mark.slow  # a vmap sweep beside the sequential one (about 80 s on 2 cores)
 def test_vmap_mode_equals_sequential_runs(sequential, tmp_path):
     """Per variant: the same losses at every step and the same final parameters (float32, to
     1e-5; see `_run_sweep_file` for why not bitwise).
@@ -338,6 +342,7 @@ def _with_eval(path, tmp_path, evaluation):
     return _write(tmp_path / "with_eval.yaml", doc)
 
 
+@pytest.mark.slow  # the module's sequential sweep
 def test_eval_hook_joins_the_table_and_is_cached(sequential, tmp_path, monkeypatch):
     path, sweep, _, _ = sequential
     (tmp_path / "sweep_fake_eval.py").write_text(_FAKE_EVAL)

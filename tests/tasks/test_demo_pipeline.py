@@ -21,6 +21,10 @@ from rsa_jax.training import list_candidates, load_source
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+# The tests on the `demo` fixture (the whole demo at toy sizes, about 3-4 min on 2 cores) are
+# slow; the default suite keeps the demo's settings and its parts (tests/tasks/test_safety.py,
+# tests/sweep/, tests/eval/).
+
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
@@ -47,6 +51,7 @@ def demo(tmp_path_factory):
     return config, result
 
 
+@pytest.mark.slow  # the demo fixture
 def test_every_variant_is_a_frontier_row_and_the_report_has_the_constrained_optima(demo):
     config, result = demo
     out = config.out_dir
@@ -88,6 +93,7 @@ def test_every_variant_is_a_frontier_row_and_the_report_has_the_constrained_opti
         assert os.path.getsize(os.path.join(out, "frontier", f"frontier_{statistic}.png")) > 1000
 
 
+@pytest.mark.slow  # the demo fixture
 def test_single_points_keep_the_old_table_and_plots(demo):
     config, result = demo
     out = config.out_dir
@@ -113,6 +119,7 @@ def test_single_points_keep_the_old_table_and_plots(demo):
         assert timings[part]["wall_s"] >= 0 and timings[part]["cpu_s"] >= 0, part
 
 
+@pytest.mark.slow  # the demo fixture
 def test_variants_share_stage_one_and_merges_average_it_with_the_final_policy(demo):
     config, _ = demo
     seed = os.path.join(config.out_dir, "seed0")
@@ -131,6 +138,7 @@ def test_variants_share_stage_one_and_merges_average_it_with_the_final_policy(de
         np.testing.assert_allclose(np.asarray(merged[k]), expected, rtol=0, atol=1e-6, err_msg=k)
 
 
+@pytest.mark.slow  # the demo fixture
 def test_rerun_reuses_finished_runs_and_restarts_changed_ones(demo, capsys):
     config, _ = demo
     capsys.readouterr()
@@ -192,6 +200,7 @@ def test_cli_demo_defaults_to_one_seed_and_quick_is_a_small_frontier(monkeypatch
     assert seen[-1].candidates_every == 0
 
 
+@pytest.mark.slow  # the demo fixture
 def test_eval_cli_scores_run_and_model_directories(demo, tmp_path, capsys):
     config, _ = demo
     seed = os.path.join(config.out_dir, "seed0")

@@ -103,6 +103,7 @@ def test_lora_defaults_to_full_fine_tuning():
     assert Engine(config, check_devices=False).model.lora is None
 
 
+@pytest.mark.slow  # builds and inspects a compiled LoRA step (about 40 s on 2 cores)
 def test_state_holds_only_adapters_and_the_base_is_passed_once(data_path, tmp_path):
     engine = Engine(_config(data_path, str(tmp_path)), check_devices=False)
     abstract = engine.abstract_state()
@@ -229,6 +230,7 @@ def _adapter_logits(run_dir, input_ids):
     return np.asarray(model.logits(model(input_ids, positions, mask))), positions, mask
 
 
+@pytest.mark.slow  # two exports of the module's LoRA run (about 30 s on 2 cores)
 def test_export_of_a_lora_run_merged_and_peft(lora_run, tmp_path, capsys):
     run_dir, _ = lora_run
     merged_dir, peft_dir = str(tmp_path / "merged"), str(tmp_path / "peft")

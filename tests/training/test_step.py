@@ -103,6 +103,7 @@ def _batch(seed, pairs=2, length=12, vocab=256, left_pad=False):
     )
 
 
+@pytest.mark.slow  # compiles two stages' engines (about 40 s on 2 cores)
 def test_stages_differing_in_hyperparameters_share_one_compiled_step():
     clear_step_cache()
     model = ModelConfig(compute_dtype="float32", remat=False)
@@ -185,10 +186,8 @@ def _assert_gradients_close(g1, g2):
         np.testing.assert_allclose(g1[k], g2[k], rtol=1e-4, atol=1e-5 * scale, err_msg=k)
 
 
-@pytest.mark.parametrize(
-    "head",
-    ["logits", pytest.param("fused", marks=pytest.mark.slow)],  # the fused: 30 s more
-)
+@pytest.mark.slow  # two compiled steps per head (about 30 s on 2 cores for the logits head)
+@pytest.mark.parametrize("head", ["logits", "fused"])
 def test_one_microbatch_without_scan_equals_the_scan_over_two(head):
     m1, p1, hlo1 = _one_step(1, head)
     m2, p2, hlo2 = _one_step(2, head)
