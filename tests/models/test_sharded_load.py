@@ -7,7 +7,10 @@ import os
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow  # 8 simulated devices in a subprocess (about 25 s on 2 cores)
 def test_sharded_load_equals_unsharded(tmp_path):
     script = os.path.join(os.path.dirname(__file__), "sharded_load_check.py")
     env = dict(os.environ, JAX_PLATFORMS="cpu")

@@ -10,7 +10,6 @@ os.environ["XLA_FLAGS"] = (
 
 import dataclasses  # noqa: E402
 import json  # noqa: E402
-import sys  # noqa: E402
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -83,8 +82,7 @@ def run(mesh_config, devices, microbatches):
     return losses, jax.device_get(state.params), step._cache_size(), sharded
 
 
-def main(names):
-    """`names`: the cases to run (all when empty)."""
+def main():
     devices = jax.devices()
     assert len(devices) == 8, devices
     base_losses, base_params, compiles, _ = run(MeshConfig(data=1), devices[:1], 1)
@@ -96,8 +94,6 @@ def main(names):
         "micro4": (MeshConfig(data=1), 4),
     }
     for name, (mesh_config, micro) in cases.items():
-        if names and name not in names:
-            continue
         devs = devices[:1] if name == "micro4" else devices
         losses, params, compiles, specs = run(mesh_config, devs, micro)
         out[name] = {
@@ -115,4 +111,4 @@ def main(names):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -86,6 +86,7 @@ def _jaxpr(stage, hyper, batch):
     return str(jax.make_jaxpr(stage.step_fn)(stage.state, stage.reference, batch, hyper))
 
 
+@pytest.mark.slow  # the module's LoRA engines (about 40 s on 2 cores)
 def test_rate_zero_draws_no_key_and_is_the_step_without_dropout(engines):
     (off, s_off), (on, s_on), batches = engines
     assert s_off.hyper.dropout_key is None and s_on.hyper.dropout_key is not None
@@ -194,6 +195,7 @@ def test_vmap_variants_with_other_seeds_draw_their_own_masks(engines, data_path,
             )
 
 
+@pytest.mark.slow  # the module's LoRA engines
 def test_peft_config_carries_the_dropout_rate(engines, tmp_path):
     (_, _), (on, _), _ = engines
     save_peft(on.model.lora, on.initial, str(tmp_path))

@@ -138,6 +138,7 @@ def test_state_holds_only_adapters_and_the_base_is_passed_once(data_path, tmp_pa
         assert ref[k] is not state.params[k]
 
 
+@pytest.mark.slow  # the module's LoRA run (about 75 s on 2 cores)
 def test_lora_stages_start_at_log_two_and_learn(lora_run):
     run_dir, result = lora_run
     assert result.status == "done" and result.global_step == 9
@@ -168,6 +169,7 @@ class _StopAfterRecords(StopSignal):
         return super().raised
 
 
+@pytest.mark.slow  # the module's LoRA run and two more
 @pytest.mark.parametrize("stop_after", [4, 7])  # mid stage 1; mid stage 2 (reference adapters)
 def test_stopped_and_resumed_lora_run_equals_uninterrupted_bitwise(
     lora_run, data_path, tmp_path, stop_after

@@ -22,25 +22,15 @@ import pytest
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-ALL = ("8x1x1", "2x2x2", "1x4x2", "micro4")
-
-
-@pytest.mark.parametrize(
-    "names",
-    [
-        pytest.param(("2x2x2",), id="2x2x2"),  # data, fsdp and tensor at once (about 40 s)
-        pytest.param(ALL, id="all", marks=pytest.mark.slow),  # about 2 min on 2 cores
-    ],
-)
-def test_meshes_and_microbatches_match_single_device(device_script, names):
-    out = device_script(os.path.join(HERE, "sharded_check.py"), *names)
+@pytest.mark.slow  # 8 simulated devices, four meshes against one device (about 2 min on 2 cores)
+def test_meshes_and_microbatches_match_single_device(device_script):
+    out = device_script(os.path.join(HERE, "sharded_check.py"))
     assert out["single_compiles"] == 1
-    assert set(out) - {"single_compiles", "losses"} == set(names)
-    for name in names:
+    for name in ("8x1x1", "2x2x2", "1x4x2", "micro4"):
         case = out[name]
         assert case["compiles"] == 1, (name, case)
         assert case["loss_diff"] <= 1e-5, (name, case)
         assert case["grad_norm_rel_diff"] <= 1e-5, (name, case)
         assert case["param_diff"] <= 1e-5, (name, case)
-    for name in set(names) - {"micro4"}:
+    for name in ("8x1x1", "2x2x2", "1x4x2"):
         assert out[name]["sharded_params"] > 0, out[name]  # parameters really are partitioned
