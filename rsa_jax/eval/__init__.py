@@ -18,6 +18,7 @@ importing `rsa_jax.eval` for the metrics and reports does not import JAX.
 """
 
 import importlib
+from typing import TYPE_CHECKING
 
 from rsa_jax.eval._categories import RecordingScorer, annotate, category_metrics, subset_scores
 from rsa_jax.eval._frontier import (
@@ -96,6 +97,34 @@ _LAZY = {
     "scoring_bytes_per_row": "rsa_jax.eval._budget",
 }
 
+if TYPE_CHECKING:  # the lazy names, for type checkers (imported on first use at run time)
+    from rsa_jax.eval._budget import (
+        DEVICE_FRACTION,
+        default_memory_budget,
+        rows_per_batch,
+        sampling_bytes_per_row,
+        scoring_bytes_per_row,
+    )
+    from rsa_jax.eval._evaluate import (
+        PROMPT_SLOTS,
+        Samples,
+        encode_prompts,
+        evaluate_model,
+        response_logprob,
+        sample,
+        sampling_call,
+        sampling_rows,
+    )
+    from rsa_jax.eval._placement import (
+        Placement,
+        load_model,
+        mesh_from_text,
+        placement_for,
+        placement_of,
+        quantized_base_of,
+        source_template,
+    )
+
 
 def __getattr__(name: str):
     if name in _LAZY:
@@ -110,7 +139,26 @@ def __dir__():
 
 
 __all__ = [
-    *_LAZY,
+    "Samples",
+    "encode_prompts",
+    "evaluate_model",
+    "response_logprob",
+    "sample",
+    "PROMPT_SLOTS",
+    "sampling_call",
+    "sampling_rows",
+    "DEVICE_FRACTION",
+    "Placement",
+    "load_model",
+    "mesh_from_text",
+    "placement_for",
+    "placement_of",
+    "quantized_base_of",
+    "source_template",
+    "default_memory_budget",
+    "rows_per_batch",
+    "sampling_bytes_per_row",
+    "scoring_bytes_per_row",
     "RecordingScorer",
     "annotate",
     "category_metrics",

@@ -42,6 +42,9 @@ import types
 log = logging.getLogger(__name__)
 
 READY = "ready"
+# The name under which `jax._src.distributed` holds jaxlib's extension module (private to JAX:
+# the one name this module depends on; tests/training/test_multiprocess_signals.py checks it).
+_JAXLIB = "_jax"
 START_TIMEOUT_S = 120.0  # the child imports jaxlib and binds the port
 
 
@@ -85,9 +88,10 @@ def start_child(address: str, num_nodes: int, grace: float, **service_kwargs) ->
         start_new_session=True,
         env=env,
     )
-    assert proc.stdout is not None
+    stdout = proc.stdout
+    assert stdout is not None
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline()), daemon=True)
+    reader = threading.Thread(target=lambda: lines.append(stdout.readline()), daemon=True)
     reader.start()
     reader.join(START_TIMEOUT_S)
     line = lines[0].strip() if lines else ""
@@ -95,12 +99,12 @@ def start_child(address: str, num_nodes: int, grace: float, **service_kwargs) ->
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-        said = line or (proc.stdout.read().strip() if not reader.is_alive() else "")
+        said = line or (stdout.read().strip() if not reader.is_alive() else "")
         raise CoordinatorError(
             f"the JAX coordination service on {address} for {num_nodes} processes did not "
             f"start (its process said: {said or 'nothing'}; exit {proc.returncode})"
         )
-    proc.stdout.close()  # nothing more is read; the child writes nothing more
+    stdout.close()  # nothing more is read; the child writes nothing more
     log.info("jax.distributed: coordination service on %s (pid %d)", address, proc.pid)
     return ChildService(proc)
 
@@ -111,7 +115,7 @@ def coordinator_in_a_child(grace: float):
     in a child process rather than in this one."""
     from jax._src import distributed
 
-    real = distributed._jax
+    real = getattr(distributed, _JAXLIB)
 
     def start(address, num_nodes, **kwargs):
         return start_child(address, num_nodes, grace, **kwargs)
@@ -120,11 +124,11 @@ def coordinator_in_a_child(grace: float):
         def __getattr__(self, name):
             return getattr(real, name)
 
-    distributed._jax = _Forward(get_distributed_runtime_service=start)
+    setattr(distributed, _JAXLIB, _Forward(get_distributed_runtime_service=start))
     try:
         yield
     finally:
-        distributed._jax = real
+        setattr(distributed, _JAXLIB, real)
 
 
 def _serve(spec: dict) -> int:
@@ -133,9 +137,10 @@ def _serve(spec: dict) -> int:
     grace = float(spec.pop("grace"))
     address, num_nodes = spec.pop("address"), spec.pop("num_nodes")
     try:
-        from jax._src.lib import _jax
+        from jax._src import distributed
 
-        service = _jax.get_distributed_runtime_service(address, num_nodes, **spec)
+        jaxlib = getattr(distributed, _JAXLIB)
+        service = jaxlib.get_distributed_runtime_service(address, num_nodes, **spec)
     except Exception as e:  # noqa: BLE001 -- reported to process 0, which raises it
         print(f"{type(e).__name__}: {e}", flush=True)
         return 1
