@@ -45,29 +45,37 @@ def _isolated_compilation_cache(tmp_path_factory):
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
 
 
-@pytest.hookimpl(tryfirst=True)  # before `-m 'not slow'` deselects
-def pytest_collection_modifyitems(config, items):
+_CHECKED_MODULES: set[str] = set()  # modules whose DEFAULT_CASES keys were checked
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_pycollect_makeitem(collector, name, obj):
     """A test module's `DEFAULT_CASES = {"test_name": ["case id", ...]}` names the cases of a
     parametrized test that the default suite runs; its other cases are marked slow (the whole
     grid runs in `make test-slow`). The default suite must fit CI's budget on 2 cores, and one
-    case of each behaviour catches what most of a grid would. A listed id that names no case is
-    an error, so a renamed case cannot silently leave the default suite."""
-    seen: dict[tuple, set] = {}
+    case of each behaviour catches what most of a grid would.
+
+    Marked here, where a test's cases are made (all of them, before a node id or `-k` selects
+    some), so a listed id that names no case, or a key that names no test, is an error: a
+    renamed case or test cannot silently change what the default suite runs."""
+    items = yield
+    module = collector.getparent(pytest.Module).obj
+    cases = getattr(module, "DEFAULT_CASES", {})
+    if cases and module.__name__ not in _CHECKED_MODULES:
+        _CHECKED_MODULES.add(module.__name__)
+        unknown = [key for key in cases if not callable(getattr(module, key, None))]
+        if unknown:
+            raise pytest.UsageError(f"{module.__file__}: DEFAULT_CASES names no test: {unknown}")
+    if name not in cases or not isinstance(items, list):
+        return items
+    ids = {item.callspec.id for item in items}
+    missing = set(cases[name]) - ids
+    if missing:
+        raise pytest.UsageError(
+            f"{module.__file__}: DEFAULT_CASES[{name!r}] names no such case: "
+            f"{sorted(missing)} (cases: {sorted(ids)})"
+        )
     for item in items:
-        module = getattr(item, "module", None)
-        wanted = getattr(module, "DEFAULT_CASES", {}).get(getattr(item, "originalname", None))
-        callspec = getattr(item, "callspec", None)
-        if wanted is None or callspec is None:
-            continue
-        seen.setdefault((module.__name__, item.originalname), set()).add(callspec.id)
-        if callspec.id not in wanted:
+        if item.callspec.id not in cases[name]:
             item.add_marker(pytest.mark.slow)
-    for item in items:
-        module = getattr(item, "module", None)
-        for name, wanted in getattr(module, "DEFAULT_CASES", {}).items():
-            missing = set(wanted) - seen.get((module.__name__, name), set())
-            if missing and (module.__name__, name) in seen:
-                raise pytest.UsageError(
-                    f"{module.__file__}: DEFAULT_CASES[{name!r}] names no such case: "
-                    f"{sorted(missing)} (cases: {sorted(seen[(module.__name__, name)])})"
-                )
+    return items
