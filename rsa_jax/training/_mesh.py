@@ -22,7 +22,12 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from rsa_jax.config import MESH_AXES, ConfigError, MeshConfig, mesh_shape
 from rsa_jax.training._coordinator import coordinator_in_a_child
-from rsa_jax.training._peers import jax_heartbeat_timeout, peer_timeout, watch_peers
+from rsa_jax.training._peers import (
+    coordinator_grace,
+    jax_heartbeat_timeout,
+    peer_timeout,
+    watch_peers,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +99,9 @@ def maybe_initialize_distributed() -> None:
     where = os.environ.get("RSA_JAX_COORDINATOR", "child")
     if where not in ("child", "in-process"):
         raise ValueError(f"RSA_JAX_COORDINATOR={where!r}: expected 'child' or 'in-process'")
-    placed = coordinator_in_a_child(2 * window + 5) if where == "child" else nullcontext()
+    placed = (
+        coordinator_in_a_child(coordinator_grace(window)) if where == "child" else nullcontext()
+    )
     with placed:
         jax.distributed.initialize(
             **request, heartbeat_timeout_seconds=jax_heartbeat_timeout(window)

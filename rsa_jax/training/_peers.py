@@ -62,6 +62,13 @@ def jax_heartbeat_timeout(window: float) -> int:
     return int(max(100, 2 * window + 30))
 
 
+def coordinator_grace(window: float) -> float:
+    """How long the coordination service's process (`_coordinator.py`) outlives a process 0 that
+    died: twice the window and 5 s, so every other process's watch has seen process 0 stop
+    answering and ended it first."""
+    return 2 * window + 5
+
+
 class PeerWatch:
     """The watch thread of one process (`start` after `jax.distributed.initialize`)."""
 

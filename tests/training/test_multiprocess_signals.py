@@ -24,14 +24,17 @@ import pytest
 
 from rsa_jax.data import write_toy_data
 from rsa_jax.training import EXIT_PREEMPTED, load_policy
-from rsa_jax.training._peers import jax_heartbeat_timeout, peer_timeout
+from rsa_jax.training._peers import coordinator_grace, jax_heartbeat_timeout, peer_timeout
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 WORKER = os.path.join(HERE, "multiprocess_signal_worker.py")
 TINY = os.path.join(ROOT, "configs", "tiny.yaml")
 WINDOW = 10  # RSA_JAX_PEER_TIMEOUT in these tests, seconds (above a loaded host's pauses)
-LOST = "stopped answering"  # the survivor's line when a peer died
+LOST = "stopped answering"
+COORDINATOR = os.path.join(
+    ROOT, "rsa_jax", "training", "_coordinator.py"
+)  # in its cmdline  # the survivor's line when a peer died
 
 
 def _free_port() -> int:
@@ -77,7 +80,7 @@ def _coordinators(port: int) -> list[int]:
                 cmdline = f.read().decode(errors="replace")
         except OSError:
             continue
-        if "rsa_jax.training._coordinator" in cmdline and f":{port}" in cmdline:
+        if COORDINATOR in cmdline and f":{port}" in cmdline:
             pids.append(int(pid))
     return pids
 
@@ -139,6 +142,9 @@ def test_peer_timeout_from_the_environment():
     for window in (1.0, 5.0, 60.0, 300.0):
         assert jax_heartbeat_timeout(window) > window + 20
     assert jax_heartbeat_timeout(5.0) >= 100  # never below JAX's default
+    # The service's process outlives a dead process 0 past every other process's window.
+    for window in (1.0, 5.0, 60.0):
+        assert coordinator_grace(window) > window + 1
 
 
 # --------------------------------------------------------------------------- cheap: the mechanism
@@ -213,9 +219,9 @@ def test_a_killed_process_ends_the_other_with_one_clear_line(killed):
         f"SIGKILL of process {killed} of 2 loop processes: the other exited {seconds:.1f} s later"
     )
     assert seconds < WINDOW + 15, report
-    # The service (process 0's child) stops within its grace (twice the window, and 5 s) once
-    # process 0 is gone, killed or ended by its peer watch (which leaves without a shutdown).
-    assert _gone(port, 2 * WINDOW + 5 + 15), _coordinators(port)
+    # The service (process 0's child) stops within its grace once process 0 is gone, killed or
+    # ended by its peer watch (which leaves without a shutdown).
+    assert _gone(port, coordinator_grace(WINDOW) + 15), _coordinators(port)
 
 
 # --------------------------------------------------------------------------- slow: the trainer
