@@ -96,6 +96,9 @@ class RealDemoConfig:
     eval_samples: int = 8
     eval_max_tokens: int = 12
     n_boot: int = 1000
+    # Config overrides applied last to every method's runs (as `rsa_jax.demo.DemoConfig`'s), e.g.
+    # "stages.0.beta=1.0" for the helpfulness stage (docs/results.md: why nothing moved).
+    extra_overrides: tuple[str, ...] = ()
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
@@ -289,7 +292,8 @@ def write_pair_files(demo: RealDemoConfig, items, data_dir: str) -> tuple[dict, 
 
 
 def method_config(demo: RealDemoConfig, method: str, paths: dict, run_dir: str, extra=()):
-    """The method's config file with the real demo's model, LoRA, sizes and paths."""
+    """The method's config file with the real demo's model, LoRA, sizes and paths, the method's
+    own overrides, then `extra` (the swept beta) and `demo.extra_overrides`."""
     from rsa_jax.config import load_config
 
     overrides = [
@@ -320,7 +324,9 @@ def method_config(demo: RealDemoConfig, method: str, paths: dict, run_dir: str, 
     ]
     path = os.path.join(demo.configs_dir, METHODS[method].config)
     overrides += stage_data_overrides(path, paths)
-    return load_config(path, [*overrides, *METHODS[method].overrides, *extra])
+    return load_config(
+        path, [*overrides, *METHODS[method].overrides, *extra, *demo.extra_overrides]
+    )
 
 
 def family(demo: RealDemoConfig, method: str, paths: dict, root: str) -> dict:

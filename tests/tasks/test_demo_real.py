@@ -145,6 +145,11 @@ def test_each_stage_reads_the_pair_file_of_its_view():
         got = [stage.data_path for stage in config.stages]
         want = [PATHS["helpfulness"], PATHS["safety"]][: len(config.stages)]
         assert got == want, method
+    # extra_overrides come last, over the method's own values.
+    demo = RealDemoConfig(
+        configs_dir=os.path.join(ROOT, "configs"), extra_overrides=("stages.0.beta=1.0",)
+    )
+    assert method_config(demo, "SACPO", PATHS, "/runs/x").stages[0].beta == 1.0
 
 
 def test_dpo_is_read_from_sacpos_first_stage_only_when_the_configs_agree():
