@@ -61,14 +61,14 @@ class RealDemoConfig:
     configs_dir: str = "configs"
     seed: int = 0
     methods: tuple[str, ...] = ("DPO", "SACPO", "RSA-CVaR", "RSA-ERM")
-    # Sizes fit one seed in well under an hour on 2 cores (docs/demo_real.md#runtimes has the
+    # Sizes fit one seed in under an hour on 2 idle cores (docs/demo_real.md#runtimes has the
     # measured phases): on CPU every sampled and trained token counts, and the per-model
     # overhead of an evaluation (loading a run, merging its adapters) is paid once per
     # candidate, so the candidate count is kept small too.
     # Train prompts: harmful ones drawn from HarmBench + Do-Not-Answer's train split, and the
     # benign ones (the benign train split has 124; more than there are means all of them).
-    train_harmful: int = 24
-    train_benign: int = 16
+    train_harmful: int = 80
+    train_benign: int = 32
     # Own samples per train prompt (two: a pair when one refuses and one complies).
     pair_samples: int = 2
     # Token budgets: a refusal is decided in its first tokens (the templated ones are at most
@@ -80,24 +80,31 @@ class RealDemoConfig:
     lora_alpha: float = 16.0
     base_storage: str = "bfloat16"
     batch_size: int = 4
-    epochs: int = 2
+    epochs: int = 3
     learning_rate: float = 1e-3
-    # The swept last-stage beta (beta_2; DPO's beta_1).
-    betas: tuple[float, ...] = (0.1,)
-    # Policies kept along training (steps; 0: none) join their method's candidates for the
-    # stage-1 points and the last stage of `candidate_betas` (rsa_jax.demo.candidate_targets).
-    # With the sizes above stage 1 has 8 steps and stage 2 12: one point inside stage 2.
-    candidates_every: int = 8
-    candidate_betas: tuple[float, ...] = (0.1,)
+    # beta_1: the helpfulness stage's beta in every method (DPO's only stage). The configs' 0.1
+    # lets that stage push the refusal strings down by ~170 nats before its loss saturates,
+    # further than the safety stage climbs back (docs/results.md: why nothing moved); at 1.0 it
+    # saturates sooner.
+    helpfulness_beta: float = 1.0
+    # The swept last-stage beta of the two-stage methods (beta_2). At 0.1 the safety stage's
+    # loss saturates with the refusals still unlikely; 0.01 asks ten times the log-ratio.
+    betas: tuple[float, ...] = (0.01,)
+    # Points along training (steps; 0: none) join their method's candidates for the last stage
+    # of `candidate_betas` (rsa_jax.demo.candidate_targets); each stage's end (`s1@end`) always
+    # does. Each point is one more model to evaluate (about 2 minutes here), so by default the
+    # frontier's points along KL are the base, each stage 1's end and each final policy.
+    candidates_every: int = 0
+    candidate_betas: tuple[float, ...] = (0.01,)
     # Held-out evaluation: prompts per kind (drawn once, the same for every model), samples per
     # prompt (P(any unsafe in N samples) is over these N), new tokens per sample.
-    eval_harmful: int = 8
-    eval_benign: int = 4
+    eval_harmful: int = 16
+    eval_benign: int = 8
     eval_samples: int = 8
     eval_max_tokens: int = 12
     n_boot: int = 1000
-    # Config overrides applied last to every method's runs (as `rsa_jax.demo.DemoConfig`'s), e.g.
-    # "stages.0.beta=1.0" for the helpfulness stage (docs/results.md: why nothing moved).
+    # Config overrides applied last to every method's runs (as `rsa_jax.demo.DemoConfig`'s),
+    # e.g. "optim.weight_decay=0.01".
     extra_overrides: tuple[str, ...] = ()
 
     def __post_init__(self):
@@ -107,6 +114,11 @@ class RealDemoConfig:
         stray = [b for b in self.candidate_betas if b not in self.betas]
         if stray:
             raise ValueError(f"demo-real: candidate_betas {stray} are not among betas {self.betas}")
+        if not self.betas or min(self.betas) <= 0 or self.helpfulness_beta <= 0:
+            raise ValueError(
+                f"demo-real: betas {self.betas} and helpfulness_beta {self.helpfulness_beta} "
+                "must be > 0 (and betas not empty)"
+            )
         if self.base_storage not in ("bfloat16", "float32"):
             raise ValueError(
                 f"demo-real: base_storage {self.base_storage!r}: bfloat16 or float32 (a "
@@ -330,20 +342,32 @@ def method_config(demo: RealDemoConfig, method: str, paths: dict, run_dir: str, 
 
 
 def family(demo: RealDemoConfig, method: str, paths: dict, root: str) -> dict:
-    """{beta: sweep Variant} of one method over `demo.betas` (the last stage's beta)."""
+    """{beta: sweep Variant} of one method: a two-stage method's over `demo.betas` (beta_2,
+    with beta_1 = `demo.helpfulness_beta`), a one-stage method's (DPO's) one variant at
+    {helpfulness_beta: ...}."""
     from rsa_jax.config import load_config
     from rsa_jax.sweep import Variant, format_value
 
     path = os.path.join(demo.configs_dir, METHODS[method].config)
     stages = len(load_config(path, check=False).stages)
+    first = f"stages.0.beta={format_value(float(demo.helpfulness_beta))}"
     out = {}
-    for beta in demo.betas:
+    for beta in family_betas(demo, stages):
         name = f"b{stages}={beta:g}"
         run_dir = os.path.join(root, method, f"b{stages}_{beta:g}")
-        extra = (f"stages.{stages - 1}.beta={format_value(float(beta))}",)
+        last = f"stages.{stages - 1}.beta={format_value(float(beta))}"
+        extra = (last,) if stages == 1 else (first, last)
         config = method_config(demo, method, paths, run_dir, extra)
         out[beta] = Variant(name=name, overrides=extra, config=config)
     return out
+
+
+def family_betas(demo: RealDemoConfig, stages: int, candidates: bool = False) -> tuple:
+    """The last-stage betas of a method with `stages` stages: beta_1 alone for a one-stage
+    method, else `demo.betas` (or `demo.candidate_betas`, those whose points join)."""
+    if stages == 1:
+        return (demo.helpfulness_beta,)
+    return demo.candidate_betas if candidates else demo.betas
 
 
 def same_first_stage(one_stage, other) -> bool:
@@ -481,9 +505,9 @@ def run_real_demo(demo: RealDemoConfig) -> dict:
         timings[f"train {method}"] = train_family(method, variants, demo.seed)
         for v in variants.values():
             of_method[method][v.name] = v.run_dir
-        if demo.candidates_every:
-            last = len(next(iter(variants.values())).config.stages)
-            of_method[method].update(candidate_targets(variants, demo.candidate_betas, last))
+        stages = len(next(iter(variants.values())).config.stages)
+        betas = family_betas(demo, stages, candidates=True)
+        of_method[method].update(candidate_targets(variants, betas, stages))
     for method, method_twins in twins.items():
         runs = sorted({twin.run_dir for twin in method_twins.values()})
         _say(f"{method}: not trained again, the same config as the stage 1 of {', '.join(runs)}")

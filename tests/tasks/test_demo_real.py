@@ -131,6 +131,8 @@ def test_config_rejects_a_quantised_base_and_stray_betas():
         RealDemoConfig(base_storage="nf4")
     with pytest.raises(ValueError, match="candidate_betas"):
         RealDemoConfig(betas=(0.1,), candidate_betas=(0.05,))
+    with pytest.raises(ValueError, match="helpfulness_beta 0"):
+        RealDemoConfig(helpfulness_beta=0)
 
 
 PATHS = {"helpfulness": "/data/helpfulness.jsonl", "safety": "/data/safety.jsonl"}
@@ -155,26 +157,32 @@ def test_each_stage_reads_the_pair_file_of_its_view():
 def test_dpo_is_read_from_sacpos_first_stage_only_when_the_configs_agree():
     demo = RealDemoConfig(configs_dir=os.path.join(ROOT, "configs"))
     families = {m: family(demo, m, PATHS, "/runs") for m in demo.methods}
+    # beta_1 in every method's first stage (DPO's only one), beta_2 in the last
+    assert set(families["DPO"]) == {demo.helpfulness_beta}
+    for method in ("SACPO", "RSA-CVaR", "RSA-ERM"):
+        (variant,) = families[method].values()
+        assert [s.beta for s in variant.config.stages] == [demo.helpfulness_beta, *demo.betas]
     twins = stage_one_twins(families)
     assert set(twins) == {"DPO"}
     ((name, twin),) = twins["DPO"].items()
-    assert name == "b1=0.1" and twin.run_dir == families["SACPO"][0.1].run_dir
-    dpo, sacpo = families["DPO"][0.1].config, families["SACPO"][0.1].config
+    assert name == "b1=1" and twin.run_dir == families["SACPO"][0.01].run_dir
+    dpo, sacpo = families["DPO"][1.0].config, families["SACPO"][0.01].config
     assert same_first_stage(dpo, sacpo)
     # RSA's first stage has its own risk: not DPO's
-    assert not same_first_stage(dpo, families["RSA-CVaR"][0.1].config)
-    # another beta_1, learning rate or seed: DPO is trained on its own
-    for other in (
-        RealDemoConfig(configs_dir=demo.configs_dir, betas=(0.05,), candidate_betas=(0.05,)),
-        RealDemoConfig(configs_dir=demo.configs_dir, seed=1),
+    assert not same_first_stage(dpo, families["RSA-CVaR"][0.01].config)
+    # another beta_1 (for DPO alone), learning rate or seed: DPO is trained on its own
+    dirs = demo.configs_dir
+    for dpo_demo in (
+        RealDemoConfig(configs_dir=dirs, helpfulness_beta=0.5),
+        RealDemoConfig(configs_dir=dirs, seed=1),
+        RealDemoConfig(configs_dir=dirs, learning_rate=0.01),
     ):
-        fam = {m: family(other, m, PATHS, "/runs") for m in ("DPO", "SACPO")}
-        if other.betas == (0.05,):
-            assert stage_one_twins(fam) == {}
-        else:
-            assert set(stage_one_twins(fam)) == {"DPO"}
-    lr = method_config(demo, "DPO", PATHS, "/runs/d", ("optim.learning_rate=0.01",))
-    assert not same_first_stage(lr, sacpo)
+        fam = {"DPO": family(dpo_demo, "DPO", PATHS, "/runs"), "SACPO": families["SACPO"]}
+        assert stage_one_twins(fam) == {}
+    # beta_2 is not part of stage 1: another beta_2 keeps the twin
+    other = RealDemoConfig(configs_dir=dirs, betas=(0.05,), candidate_betas=(0.05,))
+    fam = {"DPO": families["DPO"], "SACPO": family(other, "SACPO", PATHS, "/runs")}
+    assert set(stage_one_twins(fam)) == {"DPO"}
 
 
 @pytest.mark.slow
