@@ -96,6 +96,7 @@ def logits_pair_loss(
     version: int = _KERNEL.version,
     split_vocab: bool = _KERNEL.split_vocab,
     tail=None,
+    row_shards: int = 1,
 ) -> tuple[jax.Array, Metrics]:
     """Per-pair loss and metrics from the logits of the policy and the frozen reference.
 
@@ -107,6 +108,9 @@ def logits_pair_loss(
       beta, alpha, mu, gamma: traced hyperparameters (no recompilation, vmappable).
       version: static 1 or 2. split_vocab: static, `cvar_reference` only.
       tail: optional traced float32 `1 - mu` (defaults to `quantile_tail(mu)`).
+      row_shards: static, how many devices the 2B rows are split over (the train step's batch
+        sharding; 1 on one device). The risk head's row-block loops then step over each
+        device's own rows; it changes no value, only which rows a loop step takes.
 
     Returns:
       (losses [B], metrics: TRL-named dict of [B] arrays).
@@ -139,6 +143,7 @@ def logits_pair_loss(
         mu=mu,
         tail=_resolve_tail(mu, tail),
         split_vocab=split_vocab,
+        shards=_row_shards(labels.shape[0], row_shards),
     )  # each [2B, T]
     return _pair_loss(
         stats, loss_mask, loss=loss, gamma=gamma, beta=beta, alpha=alpha, version=version
@@ -162,23 +167,31 @@ def _chunk_logits(h_policy, w_policy, h_ref, w_ref):
     return policy, ref
 
 
-def _rows(x: jax.Array) -> jax.Array:
-    """[N, C, ...] -> the [G, S, ...] row-block view of `rows_forward` (a free reshape)."""
+def _rows(x: jax.Array, shards: int) -> jax.Array:
+    """[N, C, ...] -> the [G, S, ...] row-block view of `rows_forward` (a free reshape); the N
+    rows are split over `shards` devices (`block_rows`)."""
     n = x.shape[0] * x.shape[1]
-    g = block_rows(n)
+    g = block_rows(n, shards=_row_shards(x.shape[0], shards))
     return x.reshape(g, n // g, *x.shape[2:])
 
 
-def _stats_of_logits(policy_logits, ref_logits, y, mu, tail, risk, split_vocab):
+def _row_shards(rows: int, shards: int) -> int:
+    """`shards` when it divides the rows (each device then holds whole rows), else 1."""
+    return shards if rows % shards == 0 else 1
+
+
+def _stats_of_logits(policy_logits, ref_logits, y, mu, tail, risk, split_vocab, shards):
     """A chunk's statistics ([N, C] each) and `rows_forward`'s per-row saved scalars."""
+    rows = functools.partial(_rows, shards=shards)
     stats, saved = rows_forward(
-        _rows(policy_logits),
-        _rows(ref_logits),
-        _rows(y),
+        rows(policy_logits),
+        rows(ref_logits),
+        rows(y),
         mu,
         tail,
         risk=risk,
         split_vocab=split_vocab,
+        shards=_row_shards(y.shape[0], shards),
     )
     return jax.tree.map(lambda x: x.reshape(y.shape), stats), saved
 
@@ -196,17 +209,19 @@ def _chunk_backward(
     *,
     risk,
     split_vocab,
+    shards,
 ):
     """One chunk's gradients (d_hidden [N, C, D], d_unembed [D, V], d_mu) from its logits of both
     models, the forward's saved scalars and the statistics' cotangent."""
+    rows = functools.partial(_rows, shards=shards)
     d_logits, d_mu, _ = rows_backward(
-        _rows(policy_logits),
-        _rows(ref_logits),
-        _rows(y),
+        rows(policy_logits),
+        rows(ref_logits),
+        rows(y),
         mu,
         tail,
         saved,
-        jax.tree.map(_rows, cotangent),
+        jax.tree.map(rows, cotangent),
         risk=risk,
         split_vocab=split_vocab,
     )
@@ -234,18 +249,19 @@ def _chunk_backward(
 # where the backward pass's one-step loop is inlined and XLA schedules chunk 0's recomputation
 # first of all, before the forward loop: both chunks' logits are then alive at once, as on the
 # logits path (an ordering XLA chose; `optimization_barrier`s in the loop did not change it).
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _fused_stats(h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_vocab):
-    return _fused_stats_fwd(h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_vocab)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _fused_stats(h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_vocab, shards):
+    args = (h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_vocab, shards)
+    return _fused_stats_fwd(*args)[0]
 
 
-def _fused_stats_fwd(h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_vocab):
+def _fused_stats_fwd(h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_vocab, shards):
     """Chunked inputs ([K, N, C, D] hidden states, [K, N, C] labels) -> TokenStats of [K, N, C]."""
 
     def body(_, xs):
         h_p, h_r, y = xs
         logits = _chunk_logits(h_p, w_policy, h_r, w_ref)
-        stats, saved = _stats_of_logits(*logits, y, mu, tail, risk, split_vocab)
+        stats, saved = _stats_of_logits(*logits, y, mu, tail, risk, split_vocab, shards)
         # Each step's logits replace the previous step's in the carry (in place: nothing reads
         # those), so after the loop it holds the last chunk's. (Computing the last chunk after
         # the loop instead joins its statistics to the loop's with a concatenation, and XLA then
@@ -258,9 +274,9 @@ def _fused_stats_fwd(h_policy, w_policy, h_ref, w_ref, y, mu, tail, risk, split_
     return stats, (h_policy, w_policy, h_ref, w_ref, y, mu, tail, saved, kept)
 
 
-def _fused_stats_bwd(risk, split_vocab, residuals, cotangents):
+def _fused_stats_bwd(risk, split_vocab, shards, residuals, cotangents):
     h_policy, w_policy, h_ref, w_ref, y, mu, tail, saved, (policy_last, ref_last) = residuals
-    backward = functools.partial(_chunk_backward, risk=risk, split_vocab=split_vocab)
+    backward = functools.partial(_chunk_backward, risk=risk, split_vocab=split_vocab, shards=shards)
     at = functools.partial(jax.tree.map, lambda x: x[-1])
     d_hidden, d_unembed, d_mu = backward(
         policy_last, ref_last, h_policy[-1], w_policy, y[-1], mu, tail, at(saved), at(cotangents)
@@ -308,11 +324,13 @@ def fused_token_stats(
     tail,
     split_vocab,
     chunk_size,
+    row_shards=1,
 ) -> TokenStats:
     """`token_stats` of `hidden @ unembed` for both models, C tokens at a time.
 
     Args:
       policy_hidden, ref_hidden: [N, T, D]; policy_unembed, ref_unembed: [D, V]; labels: [N, T].
+      row_shards: static, the devices the N rows are split over (`fused_pair_loss`).
     Returns:
       TokenStats of [N, T] float32 arrays.
     """
@@ -327,6 +345,7 @@ def fused_token_stats(
         jnp.asarray(tail, jnp.float32),
         risk,
         split_vocab,
+        row_shards,
     )  # TokenStats of [K, N, C]
     return jax.tree.map(lambda s: jnp.moveaxis(s, 0, 1).reshape(n, -1)[:, :t], stats)
 
@@ -349,6 +368,7 @@ def fused_pair_loss(
     split_vocab: bool = _KERNEL.split_vocab,
     tail=None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    row_shards: int = 1,
 ) -> tuple[jax.Array, Metrics]:
     """Per-pair loss from final hidden states and unembeddings, never forming [2B, T, V] at once.
 
@@ -362,6 +382,7 @@ def fused_pair_loss(
       labels, loss_mask, loss, risk, beta, alpha, mu, gamma, version, split_vocab, tail: as in
         `logits_pair_loss`.
       chunk_size: C, static number of tokens whose logits are formed at once.
+      row_shards: as in `logits_pair_loss`.
 
     Returns:
       (losses [B], metrics: TRL-named dict of [B] arrays).
@@ -401,6 +422,7 @@ def fused_pair_loss(
         tail=_resolve_tail(mu, tail),
         split_vocab=split_vocab,
         chunk_size=min(chunk_size, labels.shape[1]),
+        row_shards=row_shards,
     )
     return _pair_loss(
         stats, loss_mask, loss=loss, gamma=gamma, beta=beta, alpha=alpha, version=version

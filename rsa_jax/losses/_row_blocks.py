@@ -19,7 +19,10 @@ respect to the policy logits into place; the reference logits get no gradient.
 The maths is `token_stats`' own, op for op, per row: only the order in which rows are visited
 changes (and, in large blocks, the order of a row's sum of exponentials, within an ulp). Rows sit
 in a [G, S, V] view (a free reshape) and step j takes rows j, S + j, 2S + j, ...: the G axis
-leads, so rows sharded over devices stay sharded and each device walks its own rows.
+leads, so rows sharded over devices stay sharded and each device walks its own rows, provided
+G is a multiple of the devices (`block_rows(n, shards=...)`, from the train step's batch
+layout: `fused_pair_loss(row_shards=...)`). Otherwise SPMD shards the S axis too and gathers
+every block at every step.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from rsa_jax.losses._risk import RISKS
+from rsa_jax.losses._select import rows_split_over
 from rsa_jax.losses._token_stats import TokenStats, log_softmax_parts, stats_from_log_probs
 
 # Rows per block step: 8 rows of a 49152-entry vocabulary are 1.5 MiB per float32 temporary,
@@ -42,9 +46,18 @@ from rsa_jax.losses._token_stats import TokenStats, log_softmax_parts, stats_fro
 BLOCK_ROWS = 8
 
 
-def block_rows(n: int, most: int = BLOCK_ROWS) -> int:
-    """The largest G <= `most` dividing n: the [G, S, V] view of n rows is then a free reshape
-    (padding rows would copy the logits)."""
+def block_rows(n: int, most: int = BLOCK_ROWS, shards: int = 1) -> int:
+    """G for the [G, S, V] view of n rows: `shards` x the largest g <= `most` dividing n / shards
+    (the view is then a free reshape; padding rows would copy the logits).
+
+    `shards`: how many devices the rows are split over (contiguous blocks of n / shards, as a
+    batch sharded over the leading axis is; `row_shards`). G must be a multiple of it. With
+    G < shards the view puts part of the sharding on the S axis that the loop steps along, and
+    SPMD then all-gathers the whole [G, S, V] array at every step: on a 64-chip Llama-3-70B
+    step that was 16 TB per chip (docs/scale.md). With G = shards x g each chip walks its own
+    n / shards rows, g at a time. When `shards` does not divide n, it is ignored."""
+    if shards > 1 and n % shards == 0:
+        return shards * block_rows(n // shards, most)
     return next(g for g in range(min(most, n), 0, -1) if n % g == 0)
 
 
@@ -98,11 +111,13 @@ def _block_stats(policy, ref, labels, parts, mu, tail, *, risk, split_vocab):
     return stats, threshold, parts
 
 
-def rows_forward(policy, ref, labels, mu, tail, *, risk, split_vocab):
+def rows_forward(policy, ref, labels, mu, tail, *, risk, split_vocab, shards=1):
     """Statistics of every row, block by block, and what `rows_backward` needs of them.
 
     Args:
-      policy, ref: [G, S, V] logits (any float dtype); labels: [G, S] int; mu, tail: scalars.
+      policy, ref: [G, S, V] logits (any float dtype); labels: [G, S] int; mu, tail: scalars;
+      shards: the devices the G axis is split over (`block_rows`), which the risk's selection
+        keeps too (`_select.rows_split_over`).
     Returns:
       (TokenStats of [G, S] float32 arrays, saved): `saved` holds per-row scalars only, the
       risk's thresholds [G, S, H] (None for erm and kl) and both log-softmaxes' shift and log-sum
@@ -121,7 +136,8 @@ def rows_forward(policy, ref, labels, mu, tail, *, risk, split_vocab):
     # stage's first step, which rounding noise decides on any backend anyway (docs/method.md).
     g, s = labels.shape
     whole = None
-    if g * policy.shape[-1] < PARTS_IN_BLOCK_MIN:
+    # The block each device reduces is [G / shards, V].
+    if g // shards * policy.shape[-1] < PARTS_IN_BLOCK_MIN:
         # Only the [G, S, 4] parts are used: XLA drops the whole-array log-softmaxes.
         whole = _log_probs_and_parts(policy, ref)[2]
 
@@ -137,13 +153,13 @@ def rows_forward(policy, ref, labels, mu, tail, *, risk, split_vocab):
             split_vocab=split_vocab,
         )
 
-    shapes = jax.eval_shape(block, 0)
-    empty = jax.tree.map(lambda a: jnp.zeros((g, s, *a.shape[1:]), a.dtype), shapes)
-
     def step(j, found):
         return jax.tree.map(functools.partial(_put, j=j), found, block(j))
 
-    stats, threshold, parts = jax.lax.fori_loop(0, s, step, empty)
+    with rows_split_over(shards):  # the blocks are traced here (forward only: see the module)
+        shapes = jax.eval_shape(block, 0)
+        empty = jax.tree.map(lambda a: jnp.zeros((g, s, *a.shape[1:]), a.dtype), shapes)
+        stats, threshold, parts = jax.lax.fori_loop(0, s, step, empty)
     return stats, (threshold, parts)
 
 
@@ -212,17 +228,20 @@ def rows_backward(policy, ref, labels, mu, tail, saved, cotangent, *, risk, spli
     return d_policy, d_mu, jnp.zeros_like(tail)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _blocked(policy, ref, labels, mu, tail, risk, split_vocab):
-    return rows_forward(policy, ref, labels, mu, tail, risk=risk, split_vocab=split_vocab)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
+def _blocked(policy, ref, labels, mu, tail, risk, split_vocab, shards):
+    return _blocked_fwd(policy, ref, labels, mu, tail, risk, split_vocab, shards)[0]
 
 
-def _blocked_fwd(policy, ref, labels, mu, tail, risk, split_vocab):
-    stats, saved = rows_forward(policy, ref, labels, mu, tail, risk=risk, split_vocab=split_vocab)
+def _blocked_fwd(policy, ref, labels, mu, tail, risk, split_vocab, shards):
+    stats, saved = rows_forward(
+        policy, ref, labels, mu, tail, risk=risk, split_vocab=split_vocab, shards=shards
+    )
     return stats, (policy, ref, labels, mu, tail, saved)
 
 
-def _blocked_bwd(risk, split_vocab, residuals, cotangent):
+def _blocked_bwd(risk, split_vocab, shards, residuals, cotangent):
+    del shards  # the backward pass does no selection
     policy, ref, labels, mu, tail, saved = residuals
     d_policy, d_mu, d_tail = rows_backward(
         policy, ref, labels, mu, tail, saved, cotangent, risk=risk, split_vocab=split_vocab
@@ -235,19 +254,21 @@ _blocked.defvjp(_blocked_fwd, _blocked_bwd)
 
 
 def blocked_token_stats(
-    policy_logits, ref_logits, labels, *, risk, mu, tail, split_vocab, rows=BLOCK_ROWS
+    policy_logits, ref_logits, labels, *, risk, mu, tail, split_vocab, rows=BLOCK_ROWS, shards=1
 ) -> TokenStats:
     """`token_stats`, computed `rows` rows at a time, with the same values and gradients.
 
     Args:
       policy_logits: [..., V] any float dtype; ref_logits: [..., V] (no gradient flows into
         them); labels: [...] int; risk, mu, tail, split_vocab: as `token_stats`.
-      rows: static upper bound on G, the rows per block step (`block_rows`).
+      rows: static upper bound on the rows per block step of each device (`block_rows`).
+      shards: static number of devices the first axis is split over, each holding whole
+        first-axis entries (`block_rows`).
     Returns:
       TokenStats of [...] float32 arrays.
     """
     lead, v = labels.shape, policy_logits.shape[-1]
-    g = block_rows(math.prod(lead), rows)
+    g = block_rows(math.prod(lead), rows, shards)
     s = math.prod(lead) // g
     stats = _blocked(
         policy_logits.reshape(g, s, v),
@@ -257,5 +278,6 @@ def blocked_token_stats(
         jnp.asarray(tail, jnp.float32),
         risk,
         split_vocab,
+        shards if g % shards == 0 else 1,  # block_rows ignored a shard count not dividing n
     )
     return jax.tree.map(lambda x: x.reshape(lead), stats)

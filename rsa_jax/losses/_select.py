@@ -29,6 +29,8 @@ CPU and accelerators. `kth_smallest_pair_bisect` keeps the 32-pass bisection for
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import math
 from typing import NamedTuple
@@ -64,8 +66,33 @@ _FIRST_DIGIT_GUESSES = 5
 # stay in a CPU's L2/L3 caches across the digit passes. It is also what a row block of the risk
 # head hands over (8 positions x 2 vocabulary halves, `_row_blocks.BLOCK_ROWS`), so there the
 # selection is one loop step instead of two. The G axis is the leading one of the [G, S, W]
-# layout, so rows sharded over devices stay sharded (each device scans its own rows).
+# layout, so rows sharded over devices stay sharded (each device scans its own rows) as long as
+# G is a multiple of the devices they are split over: `rows_split_over`.
 _GROUP_ROWS = 16
+# Devices the rows of a selection are split over, in contiguous blocks (the risk head's row
+# blocks set it while their forward pass is traced: `rows_split_over`). A context, not an
+# argument, because the selection sits under every risk's signature; it only shapes the loop.
+_ROW_SHARDS: contextvars.ContextVar[int] = contextvars.ContextVar("rows_split_over", default=1)
+
+
+@contextlib.contextmanager
+def rows_split_over(shards: int):
+    """While tracing inside it, the selections' [G, S, W] loops take G a multiple of `shards`
+    (when it divides the rows), so the rows of each device stay on it: with G < shards the S
+    axis is sharded too and SPMD all-gathers every key at every loop step."""
+    token = _ROW_SHARDS.set(int(shards))
+    try:
+        yield
+    finally:
+        _ROW_SHARDS.reset(token)
+
+
+def group_rows(n: int, shards: int = 1) -> int:
+    """G, the rows per loop step of a selection over n rows split over `shards` devices:
+    `_GROUP_ROWS` per device."""
+    if shards > 1 and n % shards == 0:
+        return shards * min(_GROUP_ROWS, n // shards)
+    return min(_GROUP_ROWS, n)
 
 
 def float_to_key(x: jax.Array) -> jax.Array:
@@ -361,7 +388,7 @@ def _kth_pair_keys(keys: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]
     has only one to three keys in 99.5% of the benchmark's rows, and one fused pass
     (`_pair_from_group`) reads x_k and x_(k+1) off it. Only where some row of the step needs more
     (a `cond`; 8% of the benchmark's 16-row steps) does the last histogram pass run. Both ways are
-    exact. (This is never vmapped: `_kth_pair_rows_vmap` puts the members' rows in one loop, so
+    exact. (This is never vmapped: `_kth_pair_rows`' rule puts the members' rows in one loop, so
     the `cond`s stay branches.)
     """
     group = _leading_digits(keys, k)
@@ -391,26 +418,23 @@ def kth_smallest_pair(x: jax.Array, k: jax.Array, valid: jax.Array) -> tuple[jax
     # A rank past the valid entries gives the last one (as the bisection did), never padding.
     n_valid = jnp.sum(valid, axis=-1, dtype=jnp.int32)
     k = jnp.minimum(jnp.broadcast_to(k.astype(jnp.int32), lead), n_valid - 1)
-    key_k, key_k1 = _kth_pair_rows(keys, k)
+    key_k, key_k1 = _kth_pair_rows(_ROW_SHARDS.get())(keys, k)
     return key_to_float(key_k), key_to_float(key_k1)
 
 
-@jax.custom_batching.custom_vmap
-def _kth_pair_rows(keys: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`_kth_pair_keys` of every row, G rows per loop step.
+def _kth_pair_loop(keys: jax.Array, k: jax.Array, shards: int) -> tuple[jax.Array, jax.Array]:
+    """`_kth_pair_keys` of every row, G = `group_rows(n, shards)` rows per loop step.
 
     Args:
-      keys: [..., W] uint32, padding set to the largest key; k: [...] int32, 0 <= k < n_valid.
+      keys: [..., W] uint32, padding set to the largest key; k: [...] int32, 0 <= k < n_valid;
+      shards: the devices the rows are split over, in contiguous runs.
     Returns:
       (key_k, key_k1): [...] uint32 each.
-
-    Under `vmap` (`_kth_pair_rows_vmap`) the mapped axis joins the rows, so the steps' `cond`s
-    stay branches instead of becoming selects that run both ways.
     """
     lead, w = keys.shape[:-1], keys.shape[-1]
     n = math.prod(lead)
     keys, k = keys.reshape(n, w), k.reshape(n)
-    g = min(_GROUP_ROWS, n)
+    g = group_rows(n, shards)
     s = -(-n // g)
     # Pad the rows to G x S (padding rows select their 0-th key and are dropped) and view them as
     # [G, S, W]: step j handles rows j, S + j, 2S + j, ... read in place by a dynamic index (a
@@ -431,19 +455,36 @@ def _kth_pair_rows(keys: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]
     return tuple(key.reshape(g * s)[:n].reshape(lead) for key in (key_k, key_k1))
 
 
-@_kth_pair_rows.def_vmap
-def _kth_pair_rows_vmap(axis_size, in_batched, keys, k):
-    """The batching rule of `_kth_pair_rows`: the mapped axis becomes a leading axis of rows.
+@functools.cache
+def _kth_pair_rows(shards: int):
+    """`_kth_pair_loop` for rows split over `shards` devices, with its batching rule: under
+    `vmap` the mapped axis joins the rows, so the steps' `cond`s stay branches instead of
+    becoming selects that run both ways.
 
-    A plain `vmap` would turn each step's `cond`s (the sampled first digit, the skipped last
-    digit) into selects that run both branches, and batch the scatters and dynamic slices, so
-    the shortcuts would cost instead of save. Both are exact, so the bits are the same.
-    """
-    keys, k = (
-        a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
-        for a, batched in zip((keys, k), in_batched, strict=True)
-    )
-    return _kth_pair_rows(keys, k), (True, True)
+    The shard count is fixed here, when the selection is first traced (inside the row blocks'
+    `rows_split_over`), because the rule may run later: a vmapped `custom_vjp` batches its
+    forward pass's traced program after that pass's Python has returned."""
+
+    @jax.custom_batching.custom_vmap
+    def rows(keys, k):
+        return _kth_pair_loop(keys, k, shards)
+
+    @rows.def_vmap
+    def rule(axis_size, in_batched, keys, k):
+        """The mapped axis becomes a leading axis of rows. A plain `vmap` would turn each step's
+        `cond`s (the sampled first digit, the skipped last digit) into selects that run both
+        branches, and batch the scatters and dynamic slices, so the shortcuts would cost
+        instead of save. Both are exact, so the bits are the same."""
+        keys, k = (
+            a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
+            for a, batched in zip((keys, k), in_batched, strict=True)
+        )
+        # Each device holds contiguous runs of rows / shards of the flattened
+        # [axis_size x rows]: a G that keeps them whole is a multiple of axis_size x shards.
+        joined = axis_size * shards if shards > 1 else 1
+        return _kth_pair_rows(joined)(keys, k), (True, True)
+
+    return rows
 
 
 def kth_smallest_pair_bisect(

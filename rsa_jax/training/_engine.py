@@ -274,7 +274,12 @@ class Engine:
     # -- programs -----------------------------------------------------------------------------
     def objective(self, stage: StageConfig) -> PairObjective:
         train = self.config.train
-        return PairObjective(stage.kernel, head=train.head, chunk_size=train.chunk_size)
+        return PairObjective(
+            stage.kernel,
+            head=train.head,
+            chunk_size=train.chunk_size,
+            row_shards=self.layout.row_shards,
+        )
 
     def compiled_step(
         self, objective: Objective, state_sh: TrainState, *, reference_adapters: bool = False

@@ -215,6 +215,13 @@ class Layout:
         return batch_sharding(self.mesh, self.rules)
 
     @functools.cached_property
+    def row_shards(self) -> int:
+        """How many devices a batch's rows are split over (the `batch` rule's mesh axes)."""
+        rows = self.batch.spec[0] if len(self.batch.spec) else None
+        axes = () if rows is None else (rows,) if isinstance(rows, str) else tuple(rows)
+        return int(np.prod([self.mesh.shape[a] for a in axes], dtype=np.int64))
+
+    @functools.cached_property
     def microbatches(self) -> NamedSharding:
         """[K, rows, L] microbatches of a batch: each microbatch's rows as `batch` lays rows."""
         return NamedSharding(self.mesh, PartitionSpec(None, *self.batch.spec))

@@ -127,6 +127,9 @@ class PairObjective:
     # "logits": the full [2b, L, V] logits of both models.
     head: str = "fused"
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    # Devices the microbatch's rows are split over (`Layout.row_shards`): the loss head's
+    # row-block loops then step over each device's own rows (`fused_pair_loss`).
+    row_shards: int = 1
     needs_reference = True
     split = staticmethod(split_pairs)
 
@@ -138,7 +141,7 @@ class PairObjective:
         args = (mb["input_ids"], mb["positions"], mb["attention_mask"])
         hidden = policy(*args)  # [2b, L, D]
         ref_hidden = jax.lax.stop_gradient(reference(*args))
-        kw = {**self.kernel.kwargs(), **hyper.loss.kwargs()}
+        kw = {**self.kernel.kwargs(), **hyper.loss.kwargs(), "row_shards": self.row_shards}
         if self.head == "fused":
             losses, metrics = fused_pair_loss(
                 hidden,

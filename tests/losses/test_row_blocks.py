@@ -11,6 +11,7 @@ import pytest
 from rsa_jax import losses
 from rsa_jax.losses import _head, blocked_token_stats
 from rsa_jax.losses._row_blocks import PARTS_IN_BLOCK_MIN, block_rows, rows_forward
+from rsa_jax.losses._select import group_rows
 from rsa_jax.losses._token_stats import log_softmax_parts
 
 # The cases of each grid that the default suite runs; `make test-slow` runs every case
@@ -23,6 +24,7 @@ DEFAULT_CASES = {
         "shape3-True-cvar",
         "shape4-True-erm",
     ],
+    "test_row_shards_change_no_bit": ["fused"],
 }
 
 MU = {"cvar_reference": 0.9, "cvar": 0.4, "erm": 3.0, "kl": 0.5}
@@ -97,6 +99,51 @@ def test_blocked_bf16_logits_give_bf16_gradients():
 def test_block_rows_divides_the_row_count():
     assert [block_rows(n) for n in (1, 7, 8, 12, 13, 24, 2048)] == [1, 7, 8, 6, 1, 8, 8]
     assert block_rows(12, most=4) == 4
+    # rows split over devices: a multiple of the devices, each taking at most `most` per step
+    assert block_rows(2048, shards=64) == 64 * 8
+    assert block_rows(64 * 6, shards=64) == 64 * 6
+    assert block_rows(96, shards=32) == 32 * 3
+    assert block_rows(100, shards=64) == block_rows(100)  # not dividing: ignored
+    assert group_rows(1024, 64) == 64 * 16 and group_rows(1024) == 16
+    assert group_rows(64, 32) == 64 and group_rows(100, 64) == 16
+
+
+@pytest.mark.parametrize("head", ["fused", "logits"])
+def test_row_shards_change_no_bit(head):
+    """`row_shards` only changes which rows a loop step takes (and the selection's groups): the
+    maths of every row is the same. On one device the loss is the same bit for bit; the
+    gradients' sums over a block's vocabulary may round differently with the block's shape
+    (XLA's CPU backend orders a reduction by its shape; 4 x 8 rows per step here, where 4 real
+    devices would each still see 8), a few float32 ulps."""
+    n, t, d, v = 16, 6, 8, 64
+    k = jax.random.split(jax.random.key(5), 4)
+    h = jax.random.normal(k[0], (n, t, d))
+    hr = h + 0.1 * jax.random.normal(k[1], (n, t, d))
+    w = jax.random.normal(k[2], (d, v)) / 2
+    labels = jax.random.randint(k[3], (n, t), 0, v)
+    mask = jnp.broadcast_to(jnp.arange(t) >= 2, (n, t))
+
+    def run(shards):
+        def total(h, w, mu):
+            kw = dict(loss="ra_dpo", risk="cvar_reference", mu=mu, row_shards=shards)
+            if head == "fused":
+                out, _ = losses.fused_pair_loss(h, w, hr, w * 0.9, labels, mask, chunk_size=4, **kw)
+            else:
+                policy, ref = h @ w, hr @ (w * 0.9)
+                out, _ = losses.logits_pair_loss(policy, ref, labels, mask, **kw)
+            return jnp.sum(out)
+
+        grad = jax.value_and_grad(total, argnums=(0, 1))
+        plain = jax.jit(grad)(h, w, jnp.float32(0.9))
+        mapped = jax.jit(jax.vmap(grad, in_axes=(None, None, 0)))(h, w, jnp.array([0.9, 0.7]))
+        return plain, mapped
+
+    want = run(1)
+    for shards in (4,):  # 4 devices x 8 rows per block step
+        got = run(shards)
+        assert np.asarray(got[0][0]) == np.asarray(want[0][0])  # the plain program's loss
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-8)
 
 
 def test_logits_head_keeps_no_whole_vocabulary_temporaries():
