@@ -11,7 +11,7 @@ file, so the doc, the configs and the JSON always agree.
     python bench/scale_table.py --render                 # rewrite the doc and headers only
 
 Compiles take minutes each on a small host (a 70B program: more); run it in the background.
-JAX's persistent compilation cache does not help here: an executable compiled for topology
+`rsa_jax.compile` keeps JAX's persistent compilation cache off: an executable compiled for topology
 devices cannot be loaded back without a TPU client (jax 0.10.2 warns and compiles again).
 """
 

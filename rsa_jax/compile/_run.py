@@ -176,6 +176,12 @@ def compile_config(
     fit is reported (`fits` False), not raised.
     """
     tpu = tpu_slice(topology)
+    # No persistent compilation cache: an executable compiled for topology devices cannot be
+    # loaded back without a TPU client (jax 0.10.2 warns "PjRtCompiler must be constructed
+    # with a Client" and compiles again), so the entries would only fill the disk.
+    config = dataclasses.replace(
+        config, train=dataclasses.replace(config.train, compilation_cache_dir="")
+    )
     llama = _model(config)
     devices = topology_devices(topology, slices)
     where = f"{topology}" + (f" x {slices} slices" if slices > 1 else "")

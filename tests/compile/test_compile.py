@@ -131,6 +131,26 @@ def _tiny_llama() -> LlamaConfig:
     return tiny_config(vocab_size=len(train_bpe_tokenizer()))
 
 
+@needs_libtpu
+def test_compiles_never_use_the_persistent_compilation_cache(monkeypatch):
+    """An executable compiled for topology devices cannot be loaded back without a TPU (jax
+    0.10.2), so `compile_config` builds every program with the cache off, whatever the config
+    says (before, each compile wrote entries that no later run could read)."""
+    from rsa_jax.compile import _run
+
+    seen = []
+
+    def stop(config, *args, **kwargs):
+        seen.append(config.train.compilation_cache_dir)
+        raise StopIteration
+
+    monkeypatch.setattr(_run, "train_programs", stop)
+    config = load_config(TINY, ["train.compilation_cache_dir=/tmp/anywhere"])
+    with pytest.raises(StopIteration):
+        compile_config(config, "v5e-4", sampler=False, say=lambda _: None)
+    assert seen == [""]
+
+
 def test_bad_topology_name_is_one_line_listing_the_known_ones():
     code, out, err = _run(["compile", TINY, "--topology", "v5x-9"])
     assert code == 2 and out == ""
