@@ -56,7 +56,14 @@ jax.monitoring.register_event_listener(_count_cache_hits)
 EVAL_MAX_NEW_TOKENS = 64
 EVAL_ROWS = 1024
 
-_HBM_OOM = re.compile(r"Used\s+([0-9.]+)([KMGT]?)\s+of\s+([0-9.]+)([KMGT]?)\s+hbm", re.I)
+# XLA:TPU's two out-of-HBM messages: "Used 102.3G of 95.7G hbm" (buffer assignment, all of
+# it), and "the total memory required for HLO temporaries (105.07G) exceeds available HBM
+# (95.74G)" (the temporaries alone: a lower bound on what the program needs).
+_HBM_OOM = re.compile(
+    r"Used\s+([0-9.]+)([KMGT]?)\s+of\s+([0-9.]+)([KMGT]?)\s+hbm"
+    r"|required for HLO temporaries\s+\(([0-9.]+)([KMGT]?)\)\s+exceeds available HBM",
+    re.I,
+)
 _UNIT = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
@@ -145,7 +152,8 @@ def _out_of_memory(error: Exception) -> int | None:
     m = _HBM_OOM.search(str(error))
     if m is None:
         return None
-    return int(float(m.group(1)) * _UNIT[m.group(2).upper()])
+    size, unit = (m.group(1), m.group(2)) if m.group(1) else (m.group(5), m.group(6))
+    return int(float(size) * _UNIT[unit.upper()])
 
 
 def _model(config: Config) -> LlamaConfig | None:

@@ -151,6 +151,21 @@ def test_compiles_never_use_the_persistent_compilation_cache(monkeypatch):
     assert seen == [""]
 
 
+def test_both_out_of_hbm_messages_are_read_as_the_bytes_needed():
+    from rsa_jax.compile._run import _out_of_memory
+
+    gib = 1024**3
+    used = RuntimeError("RESOURCE_EXHAUSTED: Ran out of memory: Used 102.31G of 95.74G hbm.")
+    assert _out_of_memory(used) == int(102.31 * gib)
+    # the temporaries alone (llama3_70b_qlora's sampler raised this one, uncaught before)
+    temps = RuntimeError(
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (105.07G) exceeds available HBM (95.74G)."
+    )
+    assert _out_of_memory(temps) == int(105.07 * gib)
+    assert _out_of_memory(RuntimeError("INVALID_ARGUMENT: something else")) is None
+
+
 def test_bad_topology_name_is_one_line_listing_the_known_ones():
     code, out, err = _run(["compile", TINY, "--topology", "v5x-9"])
     assert code == 2 and out == ""
