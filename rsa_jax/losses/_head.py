@@ -169,9 +169,9 @@ def _chunk_logits(h_policy, w_policy, h_ref, w_ref):
 
 def _rows(x: jax.Array, shards: int) -> jax.Array:
     """[N, C, ...] -> the [G, S, ...] row-block view of `rows_forward` (a free reshape); the N
-    rows are split over `shards` devices (`block_rows`)."""
+    rows are split over `shards` devices, each holding whole rows (`block_rows`)."""
     n = x.shape[0] * x.shape[1]
-    g = block_rows(n, shards=_row_shards(x.shape[0], shards))
+    g = block_rows(n, shards=shards)
     return x.reshape(g, n // g, *x.shape[2:])
 
 
@@ -191,7 +191,7 @@ def _stats_of_logits(policy_logits, ref_logits, y, mu, tail, risk, split_vocab, 
         tail,
         risk=risk,
         split_vocab=split_vocab,
-        shards=_row_shards(y.shape[0], shards),
+        shards=shards,
     )
     return jax.tree.map(lambda x: x.reshape(y.shape), stats), saved
 
@@ -345,7 +345,7 @@ def fused_token_stats(
         jnp.asarray(tail, jnp.float32),
         risk,
         split_vocab,
-        row_shards,
+        _row_shards(n, row_shards),  # resolved once: every chunk has the same N rows
     )  # TokenStats of [K, N, C]
     return jax.tree.map(lambda s: jnp.moveaxis(s, 0, 1).reshape(n, -1)[:, :t], stats)
 
