@@ -199,14 +199,15 @@ def _row_reductions(operands, inits, combiners) -> tuple[jax.Array, ...]:
     )
 
 
-def _digit_pass(keys, prefix, fixed, rank, shift, bits):
+def _digit_pass(keys, prefix, fixed, rank, shift, bits, split=False):
     """One radix pass: the histogram of the digit `(key >> shift) % 2^bits` among the keys of
     each row that share the row's fixed bits, and the bin that holds the row's rank.
 
     Args:
       keys: [G, W] uint32; prefix: [G] uint32, the bits fixed so far in place (the others zero);
       fixed: numpy uint32 mask of those bits; rank: [G] int32 rank of the answer among the keys
-      that share `prefix`; shift, bits: the digit's place and width.
+      that share `prefix`; shift, bits: the digit's place and width; split: the G rows are
+      split over devices (see `_histogram`).
     Returns:
       (prefix, fixed, rank, counts, chosen): the prefix and mask with the digit fixed, the rank
       within the chosen bin, the [G, 2^bits] int32 histogram and the [G] int32 chosen bins.
@@ -214,6 +215,17 @@ def _digit_pass(keys, prefix, fixed, rank, shift, bits):
     g = keys.shape[0]
     bins = 1 << bits
     digit = ((keys >> shift) & np.uint32(bins - 1)).astype(jnp.int32)  # [G, W]
+    if split:
+        # One scatter per row (vmapped: the rows are the scatter's batch dimension, which the
+        # SPMD partitioner keeps on each row's device). The flat [G * R] scatter below would
+        # all-gather its indices over the devices the rows are split over.
+        in_group = (keys & fixed) == prefix[:, None] if fixed else jnp.ones(keys.shape, bool)
+        counts = jax.vmap(
+            lambda d, m: jnp.zeros((bins,), jnp.int32).at[jnp.where(m, d, bins)].add(1, mode="drop")
+        )(digit, in_group)
+        chosen, rank = _bin_holding(counts, rank)
+        prefix = prefix | (chosen.astype(jnp.uint32) << np.uint32(shift))
+        return prefix, np.uint32(fixed | ((bins - 1) << shift)), rank, counts, chosen
     # A scatter-add histogram (XLA has no histogram primitive): O(W), one pass. The G rows share
     # one flat [G * R] array (row r's bins from r * R), and keys outside the row's current prefix
     # group get an out-of-range index that the scatter drops: faster than a scatter vmapped over
@@ -284,29 +296,35 @@ def _first_digit_from_sample(keys: jax.Array, k: jax.Array):
     return chosen.astype(jnp.uint32) << np.uint32(shift), rank, found
 
 
-def _leading_digits(keys: jax.Array, k: jax.Array) -> _Group:
+def _leading_digits(keys: jax.Array, k: jax.Array, split: bool = False) -> _Group:
     """The histogram passes of all digits but the last one. keys: [G, W] uint32; k: [G] int32.
 
     The first digit comes from `_first_digit_from_sample` where it finds every row's bin (a
     histogram of a sixteenth of the keys and one fused counting pass cost about a third of a
-    histogram pass over all keys), else from a full histogram pass (`cond`).
+    histogram pass over all keys), else from a full histogram pass (`cond`); with `split` (rows
+    split over devices: `_kth_pair_keys`), from the full pass.
     """
     g = keys.shape[0]
     shift = 32 - _DIGITS[0]
-    prefix, rank, found = _first_digit_from_sample(keys, k)
 
     def first_pass():
         prefix, _, rank, _, _ = _digit_pass(
-            keys, jnp.zeros((g,), jnp.uint32), np.uint32(0), k, shift, _DIGITS[0]
+            keys, jnp.zeros((g,), jnp.uint32), np.uint32(0), k, shift, _DIGITS[0], split
         )
         return prefix, rank
 
-    prefix, rank = jax.lax.cond(jnp.all(found), lambda: (prefix, rank), first_pass)
+    if not split:
+        prefix, rank, found = _first_digit_from_sample(keys, k)
+        prefix, rank = jax.lax.cond(jnp.all(found), lambda: (prefix, rank), first_pass)
+    else:
+        prefix, rank = first_pass()
     fixed = np.uint32(((1 << _DIGITS[0]) - 1) << shift)  # mask of the bits fixed so far
     count = jnp.full((g,), keys.shape[1], jnp.int32)
     for bits in _DIGITS[1:-1]:
         shift -= bits
-        prefix, fixed, rank, counts, chosen = _digit_pass(keys, prefix, fixed, rank, shift, bits)
+        prefix, fixed, rank, counts, chosen = _digit_pass(
+            keys, prefix, fixed, rank, shift, bits, split
+        )
         count = jnp.take_along_axis(counts, chosen[:, None], axis=-1)[:, 0]
     return _Group(prefix, rank, count)
 
@@ -362,22 +380,30 @@ def _pair_from_group(keys: jax.Array, group: _Group):
     return key_k, _next_key(group, key_k, key_k1, above), known, above
 
 
-def _pair_from_last_digit(keys: jax.Array, group: _Group, above: jax.Array):
+def _pair_from_last_digit(keys: jax.Array, group: _Group, above: jax.Array, split=False):
     """x_k and x_(k+1) from the last digit's histogram pass: its bins are whole keys, so the
     bins holding ranks r and r + 1 of the group are g_r and g_(r+1) (shapes as in
-    `_pair_from_group`)."""
+    `_pair_from_group`; `split` as in `_digit_pass`)."""
     bits = _DIGITS[-1]
-    prefix_k, _, _, counts, _ = _digit_pass(keys, group.prefix, _LEADING_MASK, group.rank, 0, bits)
+    prefix_k, _, _, counts, _ = _digit_pass(
+        keys, group.prefix, _LEADING_MASK, group.rank, 0, bits, split
+    )
     next_bin, _ = _bin_holding(counts, jnp.minimum(group.rank + 1, group.count - 1))
     return prefix_k, _next_key(group, prefix_k, group.prefix | next_bin.astype(jnp.uint32), above)
 
 
-def _kth_pair_keys(keys: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _kth_pair_keys(
+    keys: jax.Array, k: jax.Array, split: bool = False
+) -> tuple[jax.Array, jax.Array]:
     """The k-th and (k+1)-th smallest keys (0-based, with multiplicity) of each row.
 
     Args:
       keys: [G, W] uint32, padding set to the largest key (it sorts last and k never reaches it).
       k: [G] int32, 0 <= k < number of valid keys of the row.
+      split: the G rows are split over devices. A `cond`'s predicate over them would be a
+        collective at every loop step (over the DCN when the rows span slices), so the two
+        shortcuts below are off: every row runs the full first and last passes, with per-row
+        histograms (`_digit_pass`), and nothing crosses devices. The same bits either way.
 
     Returns:
       (key_k, key_k1): [G] uint32 each; key_k1 = key_k when no key follows (k + 1 == n_valid).
@@ -391,8 +417,10 @@ def _kth_pair_keys(keys: jax.Array, k: jax.Array) -> tuple[jax.Array, jax.Array]
     exact. (This is never vmapped: `_kth_pair_rows`' rule puts the members' rows in one loop, so
     the `cond`s stay branches.)
     """
-    group = _leading_digits(keys, k)
+    group = _leading_digits(keys, k, split)
     key_k, key_k1, known, above = _pair_from_group(keys, group)
+    if split:
+        return _pair_from_last_digit(keys, group, above, split)
     return jax.lax.cond(
         jnp.all(known),
         lambda: (key_k, key_k1),
@@ -444,7 +472,7 @@ def _kth_pair_loop(keys: jax.Array, k: jax.Array, shards: int) -> tuple[jax.Arra
 
     def step(j, found):
         pick = functools.partial(jax.lax.dynamic_index_in_dim, index=j, axis=1, keepdims=False)
-        pair = _kth_pair_keys(pick(keys), pick(k))  # ([G], [G])
+        pair = _kth_pair_keys(pick(keys), pick(k), split=shards > 1)  # ([G], [G])
         return tuple(
             jax.lax.dynamic_update_index_in_dim(out, new, j, axis=1)
             for out, new in zip(found, pair, strict=True)
@@ -479,10 +507,14 @@ def _kth_pair_rows(shards: int):
             a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
             for a, batched in zip((keys, k), in_batched, strict=True)
         )
-        # Each device holds contiguous runs of rows / shards of the flattened
-        # [axis_size x rows]: a G that keeps them whole is a multiple of axis_size x shards.
-        joined = axis_size * shards if shards > 1 else 1
-        return _kth_pair_rows(joined)(keys, k), (True, True)
+        # The mapped axis goes after the rows' own axes ([*lead, A, W] keys, [*lead, A] ranks):
+        # flattened, each device's rows (its run of the leading axis, for every member) are then
+        # one contiguous run, as the loop needs them (`group_rows`). Member-major, each device
+        # would hold A separate runs, a layout no tiled sharding of the G axis expresses, and
+        # SPMD all-gathers the keys at every step.
+        keys, k = jnp.moveaxis(keys, 0, -2), jnp.moveaxis(k, 0, -1)
+        key_k, key_k1 = _kth_pair_rows(shards)(keys, k)
+        return (jnp.moveaxis(key_k, -1, 0), jnp.moveaxis(key_k1, -1, 0)), (True, True)
 
     return rows
 

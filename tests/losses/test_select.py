@@ -22,6 +22,7 @@ from rsa_jax.losses._select import (
     _pair_from_last_digit,
     float_to_key,
     key_to_float,
+    rows_split_over,
 )
 
 # The cases of each grid that the default suite runs; `make test-slow` runs every case
@@ -366,3 +367,34 @@ def test_steps_with_a_misleading_sample_in_some_rows_match_the_bisection():
     keys = float_to_key(jnp.asarray(x))
     found = [np.asarray(_first_digit_from_sample(keys, jnp.full((16,), k))[2]) for k in (10, 300)]
     assert np.all(found[0]) and not np.all(found[1])
+
+
+@pytest.mark.parametrize("shards", [2, 4])
+def test_rows_split_over_devices_take_no_shortcut_and_give_the_same_bits(shards):
+    # With the rows split over devices (`rows_split_over`, the risk head on a mesh) the loop
+    # runs per-row histograms and no `cond` (a predicate over rows on several devices is a
+    # collective at every step): the same bits as the sort, in rows where the fused pass or the
+    # sampled first digit would have failed and where they would have held, plain and vmapped.
+    rng = np.random.default_rng(17)
+    x, k = _cluster_rows(rng, [spec for spec, _ in _CLUSTERS])
+    x = np.concatenate([x, x[:, ::-1]])  # 32 rows: G = 16 x shards takes them in one step
+    x[::5, ::16] = -50.0  # misleading samples
+    k = np.concatenate([k, x.shape[1] - 1 - k])
+    valid = jnp.ones(x.shape, bool)
+
+    def split(x, k, valid):
+        with rows_split_over(shards):
+            return kth_smallest_pair(x, k, valid)
+
+    got = jax.jit(split)(jnp.asarray(x), jnp.asarray(k), valid)
+    want = _kth_sort(jnp.asarray(x), jnp.asarray(k), valid)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_array_equal(_bits(a), _bits(b))
+    batched = jax.jit(jax.vmap(split))(*(jnp.stack([a, a[::-1]]) for a in (x, k, valid)))
+    for a, b in zip(batched, want, strict=True):
+        np.testing.assert_array_equal(_bits(a[0]), _bits(b))
+        np.testing.assert_array_equal(_bits(a[1]), _bits(b[::-1]))
+    hlo = jax.jit(split).lower(jnp.asarray(x), jnp.asarray(k), valid).as_text()
+    assert "stablehlo.case" not in hlo and "stablehlo.if" not in hlo  # no shortcut branches
+    plain = jax.jit(kth_smallest_pair).lower(jnp.asarray(x), jnp.asarray(k), valid).as_text()
+    assert "stablehlo.case" in plain or "stablehlo.if" in plain  # the check sees branches

@@ -66,9 +66,10 @@ def test_cpu_mesh_layout_on_eight_devices(device_script):
 def test_only_gradient_reductions_cross_slices_in_the_tpu_compile(device_script):
     """Two v5p-8 slices, data=2 across them, fsdp=4 inside: the DCN carries the data axis's
     reductions (gradients in bf16/f32, plus the loss and norm scalars); parameters are gathered
-    inside a slice only. What else crosses (measured, see docs/scale.md): the radix select's
-    int32 index all-gathers and loop-exit votes, and per-pair float scalars of the
-    chosen/rejected split, together a few percent of the gradient bytes."""
+    inside a slice only. What else crosses (measured, see docs/scale.md): the per-pair float
+    scalars of the chosen/rejected split (point-to-point), well under a percent of the gradient
+    bytes. The radix select, whose rows span the slices, sends nothing: per-row histograms and
+    no shortcut branch voted on across devices (`_select._kth_pair_keys`)."""
     out = device_script(os.path.join(HERE, "multislice_tpu_check.py"), devices=1, timeout=900)
     assert out["slices"] == [0, 1] and out["slice_of"] == [0] * 4 + [1] * 4
     assert out["inside"]["all-gather"] > 0  # fsdp's parameter gathers, inside a slice
@@ -77,11 +78,9 @@ def test_only_gradient_reductions_cross_slices_in_the_tpu_compile(device_script)
     floats = sum(n for t, n in reduce["elements"].items() if t in ("bf16", "f32"))
     assert floats >= out["param_elements"] // out["fsdp"]  # at least one gradient shard
     other = {k: v for k, v in crossing.items() if k != "ALL_REDUCE"}
-    assert set(other) <= {"ALL_GATHER", "ONE_TO_ONE"}, other  # no all-to-all, no reduce-scatter
-    gathered = crossing.get("ALL_GATHER", {"elements": {}})["elements"]
-    assert set(gathered) <= {"s32", "u32"}, gathered  # no float (parameter) gather over DCN
+    assert set(other) <= {"ONE_TO_ONE"}, other  # no gather, all-to-all or reduce-scatter
     other_bytes = sum(v["bytes"] for v in other.values())
-    assert other_bytes <= 0.1 * reduce["bytes"], (other_bytes, reduce["bytes"])
+    assert other_bytes <= 0.01 * reduce["bytes"], (other_bytes, reduce["bytes"])
 
 
 def test_vmap_sweeps_refuse_a_multislice_mesh():
