@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from rsa_jax.compile._report import SamplerShape, StepShape, shard_bytes
 from rsa_jax.config import Config, StageConfig
-from rsa_jax.models import LlamaConfig
+from rsa_jax.models import LlamaConfig, cast_at_use
 from rsa_jax.training import (
     BATCH_KEYS,
     Engine,
@@ -268,7 +268,8 @@ def sampler_program(
 ) -> Program:
     """The sampling batch `rsa-jax eval RUN` runs on the run's final policy, on `devices` with
     the config's mesh: the merged policy (`load_policy`: float32 parameters on the training
-    shardings, computing in `model.compute_dtype`), prompts of `PROMPT_SLOTS` slots (the widest
+    shardings, computing in `model.compute_dtype`; `load_model` stores the weights cast at
+    every use in that dtype), prompts of `PROMPT_SLOTS` slots (the widest
     batch), `max_new_tokens` new tokens, and as many of `eval_rows` rows per batch as
     `rsa_jax.eval`'s memory budget gives on a chip of `hbm_bytes` holding the parameters (half
     of what they leave free, as `default_memory_budget` reads it on a TPU)."""
@@ -278,7 +279,15 @@ def sampler_program(
     mesh_placement = placement_for(config.mesh, devices)
     layout = Layout(mesh_placement.mesh, dict(mesh_placement.rules))
     engine = build_engine(config, layout, llama)
-    params = engine.merged_abstract()
+    arch = engine.model.llama
+    # Stored as `load_model` stores them for evaluation (`store_in_compute_dtype`).
+    compute = jnp.dtype(config.model.compute_dtype)
+    params = {
+        k: jax.ShapeDtypeStruct(s.shape, compute, sharding=s.sharding)
+        if cast_at_use(k, arch) and s.dtype.itemsize > compute.itemsize
+        else s
+        for k, s in engine.merged_abstract().items()
+    }
     model = engine.model.module(params)
     # One device: evaluation samples without shardings (`placement_of` is None there).
     placement = mesh_placement if mesh_placement.mesh.size > 1 else None
@@ -292,7 +301,6 @@ def sampler_program(
         max_new_tokens=max_new_tokens,
         placement=placement,
     )
-    arch = engine.model.llama
     shardings = static["shardings"]
     cache = None if shardings is None else shardings.cache
     cache_shape = (

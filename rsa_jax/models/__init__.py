@@ -32,6 +32,8 @@ Stable API (the training code and the CLI rely on these names):
   dicts; `spec.module(base, adapters, dropout_key=None)` rebuilds it inside jit (`adapters=None`:
   adapters off); `spec.shardings(tree, fn)` maps logical axes to shardings;
   `save_merged_hf`, `save_peft`; `tree_bytes`, `param_count`; `project` is the one weight matmul.
+- `store_in_compute_dtype(model)` (evaluation): the weights the forward casts to the compute
+  dtype at every use (`cast_at_use`) stored in it, in place; the same outputs bit for bit.
 - Sampling with a KV cache lives in `rsa_jax.generate.generate`.
 """
 
@@ -48,7 +50,9 @@ from rsa_jax.models._llama import (
     REMAT_POLICIES,
     Llama,
     attention_implementation,
+    cast_at_use,
     pick_layer_value,
+    store_in_compute_dtype,
     window_allowed,
 )
 from rsa_jax.models._local import check_model_dir, check_tokenizer_dir
@@ -94,6 +98,8 @@ __all__ = [
     "to_lora",
     "tree_bytes",
     "attention_implementation",
+    "cast_at_use",
+    "store_in_compute_dtype",
     "bundled_smollm2_gguf",
     "check_model_dir",
     "check_tokenizer_dir",

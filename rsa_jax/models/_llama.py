@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rsa_jax.models._config import LlamaConfig
-from rsa_jax.models._project import project
+from rsa_jax.models._project import PROJECTIONS, project
 
 
 def attention_implementation(choice: str, dtype, head_dim: int) -> Literal["xla", "cudnn"]:
@@ -419,3 +419,43 @@ class Llama(nnx.Module):
         if cap is not None:
             logits = cap * jnp.tanh(logits / cap)
         return logits.reshape(hidden.shape[:-1] + logits.shape[-1:])
+
+
+# Parameters every forward pass casts to the compute dtype before it reads them: the weights of
+# `project` (their only use is `dense_weight(w, compute_dtype)`), the attention biases and the LM
+# head (`logits` casts it to the hidden states' dtype, the compute dtype). The embedding joins
+# them unless it is scaled in its own dtype first (`embed_scale`, Gemma); norm weights are read
+# in float32 and never cast down.
+_CAST_AT_USE = frozenset((*PROJECTIONS, "q_bias", "k_bias", "v_bias", "lm_head"))
+
+
+def cast_at_use(path, config: LlamaConfig) -> bool:
+    """Whether the parameter at `path` (the tuple of an NNX state path, or a flat key
+    "blocks/attention/q") is cast to the compute dtype wherever the model reads it, so storing
+    it in that dtype changes no result."""
+    name = path.rsplit("/", 1)[-1] if isinstance(path, str) else str(path[-1])
+    if name == "embed":
+        return not config.embed_scale
+    return name in _CAST_AT_USE
+
+
+def store_in_compute_dtype(model: Llama) -> Llama:
+    """Stores, in place, the parameters the model casts to its compute dtype at every use
+    (`cast_at_use`) in that dtype: the same outputs bit for bit, half the bytes for a bfloat16
+    model with float32 parameters, and no hoisted copy. XLA moves a scanned model's casts out of
+    the sampler's loops (a converted copy of every layer's weights, once for the prefill and
+    once for the decode loop): for Llama-3-70B in bfloat16 on a v5p-8, 100 GiB of temporaries
+    per chip beside 66 GiB of float32 parameters, 5 GiB with the weights already in bfloat16
+    (docs/compile.md). For evaluation, never for training (the optimizer updates float32).
+
+    Leaves that are not floating arrays (quantized `qwix.QArray` codes) or already narrower are
+    kept; each leaf is cast and replaced on its own shardings, so the float32 copy of one leaf
+    at a time is what the cast adds at its peak."""
+    dtype = jnp.dtype(model.compute_dtype)
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        value = var.get_value()
+        if not isinstance(value, jax.Array) or not cast_at_use(path, model.config):
+            continue
+        if jnp.issubdtype(value.dtype, jnp.floating) and value.dtype.itemsize > dtype.itemsize:
+            var.set_value(value.astype(dtype))
+    return model
