@@ -108,7 +108,18 @@ def measure(recipe: Recipe) -> dict:
                 collectives=colls,
             )
         )
-    return dict(command=recipe.command, wall_seconds=wall, programs=programs)
+    return dict(command=recipe.command, commit=_commit(), wall_seconds=wall, programs=programs)
+
+
+def _commit() -> str:
+    """The commit the programs were compiled from (with "+dirty" for uncommitted changes)."""
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout
+
+    head = git("rev-parse", "--short", "HEAD").strip() or "unknown"
+    return head + ("+dirty" if git("status", "--porcelain", "rsa_jax").strip() else "")
 
 
 def _human(nbytes: float) -> str:
