@@ -29,6 +29,7 @@ DOC = os.path.join(ROOT, "docs", "scale.md")
 DATA = os.path.join(ROOT, "docs", "scale.json")
 BEGIN, END = "<!-- scale-table:begin -->", "<!-- scale-table:end -->"
 GIB = 1024**3
+COMMIT = "unknown"  # set by main()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +109,7 @@ def measure(recipe: Recipe) -> dict:
                 collectives=colls,
             )
         )
-    return dict(command=recipe.command, commit=_commit(), wall_seconds=wall, programs=programs)
+    return dict(command=recipe.command, commit=COMMIT, wall_seconds=wall, programs=programs)
 
 
 def _commit() -> str:
@@ -221,6 +222,8 @@ def load() -> dict:
 
 
 def main():
+    global COMMIT
+    COMMIT = _commit()  # at the start: later commits do not change what this run imported
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--recipe", action="append", choices=sorted(BY_NAME), help="only these")
     p.add_argument("--render", action="store_true", help="no compiles: rewrite doc and headers")
