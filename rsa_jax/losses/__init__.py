@@ -34,6 +34,7 @@ from rsa_jax.losses._select import (
     kth_smallest_pair,
     kth_smallest_pair_bisect,
     kth_smallest_pair_sort,
+    members_split_over,
     upper_tail_atom,
 )
 from rsa_jax.losses._token_stats import (
@@ -72,6 +73,7 @@ __all__ = [
     "kth_smallest_pair",
     "kth_smallest_pair_bisect",
     "kth_smallest_pair_sort",
+    "members_split_over",
     "logits_pair_loss",
     "nested_risk_value",
     "nested_risk_value_dense",

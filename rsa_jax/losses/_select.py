@@ -75,6 +75,27 @@ _GROUP_ROWS = 16
 _ROW_SHARDS: contextvars.ContextVar[int] = contextvars.ContextVar("rows_split_over", default=1)
 
 
+# Devices the members of a vmapped selection are split over (a sweep's variants, `vmap` with
+# `spmd_axis_name`): set around the whole vmapped call (`members_split_over`), where the batching
+# rule of `_kth_pair_rows` runs.
+_MEMBER_SHARDS: contextvars.ContextVar[int] = contextvars.ContextVar(
+    "members_split_over", default=1
+)
+
+
+@contextlib.contextmanager
+def members_split_over(devices: int):
+    """While tracing a `vmap` inside it, a selection's mapped axis is taken to be split over
+    `devices` devices (the sweep's variant axis): its loop keeps that axis as its own instead of
+    joining it to the rows, so each device steps over its own variants' rows
+    (`_kth_pair_member_loop`)."""
+    token = _MEMBER_SHARDS.set(int(devices))
+    try:
+        yield
+    finally:
+        _MEMBER_SHARDS.reset(token)
+
+
 @contextlib.contextmanager
 def rows_split_over(shards: int):
     """While tracing inside it, the selections' [G, S, W] loops take G a multiple of `shards`
@@ -483,6 +504,38 @@ def _kth_pair_loop(keys: jax.Array, k: jax.Array, shards: int) -> tuple[jax.Arra
     return tuple(key.reshape(g * s)[:n].reshape(lead) for key in (key_k, key_k1))
 
 
+def _kth_pair_member_loop(keys: jax.Array, k: jax.Array, shards: int):
+    """`_kth_pair_loop` for the members of a vmapped selection whose mapped axis is split over
+    devices: keys [M, *lead, W], k [M, *lead], the rows (lead) split over `shards` devices.
+
+    M stays its own axis: step j takes [M, G, W] and views it as M x G rows, a reshape each
+    device does on its own members' rows (the devices split M, then G, as the mesh orders the
+    variant axis before the others). Joined into the rows instead, each device would hold
+    several separate runs of them, and SPMD would all-gather the keys, or reduce the histograms,
+    at every step. The step takes no shortcut (`_kth_pair_keys(split=True)`).
+    """
+    m, lead, w = keys.shape[0], keys.shape[1:-1], keys.shape[-1]
+    n = math.prod(lead)
+    keys, k = keys.reshape(m, n, w), k.reshape(m, n)
+    g = group_rows(n, shards)
+    s = -(-n // g)
+    keys = jnp.pad(keys, ((0, 0), (0, g * s - n), (0, 0)), constant_values=_ALL)
+    keys = keys.reshape(m, g, s, w)
+    k = jnp.pad(k, ((0, 0), (0, g * s - n))).reshape(m, g, s)
+
+    def step(j, found):
+        pick = functools.partial(jax.lax.dynamic_index_in_dim, index=j, axis=2, keepdims=False)
+        pair = _kth_pair_keys(pick(keys).reshape(m * g, w), pick(k).reshape(m * g), split=True)
+        return tuple(
+            jax.lax.dynamic_update_index_in_dim(out, new.reshape(m, g), j, axis=2)
+            for out, new in zip(found, pair, strict=True)
+        )
+
+    empty = jnp.zeros((m, g, s), jnp.uint32)
+    key_k, key_k1 = jax.lax.fori_loop(0, s, step, (empty, empty))  # [M, G, S] each
+    return tuple(key.reshape(m, g * s)[:, :n].reshape(m, *lead) for key in (key_k, key_k1))
+
+
 @functools.cache
 def _kth_pair_rows(shards: int):
     """`_kth_pair_loop` for rows split over `shards` devices, with its batching rule: under
@@ -507,6 +560,8 @@ def _kth_pair_rows(shards: int):
             a if batched else jnp.broadcast_to(a, (axis_size, *a.shape))
             for a, batched in zip((keys, k), in_batched, strict=True)
         )
+        if _MEMBER_SHARDS.get() > 1:  # the mapped axis is split over devices (a sweep's)
+            return _kth_pair_member_loop(keys, k, shards), (True, True)
         # The mapped axis goes after the rows' own axes ([*lead, A, W] keys, [*lead, A] ranks):
         # flattened, each device's rows (its run of the leading axis, for every member) are then
         # one contiguous run, as the loop needs them (`group_rows`). Member-major, each device

@@ -40,6 +40,7 @@ import optax
 
 from rsa_jax.config import Config, StageConfig, stage_data, stage_view_key, validate
 from rsa_jax.data import load_pairs, make_pair_dataset
+from rsa_jax.losses import members_split_over
 from rsa_jax.models import LlamaConfig
 from rsa_jax.training._mesh import Layout, make_mesh, maybe_initialize_distributed, place_batch
 from rsa_jax.training._model import (
@@ -341,9 +342,17 @@ class Engine:
             ref_axes = reference_axis
             if self.model.lora is not None:
                 ref_axes = {"base": None, "adapters": reference_axis}
-            vmapped = jax.vmap(
+            batched = jax.vmap(
                 self._step(objective), in_axes=(0, ref_axes, None, 0), spmd_axis_name=axis_name
             )
+            # The risk's selection keeps the variant axis its own where it is split over
+            # devices (`losses.members_split_over`): joined to the rows, it would gather keys.
+            members = self.layout.mesh.shape.get(axis_name, 1) if axis_name else 1
+
+            def vmapped(*args):
+                with members_split_over(members):
+                    return batched(*args)
+
             placed = {}
             if shardings is not None:
                 placed = dict(in_shardings=shardings[0], out_shardings=shardings[1])

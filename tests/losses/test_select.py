@@ -22,6 +22,7 @@ from rsa_jax.losses._select import (
     _pair_from_last_digit,
     float_to_key,
     key_to_float,
+    members_split_over,
     rows_split_over,
 )
 
@@ -369,12 +370,13 @@ def test_steps_with_a_misleading_sample_in_some_rows_match_the_bisection():
     assert np.all(found[0]) and not np.all(found[1])
 
 
-@pytest.mark.parametrize("shards", [2, 4])
+@pytest.mark.parametrize("shards", [1, 2, 4])
 def test_rows_split_over_devices_take_no_shortcut_and_give_the_same_bits(shards):
     # With the rows split over devices (`rows_split_over`, the risk head on a mesh) the loop
     # runs per-row histograms and no `cond` (a predicate over rows on several devices is a
     # collective at every step): the same bits as the sort, in rows where the fused pass or the
-    # sampled first digit would have failed and where they would have held, plain and vmapped.
+    # sampled first digit would have failed and where they would have held, plain and vmapped
+    # (shards=1: the shortcuts, for comparison).
     rng = np.random.default_rng(17)
     x, k = _cluster_rows(rng, [spec for spec, _ in _CLUSTERS])
     x = np.concatenate([x, x[:, ::-1]])  # 32 rows: G = 16 x shards takes them in one step
@@ -394,7 +396,16 @@ def test_rows_split_over_devices_take_no_shortcut_and_give_the_same_bits(shards)
     for a, b in zip(batched, want, strict=True):
         np.testing.assert_array_equal(_bits(a[0]), _bits(b))
         np.testing.assert_array_equal(_bits(a[1]), _bits(b[::-1]))
+
+    # A sweep's variants split over devices (`members_split_over`): the mapped axis stays the
+    # loop's own axis, the same bits.
+    def members(x, k, valid):
+        with members_split_over(2):
+            return jax.vmap(split)(x, k, valid)
+
+    stacked = jax.jit(members)(*(jnp.stack([a, a[::-1]]) for a in (x, k, valid)))
+    for a, b in zip(stacked, batched, strict=True):
+        np.testing.assert_array_equal(_bits(a), _bits(b))
     hlo = jax.jit(split).lower(jnp.asarray(x), jnp.asarray(k), valid).as_text()
-    assert "stablehlo.case" not in hlo and "stablehlo.if" not in hlo  # no shortcut branches
-    plain = jax.jit(kth_smallest_pair).lower(jnp.asarray(x), jnp.asarray(k), valid).as_text()
-    assert "stablehlo.case" in plain or "stablehlo.if" in plain  # the check sees branches
+    branches = "stablehlo.case" in hlo or "stablehlo.if" in hlo
+    assert branches == (shards == 1)  # shortcuts only where the rows are on one device
