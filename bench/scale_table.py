@@ -140,15 +140,18 @@ def _collective_summary(colls: dict, top: int = 3) -> str:
 def table(data: dict) -> str:
     head = (
         "| recipe | slice | program | per chip GiB | headroom GiB | compile s | "
-        "FLOPs/step | step >= ms | largest collectives per step (per chip) |"
+        "FLOPs/step | step >= ms | largest collectives per step (per chip) | commit |"
     )
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * 10]
     for recipe in RECIPES:
         entry = data.get(recipe.name)
         if entry is None:
-            lines.append(f"| {recipe.name} | {recipe.topology} | not compiled yet | | | | | | |")
+            lines.append(f"| {recipe.name} | {recipe.topology} | not compiled yet | | | | | | | |")
             continue
         where = recipe.topology + (f" x {recipe.slices}" if recipe.slices > 1 else "")
+        # Entries measured before the commit was recorded: compiled before 7c3577c (the
+        # selection split per device), so their collectives are the older program's.
+        commit = entry.get("commit", "before 7c3577c")
         for p in entry["programs"]:
             gib, hbm = p["per_chip_gib"], p["hbm_gib"]
             room = f"{hbm - gib:.1f}" if p["fits"] else f"**{hbm - gib:.1f} (does not fit)**"
@@ -156,7 +159,7 @@ def table(data: dict) -> str:
             lines.append(
                 f"| {recipe.name} | {where} | {p['name']} | {gib:.1f} of {hbm:.0f} | {room} | "
                 f"{seconds:.0f} | {p['flops']:.2e} | {p['step_seconds_bound'] * 1e3:.0f} | "
-                f"{_collective_summary(p['collectives'])} |"
+                f"{_collective_summary(p['collectives'])} | {commit} |"
             )
     commands = [f"- `{r.name}`: `{r.command}`" for r in RECIPES]
     return "\n".join(lines + ["", "Commands:", ""] + commands)
