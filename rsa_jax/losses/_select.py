@@ -18,7 +18,9 @@ result is always one of the input values, with ties handled as a sort would):
   fails for some row of a step, that step runs the full pass. The rows go G at a time through
   a `lax.fori_loop`, so each step's G x W keys stay in cache across its passes (the vocabulary
   axis is far larger than the cache, and a pass over all N x V keys at once is bound by memory
-  bandwidth).
+  bandwidth). Where the rows are split over devices (`rows_split_over`, the risk head on a
+  mesh; `members_split_over`, a sweep's variants) both shortcuts are off and each row gets its
+  own histogram scatter, so no step votes or gathers across devices (`_kth_pair_keys`).
 * `upper_tail_atom` (the predicate is a float sum of weights) bisects on the key: 32 halvings of
   the key range, each one compare-and-reduce pass over V. Its sums are kept exactly as they are.
 
