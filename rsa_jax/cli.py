@@ -59,6 +59,7 @@ def _cmd_compile(args) -> int:
         sweep=args.sweep,
         variant_devices=args.variant_devices,
         sampler=not args.no_sampler,
+        collectives_detail=args.collectives_detail,
         **{k: v for k, v in given.items() if v is not None},  # None: run_compile's defaults
     )
 
@@ -628,6 +629,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         metavar="N",
         help="the sampler's new tokens per row (default 64, eval's --max-new-tokens)",
+    )
+    p.add_argument(
+        "--collectives-detail",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also list each program's N largest collectives per step, with the loop counts "
+        "that multiply them and the JAX op each comes from (where the bytes are spent)",
     )
     p.set_defaults(fn=_cmd_compile)
 

@@ -362,13 +362,40 @@ def _computations(hlo: str) -> dict[str, list[str]]:
 
 
 @dataclasses.dataclass
+class CollectiveOp:
+    """One collective of the compiled HLO: its bytes per call and how often a step runs it
+    (the trip counts of the loops around it multiplied), and where it came from: the HLO
+    computation it sits in and JAX's `op_name` (the traced function path)."""
+
+    kind: str
+    axes: str
+    bytes_per_call: float
+    calls: float
+    computation: str
+    op_name: str
+
+    @property
+    def bytes_per_step(self) -> float:
+        return self.bytes_per_call * self.calls
+
+    def line(self) -> str:
+        return (
+            f"{human_bytes(self.bytes_per_step):>10}/step = {human_bytes(self.bytes_per_call)} x "
+            f"{self.calls:.0f}  {self.kind} over {self.axes}  in {self.computation}: "
+            f"{self.op_name or '(no op_name)'}"
+        )
+
+
+@dataclasses.dataclass
 class Collectives:
     """Bytes per step and op counts by (kind, mesh axes); `unknown_loops`: while loops whose
-    trip count the HLO does not state (their bodies counted once)."""
+    trip count the HLO does not state (their bodies counted once); `largest`: the ops moving
+    the most bytes per step, largest first (`--collectives-detail`)."""
 
     bytes: dict[tuple[str, str], float]
     ops: dict[tuple[str, str], int]
     unknown_loops: int = 0
+    largest: tuple[CollectiveOp, ...] = ()
 
     def lines(self) -> list[str]:
         if not self.ops:
@@ -383,11 +410,18 @@ class Collectives:
         return out
 
 
+# The ops `Collectives.largest` keeps, and JAX's name of an HLO op (its metadata).
+LARGEST_KEPT = 50
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+
+
 def collectives(hlo: str, mesh_shape: dict[str, int]) -> Collectives:
     """Parses the compiled HLO text; see the module docstring for what is counted."""
     comps = _computations(hlo)
     entry = comps.pop("__entry__", [None])[0]
     calls: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    # A fused computation's ops carry no op name; the fusion calling it does.
+    caller_op: dict[str, str] = {}
     unknown = 0
     for name, lines in comps.items():
         for line in lines:
@@ -403,6 +437,8 @@ def collectives(hlo: str, mesh_shape: dict[str, int]) -> Collectives:
                     callee = callee.strip()
                     if callee in comps:
                         calls[name].append((callee, 1))
+                        if (named := _OP_NAME.search(line)) is not None:
+                            caller_op.setdefault(callee, named.group(1))
     times: dict[str, float] = defaultdict(float)
 
     def visit(name: str, mult: float, depth: int = 0) -> None:
@@ -416,6 +452,7 @@ def collectives(hlo: str, mesh_shape: dict[str, int]) -> Collectives:
         visit(entry, 1.0)
     nbytes: dict[tuple[str, str], float] = defaultdict(float)
     ops: dict[tuple[str, str], int] = defaultdict(int)
+    each: list[CollectiveOp] = []
     for name, lines in comps.items():
         mult = times.get(name, 0.0)
         if mult == 0:
@@ -435,4 +472,8 @@ def collectives(hlo: str, mesh_shape: dict[str, int]) -> Collectives:
             key = (kind, _axes(groups, mesh_shape))
             nbytes[key] += size * mult
             ops[key] += 1
-    return Collectives(dict(nbytes), dict(ops), unknown)
+            op_name = _OP_NAME.search(line)
+            where = op_name.group(1) if op_name else caller_op.get(name, "")
+            each.append(CollectiveOp(kind, key[1], size, mult, name, where))
+    each.sort(key=lambda op: -op.bytes_per_step)
+    return Collectives(dict(nbytes), dict(ops), unknown, tuple(each[:LARGEST_KEPT]))

@@ -105,7 +105,9 @@ class ProgramReport:
             f"{need - hbm:.2f} GiB over the {hbm:.0f} GiB of a {self.tpu.chip.generation} chip"
         )
 
-    def lines(self) -> list[str]:
+    def lines(self, detail: int = 0) -> list[str]:
+        """The report; `detail` > 0 adds the `detail` collectives moving the most bytes per
+        step, each with the HLO computation it sits in and JAX's op name."""
         mesh = " x ".join(f"{a}={n}" for a, n in self.mesh.items())
         out = [f"{self.name} on {self.tpu.name} ({self.chips} chips, mesh {mesh}):"]
         out.append("  " + self.verdict())
@@ -139,6 +141,9 @@ class ProgramReport:
                     f"    ({self.collectives.unknown_loops} while loop(s) without a known trip "
                     "count: their bodies counted once)"
                 )
+            if detail > 0 and self.collectives.largest:
+                out.append(f"  the {detail} largest collectives per step (per chip):")
+                out += ["    " + op.line() for op in self.collectives.largest[:detail]]
         backend = "loading it from the compilation cache" if self.from_cache else "XLA:TPU"
         out.append(
             f"  compile time: {self.lower_seconds:.1f} s tracing and lowering + "
@@ -280,11 +285,13 @@ def compile_config(
     return reports
 
 
-def report(reports: list[ProgramReport], say: Callable[[str], None] = print) -> int:
-    """Prints each report; returns 0 when every program fits, else 1 after one line per
-    program that does not (naming it and by how much)."""
+def report(
+    reports: list[ProgramReport], say: Callable[[str], None] = print, detail: int = 0
+) -> int:
+    """Prints each report (`detail`: `ProgramReport.lines`); returns 0 when every program fits,
+    else 1 after one line per program that does not (naming it and by how much)."""
     for r in reports:
-        for line in r.lines():
+        for line in r.lines(detail):
             say(line)
     failing = [r for r in reports if not r.fits]
     for r in failing:
@@ -302,10 +309,12 @@ def run_compile(
     sampler: bool = True,
     eval_rows: int = EVAL_ROWS,
     max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
+    collectives_detail: int = 0,
     say: Callable[[str], None] = print,
 ) -> int:
-    """`rsa-jax compile`: compiles every program, prints the reports, returns the exit status
-    (`report`)."""
+    """`rsa-jax compile`: compiles every program, prints the reports (with
+    `collectives_detail` > 0 that many of each program's largest collectives, and where they
+    come from), returns the exit status (`report`)."""
     say(tpu_slice(topology).describe())
     reports = compile_config(
         config,
@@ -318,4 +327,4 @@ def run_compile(
         max_new_tokens=max_new_tokens,
         say=say,
     )
-    return report(reports, say)
+    return report(reports, say, collectives_detail)

@@ -67,7 +67,8 @@ def tiny_compiled():
     # compile: collect them first so only what the compile allocates is counted.
     gc.collect()
     before = materialised_bytes()
-    argv = ["compile", TINY, "--topology", "v5e-4", "--no-sampler", *ONE_PROGRAM, *FSDP]
+    argv = ["compile", TINY, "--topology", "v5e-4", "--no-sampler", "--collectives-detail", "3"]
+    argv += [*ONE_PROGRAM, *FSDP]
     code, out, err = _run(argv)
     gc.collect()
     return code, out, err, materialised_bytes() - before
@@ -90,6 +91,10 @@ def test_tiny_two_stage_step_compiles_fits_and_reports(tiny_compiled):
     # FSDP: weights gathered over fsdp, gradients reduce-scattered over fsdp, summed over data
     for kind, axis in [("all-gather", "fsdp"), ("reduce-scatter", "fsdp"), ("all-reduce", "data")]:
         assert any(line.split()[:3] == [kind, "over", axis] for line in lines), (kind, out)
+    # --collectives-detail 3: the three largest ops, each with its bytes and the JAX op it is
+    detail = lines.index("  the 3 largest collectives per step (per chip):")
+    ops = lines[detail + 1 : detail + 4]
+    assert all("/step = " in op and " over " in op and "jit(" in op for op in ops), ops
     # nothing was placed on a device: the compile used shapes only
     assert allocated == 0
 
@@ -266,7 +271,7 @@ def test_analytic_flops_match_an_unrolled_compile(overrides, tolerance):
 _ALL_REDUCE = (
     "  %all-reduce.1 = f32[8]{0} all-reduce(%v), channel_id=1, "
     "replica_groups=mesh['axis_0'=2,'axis_1'=2] {'axis_1'}, use_global_device_ids=true, "
-    "to_apply=%add"
+    'to_apply=%add, metadata={op_name="jit(f)/while/body/psum"}'
 )
 _ALL_GATHER = (
     "  %all-gather.2 = bf16[16]{0} all-gather(%b), channel_id=2, "
@@ -311,6 +316,17 @@ def test_collectives_are_counted_by_mesh_axis_and_loop_trip_count():
     # iota groups transposed: devices {0, 2} and {1, 3} vary along the first axis
     assert found.bytes[("all-gather", "data")] == 16 * 2
     assert found.unknown_loops == 0
+    # per op, largest per step first: where it sits, how often it runs, what JAX called it
+    reduce, gather = found.largest
+    assert (reduce.kind, reduce.axes, reduce.calls, reduce.bytes_per_call) == (
+        "all-reduce",
+        "fsdp",
+        5,
+        32,
+    )
+    assert reduce.computation == "body" and reduce.op_name == "jit(f)/while/body/psum"
+    assert reduce.bytes_per_step == 160 and "160 B/step = 32 B x 5" in reduce.line()
+    assert (gather.kind, gather.calls, gather.op_name) == ("all-gather", 1, "")
 
 
 # XLA:TPU's forms: replica groups over the axes of a mesh whose device ids are a transposed
