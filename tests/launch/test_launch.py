@@ -133,7 +133,12 @@ def test_single_host_runs_what_it_prints(tmp_path):
 
 def test_single_host_local_processes_run_and_a_failure_stops_the_run(tmp_path):
     # Process 1 fails at once; process 0 would hang in a collective: the script must stop it.
-    body = '[[ "$JAX_PROCESS_ID" == 1 ]] && exit 3\n' + SLEEP_UNTIL_TERM
+    # Process 1 first waits (up to 5 s) until both processes have recorded their call: else the
+    # script may stop process 0 before its first line runs, and the test sees one call (a race
+    # seen once on a loaded 2-core CI machine).
+    log = shlex.quote(str(tmp_path / "bin" / "calls.log"))
+    wait = f'for _ in $(seq 50); do (( $(grep -c "^$" {log}) >= 2 )) && break; sleep 0.1; done'
+    body = f'[[ "$JAX_PROCESS_ID" == 1 ]] && {{ {wait}; exit 3; }}\n' + SLEEP_UNTIL_TERM
     fake = fake_executable(tmp_path / "bin", "python", body)
     env = {
         "CONFIG": "configs/tiny.yaml",
