@@ -29,7 +29,6 @@ DOC = os.path.join(ROOT, "docs", "scale.md")
 DATA = os.path.join(ROOT, "docs", "scale.json")
 BEGIN, END = "<!-- scale-table:begin -->", "<!-- scale-table:end -->"
 GIB = 1024**3
-COMMIT = "unknown"  # set by main()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +71,7 @@ RECIPES = [
 BY_NAME = {r.name: r for r in RECIPES}
 
 
-def measure(recipe: Recipe) -> dict:
+def measure(recipe: Recipe, commit: str) -> dict:
     """Compiles the recipe's programs; the numbers of each, as docs/scale.json keeps them."""
     from rsa_jax.compile import compile_config
     from rsa_jax.config import load_config
@@ -109,7 +108,7 @@ def measure(recipe: Recipe) -> dict:
                 collectives=colls,
             )
         )
-    return dict(command=recipe.command, commit=COMMIT, wall_seconds=wall, programs=programs)
+    return dict(command=recipe.command, commit=commit, wall_seconds=wall, programs=programs)
 
 
 def _commit() -> str:
@@ -149,9 +148,7 @@ def table(data: dict) -> str:
             lines.append(f"| {recipe.name} | {recipe.topology} | not compiled yet | | | | | | | |")
             continue
         where = recipe.topology + (f" x {recipe.slices}" if recipe.slices > 1 else "")
-        # Entries measured before the commit was recorded: compiled before 7c3577c (the
-        # selection split per device), so their collectives are the older program's.
-        commit = entry.get("commit", "before 7c3577c")
+        commit = entry.get("commit", "unknown")
         for p in entry["programs"]:
             gib, hbm = p["per_chip_gib"], p["hbm_gib"]
             room = f"{hbm - gib:.1f}" if p["fits"] else f"**{hbm - gib:.1f} (does not fit)**"
@@ -225,8 +222,7 @@ def load() -> dict:
 
 
 def main():
-    global COMMIT
-    COMMIT = _commit()  # at the start: later commits do not change what this run imported
+    commit = _commit()  # at the start: later commits do not change what this run imported
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--recipe", action="append", choices=sorted(BY_NAME), help="only these")
     p.add_argument("--render", action="store_true", help="no compiles: rewrite doc and headers")
@@ -235,7 +231,7 @@ def main():
     if not args.render:
         for name in args.recipe or [r.name for r in RECIPES]:
             print(f"compiling recipe {name} ...", file=sys.stderr, flush=True)
-            measured = measure(BY_NAME[name])
+            measured = measure(BY_NAME[name], commit)
             # Reread: another run of this script (another recipe) may have written meanwhile.
             data = {**load(), name: measured}
             with open(DATA, "w") as f:  # after each recipe: a later failure keeps it

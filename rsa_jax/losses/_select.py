@@ -230,25 +230,30 @@ def _digit_pass(keys, prefix, fixed, rank, shift, bits, split=False):
       keys: [G, W] uint32; prefix: [G] uint32, the bits fixed so far in place (the others zero);
       fixed: numpy uint32 mask of those bits; rank: [G] int32 rank of the answer among the keys
       that share `prefix`; shift, bits: the digit's place and width; split: the G rows are
-      split over devices (see `_histogram`).
+      split over devices (one scatter per row instead of `_flat_histogram`).
     Returns:
       (prefix, fixed, rank, counts, chosen): the prefix and mask with the digit fixed, the rank
       within the chosen bin, the [G, 2^bits] int32 histogram and the [G] int32 chosen bins.
     """
-    g = keys.shape[0]
     bins = 1 << bits
     digit = ((keys >> shift) & np.uint32(bins - 1)).astype(jnp.int32)  # [G, W]
     if split:
         # One scatter per row (vmapped: the rows are the scatter's batch dimension, which the
-        # SPMD partitioner keeps on each row's device). The flat [G * R] scatter below would
+        # SPMD partitioner keeps on each row's device). `_flat_histogram`'s one scatter would
         # all-gather its indices over the devices the rows are split over.
-        in_group = (keys & fixed) == prefix[:, None] if fixed else jnp.ones(keys.shape, bool)
-        counts = jax.vmap(
-            lambda d, m: jnp.zeros((bins,), jnp.int32).at[jnp.where(m, d, bins)].add(1, mode="drop")
-        )(digit, in_group)
-        chosen, rank = _bin_holding(counts, rank)
-        prefix = prefix | (chosen.astype(jnp.uint32) << np.uint32(shift))
-        return prefix, np.uint32(fixed | ((bins - 1) << shift)), rank, counts, chosen
+        if fixed:
+            digit = jnp.where((keys & fixed) == prefix[:, None], digit, bins)  # dropped
+        counts = jax.vmap(lambda d: jnp.zeros((bins,), jnp.int32).at[d].add(1, mode="drop"))(digit)
+    else:
+        counts = _flat_histogram(keys, digit, prefix, fixed, bins)
+    chosen, rank = _bin_holding(counts, rank)
+    prefix = prefix | (chosen.astype(jnp.uint32) << np.uint32(shift))
+    return prefix, np.uint32(fixed | ((bins - 1) << shift)), rank, counts, chosen
+
+
+def _flat_histogram(keys, digit, prefix, fixed, bins) -> jax.Array:
+    """[G, R] counts of each row's digits among its keys that share `prefix` (`fixed` bits)."""
+    g = keys.shape[0]
     # A scatter-add histogram (XLA has no histogram primitive): O(W), one pass. The G rows share
     # one flat [G * R] array (row r's bins from r * R), and keys outside the row's current prefix
     # group get an out-of-range index that the scatter drops: faster than a scatter vmapped over
@@ -262,10 +267,7 @@ def _digit_pass(keys, prefix, fixed, rank, shift, bits, split=False):
     # made once.
     ones = jax.lax.optimization_barrier(jnp.ones((index.size,), jnp.int32))
     counts = jnp.zeros((g * bins,), jnp.int32)
-    counts = counts.at[index.reshape(-1)].add(ones, mode="drop").reshape(g, bins)
-    chosen, rank = _bin_holding(counts, rank)
-    prefix = prefix | (chosen.astype(jnp.uint32) << np.uint32(shift))
-    return prefix, np.uint32(fixed | ((bins - 1) << shift)), rank, counts, chosen
+    return counts.at[index.reshape(-1)].add(ones, mode="drop").reshape(g, bins)
 
 
 class _Group(NamedTuple):
